@@ -1,0 +1,294 @@
+"""The model API: a model declares its inputs, outputs, colorspace and options once.
+
+Everything else (the server's validation, the Nuke knobs, `dlserver models`, the docs)
+is derived from the declaration returned by `Model.describe()`.
+
+This module imports no third-party package: the server lists models without loading
+numpy-heavy or torch code. Models import torch inside `load()`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+CHANNEL_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?$")
+
+
+class OptionError(ValueError):
+    """An option value that does not match the model's declaration."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """Base of the typed options. `name` is the key, `label` what a person reads."""
+
+    name: str
+    default: Any = None
+    label: str = ""
+    help: str = ""
+    kind: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"option name {self.name!r} must match {NAME_RE.pattern}")
+        if not self.label:
+            object.__setattr__(self, "label", self.name.replace("_", " "))
+        object.__setattr__(self, "default", self.validate(self.default))
+
+    def validate(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def describe(self) -> Dict[str, Any]:
+        return {"name": self.name, "type": self.kind, "label": self.label,
+                "help": self.help, "default": self.default}
+
+    def _fail(self, value: Any, expected: str) -> OptionError:
+        return OptionError(f"option {self.name!r}: {value!r} is not {expected}")
+
+
+@dataclass(frozen=True)
+class Bool(Option):
+    default: bool = False
+    kind: ClassVar[str] = "bool"
+
+    def validate(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self._fail(value, "true or false")
+        return value
+
+
+@dataclass(frozen=True)
+class _Number(Option):
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+    def _check_range(self, value: Any) -> Any:
+        if self.min is not None and value < self.min:
+            raise OptionError(f"option {self.name!r}: {value!r} is below the minimum {self.min!r}")
+        if self.max is not None and value > self.max:
+            raise OptionError(f"option {self.name!r}: {value!r} is above the maximum {self.max!r}")
+        return value
+
+    def describe(self) -> Dict[str, Any]:
+        return {**super().describe(), "min": self.min, "max": self.max}
+
+
+@dataclass(frozen=True)
+class Int(_Number):
+    default: int = 0
+    kind: ClassVar[str] = "int"
+
+    def validate(self, value: Any) -> int:
+        # A float with an integral value (JSON has one number type) is accepted.
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(value, "an integer")
+        return self._check_range(value)
+
+
+@dataclass(frozen=True)
+class Float(_Number):
+    default: float = 0.0
+    kind: ClassVar[str] = "float"
+
+    def validate(self, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self._fail(value, "a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise self._fail(value, "a finite number")
+        return self._check_range(value)
+
+
+@dataclass(frozen=True)
+class String(Option):
+    default: str = ""
+    max_length: int = 4096
+    kind: ClassVar[str] = "string"
+
+    def validate(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self._fail(value, "a string")
+        if len(value) > self.max_length:
+            raise OptionError(f"option {self.name!r}: longer than {self.max_length} characters")
+        return value
+
+
+@dataclass(frozen=True)
+class Choice(Option):
+    choices: Tuple[str, ...] = ()
+    kind: ClassVar[str] = "choice"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "choices", tuple(self.choices))
+        if not self.choices:
+            raise ValueError(f"choice option {self.name!r} needs at least one choice")
+        if self.default is None:
+            object.__setattr__(self, "default", self.choices[0])
+        super().__post_init__()
+
+    def validate(self, value: Any) -> str:
+        if value not in self.choices:
+            raise self._fail(value, "one of " + ", ".join(map(repr, self.choices)))
+        return value
+
+    def describe(self) -> Dict[str, Any]:
+        return {**super().describe(), "choices": list(self.choices)}
+
+
+@dataclass(frozen=True)
+class Button(Option):
+    """A button: `True` only in the request made by pressing it.
+
+    The model may answer a press with a message (`Result.message`), shown to the
+    artist as text. A reply is data; clients never execute it.
+    """
+
+    default: bool = False
+    kind: ClassVar[str] = "button"
+
+    def validate(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self._fail(value, "true or false (pressed or not)")
+        return value
+
+
+@dataclass(frozen=True)
+class Layer:
+    """An input or output image layer: EXR-style channel names, e.g. ("R", "G", "B", "A")
+    or ("matte.A",). `color` marks the channels the server converts between
+    scene-linear and the model's colorspace (R, G, B of colour layers; never alpha)."""
+
+    channels: Tuple[str, ...] = ("R", "G", "B", "A")
+    color: bool = True
+    help: str = ""
+    fill: float = 0.0  # value of a channel the source lacks (Nuke treats missing as 0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(self.channels))
+        if not self.channels:
+            raise ValueError("a layer needs at least one channel")
+        for c in self.channels:
+            if not CHANNEL_RE.match(c):
+                raise ValueError(f"channel name {c!r} must match {CHANNEL_RE.pattern}")
+        if len(set(self.channels)) != len(self.channels):
+            raise ValueError(f"duplicate channel names in {self.channels}")
+
+    def color_indices(self) -> Tuple[int, ...]:
+        """Positions of the channels that carry colour (R, G, B of this layer)."""
+        if not self.color:
+            return ()
+        return tuple(i for i, c in enumerate(self.channels)
+                     if c.rsplit(".", 1)[-1].upper() in ("R", "G", "B", "RED", "GREEN", "BLUE"))
+
+    def describe(self) -> Dict[str, Any]:
+        return {"channels": list(self.channels), "color": self.color, "help": self.help}
+
+
+@dataclass
+class Result:
+    """What `Model.infer` may return instead of a plain dict of arrays.
+
+    `message`: text for the artist (a button press); `data`: JSON-serialisable
+    per-frame data (e.g. detections), returned in the reply and written as EXR
+    metadata by the CLI. Both are data only, never code.
+    """
+
+    outputs: Dict[str, Any]
+    message: str = ""
+    data: Dict[str, Any] = field(default_factory=dict)
+
+
+class Model:
+    """Base class of every model. A subclass declares (class attributes):
+
+    name        identifier used on the wire (lowercase, digits, underscore)
+    label       what a person reads in the model menu
+    version     bump when the same options would give different pixels (cache key)
+    colorspace  "linear" (scene-linear, as Nuke works) or "srgb": the server converts
+    inputs      {name: Layer}   all inputs share one width and height
+    outputs     {name: Layer}   each output has the first input's width and height
+    options     (Option, ...)   typed, with defaults, ranges and help
+    help        one paragraph for the docs and the node's tooltip
+
+    and implements `infer(inputs, options)` -> {output name: float32 HxWxC array} or
+    a `Result`. `load(device)` runs once before the first `infer` (import torch and
+    build networks there, never at module import); `unload()` frees memory.
+    """
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    colorspace: ClassVar[str] = "linear"
+    help: ClassVar[str] = ""
+    inputs: ClassVar[Mapping[str, Layer]] = {"src": Layer()}
+    outputs: ClassVar[Mapping[str, Layer]] = {"rgba": Layer()}
+    options: ClassVar[Sequence[Option]] = ()
+
+    def __init__(self) -> None:
+        self.device = "cpu"
+
+    # --- declaration -----------------------------------------------------------------
+    @classmethod
+    def check_declaration(cls) -> None:
+        """Raise ValueError when the class declaration is inconsistent."""
+        if not NAME_RE.match(cls.name or ""):
+            raise ValueError(f"{cls.__name__}.name {cls.name!r} must match {NAME_RE.pattern}")
+        if cls.colorspace not in ("linear", "srgb"):
+            raise ValueError(f"{cls.name}: colorspace must be 'linear' or 'srgb'")
+        for kind, layers in (("inputs", cls.inputs), ("outputs", cls.outputs)):
+            if not layers:
+                raise ValueError(f"{cls.name}: declares no {kind}")
+            for layer_name, layer in layers.items():
+                if not NAME_RE.match(layer_name) or not isinstance(layer, Layer):
+                    raise ValueError(f"{cls.name}: bad {kind} entry {layer_name!r}")
+        names = [o.name for o in cls.options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{cls.name}: duplicate option names")
+
+    @classmethod
+    def describe(cls) -> Dict[str, Any]:
+        """The declaration as plain JSON data: what `list_models` sends."""
+        return {
+            "name": cls.name,
+            "label": cls.label or cls.name,
+            "version": str(cls.version),
+            "colorspace": cls.colorspace,
+            "help": cls.help.strip(),
+            "inputs": {k: v.describe() for k, v in cls.inputs.items()},
+            "outputs": {k: v.describe() for k, v in cls.outputs.items()},
+            "options": [o.describe() for o in cls.options],
+        }
+
+    @classmethod
+    def resolve_options(cls, values: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+        """Defaults overlaid with `values`, every value validated. Raises OptionError."""
+        if values is None:
+            values = {}
+        if not isinstance(values, Mapping):
+            raise OptionError("options must be an object of name: value")
+        declared = {o.name: o for o in cls.options}
+        unknown = sorted(set(values) - set(declared))
+        if unknown:
+            raise OptionError(
+                f"model {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
+                f"its options are: {', '.join(declared) or '(none)'}")
+        return {name: opt.validate(values[name]) if name in values else opt.default
+                for name, opt in declared.items()}
+
+    # --- life cycle --------------------------------------------------------------------
+    def load(self, device: str) -> None:
+        """Build networks and load weights. `device` is "cpu", "cuda" or "cuda:N"."""
+        self.device = device
+
+    def unload(self) -> None:
+        """Free what `load` took (GPU memory first)."""
+
+    def infer(self, inputs: Dict[str, Any], options: Dict[str, Any]) -> Any:
+        """inputs: {name: float32 array HxWxC, read-only}; returns {output: array} or Result."""
+        raise NotImplementedError
