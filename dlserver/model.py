@@ -215,6 +215,7 @@ class Model:
     outputs     {name: Layer}   each output has the first input's width and height
     options     (Option, ...)   typed, with defaults, ranges and help
     help        one paragraph for the docs and the node's tooltip
+    uses_torch  False when the model never imports torch
 
     and implements `infer(inputs, options)` -> {output name: float32 HxWxC array} or
     a `Result`. `load(device)` runs once before the first `infer` (import torch and
@@ -229,6 +230,9 @@ class Model:
     inputs: ClassVar[Mapping[str, Layer]] = {"src": Layer()}
     outputs: ClassVar[Mapping[str, Layer]] = {"rgba": Layer()}
     options: ClassVar[Sequence[Option]] = ()
+    # False for models that never touch torch: the server then needn't import torch
+    # (seconds at start-up) just to pick a device for them.
+    uses_torch: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self.device = "cpu"

@@ -1,0 +1,7 @@
+"""`python -m dlserver ...`: run the frame server (see dlserver.server)."""
+
+import sys
+
+from .server import main
+
+sys.exit(main())

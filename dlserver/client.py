@@ -1,0 +1,423 @@
+"""The client: stdlib only, so it runs inside Nuke's Python (3.9+) with no numpy or torch.
+
+    with Client.spawn() as client:                 # embedded server, venv interpreter
+        client.models()
+        client.infer_exr("blur", {"src": "in.exr"}, "out.exr", {"size": 4.0})
+
+    client = Client.connect("gpu-box", 55555, token="...")   # remote server
+
+`Client.spawn()` runs `python -m dlserver --stdio` with the interpreter install.py
+recorded (never sys.executable: inside Nuke that is the Nuke binary). Replies are read
+by a thread, so requests can be pipelined, timeouts hold, and a dead server is noticed
+at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Dict, List, Optional, Sequence
+
+from .protocol import (
+    VERSION,
+    ConnectionClosed,
+    Limits,
+    Message,
+    ProtocolError,
+    auth_proof,
+    read_message,
+    write_message,
+)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL_CONFIG = os.path.join(REPO_ROOT, "dlserver.local.json")  # written by install.py
+# Variables that would make the venv's interpreter load Nuke's modules or libraries.
+ENV_DROP = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE",
+            "PYTHONUSERBASE", "PYTHONNOUSERSITE", "__PYVENV_LAUNCHER__")
+# Replies from the server can be as large as a frame; the client trusts its own server.
+CLIENT_LIMITS = Limits(max_body=1 << 40)
+
+
+class DLServerError(Exception):
+    """An error reply, or a server that can't be reached. `code` is machine-readable
+    ("bad_option", "unknown_model", "auth", "server_gone", "timeout", ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class InferReply:
+    header: Dict[str, Any]
+    buffers: List[memoryview] = field(default_factory=list)
+    output_path: Optional[str] = None
+
+    @property
+    def outputs(self) -> Dict[str, Any]:
+        return self.header.get("outputs", {})
+
+    @property
+    def message(self) -> str:
+        return self.header.get("message", "")
+
+    @property
+    def data(self) -> Dict[str, Any]:
+        return self.header.get("data", {})
+
+    @property
+    def timing(self) -> Dict[str, float]:
+        return self.header.get("timing", {})
+
+
+def find_python() -> str:
+    """The server's interpreter: $DLSERVER_PYTHON, else the one install.py recorded."""
+    python = os.environ.get("DLSERVER_PYTHON")
+    if python:
+        if not os.path.isfile(python):
+            raise DLServerError("no_python", f"DLSERVER_PYTHON={python!r} does not exist")
+        return python
+    try:
+        with open(LOCAL_CONFIG, encoding="utf-8") as f:
+            python = json.load(f)["python"]
+    except (OSError, ValueError, KeyError):
+        raise DLServerError("no_python", f"dlserver is not installed: run `python install.py` "
+                            f"in {REPO_ROOT} (or set DLSERVER_PYTHON to the server's "
+                            f"interpreter)") from None
+    if not os.path.isfile(python):
+        raise DLServerError("no_python", f"the recorded interpreter {python!r} is gone: "
+                            f"run `python install.py` in {REPO_ROOT} again")
+    return python
+
+
+def server_env() -> Dict[str, str]:
+    """This process's environment without what would leak the host's Python (Nuke's)
+    into the server's interpreter."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV_DROP}
+    host_dir = os.path.dirname(os.path.realpath(sys.executable))
+    for var in ("LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH", "DYLD_FRAMEWORK_PATH"):
+        if var in env:
+            kept = [p for p in env[var].split(os.pathsep)
+                    if p and not os.path.realpath(p).startswith(host_dir)]
+            env[var] = os.pathsep.join(kept)
+    return env
+
+
+class Client:
+    def __init__(self, reader: BinaryIO, writer: BinaryIO, timeout: float,
+                 process: Optional[subprocess.Popen[bytes]] = None,
+                 sock: Optional[socket.socket] = None, token: Optional[str] = None,
+                 spawn_args: Optional[Dict[str, Any]] = None) -> None:
+        self.timeout = timeout
+        self.process = process
+        self._sock = sock
+        self._reader = reader
+        self._writer = writer
+        self._spawn_args = spawn_args
+        self._ids = itertools.count(1)
+        self._write_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._replies: Dict[Any, Message] = {}
+        self._gone: Optional[str] = None
+        self._models: Optional[List[Dict[str, Any]]] = None
+        self.server_info: Dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._read_loop, daemon=True,
+                                        name="dlserver-client-reader")
+        self._thread.start()
+        try:
+            self._handshake(token)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- making a client -------------------------------------------------------------------
+    @classmethod
+    def spawn(cls, python: Optional[str] = None, models_dirs: Sequence[str] = (),
+              device: Optional[str] = None, timeout: float = 60.0,
+              extra_args: Sequence[str] = ()) -> Client:
+        """Start an embedded server (a child process that exits with this one)."""
+        args = {"python": python, "models_dirs": list(models_dirs), "device": device,
+                "timeout": timeout, "extra_args": list(extra_args)}
+        command = [python or find_python(), "-m", "dlserver", "--stdio"]
+        for folder in models_dirs:
+            command += ["--models-dir", os.fspath(folder)]
+        if device:
+            command += ["--device", device]
+        command += list(extra_args)
+        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       env=server_env(), cwd=REPO_ROOT, creationflags=flags)
+        except OSError as exc:
+            raise DLServerError("no_python", f"cannot start the server ({command[0]}): {exc}") \
+                from None
+        assert process.stdin is not None and process.stdout is not None
+        return cls(process.stdout, process.stdin, timeout,  # type: ignore[arg-type]
+                   process=process, spawn_args=args)
+
+    @classmethod
+    def connect(cls, host: str, port: int, token: Optional[str] = None, timeout: float = 30.0,
+                tls: bool = False, cafile: Optional[str] = None) -> Client:
+        """Connect to a remote server (`python -m dlserver --host H --port P --token T`)."""
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=timeout)
+        except OSError as exc:
+            raise DLServerError("server_gone", f"cannot reach dlserver at {host}:{port}: {exc}. "
+                                f"Is `python -m dlserver --host ... --port {port}` running "
+                                f"there?") from None
+        if tls:
+            context = ssl.create_default_context(cafile=cafile)
+            sock = context.wrap_socket(sock, server_hostname=host)
+        sock.settimeout(None)  # the reader thread blocks; timeouts are kept per request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(sock.makefile("rb"), sock.makefile("wb"), timeout, sock=sock,
+                   token=token if token is not None else os.environ.get("DLSERVER_TOKEN"))
+
+    def _handshake(self, token: Optional[str]) -> None:
+        welcome = self._wait(None, self.timeout, what="the server's welcome")
+        if welcome.header.get("type") != "welcome":
+            raise DLServerError("bad_message", "the other side is not a dlserver")
+        fields: Dict[str, Any] = {"version": VERSION, "client": f"python {sys.version.split()[0]}"}
+        if welcome.header.get("auth_required"):
+            if not token:
+                raise DLServerError("auth", "this server needs a token: set the node's token "
+                                    "knob or DLSERVER_TOKEN")
+            fields["auth"] = auth_proof(token, welcome.header["nonce"])
+        self.server_info = self.request("hello", **fields)
+
+    # --- the reader thread -----------------------------------------------------------------
+    def _read_loop(self) -> None:
+        reason = "the server closed the connection"
+        try:
+            while True:
+                msg = read_message(self._reader, CLIENT_LIMITS)
+                with self._cond:
+                    self._replies[msg.header.get("id")] = msg
+                    self._cond.notify_all()
+        except ConnectionClosed:
+            pass
+        except (ProtocolError, OSError, ValueError) as exc:
+            reason = f"broken connection: {exc}"
+        if self.process is not None:
+            code = self.process.poll()
+            if code is not None:
+                reason = f"the embedded server exited (code {code}); its messages are above " \
+                         f"in the terminal"
+        with self._cond:
+            self._gone = reason
+            self._cond.notify_all()
+
+    def _wait(self, rid: Any, timeout: Optional[float], what: str = "") -> Message:
+        timeout = self.timeout if timeout is None else timeout
+        with self._cond:
+            ok = self._cond.wait_for(lambda: rid in self._replies or self._gone is not None,
+                                     timeout)
+            if rid in self._replies:
+                return self._replies.pop(rid)
+            if not ok:
+                raise DLServerError("timeout", f"no answer to {what or 'request'} within "
+                                    f"{timeout:g}s")
+            # An error without an id (e.g. a refused handshake) explains the closed stream.
+            stray = self._replies.pop(None, None)
+            if stray is not None and not stray.header.get("ok", True):
+                err = stray.header["error"]
+                raise DLServerError(err["code"], err["message"])
+            raise DLServerError("server_gone", self._gone or "server gone")
+
+    # --- requests --------------------------------------------------------------------------
+    def send(self, kind: str, buffers: Sequence[Any] = (), **fields: Any) -> int:
+        """Send a request without waiting; returns its id for `receive`."""
+        rid = next(self._ids)
+        try:
+            with self._write_lock:
+                write_message(self._writer, {"type": kind, "id": rid, **fields}, buffers)
+        except (OSError, ValueError) as exc:
+            raise DLServerError("server_gone", self._gone or f"cannot send to the server: {exc}") \
+                from None
+        return rid
+
+    def receive(self, rid: int, timeout: Optional[float] = None) -> Message:
+        """The reply to request `rid`; an error reply raises DLServerError."""
+        msg = self._wait(rid, timeout, what=f"request {rid}")
+        if not msg.header.get("ok"):
+            err = msg.header.get("error", {})
+            raise DLServerError(err.get("code", "error"), err.get("message", "unknown error"))
+        return msg
+
+    def request(self, kind: str, buffers: Sequence[Any] = (), timeout: Optional[float] = None,
+                **fields: Any) -> Dict[str, Any]:
+        return self.receive(self.send(kind, buffers, **fields), timeout).header
+
+    def models(self, refresh: bool = False) -> List[Dict[str, Any]]:
+        """Each model's declaration (name, label, version, inputs, outputs, options)."""
+        if self._models is None or refresh:
+            self._models = self.request("list_models")["models"]
+        return self._models
+
+    def model(self, name: str) -> Dict[str, Any]:
+        for m in self.models():
+            if m["name"] == name:
+                return m
+        raise DLServerError("unknown_model", f"the server has no model {name!r}")
+
+    def infer(self, model: str, inputs: Dict[str, Dict[str, Any]],
+              options: Optional[Dict[str, Any]] = None, buffers: Sequence[Any] = (),
+              outputs: Optional[Dict[str, Any]] = None, output_exr: Optional[Dict[str, Any]] = None,
+              timeout: Optional[float] = None) -> InferReply:
+        """Run `model` on frame references (see docs/protocol.md)."""
+        fields: Dict[str, Any] = {"model": model, "inputs": inputs, "options": options or {}}
+        if outputs is not None:
+            fields["outputs"] = outputs
+        if output_exr is not None:
+            fields["output_exr"] = output_exr
+        msg = self.receive(self.send("infer", buffers, **fields), timeout)
+        return InferReply(msg.header, msg.buffers)
+
+    def infer_exr(self, model: str, inputs: Dict[str, str], output_path: str,
+                  options: Optional[Dict[str, Any]] = None,
+                  timeout: Optional[float] = None) -> InferReply:
+        """EXR files in, one EXR out (the model's outputs over the first input's layers).
+        Files inside the exchange dir go by reference; others travel as bytes."""
+        refs: Dict[str, Dict[str, Any]] = {}
+        buffers: List[bytes] = []
+        for name, path in inputs.items():
+            if self._in_exchange_dir(path):
+                refs[name] = {"kind": "file", "format": "exr", "path": os.path.abspath(path)}
+            else:
+                with open(path, "rb") as f:
+                    buffers.append(f.read())
+                refs[name] = {"kind": "inline", "format": "exr", "buffer": len(buffers) - 1}
+        folder = os.path.dirname(os.path.abspath(output_path))
+        os.makedirs(folder, exist_ok=True)
+        exchange = self.exchange_dir
+        if exchange:
+            fd, tmp = tempfile.mkstemp(prefix="result-", suffix=".exr", dir=exchange)
+            os.close(fd)
+            try:
+                reply = self.infer(model, refs, options, buffers,
+                                   output_exr={"kind": "file", "path": tmp}, timeout=timeout)
+                _move_atomic(tmp, output_path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            reply = self.infer(model, refs, options, buffers, output_exr={"kind": "inline"},
+                               timeout=timeout)
+            data = reply.buffers[reply.header["output_exr"]["buffer"]]
+            fd, tmp = tempfile.mkstemp(prefix=".dlserver-", suffix=".exr.tmp", dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, output_path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        reply.output_path = output_path
+        return reply
+
+    def cancel(self, request_id: Any = "all") -> None:
+        """Drop queued requests (a request id, or "all"); a running frame finishes."""
+        self.request("cancel", target=request_id)
+
+    def stats(self) -> Dict[str, Any]:
+        return self.request("stats")["stats"]
+
+    def unload(self, model: Optional[str] = None) -> List[str]:
+        return self.request("unload", model=model)["unloaded"]
+
+    def shutdown(self) -> None:
+        self.request("shutdown")
+        self.close()
+
+    # --- properties and life cycle ------------------------------------------------------
+    @property
+    def exchange_dir(self) -> Optional[str]:
+        return self.server_info.get("exchange_dir")
+
+    @property
+    def shm_prefix(self) -> Optional[str]:
+        return self.server_info.get("shm_prefix")
+
+    def alive(self) -> bool:
+        return self._gone is None
+
+    def _in_exchange_dir(self, path: str) -> bool:
+        if not self.exchange_dir:
+            return False
+        real, root = os.path.realpath(path), os.path.realpath(self.exchange_dir)
+        return real != root and os.path.commonpath([real, root]) == root
+
+    def restart(self) -> None:
+        """Embedded only: replace a lost server with a fresh one."""
+        if self._spawn_args is None:
+            raise DLServerError("server_gone", "a remote server can't be restarted from here")
+        self.close()
+        fresh = Client.spawn(**self._spawn_args)
+        self.__dict__.update(fresh.__dict__)
+
+    def close(self) -> None:
+        """Close the connection; an embedded server exits (EOF on its stdin).
+        Order matters: the reader thread must see end-of-stream before its file closes."""
+        try:
+            self._writer.close()
+        except (OSError, ValueError):
+            pass
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        try:
+            self._reader.close()
+        except (OSError, ValueError):
+            pass
+        if self._sock is not None:
+            self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _move_atomic(src: str, dst: str) -> None:
+    """Rename, or copy then rename when `dst` is on another filesystem (RAM disk → cache)."""
+    try:
+        os.replace(src, dst)
+        return
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(prefix=".dlserver-", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(dst)))
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    os.unlink(src)
+
+
+__all__ = ["Client", "DLServerError", "InferReply", "find_python"]

@@ -1,0 +1,259 @@
+"""Server side of frame references: turn inline/shm/file references into arrays for a
+model, and a model's arrays into the destinations a request asks for.
+
+Shared-memory blocks are mapped once per session and reused (the client recycles its
+blocks), so a frame costs one copy each way and no page faults after the first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import exr as exrio
+from .errors import BadFrame, PathRefused
+from .model import Layer
+from .protocol import DTYPES, FrameRef, Limits, parse_frame_ref
+from .shm import SharedBlock
+
+# --- colour ----------------------------------------------------------------------------------
+
+def linear_to_srgb(x: np.ndarray) -> np.ndarray:
+    """IEC 61966-2-1 transfer function, mirrored for negatives, extended above 1."""
+    a = np.abs(x)
+    out = np.where(a <= 0.0031308, a * 12.92, 1.055 * np.power(a, 1 / 2.4) - 0.055)
+    return np.copysign(out, x).astype(np.float32)
+
+
+def srgb_to_linear(x: np.ndarray) -> np.ndarray:
+    a = np.abs(x)
+    out = np.where(a <= 0.04045, a / 12.92, np.power((a + 0.055) / 1.055, 2.4))
+    return np.copysign(out, x).astype(np.float32)
+
+
+def convert_color(pixels: np.ndarray, layer: Layer, to_srgb: bool) -> np.ndarray:
+    idx = list(layer.color_indices())
+    if not idx:
+        return pixels
+    out = np.array(pixels, np.float32, copy=True)
+    fn = linear_to_srgb if to_srgb else srgb_to_linear
+    out[..., idx] = fn(out[..., idx])
+    return out
+
+
+# --- shared memory ---------------------------------------------------------------------------
+
+class ShmCache:
+    """The blocks one session has referenced, mapped once. Bounded: the oldest mapping
+    goes when more than `max_blocks` are open."""
+
+    def __init__(self, max_blocks: int = 16) -> None:
+        self.max_blocks = max_blocks
+        self.blocks: OrderedDict[str, SharedBlock] = OrderedDict()
+
+    def view(self, name: str, nbytes: int) -> memoryview:
+        block = self.blocks.get(name)
+        if block is None or block.size < nbytes or not _still_named(name):
+            if block is not None:
+                self._drop(name)
+            try:
+                block = SharedBlock.attach(name, nbytes)
+            except FileNotFoundError:
+                raise BadFrame(f"shared-memory block {name!r} does not exist") from None
+            except (ValueError, OSError) as exc:
+                raise BadFrame(f"shared-memory block {name!r}: {exc}") from None
+            self.blocks[name] = block
+            while len(self.blocks) > self.max_blocks:
+                self._drop(next(iter(self.blocks)))
+        self.blocks.move_to_end(name)
+        assert block.buf is not None
+        return block.buf[:nbytes]
+
+    def _drop(self, name: str) -> None:
+        block = self.blocks.pop(name)
+        try:
+            block.close()
+        except BufferError:
+            pass  # a model still holds a view; the mapping goes with it
+
+    def close(self) -> None:
+        for name in list(self.blocks):
+            self._drop(name)
+
+
+def _still_named(name: str) -> bool:
+    """A client may unlink a block and create another under a new name; a cached mapping
+    of an unlinked name would be stale memory. Cheap check on Linux only."""
+    path = os.path.join("/dev/shm", name)
+    return not os.path.isdir("/dev/shm") or os.path.exists(path)
+
+
+# --- the exchange dir ------------------------------------------------------------------------
+
+class ExchangeDir:
+    """The only folder whose files a session may name. None: file references refused."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = os.path.realpath(path) if path else None
+
+    def check(self, path: str) -> str:
+        if self.path is None:
+            raise PathRefused("file references are accepted only from a local (embedded) "
+                              "session; send the frame inline instead")
+        real = os.path.realpath(path)
+        if real == self.path or os.path.commonpath([real, self.path]) != self.path:
+            raise PathRefused(f"{path!r} is outside this session's exchange dir "
+                              f"{self.path!r}; write the frame there first")
+        return real
+
+
+# --- reading inputs --------------------------------------------------------------------------
+
+class FrameReader:
+    """Reads the frames of one request. `exr_images` keeps the EXR each input came from,
+    so an EXR result can carry the first input's other layers through."""
+
+    def __init__(self, buffers: Sequence[memoryview], shm: ShmCache, exchange: ExchangeDir,
+                 limits: Limits) -> None:
+        self.buffers = buffers
+        self.shm = shm
+        self.exchange = exchange
+        self.limits = limits
+        self.exr_images: Dict[str, exrio.ExrImage] = {}
+
+    def read(self, input_name: str, raw_ref: Any, layer: Layer) -> np.ndarray:
+        ref = parse_frame_ref(raw_ref, len(self.buffers), self.limits, f"input {input_name!r}")
+        if ref.format == "exr":
+            return self._read_exr(input_name, ref, layer)
+        if ref.kind == "inline":
+            data = self.buffers[ref.buffer]  # type: ignore[index]
+            if data.nbytes != ref.nbytes:
+                raise BadFrame(f"input {input_name!r}: buffer holds {data.nbytes} bytes, "
+                               f"shape and dtype need {ref.nbytes}")
+        else:
+            data = self.shm.view(ref.name, ref.nbytes)  # type: ignore[arg-type]
+        pixels = np.frombuffer(data, dtype=ref.dtype).reshape(ref.shape)
+        return select_channels(pixels, ref.channels, layer)
+
+    def _read_exr(self, input_name: str, ref: FrameRef, layer: Layer) -> np.ndarray:
+        if ref.kind == "file":
+            source: Any = self.exchange.check(ref.path)  # type: ignore[arg-type]
+        elif ref.kind == "inline":
+            source = self.buffers[ref.buffer]  # type: ignore[index]
+        else:
+            raise BadFrame(f"input {input_name!r}: EXR frames come as files or inline bytes")
+        try:
+            image = exrio.read_exr(source, self.limits.max_pixels)
+        except exrio.ExrError as exc:
+            raise BadFrame(f"input {input_name!r}: {exc}") from None
+        self.exr_images[input_name] = image
+        return exrio.gather(image, layer.channels, layer.fill)
+
+
+def select_channels(pixels: np.ndarray, names: Sequence[str], layer: Layer) -> np.ndarray:
+    """The layer's channels from a raw frame, as float32. No copy when the frame already
+    is float32 with exactly the layer's channels."""
+    if tuple(names) == layer.channels:
+        out = pixels if pixels.dtype == np.float32 else pixels.astype(np.float32)
+    else:
+        lookup = {n: i for i, n in enumerate(names)}
+        lookup.update({n.lower(): i for i, n in enumerate(names) if n.lower() not in lookup})
+        out = np.empty(pixels.shape[:2] + (len(layer.channels),), np.float32)
+        for i, name in enumerate(layer.channels):
+            j = lookup.get(name, lookup.get(name.lower()))
+            out[..., i] = layer.fill if j is None else pixels[..., j]
+    if out is pixels:
+        out = out.view()
+        out.flags.writeable = False  # a model must not write into the client's memory
+    return out
+
+
+# --- writing outputs -------------------------------------------------------------------------
+
+def check_outputs(model_name: str, declared: Dict[str, Layer], outputs: Any,
+                  height: int, width: int) -> Dict[str, np.ndarray]:
+    """A model's return value against its declaration: names, shapes, finite floats."""
+    if not isinstance(outputs, dict):
+        raise BadFrame(f"model {model_name!r} returned {type(outputs).__name__}, "
+                       f"not a dict of output arrays")
+    missing = sorted(set(declared) - set(outputs))
+    extra = sorted(set(outputs) - set(declared))
+    if missing or extra:
+        raise BadFrame(f"model {model_name!r} returned outputs {sorted(outputs)}; "
+                       f"it declares {sorted(declared)}")
+    checked = {}
+    for name, layer in declared.items():
+        arr = outputs[name]
+        want = (height, width, len(layer.channels))
+        if not isinstance(arr, np.ndarray) or arr.shape != want:
+            got = getattr(arr, "shape", type(arr).__name__)
+            raise BadFrame(f"model {model_name!r} returned output {name!r} of shape {got}; "
+                           f"declared {want}")
+        if arr.dtype.kind not in "fiu":
+            raise BadFrame(f"model {model_name!r}: output {name!r} has dtype {arr.dtype}")
+        arr = arr.astype(np.float32, copy=False)
+        if not np.isfinite(arr).all():
+            raise BadFrame(f"model {model_name!r}: output {name!r} contains NaN or infinity")
+        checked[name] = arr
+    return checked
+
+
+class FrameWriter:
+    """Puts outputs where the request asked: inline buffers, shm blocks or one EXR."""
+
+    def __init__(self, shm: ShmCache, exchange: ExchangeDir) -> None:
+        self.shm = shm
+        self.exchange = exchange
+        self.buffers: List[Any] = []
+
+    def write_raw(self, name: str, pixels: np.ndarray, layer: Layer, spec: Any) -> Dict[str, Any]:
+        spec = spec if spec is not None else {"kind": "inline"}
+        if not isinstance(spec, dict):
+            raise BadFrame(f"output {name!r}: destination must be an object")
+        dtype = spec.get("dtype", "float32")
+        if dtype not in DTYPES:
+            raise BadFrame(f"output {name!r}: dtype must be one of {', '.join(DTYPES)}")
+        ref: Dict[str, Any] = {"format": "raw", "shape": list(pixels.shape), "dtype": dtype,
+                               "channels": list(layer.channels)}
+        if spec.get("kind", "inline") == "inline":
+            self.buffers.append(np.ascontiguousarray(pixels, dtype=dtype).data)
+            ref.update(kind="inline", buffer=len(self.buffers) - 1)
+        elif spec.get("kind") == "shm":
+            block = spec.get("name")
+            if not isinstance(block, str):
+                raise BadFrame(f"output {name!r}: shm destination needs a block 'name'")
+            nbytes = pixels.size * DTYPES[dtype]
+            target = np.frombuffer(self.shm.view(block, nbytes), dtype=dtype).reshape(pixels.shape)
+            np.copyto(target, pixels, casting="unsafe")
+            del target
+            ref.update(kind="shm", name=block)
+        else:
+            raise BadFrame(f"output {name!r}: kind must be 'inline' or 'shm'")
+        return ref
+
+    def write_exr(self, spec: Any, base: Optional[exrio.ExrImage],
+                  outputs: Dict[str, Tuple[Layer, np.ndarray]],
+                  attributes: Dict[str, str]) -> Dict[str, Any]:
+        """One EXR holding every output, over the first input's layers when it was an EXR
+        (keeping its header, compression included: Nuke's exchange files use none)."""
+        if not isinstance(spec, dict) or spec.get("kind") not in ("inline", "file"):
+            raise BadFrame("output_exr: kind must be 'inline' or 'file'")
+        image = exrio.ExrImage(dict(base.channels), dict(base.header)) if base else \
+            exrio.ExrImage({}, {})
+        for layer, pixels in outputs.values():
+            exrio.merge(image, layer.channels, pixels)
+        image.header.update(attributes)
+        if spec["kind"] == "file":
+            path = spec.get("path")
+            if not isinstance(path, str) or not path:
+                raise BadFrame("output_exr: a file destination needs a 'path'")
+            real = self.exchange.check(path)
+            if not os.path.isdir(os.path.dirname(real)):
+                raise BadFrame(f"output_exr: folder of {path!r} does not exist")
+            exrio.write_exr(real, image)
+            return {"kind": "file", "format": "exr", "path": path}
+        self.buffers.append(exrio.exr_bytes(image))
+        return {"kind": "inline", "format": "exr", "buffer": len(self.buffers) - 1}

@@ -1,0 +1,443 @@
+"""The frame server: `python -m dlserver --stdio` (embedded, for Nuke) or
+`python -m dlserver --host 127.0.0.1 --port 55555 [--token T]` (remote, TCP).
+
+Each connection is a Session: its reader thread reads messages (so `cancel` is seen
+while a frame runs) and its worker thread answers requests in order. No request can
+take the server down: every failure becomes an error reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple
+
+from . import __version__
+from .errors import BadRequest, Cancelled, DLError
+from .model import OptionError
+from .protocol import (
+    REQUESTS,
+    VERSION,
+    ConnectionClosed,
+    Limits,
+    Message,
+    ProtocolError,
+    check_auth,
+    error_reply,
+    ok_reply,
+    read_message,
+    write_message,
+)
+from .registry import Registry, default_models_dirs
+
+log = logging.getLogger("dlserver")
+
+Reply = Tuple[Dict[str, Any], List[Any]]
+
+
+class Server:
+    """What all sessions share: models, limits, the token, counters."""
+
+    def __init__(self, registry: Registry, limits: Limits = Limits(),
+                 token: Optional[str] = None, exchange_dir: Optional[str] = None) -> None:
+        self.registry = registry
+        self.limits = limits
+        self.token = token
+        self.exchange_dir = exchange_dir
+        self.shm_prefix = f"dls{os.getpid()}_"
+        self.started = time.time()
+        self.stop_event = threading.Event()
+        self.counters = {"requests": 0, "frames": 0, "errors": 0, "sessions": 0}
+        self.active_sessions = 0
+        self._lock = threading.Lock()
+        self.on_stop: Optional[Any] = None  # embedded mode: exit at once
+
+    def stop(self) -> None:
+        """After a `shutdown` request: stop accepting, let main() clean up and exit."""
+        self.stop_event.set()
+        _wake_listeners()
+        if self.on_stop is not None:
+            self.on_stop()
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[key] += n
+
+    def stats(self) -> Dict[str, Any]:
+        stats: Dict[str, Any] = {
+            "version": __version__, "protocol": VERSION, "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            **self.counters, "active_sessions": self.active_sessions,
+            "models_loaded": self.registry.loaded(),
+            "device": self.registry._device or self.registry.requested_device or "auto",
+            "torch_imported": "torch" in sys.modules,
+        }
+        if "torch" in sys.modules:
+            import torch
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                stats["cuda_memory_allocated"] = torch.cuda.memory_allocated()
+                stats["cuda_memory_reserved"] = torch.cuda.memory_reserved()
+        return stats
+
+    def serve_stream(self, reader: BinaryIO, writer: BinaryIO, local: bool, peer: str) -> None:
+        with self._lock:
+            self.counters["sessions"] += 1
+            self.active_sessions += 1
+        try:
+            Session(self, reader, writer, local, peer).run()
+        finally:
+            with self._lock:
+                self.active_sessions -= 1
+
+
+class Session:
+    def __init__(self, server: Server, reader: BinaryIO, writer: BinaryIO, local: bool,
+                 peer: str) -> None:
+        from .frames import ExchangeDir, ShmCache  # numpy: imported when a session starts
+
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.local = local
+        self.peer = peer
+        self.nonce = secrets.token_hex(16)
+        self.authenticated = False
+        self.write_lock = threading.Lock()
+        self.pending: queue.Queue[Optional[Message]] = queue.Queue()
+        self.cancelled: set = set()
+        self.closed = threading.Event()
+        self.shm = ShmCache()
+        self.exchange = ExchangeDir(server.exchange_dir if local else None)
+
+    # --- I/O -------------------------------------------------------------------------------
+    def send(self, header: Dict[str, Any], buffers: Sequence[Any] = ()) -> None:
+        if self.closed.is_set():
+            return
+        try:
+            with self.write_lock:
+                write_message(self.writer, header, buffers)
+        except (OSError, ValueError):
+            self.closed.set()  # the client went away; the reader loop ends too
+
+    def run(self) -> None:
+        needs_token = bool(self.server.token) and not self.local
+        self.send({"type": "welcome", "version": VERSION, "server": f"dlserver {__version__}",
+                   "nonce": self.nonce, "auth_required": needs_token})
+        worker = threading.Thread(target=self._work, name=f"worker {self.peer}", daemon=True)
+        worker.start()
+        try:
+            self._read_loop()
+        finally:
+            self.closed.set()
+            self.pending.put(None)
+            worker.join(timeout=None if self.server.stop_event.is_set() else 0.5)
+            self.shm.close()
+
+    def _read_loop(self) -> None:
+        while not self.closed.is_set():
+            try:
+                msg = read_message(self.reader, self.server.limits)
+            except ConnectionClosed:
+                return
+            except ProtocolError as exc:
+                self.server.count("errors")
+                self.send(error_reply(None, exc.code, exc.message))
+                if exc.fatal:
+                    return
+                continue
+            except (OSError, ValueError):
+                return
+            rid, kind = msg.header.get("id"), msg.header.get("type")
+            if not self.authenticated:
+                if kind != "hello":
+                    self.send(error_reply(rid, "auth", "say hello first (protocol handshake)"))
+                    return
+                if not self._hello(rid, msg.header):
+                    return
+                continue
+            if kind == "cancel":
+                self._cancel(rid, msg.header)
+            else:
+                self.pending.put(msg)
+
+    def _hello(self, rid: Any, header: Dict[str, Any]) -> bool:
+        version = header.get("version")
+        if version != VERSION:
+            self.send(error_reply(rid, "unsupported_version",
+                                  f"client speaks protocol {version!r}, this server {VERSION}; "
+                                  f"update the older side"))
+            return False
+        if self.server.token and not self.local and \
+                not check_auth(self.server.token, self.nonce, header.get("auth")):
+            log.warning("refused %s: wrong or missing token", self.peer)
+            self.send(error_reply(rid, "auth", "wrong or missing token: pass the server's "
+                                  "--token (DLSERVER_TOKEN) to the client"))
+            return False
+        self.authenticated = True
+        info: Dict[str, Any] = {"version": VERSION, "server": f"dlserver {__version__}",
+                                "pid": os.getpid(), "limits": vars(self.server.limits)}
+        if self.local:
+            info.update(exchange_dir=self.server.exchange_dir, shm_prefix=self.server.shm_prefix)
+        self.send(ok_reply(rid, **info))
+        return True
+
+    def _cancel(self, rid: Any, header: Dict[str, Any]) -> None:
+        target = header.get("target")
+        if not (target == "all" or isinstance(target, int)):
+            self.send(error_reply(rid, "bad_request",
+                                  "cancel needs 'target': a request id or 'all'"))
+            return
+        self.cancelled.add(target)
+        self.send(ok_reply(rid))
+
+    # --- requests --------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            msg = self.pending.get()
+            if msg is None or self.closed.is_set():
+                return
+            rid = msg.header.get("id")
+            if "all" in self.cancelled or rid in self.cancelled:
+                self.cancelled.discard(rid)
+                self.send(error_reply(rid, Cancelled.code, "cancelled before it started"))
+                continue
+            if self.pending.empty():
+                self.cancelled.discard("all")  # 'all' covers what was queued when it came
+            header, buffers = self.handle(msg)
+            self.send(header, buffers)
+            if msg.header.get("type") == "shutdown" and header.get("ok"):
+                self.server.stop()
+                return
+
+    def handle(self, msg: Message) -> Reply:
+        rid, kind = msg.header.get("id"), msg.header.get("type")
+        self.server.count("requests")
+        try:
+            if kind not in REQUESTS or kind in ("hello", "cancel"):
+                raise BadRequest(f"unknown request type {kind!r}; requests are: "
+                                 f"{', '.join(r for r in REQUESTS if r != 'hello')}")
+            if kind == "list_models":
+                reg = self.server.registry
+                return ok_reply(rid, models=reg.describe(),
+                                unavailable=[{"source": s, "error": e}
+                                             for s, e in reg.broken.items()]), []
+            if kind == "stats":
+                return ok_reply(rid, stats=self.server.stats()), []
+            if kind == "unload":
+                unloaded = self.server.registry.unload(msg.header.get("model"))
+                return ok_reply(rid, unloaded=unloaded), []
+            if kind == "shutdown":
+                return ok_reply(rid), []
+            from .inference import run_infer  # numpy side, imported on first frame
+            reply, buffers = run_infer(self, msg)
+            self.server.count("frames")
+            return ok_reply(rid, **reply), buffers
+        except Exception as exc:
+            self.server.count("errors")
+            return error_reply(rid, *describe_error(exc, msg.header.get("model"))), []
+
+
+def describe_error(exc: BaseException, model: Any) -> Tuple[str, str]:
+    """(code, message) for any exception; unexpected ones are logged with a traceback."""
+    if isinstance(exc, OptionError):
+        return "bad_option", f"model {model!r}: {exc}"
+    if isinstance(exc, (DLError, ProtocolError)):
+        return exc.code, exc.message
+    code = getattr(exc, "code", None)  # e.g. WeightsMissing from dlserver.weights
+    if isinstance(code, str) and code:
+        return code, str(exc)
+    if type(exc).__name__ == "OutOfMemoryError":
+        return "out_of_memory", (f"model {model!r} ran out of GPU memory: close other GPU "
+                                 f"programs, use a smaller frame, or run with --device cpu")
+    log.error("model %r failed:\n%s", model, traceback.format_exc())
+    return "model_error", f"model {model!r} failed: {type(exc).__name__}: {exc}"
+
+
+# --- transports ----------------------------------------------------------------------------------
+
+_listeners: List[socket.socket] = []
+
+
+def _wake_listeners() -> None:
+    for sock in _listeners:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def serve_stdio(server: Server) -> None:
+    """Embedded mode. The protocol owns the original stdin/stdout; fd 1 is pointed at
+    stderr so a model's print() can't corrupt the stream. EOF on stdin (the parent
+    exited or died) ends the server."""
+    reader = os.fdopen(os.dup(0), "rb")
+    writer = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdout = sys.stderr
+
+    def exit_now() -> None:
+        cleanup(server)
+        os._exit(0)
+
+    server.on_stop = exit_now
+    server.serve_stream(reader, writer, local=True, peer="stdio")
+
+
+def serve_socket(server: Server, sock: socket.socket, local: bool) -> None:
+    _listeners.append(sock)
+    sock.listen(64)
+    while not server.stop_event.is_set():
+        try:
+            conn, addr = sock.accept()
+        except OSError:
+            break
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) \
+            if conn.family in (socket.AF_INET, socket.AF_INET6) else None
+        threading.Thread(target=_serve_conn, args=(server, conn, local, str(addr)),
+                         daemon=True).start()
+
+
+def _serve_conn(server: Server, conn: socket.socket, local: bool, peer: str) -> None:
+    with conn:
+        reader = conn.makefile("rb")
+        writer = conn.makefile("wb")
+        try:
+            server.serve_stream(reader, writer, local=local, peer=peer)
+        finally:
+            for f in (reader, writer):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+# --- command line --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dlserver", description="dlserver frame server")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--stdio", action="store_true",
+                      help="embedded mode: messages on stdin/stdout (used by the Nuke plug-in)")
+    mode.add_argument("--unix", metavar="PATH", help="listen on a Unix socket")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="TCP address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=55555, help="TCP port (default 55555)")
+    p.add_argument("--token", default=os.environ.get("DLSERVER_TOKEN"),
+                   help="shared secret clients must prove (default $DLSERVER_TOKEN)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without a token")
+    p.add_argument("--models-dir", action="append", default=[],
+                   help="extra folder of models/<name>/model.py (repeatable)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--exchange-dir", default=None,
+                   help="folder for frame files of local sessions (default: a new folder "
+                        "in /dev/shm, else the temp dir)")
+    p.add_argument("--max-message-mb", type=int, default=Limits.max_body >> 20)
+    p.add_argument("--max-pixels", type=int, default=Limits.max_pixels)
+    p.add_argument("--log-level", default=None,
+                   help="DEBUG, INFO, WARNING (default: INFO; WARNING when embedded)")
+    return p
+
+
+def make_exchange_dir(base: Optional[str]) -> str:
+    if base is None:
+        base = os.environ.get("DLSERVER_EXCHANGE_DIR")
+    if base is None:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) \
+            else tempfile.gettempdir()
+    os.makedirs(base, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"dlserver-{os.getpid()}-", dir=base)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = args.log_level or ("WARNING" if args.stdio else "INFO")
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format="dlserver %(levelname)s: %(message)s")
+    remote = not args.stdio and not args.unix
+    if remote and not is_loopback(args.host) and not args.token and not args.insecure:
+        print(f"dlserver: refusing to listen on {args.host} without a token: anyone who can "
+              f"reach it could use this machine's GPU. Pass --token T (or DLSERVER_TOKEN), "
+              f"or --insecure to do it anyway.", file=sys.stderr)
+        return 2
+    if remote and not is_loopback(args.host) and not args.token:
+        log.warning("listening on %s WITHOUT a token (--insecure)", args.host)
+
+    limits = Limits(max_body=args.max_message_mb << 20, max_pixels=args.max_pixels)
+    registry = Registry(default_models_dirs(args.models_dir), args.device)
+    exchange = make_exchange_dir(args.exchange_dir) if not remote else None
+    server = Server(registry, limits, args.token, exchange)
+    if args.stdio:
+        _exit_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        if args.stdio:
+            serve_stdio(server)
+        elif args.unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            if os.path.exists(args.unix):
+                os.unlink(args.unix)
+            sock.bind(args.unix)
+            os.chmod(args.unix, 0o600)
+            log.info("listening on unix:%s", args.unix)
+            serve_socket(server, sock, local=True)
+        else:
+            sock = socket.create_server((args.host, args.port), reuse_port=False)
+            log.info("listening on %s:%d (%s)", args.host, sock.getsockname()[1],
+                     "token required" if args.token else "no token")
+            print(json.dumps({"listening": [args.host, sock.getsockname()[1]]}),
+                  file=sys.stderr, flush=True)
+            serve_socket(server, sock, local=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cleanup(server)
+    if args.stdio:
+        sys.stderr.flush()
+        os._exit(0)  # don't wait on a worker still inside a model: the client is gone
+    return 0
+
+
+def cleanup(server: Server) -> None:
+    """Remove what local sessions may have left: shm blocks named with this server's
+    prefix and the exchange dir."""
+    from .shm import sweep
+
+    swept = sweep(server.shm_prefix)
+    if swept:
+        log.info("removed %d shared-memory block(s) left by clients", swept)
+    if server.exchange_dir:
+        shutil.rmtree(server.exchange_dir, ignore_errors=True)
+
+
+def _exit_with_parent() -> None:
+    """Linux: ask the kernel for SIGTERM when the parent dies (EOF on stdin covers the
+    rest: the parent's end of the pipe closes when it exits)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
