@@ -194,12 +194,24 @@ class Session:
         return True
 
     def _cancel(self, rid: Any, header: Dict[str, Any]) -> None:
+        """Runs in the reader thread, so it acts while a frame is inside a model; that
+        frame finishes, queued ones are answered 'cancelled'."""
         target = header.get("target")
-        if not (target == "all" or isinstance(target, int)):
+        if target == "all":
+            while True:
+                try:
+                    queued = self.pending.get_nowait()
+                except queue.Empty:
+                    break
+                if queued is not None:
+                    self.send(error_reply(queued.header.get("id"), Cancelled.code,
+                                          "cancelled before it started"))
+        elif isinstance(target, int) and not isinstance(target, bool):
+            self.cancelled.add(target)
+        else:
             self.send(error_reply(rid, "bad_request",
                                   "cancel needs 'target': a request id or 'all'"))
             return
-        self.cancelled.add(target)
         self.send(ok_reply(rid))
 
     # --- requests --------------------------------------------------------------------------
@@ -209,12 +221,10 @@ class Session:
             if msg is None or self.closed.is_set():
                 return
             rid = msg.header.get("id")
-            if "all" in self.cancelled or rid in self.cancelled:
+            if rid in self.cancelled:
                 self.cancelled.discard(rid)
                 self.send(error_reply(rid, Cancelled.code, "cancelled before it started"))
                 continue
-            if self.pending.empty():
-                self.cancelled.discard("all")  # 'all' covers what was queued when it came
             header, buffers = self.handle(msg)
             self.send(header, buffers)
             if msg.header.get("type") == "shutdown" and header.get("ok"):

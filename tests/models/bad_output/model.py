@@ -1,0 +1,27 @@
+"""Test model: returns what the option asks for, all of it wrong."""
+
+import numpy as np
+
+from dlserver.model import Choice, Layer, Model
+
+
+class BadOutput(Model):
+    name = "bad_output"
+    uses_torch = False
+    inputs = {"src": Layer(("R", "G", "B", "A"))}
+    outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+    options = (Choice("mode", choices=("shape", "nan", "missing", "channels", "notdict")),)
+
+    def infer(self, inputs, options):
+        src = np.array(inputs["src"])
+        mode = options["mode"]
+        if mode == "shape":
+            return {"rgba": src[1:]}
+        if mode == "nan":
+            src[0, 0, 0] = np.nan
+            return {"rgba": src}
+        if mode == "missing":
+            return {}
+        if mode == "channels":
+            return {"rgba": src[..., :3]}
+        return [src]

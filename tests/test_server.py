@@ -1,0 +1,290 @@
+"""The server through the real client: embedded (pipes + shm/file) and TCP (inline)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TcpServer, make_plate, write_plate_exr
+
+from dlserver import exr
+from dlserver.arrays import ArrayIO
+from dlserver.client import Client, DLServerError
+
+
+def raw_inline(array: np.ndarray) -> dict:
+    return {"kind": "inline", "buffer": 0, "shape": list(array.shape),
+            "dtype": array.dtype.name, "channels": ["R", "G", "B", "A"]}
+
+
+# --- embedded --------------------------------------------------------------------------------
+
+def test_list_models_answers_without_importing_torch(embedded: Client) -> None:
+    names = {m["name"] for m in embedded.models()}
+    assert {"blur", "identity", "failing", "gate"} <= names
+    blur = embedded.model("blur")
+    assert [o["name"] for o in blur["options"]] == ["size", "channels", "report_brightest"]
+    assert embedded.stats()["torch_imported"] is False
+
+
+def test_shm_round_trip_is_exact(embedded: Client) -> None:
+    plate = make_plate()
+    with ArrayIO(embedded) as io:
+        out, reply = io.infer("identity", {"src": plate})
+        assert reply.outputs["rgba"]["kind"] == "shm"
+        np.testing.assert_array_equal(out["rgba"], plate)
+        out, _ = io.infer("identity", {"src": plate * 3}, {"gain": 0.5})
+        np.testing.assert_allclose(out["rgba"], plate * 1.5, rtol=1e-6)
+        names = [b.name for b in io.blocks.values()]
+        assert all(n.startswith(embedded.shm_prefix) for n in names)
+    assert not any(n in os.listdir("/dev/shm") for n in names), "ArrayIO.close unlinks"
+
+
+def test_float16_input_and_channel_reordering(embedded: Client) -> None:
+    plate = make_plate()
+    abgr = np.ascontiguousarray(plate[..., ::-1]).astype(np.float16)
+    with ArrayIO(embedded) as io:
+        out, _ = io.infer("identity", {"src": abgr}, channels={"src": ["A", "B", "G", "R"]})
+    np.testing.assert_array_equal(out["rgba"], plate.astype(np.float16).astype(np.float32))
+
+
+def test_missing_channels_are_filled_with_zero(embedded: Client) -> None:
+    rgb = np.ones((8, 8, 3), np.float32)
+    with ArrayIO(embedded) as io:
+        out, _ = io.infer("identity", {"src": rgb}, channels={"src": ["R", "G", "B"]})
+    assert (out["rgba"][..., :3] == 1).all() and (out["rgba"][..., 3] == 0).all()
+
+
+def test_file_frames_in_the_exchange_dir(embedded: Client, tmp_path: Path) -> None:
+    plate = make_plate()
+    exchange = Path(embedded.exchange_dir)
+    src = exchange / "in.0001.exr"
+    write_plate_exr(src, plate, {"depth.Z": np.full(plate.shape[:2], 7, np.float32)})
+    out = tmp_path / "cache" / "out.0001.exr"
+    reply = embedded.infer_exr("identity", {"src": str(src)}, str(out), {"gain": 2.0})
+    assert reply.header["output_exr"]["kind"] == "file"
+    result = exr.read_exr(str(out))
+    np.testing.assert_allclose(exr.gather(result, "RGBA"), plate * 2, rtol=1e-6)
+    assert (result.channels["depth.Z"] == 7).all(), "untouched layers pass through"
+    assert result.header["dlserver/model"] == "identity 1"
+    assert sorted(os.listdir(exchange)) == ["in.0001.exr"], "no temporary files left"
+
+
+@pytest.mark.parametrize("make_path", [
+    lambda ex, tmp: str(tmp / "outside.exr"),
+    lambda ex, tmp: os.path.join(ex, "..", "escape.exr"),
+    lambda ex, tmp: "/etc/passwd",
+    lambda ex, tmp: ex,
+])
+def test_file_outside_the_exchange_dir_is_refused(embedded: Client, tmp_path: Path,
+                                                  make_path) -> None:
+    write_plate_exr(tmp_path / "outside.exr", make_plate())
+    path = make_path(embedded.exchange_dir, tmp_path)
+    with pytest.raises(DLServerError) as err:
+        embedded.infer("identity", {"src": {"kind": "file", "format": "exr", "path": path}})
+    assert err.value.code == "forbidden_path"
+    assert "exchange dir" in err.value.message
+
+
+def test_symlink_out_of_the_exchange_dir_is_refused(embedded: Client, tmp_path: Path) -> None:
+    write_plate_exr(tmp_path / "secret.exr", make_plate())
+    link = Path(embedded.exchange_dir) / "link.exr"
+    link.symlink_to(tmp_path / "secret.exr")
+    with pytest.raises(DLServerError) as err:
+        embedded.infer("identity", {"src": {"kind": "file", "format": "exr", "path": str(link)}})
+    assert err.value.code == "forbidden_path"
+    with pytest.raises(DLServerError) as err:  # nor may a result be written through it
+        plate = make_plate()
+        embedded.infer("identity", {"src": raw_inline(plate)}, buffers=[plate.data],
+                       output_exr={"kind": "file", "path": str(link)})
+    assert err.value.code == "forbidden_path"
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"size": "big"}, "is not a number"),
+    ({"size": -1.0}, "below the minimum"),
+    ({"size": 1e9}, "above the maximum"),
+    ({"size": True}, "is not a number"),
+    ({"channels": "rg"}, "one of 'rgb', 'rgba', 'alpha'"),
+    ({"radius": 3}, "has no option 'radius'"),
+    ({"report_brightest": "yes"}, "true or false"),
+    ("size=4", "options must be an object"),
+])
+def test_option_validation(embedded: Client, options, fragment) -> None:
+    plate = make_plate()
+    with pytest.raises(DLServerError) as err:
+        embedded.infer("blur", {"src": raw_inline(plate)}, options, [plate.data])
+    assert err.value.code == "bad_option"
+    assert fragment in err.value.message
+
+
+@pytest.mark.parametrize("name", ["nope", "../models/blur", "/tmp/evil", "Blur", 5])
+def test_unknown_or_path_like_model(embedded: Client, name) -> None:
+    plate = make_plate()
+    with pytest.raises(DLServerError) as err:
+        embedded.infer(name, {"src": raw_inline(plate)}, buffers=[plate.data])
+    assert err.value.code == "unknown_model"
+
+
+def test_model_exception_is_an_error_reply_and_the_server_goes_on(embedded: Client) -> None:
+    plate = make_plate()
+    with pytest.raises(DLServerError) as err:
+        embedded.infer("failing", {"src": raw_inline(plate)}, buffers=[plate.data])
+    assert err.value.code == "model_error"
+    assert "deliberate failure" in err.value.message and "'failing'" in err.value.message
+    reply = embedded.infer("identity", {"src": raw_inline(plate)}, buffers=[plate.data])
+    out = np.frombuffer(reply.buffers[0], np.float32).reshape(plate.shape)
+    np.testing.assert_array_equal(out, plate)
+
+
+@pytest.mark.parametrize("mode, fragment", [
+    ("shape", "shape"), ("nan", "NaN"), ("missing", "declares"),
+    ("channels", "shape"), ("notdict", "not a dict"),
+])
+def test_wrong_model_outputs_are_error_replies(embedded: Client, mode, fragment) -> None:
+    plate = make_plate()
+    with pytest.raises(DLServerError) as err:
+        embedded.infer("bad_output", {"src": raw_inline(plate)}, {"mode": mode}, [plate.data])
+    assert err.value.code == "bad_frame" and fragment in err.value.message
+    assert "bad_output" in err.value.message
+    assert embedded.stats()["errors"] >= 1
+
+
+def test_bad_requests(embedded: Client) -> None:
+    plate = make_plate()
+    with pytest.raises(DLServerError) as err:
+        embedded.request("dance")
+    assert err.value.code == "bad_request"
+    with pytest.raises(DLServerError) as err:
+        embedded.infer("identity", {"wrong": raw_inline(plate)}, buffers=[plate.data])
+    assert err.value.code == "bad_request" and "takes inputs ['src']" in err.value.message
+    with pytest.raises(DLServerError) as err:  # buffer holds fewer bytes than declared
+        embedded.infer("identity", {"src": raw_inline(plate)}, buffers=[plate.data[:10]])
+    assert err.value.code == "bad_frame"
+    with pytest.raises(DLServerError) as err:
+        embedded.infer("identity", {"src": {**raw_inline(plate), "kind": "shm",
+                                            "name": "dls_does_not_exist"}})
+    assert err.value.code == "bad_frame" and "does not exist" in err.value.message
+
+
+def test_cancel_drops_queued_frames_after_the_current_one(embedded: Client,
+                                                          tmp_path: Path) -> None:
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    plate = make_plate()
+    args = {"inputs": {"src": raw_inline(plate)}}
+    first = embedded.send("infer", [plate.data], model="gate", options={"gate": str(fifo)},
+                          **args)
+    queued = [embedded.send("infer", [plate.data], model="identity", **args) for _ in range(3)]
+    with open(fifo, "wb") as gate:  # returns once the first frame is inside the model
+        embedded.cancel("all")
+        gate.write(b"x")
+    assert embedded.receive(first).header["ok"]
+    for rid in queued:
+        with pytest.raises(DLServerError) as err:
+            embedded.receive(rid)
+        assert err.value.code == "cancelled"
+    embedded.infer("identity", buffers=[plate.data], **args)  # later requests run
+
+
+def test_stats_unload_and_button_message(embedded: Client) -> None:
+    plate = make_plate()
+    plate[5, 7] = [9.0, 9.0, 9.0, 1.0]
+    reply = embedded.infer("blur", {"src": raw_inline(plate)}, {"report_brightest": True},
+                           [plate.data])
+    assert reply.message.startswith("brightest pixel: x=7 y=%d" % (plate.shape[0] - 1 - 5))
+    stats = embedded.stats()
+    assert "blur" in stats["models_loaded"] and stats["frames"] >= 1
+    assert embedded.unload("blur") == ["blur"]
+    assert "blur" not in embedded.stats()["models_loaded"]
+
+
+def test_shutdown_stops_the_embedded_server(embedded: Client) -> None:
+    process = embedded.process
+    embedded.shutdown()
+    assert process is not None and process.wait(timeout=10) == 0
+
+
+def test_spawn_with_a_missing_interpreter_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DLServerError) as err:
+        Client.spawn(python=str(tmp_path / "nope" / "python"))
+    assert err.value.code == "no_python"
+
+
+# --- TCP ------------------------------------------------------------------------------------
+
+def test_tcp_inline_frames_and_no_files(tcp_server: TcpServer, tmp_path: Path) -> None:
+    plate = make_plate()
+    with tcp_server.connect() as client:
+        assert client.exchange_dir is None and client.shm_prefix is None
+        with ArrayIO(client) as io:
+            out, reply = io.infer("identity", {"src": plate})
+        assert reply.outputs["rgba"]["kind"] == "inline"
+        np.testing.assert_array_equal(out["rgba"], plate)
+        src = tmp_path / "in.exr"
+        write_plate_exr(src, plate)
+        client.infer_exr("identity", {"src": str(src)}, str(tmp_path / "out.exr"))
+        np.testing.assert_array_equal(exr.gather(exr.read_exr(tmp_path / "out.exr"), "RGBA"),
+                                      plate)
+        with pytest.raises(DLServerError) as err:
+            client.infer("identity", {"src": {"kind": "file", "format": "exr",
+                                              "path": str(src)}})
+        assert err.value.code == "forbidden_path" and "local" in err.value.message
+
+
+@pytest.mark.parametrize("token", ["wrong", ""])
+def test_tcp_wrong_or_missing_token_is_refused(tcp_server: TcpServer, token: str) -> None:
+    with pytest.raises(DLServerError) as err:
+        tcp_server.connect(token=token)
+    assert err.value.code == "auth" and "token" in err.value.message
+    with tcp_server.connect() as client:  # the server still serves the right token
+        assert client.models()
+
+
+def test_four_concurrent_tcp_clients_get_their_own_results(tcp_server: TcpServer) -> None:
+    results: dict = {}
+    errors: list = []
+
+    def work(index: int) -> None:
+        try:
+            with tcp_server.connect() as client, ArrayIO(client) as io:
+                for frame in range(5):
+                    plate = make_plate(seed=index * 100 + frame)
+                    out, _ = io.infer("identity", {"src": plate}, {"gain": float(index + 1)})
+                    np.testing.assert_allclose(out["rgba"], plate * (index + 1), rtol=1e-6)
+                results[index] = True
+        except Exception as exc:  # surfaced in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(results) == [0, 1, 2, 3]
+
+
+def test_non_loopback_without_token_is_refused() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "dlserver", "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "without a token" in done.stderr
+
+
+def test_protocol_garbage_over_tcp_leaves_the_server_serving(tcp_server: TcpServer) -> None:
+    import socket
+
+    with socket.create_connection((tcp_server.host, tcp_server.port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
+        sock.settimeout(10)
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    assert b"wrong magic" in data
+    with tcp_server.connect() as client:
+        assert client.request("stats")["ok"]
