@@ -168,9 +168,12 @@ def _import_folder(folder: Path) -> types.ModuleType:
         root.__path__ = []
         sys.modules[PACKAGE_ROOT] = root
     pkg_name = f"{PACKAGE_ROOT}.{folder.name}"
-    if pkg_name in sys.modules:
-        raise ValueError(f"a model folder named {folder.name!r} was already imported from "
-                         f"{sys.modules[pkg_name].__path__[0]}")
+    suffix = 1
+    while pkg_name in sys.modules:  # same folder again: reuse; another of that name: rename
+        if sys.modules[pkg_name].__path__ == [str(folder)]:
+            return sys.modules[f"{pkg_name}.model"]
+        suffix += 1
+        pkg_name = f"{PACKAGE_ROOT}.{folder.name}_{suffix}"
     pkg = types.ModuleType(pkg_name)
     pkg.__path__ = [str(folder)]
     pkg.__package__ = pkg_name

@@ -1,0 +1,1 @@
+raise ImportError("this model is broken on purpose")

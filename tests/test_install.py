@@ -1,0 +1,35 @@
+"""install.py: idempotent, records the interpreter, refuses old Pythons clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_second_run_changes_nothing_and_skips_pip(tmp_path) -> None:
+    config = ROOT / "dlserver.local.json"
+    before = config.read_text()
+    done = subprocess.run([sys.executable, str(ROOT / "install.py"), "--dev",
+                           "--nuke-dir", str(tmp_path / "nuke")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "pip skipped" in done.stdout
+    assert config.read_text() == before
+    recorded = json.loads(before)["python"]
+    assert os.path.samefile(recorded, sys.executable)
+
+
+def test_old_python_is_refused_with_a_clear_message() -> None:
+    python = os.path.join(os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv")),
+                          "versions", "3.8.18", "bin", "python3")
+    if not os.path.isfile(python):
+        import pytest
+        pytest.skip("no Python 3.8 here to try")
+    done = subprocess.run([python, str(ROOT / "install.py")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert "too old" in done.stderr and "3.9" in done.stderr

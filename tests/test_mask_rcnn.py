@@ -1,0 +1,395 @@
+"""models/mask_rcnn: declaration, weights handling, outputs of every mode, post-processing.
+
+Weights are torchvision's architecture with a seeded random init, saved as torchvision
+publishes them (a plain state dict) and loaded through dlserver.weights. Tests about
+what is kept and drawn replace the network's detections with fixed ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+
+from dlserver import weights as W  # noqa: E402
+
+MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "mask_rcnn"
+PKG = "dlserver_models_test.mask_rcnn"
+
+
+def _module() -> types.ModuleType:
+    """models/mask_rcnn/model.py imported as a package module, as the registry does."""
+    if f"{PKG}.model" in sys.modules:
+        return sys.modules[f"{PKG}.model"]
+    for name, path in (("dlserver_models_test", []), (PKG, [str(MODEL_DIR)])):
+        pkg = types.ModuleType(name)
+        pkg.__path__ = path
+        sys.modules[name] = pkg
+    spec = importlib.util.spec_from_file_location(f"{PKG}.model", MODEL_DIR / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+M = _module()
+MaskRCNN = M.MaskRCNN
+render = importlib.import_module(f"{PKG}.render")
+
+
+@pytest.fixture(autouse=True)
+def _no_network_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv(W.ENV_OFFLINE, "1")
+    monkeypatch.delenv(W.ENV_WEIGHTS_DIR, raising=False)
+
+
+CALIBRATED_LOGITS = torch.zeros(91)
+CALIBRATED_LOGITS[0], CALIBRATED_LOGITS[1] = 5.0, 4.0  # background, person
+CALIBRATED_SCORE = float(torch.softmax(CALIBRATED_LOGITS, 0)[1])
+
+
+@pytest.fixture(scope="module")
+def v1_weights(tmp_path_factory) -> Path:
+    """Random-init v1 weights in torchvision's published format (a plain state dict of
+    the FrozenBatchNorm network: no num_batches_tracked entries)."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    net = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    sd = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    # Calibrated: every box scores CALIBRATED_SCORE as a person (random class logits
+    # give every class a high score, and NMS over 90 classes is slow on a CPU).
+    sd["roi_heads.box_predictor.cls_score.weight"].zero_()
+    sd["roi_heads.box_predictor.cls_score.bias"].copy_(CALIBRATED_LOGITS)
+    path = tmp_path_factory.mktemp("weights") / "random_maskrcnn_resnet50_fpn.pth"
+    torch.save(sd, path)
+    return path
+
+
+def _image(h: int = 64, w: int = 96, seed: int = 0) -> np.ndarray:
+    img = np.random.default_rng(seed).random((h, w, 4), dtype=np.float32)
+    img.flags.writeable = False  # the server hands read-only arrays
+    return img
+
+
+def _check_outputs(result, h: int, w: int) -> None:
+    assert isinstance(result, M.Result)
+    assert set(result.outputs) == set(MaskRCNN.outputs)
+    for name, layer in MaskRCNN.outputs.items():
+        arr = result.outputs[name]
+        assert arr.dtype == np.float32 and arr.shape == (h, w, len(layer.channels)), name
+        assert np.isfinite(arr).all()
+    json.dumps(result.data)  # plain data
+    assert 0.0 <= result.outputs["rgba"][..., 3].min() <= result.outputs["rgba"][..., 3].max() <= 1
+
+
+# --- declaration ---------------------------------------------------------------------------
+
+def test_declaration_and_categories_from_torchvision():
+    from torchvision.models.detection import (
+        MaskRCNN_ResNet50_FPN_V2_Weights,
+        MaskRCNN_ResNet50_FPN_Weights,
+    )
+
+    MaskRCNN.check_declaration()
+    d = MaskRCNN.describe()
+    assert d["colorspace"] == "srgb"
+    assert d["outputs"]["instances"]["channels"][:2] == ["instance01.A", "instance02.A"]
+    assert len(d["outputs"]["instances"]["channels"]) == M.MAX_INSTANCE_LAYERS
+    choices = MaskRCNN.options_by_name()["class_filter"].choices
+    cats = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    assert cats == MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1.meta["categories"]
+    assert choices[:2] == ("all", "all people")
+    assert list(choices[2:]) == [c for c in cats if c not in ("__background__", "N/A", "person")]
+    for variant, (builder, wf) in M.VARIANTS.items():
+        enum = (MaskRCNN_ResNet50_FPN_V2_Weights if variant.endswith("v2")
+                else MaskRCNN_ResNet50_FPN_Weights)
+        assert wf.url == enum.COCO_V1.url and builder.endswith(variant)
+        assert wf.sha256 and wf.sha256 in wf.filename
+
+
+def test_module_import_does_not_import_torch():
+    code = ("import sys, importlib.util, types; p = types.ModuleType('x'); "
+            f"p.__path__ = [{str(MODEL_DIR)!r}]; sys.modules['x'] = p; "
+            f"s = importlib.util.spec_from_file_location('x.model', {str(MODEL_DIR / 'model.py')!r}); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            "print(len(m.MaskRCNN.options), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=MODEL_DIR.parent.parent).stdout.split()
+    assert out[1] == "False"
+
+
+# --- weights ------------------------------------------------------------------------------
+
+def test_missing_weights_is_a_clear_error():
+    m = MaskRCNN()
+    m.load("cpu")
+    with pytest.raises(W.WeightsMissing) as ei:
+        m.infer({"src": _image()}, {"variant": "resnet50_fpn"})
+    msg = str(ei.value)
+    wf = M.VARIANTS["resnet50_fpn"][1]
+    assert wf.filename in msg and wf.url in msg and str(W.hub_checkpoints_dir()) in msg
+
+
+def test_checksum_mismatch_is_refused(tmp_path, monkeypatch, v1_weights):
+    wf = M.VARIANTS["resnet50_fpn"][1]
+    d = tmp_path / "w"
+    d.mkdir()
+    os.symlink(v1_weights, d / wf.filename)  # right name, wrong bytes
+    monkeypatch.setenv(W.ENV_WEIGHTS_DIR, str(d))
+    m = MaskRCNN()
+    m.load("cpu")
+    with pytest.raises(W.WeightsChecksumError, match=wf.sha256):
+        m.infer({"src": _image()}, {"variant": "resnet50_fpn"})
+
+
+def test_wrong_network_for_file_is_a_clear_error(v1_weights):
+    m = MaskRCNN()
+    m.load("cpu")
+    with pytest.raises(W.WeightsError, match="does not fit"):
+        m.infer({"src": _image()}, {"variant": "resnet50_fpn_v2", "weights": str(v1_weights)})
+
+
+# --- the real network (random weights) --------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["overlay", "matte", "instances"])
+def test_real_network_outputs(v1_weights, mode):
+    m = MaskRCNN()
+    m.load("cpu")
+    opts = {"variant": "resnet50_fpn", "weights": str(v1_weights), "network_size": 128,
+            "output_mode": mode, "threshold": 0.1, "max_instances": 4}
+    res = m.infer({"src": _image(48, 72)}, opts)
+    _check_outputs(res, 48, 72)
+    dets = res.data["detections"]
+    assert len(dets) == 4
+    assert {d["class"] for d in dets} == {"person"}
+    assert [d["score"] for d in dets] == pytest.approx([CALIBRATED_SCORE] * 4, abs=1e-4)
+    assert len(m.infer({"src": _image(48, 72)}, {**opts, "threshold": 0.5})
+               .data["detections"]) == 0
+    for k in ("instances", "instance_id"):
+        arr = res.outputs[k]
+        if mode != "instances":
+            assert not arr.any()
+    inst = res.outputs["instances"]
+    assert 0.0 <= inst.min() and inst.max() <= 1.0
+    if mode == "instances" and dets:
+        assert inst[..., : min(len(dets), 32)].any()
+
+
+def test_real_network_batch_of_two_sizes(v1_weights):
+    m = MaskRCNN()
+    m.load("cpu")
+    opts = MaskRCNN.resolve_options({"variant": "resnet50_fpn", "weights": str(v1_weights),
+                                     "network_size": 128, "output_mode": "matte",
+                                     "threshold": 0.1, "max_instances": 3})
+    results = m.infer_batch([{"src": _image(40, 64)}, {"src": _image(64, 48, seed=1)}], opts)
+    _check_outputs(results[0], 40, 64)
+    _check_outputs(results[1], 64, 48)
+
+
+@pytest.mark.slow
+def test_v2_loads_through_the_loader(tmp_path):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+    torch.manual_seed(0)
+    path = tmp_path / "random_v2.pth"
+    torch.save(maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).state_dict(), path)
+    m = MaskRCNN()
+    m.load("cpu")
+    res = m.infer({"src": _image(32, 32)}, {"weights": str(path), "network_size": 128,
+                                             "max_instances": 3})
+    _check_outputs(res, 32, 32)
+
+
+# --- fixed detections ------------------------------------------------------------------------
+
+H, W_ = 64, 96
+PERSON, CAR, DOG = 1, 3, 18  # torchvision COCO label indices
+
+
+def _blob(m: int = 28) -> torch.Tensor:
+    """A soft disc: probabilities from 0 to 1, so soft mattes have soft edges."""
+    y, x = torch.meshgrid(torch.arange(m) + 0.5, torch.arange(m) + 0.5, indexing="ij")
+    r = ((x - m / 2) ** 2 + (y - m / 2) ** 2).sqrt() / (m / 2)
+    return (1.5 - 1.5 * r).clamp(0, 1)
+
+
+@pytest.fixture
+def fixed():
+    """A model whose network returns: person 0.95 (left), car 0.9 (right), dog 0.3."""
+    m = MaskRCNN()
+    m.load("cpu")
+    det = {"boxes": torch.tensor([[4.0, 4.0, 36.0, 60.0], [50.0, 10.0, 92.0, 50.0],
+                                  [40.0, 40.0, 60.0, 60.0]]),
+           "labels": torch.tensor([PERSON, CAR, DOG]),
+           "scores": torch.tensor([0.95, 0.9, 0.3]),
+           "masks": _blob()[None, None].repeat(3, 1, 1, 1)}
+    net = types.SimpleNamespace(transform=types.SimpleNamespace(),
+                                roi_heads=types.SimpleNamespace())
+    m._network = lambda variant, weights: net
+    m._detect = lambda net, images, half: [{k: v.clone() for k, v in det.items()}
+                                           for _ in images]
+    return m
+
+
+def _run(m, **opts):
+    return m.infer({"src": _image(H, W_)}, opts)
+
+
+def test_threshold_and_detections_data(fixed):
+    res = _run(fixed, output_mode="instances", threshold=0.5)
+    dets = res.data["detections"]
+    assert [(d["id"], d["class"], d["class_index"]) for d in dets] == [
+        (1, "person", PERSON), (2, "car", CAR)]
+    assert dets[0]["box"] == [4.0, 4.0, 36.0, 60.0]
+    assert dets[0]["box_nuke"] == [4.0, H - 60.0, 36.0, H - 4.0]
+    assert len(_run(fixed, threshold=0.2).data["detections"]) == 3
+
+
+def test_class_filter_drops_other_classes(fixed):
+    res = _run(fixed, output_mode="instances", class_filter="all people")
+    assert [d["class"] for d in res.data["detections"]] == ["person"]
+    inst, ids, alpha = res.outputs["instances"], res.outputs["instance_id"], \
+        res.outputs["rgba"][..., 3]
+    assert inst[:, :40, 0].max() > 0.9 and not inst[..., 1:].any()
+    assert not alpha[:, 50:].any()  # the car's region is empty
+    assert set(np.unique(ids[..., 1])) == {0.0, float(PERSON)}
+    res = _run(fixed, class_filter="car", output_mode="matte")
+    assert [d["class"] for d in res.data["detections"]] == ["car"]
+    assert not res.outputs["rgba"][:, :40, 3].any()
+
+
+def test_matte_mode_passes_rgb_and_is_soft(fixed):
+    src = _image(H, W_)
+    res = fixed.infer({"src": src}, {"output_mode": "matte"})
+    rgba = res.outputs["rgba"]
+    assert np.array_equal(rgba[..., :3], src[..., :3])
+    a = rgba[..., 3]
+    assert a.min() >= 0 and a.max() <= 1 and a.max() > 0.99
+    assert ((a > 0.05) & (a < 0.95)).any()  # soft edges
+    hard = fixed.infer({"src": src}, {"output_mode": "matte", "soft_mattes": False})
+    assert set(np.unique(hard.outputs["rgba"][..., 3])) == {0.0, 1.0}
+
+
+def test_instances_layers_and_ids(fixed):
+    res = _run(fixed, output_mode="instances", max_instances=1)
+    assert len(res.data["detections"]) == 1
+    res = _run(fixed, output_mode="instances")
+    inst, ids = res.outputs["instances"], res.outputs["instance_id"]
+    assert inst.min() >= 0 and inst.max() <= 1 and not inst[..., 2:].any()
+    # instance 1 (person) on the left, 2 (car) on the right; ids where the matte >= 0.5
+    assert ids[32, 20].tolist() == pytest.approx([1.0, PERSON, 0.95])
+    assert ids[30, 71].tolist() == pytest.approx([2.0, CAR, 0.9])
+    assert not ids[0, 0].any()
+    np.testing.assert_array_equal(res.outputs["rgba"][..., 3], inst.max(-1))
+
+
+def test_overlay_alpha_zero_equals_input(fixed):
+    src = _image(H, W_)
+    res = fixed.infer({"src": src}, {"overlay_alpha": 0.0, "show_boxes": False,
+                                     "show_class_names": False, "show_mask_borders": False})
+    assert np.array_equal(res.outputs["rgba"][..., :3], src[..., :3])
+    assert len(res.data["detections"]) == 2
+
+
+def test_overlay_draws_fills_borders_boxes(fixed):
+    src = _image(H, W_)
+    plain = fixed.infer({"src": src}, {"show_boxes": False, "show_class_names": False,
+                                       "show_mask_borders": False, "overlay_alpha": 0.5})
+    rgb = plain.outputs["rgba"][..., :3]
+    a = plain.outputs["rgba"][..., 3]
+    changed = np.abs(rgb - src[..., :3]).max(-1) > 1e-6
+    assert changed[a > 0.5].all() and not changed[a == 0].any()
+    full = fixed.infer({"src": src}, {"border_thickness": 2, "box_thickness": 2})
+    rgb2 = full.outputs["rgba"][..., :3]
+    assert (rgb2 == 1.0).all(-1).sum() > 20  # white borders
+    green = np.array(render.GREEN, np.float32) / 255
+    assert np.isclose(rgb2, green, atol=1e-3).all(-1).sum() > 40  # boxes / label backgrounds
+
+
+def test_no_detections(fixed):
+    src = _image(H, W_)
+    res = fixed.infer({"src": src}, {"threshold": 1.0, "output_mode": "instances"})
+    assert res.data["detections"] == []
+    assert np.array_equal(res.outputs["rgba"][..., :3], src[..., :3])
+    assert not res.outputs["rgba"][..., 3].any() and not res.outputs["instances"].any()
+
+
+# --- post-processing --------------------------------------------------------------------------
+
+def test_paste_masks_matches_grid_sample_reference():
+    """The separable paste equals detectron2-style grid_sample pasting (pixel centres,
+    bilinear, zeros outside) and is close to torchvision's integer-box paste."""
+    import torch.nn.functional as F
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(5, 28, 28, generator=g)
+    boxes = torch.tensor([[3.2, 5.7, 40.1, 30.9], [-10.0, 2.0, 20.0, 70.0],
+                          [50.5, 10.25, 95.0, 63.0], [0.0, 0.0, 96.0, 64.0],
+                          [30.0, 30.0, 31.0, 31.5]])
+    out = render.paste_masks(masks, boxes, 64, 96)
+    ys = torch.arange(64) + 0.5
+    xs = torch.arange(96) + 0.5
+    gx = (xs[None] - boxes[:, :1]) / (boxes[:, 2:3] - boxes[:, :1]) * 2 - 1
+    gy = (ys[None] - boxes[:, 1:2]) / (boxes[:, 3:4] - boxes[:, 1:2]) * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(-1, 64, -1), gy[:, :, None].expand(-1, -1, 96)], -1)
+    ref = F.grid_sample(masks[:, None], grid, align_corners=False)[:, 0]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    tv = paste_masks_in_image(masks[:, None], boxes, (64, 96))[:, 0]
+    assert (out - tv).abs()[:4].mean() < 0.05
+
+
+def test_composite_fills_is_sequential_blending():
+    g = torch.Generator().manual_seed(1)
+    rgb = torch.rand(8, 9, 3, generator=g)
+    mattes = torch.rand(4, 8, 9, generator=g)
+    colours = torch.rand(4, 3, generator=g)
+    ref = rgb.clone()
+    for k in range(4):
+        a = 0.6 * mattes[k][..., None]
+        ref = ref * (1 - a) + a * colours[k]
+    torch.testing.assert_close(render.composite_fills(rgb, mattes, colours, 0.6), ref)
+
+
+def test_borders():
+    m = torch.zeros(1, 10, 10, dtype=torch.bool)
+    m[0, 2:8, 2:8] = True
+    edge = render.borders(m, 1)
+    assert edge.sum() == 20 and edge[2, 2] and not edge[4, 4] and not edge[1, 1]
+    assert render.borders(m, 3).sum() > edge.sum()
+
+
+# --- GPU (the lead runs these on the GPU machine) -------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("half", [False, True])
+def test_cuda_half_precision(v1_weights, half):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    m = MaskRCNN()
+    m.load("cuda")
+    img = np.random.default_rng(0).random((1080, 1920, 4), dtype=np.float32)
+    opts = {"variant": "resnet50_fpn", "weights": str(v1_weights), "threshold": 0.1,
+            "max_instances": 100, "output_mode": "instances", "half_precision": half}
+    m.infer({"src": img}, opts)  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    res = m.infer({"src": img}, opts)
+    torch.cuda.synchronize()
+    print(f"\ncuda half={half}: {len(res.data['detections'])} detections, "
+          f"{(time.perf_counter() - t) * 1000:.0f} ms per 1080p frame")
+    _check_outputs(res, 1080, 1920)
+    m.unload()

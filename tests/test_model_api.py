@@ -1,0 +1,80 @@
+"""The declarative model API, discovery, and colour handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TEST_MODELS
+from test_server import raw_inline
+
+from dlserver.client import Client
+from dlserver.frames import linear_to_srgb, srgb_to_linear
+from dlserver.model import Bool, Button, Choice, Float, Int, Layer, Model, OptionError, String
+from dlserver.registry import Registry
+
+
+class Example(Model):
+    name = "example"
+    options = (Int("count", default=3, min=1, max=9), Float("gain", default=1.0, min=0.0),
+               Bool("flip"), String("note", default="hi"), Choice("mode", choices=("a", "b")),
+               Button("go"))
+
+
+def test_describe_is_plain_data_derived_from_the_declaration() -> None:
+    d = Example.describe()
+    assert d["name"] == "example" and d["colorspace"] == "linear"
+    assert [(o["name"], o["type"], o["default"]) for o in d["options"]] == [
+        ("count", "int", 3), ("gain", "float", 1.0), ("flip", "bool", False),
+        ("note", "string", "hi"), ("mode", "choice", "a"), ("go", "button", False)]
+    assert d["options"][0]["min"] == 1 and d["options"][4]["choices"] == ["a", "b"]
+    assert d["inputs"]["src"]["channels"] == ["R", "G", "B", "A"]
+
+
+def test_resolve_options_fills_defaults_and_validates() -> None:
+    assert Example.resolve_options({"count": 5.0, "gain": 2})["count"] == 5
+    assert Example.resolve_options(None)["mode"] == "a"
+    for bad in ({"count": 0}, {"count": 2.5}, {"count": True}, {"gain": float("nan")},
+                {"flip": 1}, {"note": 5}, {"mode": "c"}, {"go": "x"}, {"other": 1}):
+        with pytest.raises(OptionError):
+            Example.resolve_options(bad)
+
+
+def test_bad_declarations_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Int("Bad Name")
+    with pytest.raises(ValueError):
+        Float("x", default=5.0, max=1.0)  # the default itself must validate
+    with pytest.raises(ValueError):
+        Layer(("R", "R"))
+
+    class NoName(Model):
+        name = "../x"
+    with pytest.raises(ValueError):
+        NoName.check_declaration()
+
+
+def test_discovery_skips_broken_models_and_keeps_the_rest(tmp_path: Path) -> None:
+    broken = Path(__file__).parent / "broken_models"
+    registry = Registry([broken, TEST_MODELS, tmp_path / "missing"])
+    assert "identity" in registry.entries
+    assert any("broken on purpose" in why for why in registry.broken.values())
+    assert any("does not exist" in why for why in registry.broken.values())
+
+
+def test_srgb_conversion_round_trips() -> None:
+    x = np.array([-0.5, 0.0, 0.001, 0.18, 1.0, 16.0], np.float32)
+    np.testing.assert_allclose(srgb_to_linear(linear_to_srgb(x)), x, rtol=1e-5, atol=1e-7)
+    assert abs(float(linear_to_srgb(np.float32(0.18))) - 0.4614) < 1e-3
+
+
+def test_server_converts_colour_for_srgb_models_but_not_mattes(embedded: Client) -> None:
+    plate = np.full((4, 4, 4), 0.18, np.float32)
+    reply = embedded.infer("srgb_probe", {"src": raw_inline(plate)}, buffers=[plate.data])
+    seen = reply.data["seen_first_pixel"]
+    assert abs(seen[0] - 0.4614) < 1e-3 and seen[3] == pytest.approx(0.18), "alpha untouched"
+    out = {n: np.frombuffer(reply.buffers[r["buffer"]], np.float32).reshape(r["shape"])
+           for n, r in reply.outputs.items()}
+    np.testing.assert_allclose(out["rgba"], plate, rtol=1e-5)
+    assert (out["mask"] == 0.5).all(), "non-colour layers are not converted"
