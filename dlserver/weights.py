@@ -444,20 +444,38 @@ def load_state_dict(path: PathLike) -> dict[str, Any]:
 # --- CLI --------------------------------------------------------------------------------------
 
 def discover_models(models_dir: PathLike | None = None) -> list[type]:
-    """Model classes that declare `weights_files`, from `models/<name>/model.py`.
+    """Model classes that declare `weights_files`.
 
-    A stand-in for the server's registry (pass its classes to `weights_command`
-    instead); importing a model module never imports torch."""
+    Uses the server's registry (folders and entry points) when it is there; else
+    imports `models/<name>/model.py` as a package module, as the registry does (a
+    model may import its own helper modules relatively). Importing a model module never
+    imports torch."""
     from dlserver.model import Model
+
+    if models_dir is None:
+        try:
+            from dlserver.registry import Registry, default_models_dirs
+        except ImportError:
+            pass
+        else:
+            reg = Registry(default_models_dirs())
+            return [e.cls for e in reg.entries.values() if getattr(e.cls, "weights_files", ())]
+    import types
 
     root = Path(models_dir) if models_dir else Path(__file__).resolve().parent.parent / "models"
     found: list[type] = []
     for path in sorted(root.glob("*/model.py")):
-        mod_name = f"_dlserver_weights_scan_{path.parent.name}"
-        spec = importlib.util.spec_from_file_location(mod_name, path)
+        pkg_name = f"_dlserver_weights_scan.{path.parent.name}"
+        for name, search in (("_dlserver_weights_scan", []), (pkg_name, [str(path.parent)])):
+            if name not in sys.modules:
+                pkg = types.ModuleType(name)
+                pkg.__path__ = search
+                sys.modules[name] = pkg
+        spec = importlib.util.spec_from_file_location(f"{pkg_name}.model", path)
         if spec is None or spec.loader is None:
             continue
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
         try:
             spec.loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - one broken model must not hide the others
@@ -465,7 +483,7 @@ def discover_models(models_dir: PathLike | None = None) -> list[type]:
             continue
         for obj in vars(module).values():
             if (isinstance(obj, type) and issubclass(obj, Model) and obj is not Model
-                    and obj.__module__ == mod_name and getattr(obj, "weights_files", ())):
+                    and obj.__module__ == spec.name and getattr(obj, "weights_files", ())):
                 found.append(obj)
     return found
 

@@ -73,6 +73,11 @@ def v1_weights(tmp_path_factory) -> Path:
     # give every class a high score, and NMS over 90 classes is slow on a CPU).
     sd["roi_heads.box_predictor.cls_score.weight"].zero_()
     sd["roi_heads.box_predictor.cls_score.bias"].copy_(CALIBRATED_LOGITS)
+    # ... and no box regression, so boxes are the RPN's anchors (random regression
+    # gives sub-pixel-thin boxes, whose mattes hold no pixel centre).
+    for k in ("rpn.head.bbox_pred", "roi_heads.box_predictor.bbox_pred"):
+        sd[k + ".weight"].zero_()
+        sd[k + ".bias"].zero_()
     path = tmp_path_factory.mktemp("weights") / "random_maskrcnn_resnet50_fpn.pth"
     torch.save(sd, path)
     return path
@@ -121,9 +126,10 @@ def test_declaration_and_categories_from_torchvision():
 
 
 def test_module_import_does_not_import_torch():
+    path = str(MODEL_DIR / "model.py")
     code = ("import sys, importlib.util, types; p = types.ModuleType('x'); "
             f"p.__path__ = [{str(MODEL_DIR)!r}]; sys.modules['x'] = p; "
-            f"s = importlib.util.spec_from_file_location('x.model', {str(MODEL_DIR / 'model.py')!r}); "
+            f"s = importlib.util.spec_from_file_location('x.model', {path!r}); "
             "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
             "print(len(m.MaskRCNN.options), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -164,10 +170,18 @@ def test_wrong_network_for_file_is_a_clear_error(v1_weights):
 
 # --- the real network (random weights) --------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["overlay", "matte", "instances"])
-def test_real_network_outputs(v1_weights, mode):
+@pytest.fixture(scope="module")
+def real_model():
+    """One loaded model for the tests below: it keeps its network between calls."""
     m = MaskRCNN()
     m.load("cpu")
+    yield m
+    m.unload()
+
+
+@pytest.mark.parametrize("mode", ["overlay", "matte", "instances"])
+def test_real_network_outputs(real_model, v1_weights, mode):
+    m = real_model
     opts = {"variant": "resnet50_fpn", "weights": str(v1_weights), "network_size": 128,
             "output_mode": mode, "threshold": 0.1, "max_instances": 4}
     res = m.infer({"src": _image(48, 72)}, opts)
@@ -188,9 +202,8 @@ def test_real_network_outputs(v1_weights, mode):
         assert inst[..., : min(len(dets), 32)].any()
 
 
-def test_real_network_batch_of_two_sizes(v1_weights):
-    m = MaskRCNN()
-    m.load("cpu")
+def test_real_network_batch_of_two_sizes(real_model, v1_weights):
+    m = real_model
     opts = MaskRCNN.resolve_options({"variant": "resnet50_fpn", "weights": str(v1_weights),
                                      "network_size": 128, "output_mode": "matte",
                                      "threshold": 0.1, "max_instances": 3})

@@ -1,0 +1,334 @@
+"""Mask R-CNN (torchvision, COCO): overlay, matte and per-instance mattes for Nuke.
+
+Importing this module does not import torch (the server lists models without it):
+torch, torchvision and the post-processing in render.py are imported in `load()`.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
+
+from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
+from dlserver.weights import WeightsError, WeightsFile, load_state_dict, resolve
+
+MAX_INSTANCE_LAYERS = 32
+ALL = "all"
+ALL_PEOPLE = "all people"
+
+_TORCHVISION_TERMS = (
+    "torchvision (BSD-3-Clause) publishes these COCO-trained weights without a licence "
+    "of their own; its documentation says: \"The pre-trained models provided in this "
+    "library may have their own licenses or terms and conditions derived from the "
+    "dataset used for training. It is your responsibility to determine whether you "
+    "have permission to use the models for your use case.\" (COCO annotations: CC BY "
+    "4.0; COCO images: Flickr terms of use.)")
+
+VARIANTS: Dict[str, Tuple[str, WeightsFile]] = {
+    # option value: (torchvision builder, the file its COCO_V1 weights enum names)
+    "resnet50_fpn_v2": ("maskrcnn_resnet50_fpn_v2", WeightsFile.from_url(
+        "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
+        size=177_219_000, licence=_TORCHVISION_TERMS,
+        description="Mask R-CNN ResNet-50 FPN v2, COCO: box AP 47.4, mask AP 41.8")),
+    "resnet50_fpn": ("maskrcnn_resnet50_fpn", WeightsFile.from_url(
+        "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
+        size=169_840_000, licence=_TORCHVISION_TERMS,
+        description="Mask R-CNN ResNet-50 FPN (v1), COCO: box AP 37.9, mask AP 34.6")),
+}
+
+
+def _coco_categories_from_source() -> Tuple[str, ...]:
+    """torchvision's COCO category list, read from its source without importing it.
+
+    The option declaration (the class filter's choices) must exist before torch is
+    imported; `load()` checks this list against the weights enum's
+    meta["categories"], which is where the names the model reports come from."""
+    try:
+        spec = importlib.util.find_spec("torchvision")  # finds, does not import
+        if spec is None or not spec.submodule_search_locations:
+            return ()
+        src = Path(list(spec.submodule_search_locations)[0]) / "models" / "_meta.py"
+        for node in ast.parse(src.read_text(encoding="utf-8")).body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id == "_COCO_CATEGORIES"):
+                return tuple(ast.literal_eval(node.value))
+    except (OSError, SyntaxError, ValueError, ImportError):
+        pass
+    return ()
+
+
+def _class_choices() -> Tuple[str, ...]:
+    names = [c for c in _coco_categories_from_source()
+             if c not in ("__background__", "N/A", "person")]
+    return (ALL, ALL_PEOPLE, *names)
+
+
+def _instance_channels() -> Tuple[str, ...]:
+    return tuple(f"instance{i:02d}.A" for i in range(1, MAX_INSTANCE_LAYERS + 1))
+
+
+class MaskRCNN(Model):
+    name = "mask_rcnn"
+    label = "Mask R-CNN (objects, COCO)"
+    version = "1"
+    colorspace = "srgb"  # torchvision's detectors were trained on sRGB 0-1 images
+    help = (
+        "Finds and segments the 80 COCO object classes (people, vehicles, animals, "
+        "furniture...) with torchvision's Mask R-CNN. 'overlay' draws the detections on "
+        "the image; 'matte' puts the union of the kept objects' soft mattes in alpha; "
+        "'instances' also fills one matte channel per object (instance01.A ... by "
+        f"decreasing score, up to {MAX_INSTANCE_LAYERS}) and an instance_id layer "
+        "(R: instance number, G: COCO class index, B: score). Detections (class, score, "
+        "box) come back as data with every frame.")
+    inputs: ClassVar[Dict[str, Layer]] = {"src": Layer(("R", "G", "B", "A"))}
+    outputs: ClassVar[Dict[str, Layer]] = {
+        "rgba": Layer(("R", "G", "B", "A"), color=True,
+                      help="overlay mode: the drawing; matte/instances: the input's RGB. "
+                           "Alpha: union of the kept objects' mattes (every mode)."),
+        "instances": Layer(_instance_channels(), color=False,
+                           help="instances mode: one soft matte per object, by decreasing "
+                                "score; unused channels (and other modes) are 0"),
+        "instance_id": Layer(("instance_id.R", "instance_id.G", "instance_id.B"),
+                             color=False,
+                             help="instances mode: where an object's matte is >= 0.5, "
+                                  "R = its instance number (1 = instance01), G = COCO class "
+                                  "index, B = score; 0 elsewhere and in other modes"),
+    }
+    options = (
+        Choice("output_mode", choices=("overlay", "matte", "instances"), label="output",
+               help="overlay: detections drawn on the image; matte: RGB passed through, "
+                    "alpha = union of the objects' mattes; instances: as matte, plus one "
+                    "matte channel per object and the instance_id layer"),
+        Float("threshold", 0.7, min=0.0, max=1.0, label="score threshold",
+              help="keep detections scoring at least this (0-1)"),
+        Choice("class_filter", default=ALL, choices=_class_choices(), label="classes",
+               help="keep only this COCO class ('all people' = person)"),
+        Int("max_instances", 32, min=1, max=100, label="max instances",
+            help="keep at most this many detections, highest scores first; instance "
+                 f"channels hold the first {MAX_INSTANCE_LAYERS}"),
+        Bool("soft_mattes", True, label="soft mattes",
+             help="probability mattes (soft edges); off: hard 0/1 mattes cut at 0.5"),
+        Bool("show_boxes", True, label="show boxes", help="overlay: draw bounding boxes"),
+        Bool("show_class_names", True, label="show class names",
+             help="overlay: label each detection with its class and score"),
+        Float("overlay_alpha", 0.4, min=0.0, max=1.0, label="overlay alpha",
+              help="overlay: opacity of the coloured mask fills"),
+        Bool("show_mask_borders", True, label="show mask borders",
+             help="overlay: outline each mask in white"),
+        Int("border_thickness", 1, min=1, max=20, label="border thickness",
+            help="overlay: mask outline width in pixels"),
+        Int("box_thickness", 1, min=1, max=20, label="box thickness",
+            help="overlay: box line width in pixels"),
+        Float("font_scale", 0.35, min=0.1, max=5.0, label="font scale",
+              help="overlay: size of the class names"),
+        Choice("variant", choices=tuple(VARIANTS), label="network",
+               help="resnet50_fpn_v2: more accurate (COCO mask AP 41.8); resnet50_fpn: "
+                    "the original (34.6)"),
+        Int("network_size", 800, min=128, max=2048, label="network size",
+            help="the image's shorter side is resized to this for the network (longer "
+                 "side at most 1333/800 of it); smaller is faster but misses small objects"),
+        Bool("half_precision", False, label="half precision",
+             help="run the network in float16 on a CUDA GPU (ignored on the CPU)"),
+        String("weights", "", label="weights file",
+               help="a .pth file or a folder holding the published file; empty: "
+                    "$DLSERVER_WEIGHTS_DIR, then the torch hub cache, then download"),
+    )
+    weights_files: ClassVar[Tuple[WeightsFile, ...]] = tuple(w for _, w in VARIANTS.values())
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._net: Any = None
+        self._net_key: Optional[Tuple[Any, ...]] = None
+        self._categories: List[str] = []
+
+    # --- life cycle ----------------------------------------------------------------------
+    def load(self, device: str) -> None:
+        import torch  # noqa: F401 - fail here, not in the first infer, when it is missing
+        from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+        self.device = device
+        self._categories = list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+        missing = set(self.options_by_name()["class_filter"].choices[2:]) - set(self._categories)
+        if missing:  # the declaration was read from torchvision's source: must agree
+            raise RuntimeError(f"class filter names unknown to torchvision: {sorted(missing)}")
+
+    def unload(self) -> None:
+        self._net = None
+        self._net_key = None
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    @classmethod
+    def options_by_name(cls) -> Dict[str, Any]:
+        return {o.name: o for o in cls.options}
+
+    def _network(self, variant: str, weights_option: str) -> Any:
+        """The network for (variant, weights), built on first use and kept (one at a
+        time: switching variant frees the previous one)."""
+        import torchvision.models.detection as det
+
+        builder_name, wf = VARIANTS[variant]
+        path = resolve(wf, weights_option or None)
+        st = os.stat(path)
+        key = (variant, str(path), st.st_size, st.st_mtime_ns, self.device)
+        if self._net is not None and self._net_key == key:
+            return self._net
+        self._net = self._net_key = None
+        # weights=None, weights_backbone=None: never download from inside the builder.
+        net = getattr(det, builder_name)(weights=None, weights_backbone=None)
+        state = load_state_dict(path)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise WeightsError(
+                f"weights file {str(path)!r} does not fit the {variant} network (choose the "
+                f"other network option or another file): {str(exc)[:500]}") from exc
+        self._net = net.eval().to(self.device)
+        self._net_key = key
+        return self._net
+
+    # --- inference -----------------------------------------------------------------------
+    def _detect(self, net: Any, images: List[Any], half: bool) -> List[Dict[str, Any]]:
+        """Run the network on (3, H, W) 0-1 tensors; per image: boxes (N, 4) in input
+        pixels, labels (N,), scores (N,) sorted by decreasing score, masks (N, 1, 28, 28)
+        probabilities. torchvision's own postprocess would paste all (up to 100) masks at
+        full resolution one by one; here only the kept ones are pasted, in one batch."""
+        import contextlib
+
+        import torch
+        from torchvision.models.detection.transform import resize_boxes
+
+        cuda = str(self.device).startswith("cuda")
+        autocast = (torch.autocast("cuda", dtype=torch.float16) if half and cuda
+                    else contextlib.nullcontext())
+        sizes = [tuple(im.shape[-2:]) for im in images]
+        with torch.inference_mode(), autocast:
+            batch, _ = net.transform(images)
+            features = net.backbone(batch.tensors)
+            proposals, _ = net.rpn(batch, features)
+            dets, _ = net.roi_heads(features, proposals, batch.image_sizes)
+        out = []
+        for d, net_size, size in zip(dets, batch.image_sizes, sizes):
+            out.append({"boxes": resize_boxes(d["boxes"].float(), net_size, size),
+                        "labels": d["labels"], "scores": d["scores"].float(),
+                        "masks": d["masks"].float()})
+        return out
+
+    def infer(self, inputs: Dict[str, Any], options: Dict[str, Any]) -> Result:
+        return self.infer_batch([inputs], options)[0]
+
+    def infer_batch(self, batch: List[Dict[str, Any]], options: Dict[str, Any]) -> List[Result]:
+        """Several frames (any sizes) in one forward pass; one Result per frame."""
+        import numpy as np
+        import torch
+
+        o = self.resolve_options(options)
+        if not self._categories:
+            self.load(self.device)
+        net = self._network(o["variant"], o["weights"].strip())
+        size = o["network_size"]
+        net.transform.min_size = (size,)
+        net.transform.max_size = int(round(size * 1333 / 800))
+        # the network drops boxes under 0.05 by default; let a lower threshold through
+        net.roi_heads.score_thresh = min(0.05, o["threshold"])
+        # Masks are predicted only for the detections the network returns; without a
+        # class filter the kept ones are exactly its top max_instances, so ask for no
+        # more (the mask head's cost grows with the count).
+        net.roi_heads.detections_per_img = o["max_instances"] if o["class_filter"] == ALL else 100
+        srcs = [np.asarray(frame["src"], dtype=np.float32) for frame in batch]
+        images = [torch.from_numpy(np.ascontiguousarray(s[..., :3].transpose(2, 0, 1)))
+                  .to(self.device).nan_to_num(0.0, 1.0, 0.0).clamp_(0.0, 1.0) for s in srcs]
+        dets = self._detect(net, images, o["half_precision"])
+        return [self._render(s, d, o) for s, d in zip(srcs, dets)]
+
+    def _select(self, det: Dict[str, Any], o: Dict[str, Any]) -> Any:
+        """Indices of the kept detections, by decreasing score."""
+        import torch
+
+        scores, labels = det["scores"], det["labels"]
+        keep = scores >= o["threshold"]
+        wanted = o["class_filter"]
+        if wanted != ALL:
+            name = "person" if wanted == ALL_PEOPLE else wanted
+            keep &= labels == self._categories.index(name)
+        idx = torch.nonzero(keep).flatten()
+        idx = idx[torch.argsort(scores[idx], descending=True, stable=True)]
+        return idx[: o["max_instances"]]
+
+    def _render(self, src: Any, det: Dict[str, Any], o: Dict[str, Any]) -> Result:
+        import numpy as np
+        import torch
+
+        from . import render
+
+        h, w = src.shape[:2]
+        idx = self._select(det, o)
+        boxes, labels, scores = det["boxes"][idx], det["labels"][idx], det["scores"][idx]
+        k = int(idx.numel())
+        mattes = render.paste_masks(det["masks"][idx, 0], boxes, h, w)  # (K, H, W)
+        if not o["soft_mattes"]:
+            mattes = (mattes >= 0.5).float()
+        union = mattes.amax(0) if k else torch.zeros((h, w), device=mattes.device)
+
+        rgba = np.empty((h, w, 4), np.float32)
+        rgba[..., :3] = src[..., :3]
+        mode = o["output_mode"]
+        names = [self._categories[int(c)] for c in labels.tolist()]
+        if mode == "overlay" and k:
+            self._overlay(rgba, src, mattes, boxes, scores, names, o)
+        rgba[..., 3] = union.cpu().numpy()
+
+        instances = np.zeros((h, w, MAX_INSTANCE_LAYERS), np.float32)
+        instance_id = np.zeros((h, w, 3), np.float32)
+        if mode == "instances" and k:
+            n = min(k, MAX_INSTANCE_LAYERS)
+            instances[..., :n] = mattes[:n].permute(1, 2, 0).cpu().numpy()
+            best_p, best = mattes.max(0)
+            inside = best_p >= 0.5
+            ids = torch.stack([best.float() + 1.0, labels[best].float(), scores[best]], -1)
+            instance_id[...] = (ids * inside[..., None]).cpu().numpy()
+
+        box_list = boxes.cpu().numpy().astype(float).round(2).tolist()
+        detections = [
+            {"id": i + 1, "class": name, "class_index": int(c), "score": round(float(s), 4),
+             "box": b, "box_nuke": [b[0], round(h - b[3], 2), b[2], round(h - b[1], 2)]}
+            for i, (name, c, s, b) in enumerate(zip(names, labels.tolist(), scores.tolist(),
+                                                    box_list))]
+        data = {"detections": detections, "network": o["variant"], "width": w, "height": h}
+        return Result({"rgba": rgba, "instances": instances, "instance_id": instance_id},
+                      data=data)
+
+    def _overlay(self, rgba: Any, src: Any, mattes: Any, boxes: Any, scores: Any,
+                 names: List[str], o: Dict[str, Any]) -> None:
+        """The seed's drawing: coloured fills (largest object first, so small ones stay
+        visible), white mask borders, green boxes and class names with scores."""
+        import numpy as np
+        import torch
+
+        from . import render
+
+        k = mattes.shape[0]
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        order = torch.argsort(area, descending=True, stable=True)
+        # colour by rank (score order), drawn in area order
+        colours = torch.from_numpy(render.palette(k)).to(mattes.device)[order]
+        rgb = torch.from_numpy(np.ascontiguousarray(src[..., :3])).to(mattes.device)
+        out = render.composite_fills(rgb, mattes[order], colours, o["overlay_alpha"])
+        if o["show_mask_borders"]:
+            edge = render.borders(mattes >= 0.5, o["border_thickness"])
+            out = torch.where(edge[..., None], torch.ones_like(out), out)
+        img = np.ascontiguousarray(out.cpu().numpy())
+        if o["show_boxes"] or o["show_class_names"]:
+            order_l = order.tolist()
+            labels = [f"{names[i]} {float(scores[i]):0.2f}".replace(" 0.", " .")
+                      for i in order_l]
+            render.draw_boxes_and_names(img, boxes[order].cpu().numpy(), labels,
+                                        o["show_boxes"], o["show_class_names"],
+                                        o["box_thickness"], o["font_scale"])
+        rgba[..., :3] = img

@@ -1,0 +1,113 @@
+"""Mask R-CNN post-processing: masks pasted at full resolution and the overlay, as
+batched tensor operations (no per-instance loop over full-resolution images).
+
+Imported by model.py inside `load()` only: this module imports torch.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# The seed's (Detectron's) drawing colours, 0-255 RGB.
+GREEN = (18, 127, 15)
+GRAY = (218, 227, 218)
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Soft masks (N, M, M) predicted inside `boxes` (N, 4, x0 y0 x1 y1, pixel-edge
+    coordinates) → (N, height, width) in [0, 1].
+
+    The same sampling as detectron2's grid_sample paste (pixel centres at i + 0.5,
+    bilinear, zero outside the box's mask grid) without its per-instance loop or
+    torchvision's integer box rounding: bilinear sampling is separable, so each mask
+    is R_y @ mask @ R_x^T where R holds the hat-function weights (two batched matmuls).
+    """
+    n, m = masks.shape[0], masks.shape[-1]
+    if n == 0:
+        return masks.new_zeros((0, height, width))
+    masks = masks.reshape(n, m, m).float()
+    boxes = boxes.float()
+    cells = torch.arange(m, device=masks.device, dtype=torch.float32)
+
+    def weights(lo: torch.Tensor, hi: torch.Tensor, size: int) -> torch.Tensor:
+        centres = torch.arange(size, device=masks.device, dtype=torch.float32) + 0.5
+        extent = (hi - lo).clamp(min=1e-6)
+        # position of each pixel centre in mask cells (cell centres at 0 .. m-1)
+        u = (centres[None, :] - lo[:, None]) / extent[:, None] * m - 0.5
+        return (1.0 - (u[:, :, None] - cells[None, None, :]).abs()).clamp(min=0.0)
+
+    ry = weights(boxes[:, 1], boxes[:, 3], height)  # (N, H, M)
+    rx = weights(boxes[:, 0], boxes[:, 2], width)   # (N, W, M)
+    out = torch.bmm(torch.bmm(ry, masks), rx.transpose(1, 2))
+    return out.clamp_(0.0, 1.0)
+
+
+def palette(n: int) -> np.ndarray:
+    """n distinct, saturated colours (n, 3) in 0-1, the same for the same rank."""
+    return np.array([colorsys.hsv_to_rgb((0.13 + k * 0.618034) % 1.0, 0.7, 0.95)
+                     for k in range(n)], dtype=np.float32).reshape(n, 3)
+
+
+def composite_fills(rgb: torch.Tensor, mattes: torch.Tensor, colours: torch.Tensor,
+                    alpha: float) -> torch.Tensor:
+    """Fill each matte with its colour over `rgb` (H, W, 3), first matte at the bottom.
+
+    Equals blending them one after another (out = out*(1-a) + a*colour) in closed form:
+    out = rgb * prod(1-a_k) + sum_k a_k colour_k prod_{j>k}(1-a_j)."""
+    if mattes.shape[0] == 0 or alpha == 0.0:
+        return rgb.clone()
+    a = mattes * alpha                                       # (K, H, W)
+    through = torch.flip(torch.cumprod(torch.flip(1.0 - a, (0,)), 0), (0,))  # prod_{j>=k}
+    above = torch.cat([through[1:], torch.ones_like(through[:1])], 0)        # prod_{j>k}
+    fill = torch.einsum("khw,kc->hwc", a * above, colours)
+    return rgb * through[0][..., None] + fill
+
+
+def borders(hard: torch.Tensor, thickness: int) -> torch.Tensor:
+    """(K, H, W) bool masks → (H, W) bool: a band about `thickness` pixels wide along
+    every mask's edge (inside it for thickness 1, straddling it when wider)."""
+    if hard.shape[0] == 0:
+        return hard.new_zeros(hard.shape[1:])
+    m = hard[:, None].float()
+    grow, shrink = thickness // 2, thickness - thickness // 2
+    dilated = F.max_pool2d(m, 2 * grow + 1, 1, grow) if grow else m
+    # erosion = 1 - dilation of the complement; max_pool pads with -inf, so the image
+    # edge is not an edge of the object.
+    eroded = 1.0 - F.max_pool2d(1.0 - m, 2 * shrink + 1, 1, shrink)
+    return ((dilated > 0.5) & (eroded < 0.5)).any(0)[0]
+
+
+def draw_boxes_and_names(img: np.ndarray, boxes: np.ndarray, names: Sequence[str],
+                         show_boxes: bool, show_names: bool, box_thickness: int,
+                         font_scale: float) -> np.ndarray:
+    """The seed's boxes (green) and class labels (gray on green) drawn on `img` (H, W, 3,
+    float 0-1, modified in place). A loop over instances, but cv2 touches only the
+    pixels it draws."""
+    import cv2
+
+    green = tuple(c / 255.0 for c in GREEN)
+    gray = np.array(GRAY, np.float32) / 255.0
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    # cv2.putText draws on 8-bit images only: render the text as an 8-bit coverage
+    # mask and blend its colour in afterwards.
+    text = np.zeros(img.shape[:2], np.uint8) if show_names else None
+    for (x0, y0, x1, y1), name in zip(boxes.tolist(), names):
+        if show_boxes:
+            cv2.rectangle(img, (int(x0), int(y0)), (int(x1), int(y1)), green,
+                          thickness=box_thickness)
+        if text is not None:
+            (tw, th), _ = cv2.getTextSize(name, font, font_scale, 1)
+            x, y = int(x0), int(y0) - 2
+            cv2.rectangle(img, (x, y - int(1.3 * th)), (x + tw, y), green, -1)
+            cv2.putText(text, name, (x, y - int(0.3 * th)), font, font_scale, 255,
+                        lineType=cv2.LINE_AA)
+    if text is not None and text.any():
+        cover = text.astype(np.float32)[..., None] / 255.0
+        img *= 1.0 - cover
+        img += cover * gray
+    return img
