@@ -45,9 +45,11 @@ class ArrayIO:
     def infer(self, model: str, inputs: Dict[str, np.ndarray],
               options: Optional[Dict[str, Any]] = None,
               channels: Optional[Dict[str, Sequence[str]]] = None,
-              copy: bool = True) -> Tuple[Dict[str, np.ndarray], InferReply]:
+              copy: bool = True, out: Optional[Dict[str, np.ndarray]] = None
+              ) -> Tuple[Dict[str, np.ndarray], InferReply]:
         """Run `model` on HxWxC float32/float16 arrays. Returns its outputs as float32
-        arrays; with copy=False they are views of shared memory, valid until the next call."""
+        arrays: new ones; with `out`, the given arrays filled in place; with copy=False,
+        views of shared memory valid until the next call."""
         declaration = self.client.model(model)
         refs: Dict[str, Dict[str, Any]] = {}
         buffers = []
@@ -85,7 +87,11 @@ class ArrayIO:
                 assert block.buf is not None
                 view = np.frombuffer(block.buf, np.float32, count=int(np.prod(shape))
                                      ).reshape(shape)
-                results[name] = view.copy() if copy else view
+                if out is not None and name in out:
+                    np.copyto(out[name], view)
+                    results[name] = out[name]
+                else:
+                    results[name] = view.copy() if copy else view
             else:
                 results[name] = np.frombuffer(reply.buffers[ref["buffer"]],
                                               np.dtype(ref["dtype"])).reshape(shape)
