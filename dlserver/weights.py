@@ -101,7 +101,7 @@ class WeightsMissing(WeightsError):
             f"Download it from {weights.url}{size}",
             f"and put it in one of these folders (searched in this order):\n{folders}",
             ("or set the model's weights option to its path, or run "
-             "`python -m dlserver weights --fetch MODEL` where there is a network."),
+             "`dlserver weights --fetch MODEL` where there is a network."),
         ]
         super().__init__("\n".join(lines))
 

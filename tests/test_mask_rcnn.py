@@ -332,6 +332,15 @@ def test_overlay_draws_fills_borders_boxes(fixed):
     assert np.isclose(rgb2, green, atol=1e-3).all(-1).sum() > 40  # boxes / label backgrounds
 
 
+def test_overlay_in_bands_equals_whole(fixed, monkeypatch):
+    src = _image(H, W_)
+    opts = {"border_thickness": 3, "overlay_alpha": 0.7, "threshold": 0.2}
+    whole = fixed.infer({"src": src}, opts).outputs["rgba"]
+    monkeypatch.setattr(M, "BAND_ELEMENTS", 3 * W_ * 5)  # 3 instances, 5-row bands
+    banded = fixed.infer({"src": src}, opts).outputs["rgba"]
+    np.testing.assert_array_equal(banded, whole)
+
+
 def test_no_detections(fixed):
     src = _image(H, W_)
     res = fixed.infer({"src": src}, {"threshold": 1.0, "output_mode": "instances"})

@@ -16,6 +16,7 @@ from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, Strin
 from dlserver.weights import WeightsError, WeightsFile, load_state_dict, resolve
 
 MAX_INSTANCE_LAYERS = 32
+BAND_ELEMENTS = 1 << 26  # overlay temporaries per band of rows: K x rows x W elements
 ALL = "all"
 ALL_PEOPLE = "all people"
 
@@ -288,7 +289,9 @@ class MaskRCNN(Model):
         instance_id = np.zeros((h, w, 3), np.float32)
         if mode == "instances" and k:
             n = min(k, MAX_INSTANCE_LAYERS)
-            instances[..., :n] = mattes[:n].permute(1, 2, 0).cpu().numpy()
+            layers = torch.zeros((h, w, MAX_INSTANCE_LAYERS), device=mattes.device)
+            layers[..., :n] = mattes[:n].permute(1, 2, 0)
+            instances = layers.cpu().numpy()  # one transfer, already HxWxC
             best_p, best = mattes.max(0)
             inside = best_p >= 0.5
             ids = torch.stack([best.float() + 1.0, labels[best].float(), scores[best]], -1)
@@ -300,9 +303,9 @@ class MaskRCNN(Model):
              "box": b, "box_nuke": [b[0], round(h - b[3], 2), b[2], round(h - b[1], 2)]}
             for i, (name, c, s, b) in enumerate(zip(names, labels.tolist(), scores.tolist(),
                                                     box_list))]
-        data = {"detections": detections, "network": o["variant"], "width": w, "height": h}
+        # data keys become EXR attributes "dlserver/<key>" in files the CLI writes
         return Result({"rgba": rgba, "instances": instances, "instance_id": instance_id},
-                      data=data)
+                      data={"detections": detections})
 
     def _overlay(self, rgba: Any, src: Any, mattes: Any, boxes: Any, scores: Any,
                  names: List[str], o: Dict[str, Any]) -> None:
@@ -313,16 +316,27 @@ class MaskRCNN(Model):
 
         from . import render
 
-        k = mattes.shape[0]
+        k, h, w = mattes.shape
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         order = torch.argsort(area, descending=True, stable=True)
         # colour by rank (score order), drawn in area order
         colours = torch.from_numpy(render.palette(k)).to(mattes.device)[order]
         rgb = torch.from_numpy(np.ascontiguousarray(src[..., :3])).to(mattes.device)
-        out = render.composite_fills(rgb, mattes[order], colours, o["overlay_alpha"])
-        if o["show_mask_borders"]:
-            edge = render.borders(mattes >= 0.5, o["border_thickness"])
-            out = torch.where(edge[..., None], torch.ones_like(out), out)
+        ordered = mattes[order]
+        out = torch.empty_like(rgb)
+        # Bands of rows bound the temporaries (a few K x band x W tensors) to about
+        # 256 MB each: 100 instances on a 4K frame would otherwise need several GB.
+        rows = max(1, BAND_ELEMENTS // max(1, k * w))
+        halo = o["border_thickness"]  # rows a border band needs from its neighbours
+        for y0 in range(0, h, rows):
+            y1 = min(h, y0 + rows)
+            band = render.composite_fills(rgb[y0:y1], ordered[:, y0:y1], colours,
+                                          o["overlay_alpha"])
+            if o["show_mask_borders"]:
+                a0, a1 = max(0, y0 - halo), min(h, y1 + halo)
+                edge = render.borders(mattes[:, a0:a1] >= 0.5, o["border_thickness"])
+                band = torch.where(edge[y0 - a0:y1 - a0, :, None], torch.ones_like(band), band)
+            out[y0:y1] = band
         img = np.ascontiguousarray(out.cpu().numpy())
         if o["show_boxes"] or o["show_class_names"]:
             order_l = order.tolist()
