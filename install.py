@@ -156,10 +156,11 @@ def main(argv: list | None = None) -> int:
         where = os.path.join(args.nuke_dir, "init.py")
         done = "added the plug-in line to" if changed else "plug-in line already in"
         print(f"==> {done} {where}")
-    dlserver = os.path.join(os.path.dirname(python), "dlserver")
+    dlserver = os.path.relpath(os.path.join(os.path.dirname(python), "dlserver"), ROOT)
     print("\ndlserver is installed. Next:\n"
-          f"  {os.path.relpath(dlserver, ROOT)} models        # the models and their options\n"
-          f"  {os.path.relpath(dlserver, ROOT)} demo          # blur a generated EXR sequence\n"
+          f"  {dlserver} models     # the models and their options\n"
+          f"  {dlserver} infer --model blur --set size=4 examples/plate.####.exr "
+          "out/blur.####.exr --frames 1-10\n"
           "  In Nuke: Nodes toolbar > DL > DLClient (restart Nuke once after installing)")
     return 0
 

@@ -59,6 +59,39 @@ def start_tcp_server() -> tuple:
     raise RuntimeError("TCP server did not start")
 
 
+def bench_size(size: str, repeat: int, local: Client, shm_io: ArrayIO, tcp_io: ArrayIO) -> None:
+    h, w = SIZES[size]
+    frame = np.random.default_rng(0).random((h, w, 4), dtype=np.float32)
+    dst = np.empty_like(frame)
+    copy_ms = median_ms(lambda: np.copyto(dst, frame), repeat)
+    exchange = local.exchange_dir
+    assert exchange is not None
+    src_path = os.path.join(exchange, "bench.exr")
+    out_path = os.path.join(exchange, "bench.out.exr")
+
+    def via_file() -> None:
+        image = exr.ExrImage({c: frame[..., i] for i, c in enumerate("RGBA")})
+        exr.write_exr(src_path, image)
+        local.infer("identity", {"src": {"kind": "file", "format": "exr", "path": src_path}},
+                    output_exr={"kind": "file", "path": out_path})
+        exr.gather(exr.read_exr(out_path), "RGBA")
+
+    result = {"rgba": np.empty_like(frame)}
+    runs = {
+        "shm": lambda: shm_io.infer("identity", {"src": frame}, out=result),
+        "shm-new": lambda: shm_io.infer("identity", {"src": frame}),
+        "file": via_file,
+        "tcp": lambda: tcp_io.infer("identity", {"src": frame}),
+    }
+    print(f"{size:<6} {'copyto':<8} {copy_ms:8.2f} {1.0:9.2f} {0.5:11.2f}")
+    for name, fn in runs.items():
+        ms = median_ms(fn, repeat)
+        print(f"{size:<6} {name:<8} {ms:8.2f} {ms / copy_ms:9.2f} {ms / (2 * copy_ms):11.2f}",
+              flush=True)
+    os.unlink(src_path)
+    os.unlink(out_path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeat", type=int, default=20)
@@ -72,37 +105,7 @@ def main() -> None:
                 Client.connect(host, port) as remote, \
                 ArrayIO(local) as shm_io, ArrayIO(remote) as tcp_io:
             for size in args.sizes:
-                h, w = SIZES[size]
-                frame = np.random.default_rng(0).random((h, w, 4), dtype=np.float32)
-                dst = np.empty_like(frame)
-                copy_ms = median_ms(lambda: np.copyto(dst, frame), args.repeat)
-                exchange = local.exchange_dir
-                assert exchange is not None
-                src_path = os.path.join(exchange, "bench.exr")
-                out_path = os.path.join(exchange, "bench.out.exr")
-
-                def via_file() -> None:
-                    image = exr.ExrImage({c: frame[..., i] for i, c in enumerate("RGBA")})
-                    exr.write_exr(src_path, image)
-                    local.infer("identity", {"src": {"kind": "file", "format": "exr",
-                                                     "path": src_path}},
-                                output_exr={"kind": "file", "path": out_path})
-                    exr.gather(exr.read_exr(out_path), "RGBA")
-
-                result = {"rgba": np.empty_like(frame)}
-                runs = {
-                    "shm": lambda: shm_io.infer("identity", {"src": frame}, out=result),
-                    "shm-new": lambda: shm_io.infer("identity", {"src": frame}),
-                    "file": via_file,
-                    "tcp": lambda: tcp_io.infer("identity", {"src": frame}),
-                }
-                print(f"{size:<6} {'copyto':<8} {copy_ms:8.2f} {1.0:9.2f} {0.5:11.2f}")
-                for name, fn in runs.items():
-                    ms = median_ms(fn, args.repeat)
-                    print(f"{size:<6} {name:<8} {ms:8.2f} {ms / copy_ms:9.2f} "
-                          f"{ms / (2 * copy_ms):11.2f}", flush=True)
-                os.unlink(src_path)
-                os.unlink(out_path)
+                bench_size(size, args.repeat, local, shm_io, tcp_io)
     finally:
         proc.terminate()
         proc.wait()

@@ -23,7 +23,7 @@ class ArrayIO:
     def __init__(self, client: Client, max_blocks: int = 8) -> None:
         self.client = client
         self.max_blocks = max_blocks
-        self.blocks: "OrderedDict[Tuple[str, int], SharedBlock]" = OrderedDict()
+        self.blocks: OrderedDict[Tuple[str, int], SharedBlock] = OrderedDict()
 
     @property
     def uses_shm(self) -> bool:
@@ -107,7 +107,7 @@ class ArrayIO:
                 pass  # a caller still holds a view; the mapping lives until it is dropped
             block.unlink()
 
-    def __enter__(self) -> "ArrayIO":
+    def __enter__(self) -> ArrayIO:
         return self
 
     def __exit__(self, *exc: object) -> None:

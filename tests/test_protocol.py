@@ -8,9 +8,20 @@ import struct
 
 import pytest
 
-from dlserver.protocol import (MAGIC, PREFIX, REQUESTS, ConnectionClosed, Limits, ProtocolError,
-                               auth_proof, check_auth, encode_message, parse_frame_ref,
-                               read_message, write_message)
+from dlserver.protocol import (
+    MAGIC,
+    PREFIX,
+    REQUESTS,
+    ConnectionClosed,
+    Limits,
+    ProtocolError,
+    auth_proof,
+    check_auth,
+    encode_message,
+    parse_frame_ref,
+    read_message,
+    write_message,
+)
 
 EXAMPLES = {
     "hello": {"version": 1, "auth": "ab" * 32, "client": "test"},

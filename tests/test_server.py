@@ -195,7 +195,7 @@ def test_stats_unload_and_button_message(embedded: Client) -> None:
     plate[5, 7] = [9.0, 9.0, 9.0, 1.0]
     reply = embedded.infer("blur", {"src": raw_inline(plate)}, {"report_brightest": True},
                            [plate.data])
-    assert reply.message.startswith("brightest pixel: x=7 y=%d" % (plate.shape[0] - 1 - 5))
+    assert reply.message.startswith(f"brightest pixel: x=7 y={plate.shape[0] - 1 - 5}")
     stats = embedded.stats()
     assert "blur" in stats["models_loaded"] and stats["frames"] >= 1
     assert embedded.unload("blur") == ["blur"]

@@ -11,9 +11,9 @@ import pytest
 from conftest import ROOT
 
 CHECK = (
-    "import sys; sys.path.insert(0, %r); import dlserver.client, dlserver.protocol; "
+    f"import sys; sys.path.insert(0, {str(ROOT)!r}); import dlserver.client, dlserver.protocol; "
     "heavy = {'numpy', 'torch', 'cv2', 'OpenEXR'} & set(sys.modules); "
-    "assert not heavy, heavy; print(sys.version_info[:2])" % str(ROOT)
+    "assert not heavy, heavy; print(sys.version_info[:2])"
 )
 
 
@@ -42,10 +42,10 @@ def test_spawn_works_from_python39_with_the_recorded_interpreter(tmp_path) -> No
                           "versions", "3.9.18", "bin", "python3")
     if not os.path.isfile(python) or not shutil.which("true"):
         pytest.skip("Python 3.9 is not installed here")
-    script = ("import sys; sys.path.insert(0, %r)\n"
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
               "from dlserver.client import Client\n"
               "with Client.spawn() as c:\n"
-              "    print(sorted(m['name'] for m in c.models()))\n" % str(ROOT))
+              "    print(sorted(m['name'] for m in c.models()))\n")
     done = subprocess.run([python, "-I", "-S", "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
