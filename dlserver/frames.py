@@ -175,7 +175,8 @@ def select_channels(pixels: np.ndarray, names: Sequence[str], layer: Layer) -> n
 
 def check_outputs(model_name: str, declared: Dict[str, Layer], outputs: Any,
                   height: int, width: int) -> Dict[str, np.ndarray]:
-    """A model's return value against its declaration: names, shapes, finite floats."""
+    """A model's return value against its declaration: names, shapes, float data.
+    Finiteness is checked by FrameWriter while it copies (one pass over the pixels)."""
     if not isinstance(outputs, dict):
         raise BadFrame(f"model {model_name!r} returned {type(outputs).__name__}, "
                        f"not a dict of output arrays")
@@ -194,30 +195,47 @@ def check_outputs(model_name: str, declared: Dict[str, Layer], outputs: Any,
                            f"declared {want}")
         if arr.dtype.kind not in "fiu":
             raise BadFrame(f"model {model_name!r}: output {name!r} has dtype {arr.dtype}")
-        arr = arr.astype(np.float32, copy=False)
-        if not all_finite(arr):
-            raise BadFrame(f"model {model_name!r}: output {name!r} contains NaN or infinity")
-        checked[name] = arr
+        checked[name] = arr.astype(np.float32, copy=False)
     return checked
 
 
 CHUNK_BYTES = 1 << 20
 
 
+def _row_chunks(arr: np.ndarray) -> range:
+    return range(0, arr.shape[0], max(1, CHUNK_BYTES // max(1, arr[:1].nbytes)))
+
+
 def all_finite(arr: np.ndarray) -> bool:
-    """np.isfinite(arr).all() in cache-sized row chunks: no frame-sized temporary,
-    about the cost of one read of the frame."""
-    rows = max(1, CHUNK_BYTES // max(1, arr[:1].nbytes))
-    return all(np.isfinite(arr[i:i + rows]).all() for i in range(0, arr.shape[0], rows))
+    """np.isfinite(arr).all() in cache-sized row chunks: no frame-sized temporary."""
+    step = _row_chunks(arr).step
+    return all(np.isfinite(arr[i:i + step]).all() for i in _row_chunks(arr))
+
+
+def copy_finite(dst: np.ndarray, src: np.ndarray) -> bool:
+    """Copy `src` into `dst` and report whether every value is finite, checking each
+    chunk while it is still in cache: the check costs far less than another pass."""
+    step = _row_chunks(src).step
+    finite = True
+    for i in _row_chunks(src):
+        np.copyto(dst[i:i + step], src[i:i + step], casting="unsafe")
+        finite = finite and bool(np.isfinite(dst[i:i + step]).all())
+    return finite
+
+
 
 
 class FrameWriter:
     """Puts outputs where the request asked: inline buffers, shm blocks or one EXR."""
 
-    def __init__(self, shm: ShmCache, exchange: ExchangeDir) -> None:
+    def __init__(self, shm: ShmCache, exchange: ExchangeDir, model_name: str) -> None:
         self.shm = shm
         self.exchange = exchange
+        self.model_name = model_name
         self.buffers: List[Any] = []
+
+    def _not_finite(self, name: str) -> BadFrame:
+        return BadFrame(f"model {self.model_name!r}: output {name!r} contains NaN or infinity")
 
     def write_raw(self, name: str, pixels: np.ndarray, layer: Layer, spec: Any) -> Dict[str, Any]:
         spec = spec if spec is not None else {"kind": "inline"}
@@ -229,6 +247,8 @@ class FrameWriter:
         ref: Dict[str, Any] = {"format": "raw", "shape": list(pixels.shape), "dtype": dtype,
                                "channels": list(layer.channels)}
         if spec.get("kind", "inline") == "inline":
+            if not all_finite(pixels):
+                raise self._not_finite(name)
             self.buffers.append(np.ascontiguousarray(pixels, dtype=dtype).data)
             ref.update(kind="inline", buffer=len(self.buffers) - 1)
         elif spec.get("kind") == "shm":
@@ -237,8 +257,10 @@ class FrameWriter:
                 raise BadFrame(f"output {name!r}: shm destination needs a block 'name'")
             nbytes = pixels.size * DTYPES[dtype]
             target = np.frombuffer(self.shm.view(block, nbytes), dtype=dtype).reshape(pixels.shape)
-            np.copyto(target, pixels, casting="unsafe")
+            finite = copy_finite(target, pixels)
             del target
+            if not finite:
+                raise self._not_finite(name)
             ref.update(kind="shm", name=block)
         else:
             raise BadFrame(f"output {name!r}: kind must be 'inline' or 'shm'")
@@ -253,7 +275,9 @@ class FrameWriter:
             raise BadFrame("output_exr: kind must be 'inline' or 'file'")
         image = exrio.ExrImage(dict(base.channels), dict(base.header)) if base else \
             exrio.ExrImage({}, {})
-        for layer, pixels in outputs.values():
+        for name, (layer, pixels) in outputs.items():
+            if not all_finite(pixels):
+                raise self._not_finite(name)
             exrio.merge(image, layer.channels, pixels)
         image.header.update(attributes)
         if spec["kind"] == "file":

@@ -73,7 +73,7 @@ def run_infer(session: Session, msg: Message) -> Tuple[Dict[str, Any], List[Any]
     except (TypeError, ValueError) as exc:
         raise BadFrame(f"model {cls.name!r} returned data that is not plain JSON: {exc}") from None
 
-    writer = FrameWriter(session.shm, session.exchange)
+    writer = FrameWriter(session.shm, session.exchange, cls.name)
     reply: Dict[str, Any] = {"model": cls.name, "version": cls.version, "message": result.message,
                              "data": result.data}
     if exr_spec is None or out_specs:

@@ -288,3 +288,9 @@ def test_protocol_garbage_over_tcp_leaves_the_server_serving(tcp_server: TcpServ
     assert b"wrong magic" in data
     with tcp_server.connect() as client:
         assert client.request("stats")["ok"]
+
+
+def test_nan_is_caught_on_the_shared_memory_path_too(embedded: Client) -> None:
+    with ArrayIO(embedded) as io, pytest.raises(DLServerError) as err:
+        io.infer("bad_output", {"src": make_plate()}, {"mode": "nan"})
+    assert err.value.code == "bad_frame" and "NaN" in err.value.message
