@@ -206,10 +206,38 @@ def test_real_network_batch_of_two_sizes(real_model, v1_weights):
     m = real_model
     opts = MaskRCNN.resolve_options({"variant": "resnet50_fpn", "weights": str(v1_weights),
                                      "network_size": 128, "output_mode": "matte",
-                                     "threshold": 0.1, "max_instances": 3})
+                                     "threshold": 0.1, "max_instances": 3,
+                                     "half_precision": True})  # ignored on the CPU
     results = m.infer_batch([{"src": _image(40, 64)}, {"src": _image(64, 48, seed=1)}], opts)
     _check_outputs(results[0], 40, 64)
     _check_outputs(results[1], 64, 48)
+
+
+@pytest.mark.slow
+def test_cli_exr_carries_instance_layers_and_detections(tmp_path, v1_weights):
+    """`dlserver infer` (embedded server) writes the instance layers and the detections
+    as the EXR attribute dlserver/detections (JSON)."""
+    from conftest import write_plate_exr
+
+    from dlserver import exr
+
+    src = tmp_path / "plate.exr"
+    write_plate_exr(src, _image(48, 64))
+    out = tmp_path / "out.exr"
+    sets = ["variant=resnet50_fpn", f"weights={v1_weights}", "network_size=128",
+            "output_mode=instances", "threshold=0.1", "max_instances=3"]
+    args = [str(Path(sys.executable).with_name("dlserver")), "infer", "--model", "mask_rcnn",
+            "--device", "cpu"]
+    for item in sets:
+        args += ["--set", item]
+    done = subprocess.run([*args, str(src), str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=MODEL_DIR.parent.parent)
+    assert done.returncode == 0, done.stderr
+    img = exr.read_exr(out)
+    assert {"instance01.A", "instance32.A", "instance_id.R", "A"} <= set(img.channels)
+    dets = json.loads(img.header["dlserver/detections"])
+    assert [d["class"] for d in dets] == ["person"] * 3
+    assert img.channels["instance01.A"].max() > 0
 
 
 @pytest.mark.slow

@@ -133,7 +133,8 @@ class MaskRCNN(Model):
             help="the image's shorter side is resized to this for the network (longer "
                  "side at most 1333/800 of it); smaller is faster but misses small objects"),
         Bool("half_precision", False, label="half precision",
-             help="run the network in float16 on a CUDA GPU (ignored on the CPU)"),
+             help="run the backbone in float16 on a CUDA GPU (heads stay float32); "
+                  "ignored on the CPU"),
         String("weights", "", label="weights file",
                help="a .pth file or a folder holding the published file; empty: "
                     "$DLSERVER_WEIGHTS_DIR, then the torch hub cache, then download"),
@@ -201,6 +202,7 @@ class MaskRCNN(Model):
         probabilities. torchvision's own postprocess would paste all (up to 100) masks at
         full resolution one by one; here only the kept ones are pasted, in one batch."""
         import contextlib
+        from collections import OrderedDict
 
         import torch
         from torchvision.models.detection.transform import resize_boxes
@@ -209,9 +211,14 @@ class MaskRCNN(Model):
         autocast = (torch.autocast("cuda", dtype=torch.float16) if half and cuda
                     else contextlib.nullcontext())
         sizes = [tuple(im.shape[-2:]) for im in images]
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             batch, _ = net.transform(images)
-            features = net.backbone(batch.tensors)
+            with autocast:
+                features = net.backbone(batch.tensors)
+            # Half precision stops at the backbone + FPN (most of the work): under
+            # autocast the box decoding would run in float16, which is only 1-2 px
+            # precise at HD coordinates.
+            features = OrderedDict((k, v.float()) for k, v in features.items())
             proposals, _ = net.rpn(batch, features)
             dets, _ = net.roi_heads(features, proposals, batch.image_sizes)
         out = []
