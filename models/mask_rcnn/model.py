@@ -21,12 +21,12 @@ ALL = "all"
 ALL_PEOPLE = "all people"
 
 _TORCHVISION_TERMS = (
-    "torchvision (BSD-3-Clause) publishes these COCO-trained weights without a licence "
-    "of their own; its documentation says: \"The pre-trained models provided in this "
+    "torchvision's code is BSD-3-Clause; for its pre-trained weights its README "
+    "('Pre-trained Model License') says: \"The pre-trained models provided in this "
     "library may have their own licenses or terms and conditions derived from the "
     "dataset used for training. It is your responsibility to determine whether you "
-    "have permission to use the models for your use case.\" (COCO annotations: CC BY "
-    "4.0; COCO images: Flickr terms of use.)")
+    "have permission to use the models for your use case.\" These were trained on "
+    "COCO (annotations CC BY 4.0; images under their Flickr owners' terms).")
 
 VARIANTS: Dict[str, Tuple[str, WeightsFile]] = {
     # option value: (torchvision builder, the file its COCO_V1 weights enum names)
