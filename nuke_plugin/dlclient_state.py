@@ -1,0 +1,295 @@
+"""What the DLClient node keeps and computes without touching Nuke (stdlib only).
+
+* the saved state: model name, its declaration and the option values, as JSON with a
+  schema version (the gizmo's hidden `state_json` knob);
+* reconciling saved option values with a (possibly newer) model declaration;
+* cache keys and paths: a result lives at `<cache>/<result key>/<input hash>.exr`,
+  where the result key hashes model, model version and option values, and the input
+  hash is the content of the frame(s) the node rendered for the model;
+* text from a server made safe to show in Nuke (no Tcl substitution, no code).
+
+Everything here is plain Python so the tests run it on Python 3.9, 3.10 and 3.11.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+SCHEMA = 1
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")  # model, input and option names
+OPTION_TYPES = ("bool", "int", "float", "string", "choice", "button")
+KNOB_PREFIX = "dlopt_"  # option knobs are named dlopt_<option name>
+MISSING = "-"  # placeholder in the per-frame input hash list
+
+
+class StateError(ValueError):
+    """A declaration from a server that the node can't use (bad names or types)."""
+
+
+# --- text from a server --------------------------------------------------------------------
+# Nuke evaluates Tcl in most string knobs: "[ ]" embeds a Tcl command (and
+# "[python {...}]" runs Python), "$" substitutes a variable, "\" escapes. See
+# https://learn.foundry.com/nuke/content/comp_environment/expressions/converting_expressions.html
+# A server's text (labels, help, messages, choice names) is data: these characters are
+# replaced before the text reaches any knob or dialog, so nothing in it is evaluated.
+_TCL_SAFE = str.maketrans({"[": "(", "]": ")", "{": "(", "}": ")", "$": "S", "\\": "/"})
+_SCRIPT_PREFIX = re.compile(r"^\s*(python|tcl)\s*:", re.IGNORECASE)
+
+
+def plain_text(text: Any, limit: int = 2000) -> str:
+    """`text` as inert display text: no Tcl brackets, braces, `$`, backslashes, control
+    characters or a leading `python:`/`tcl:`; at most `limit` characters."""
+    s = str(text)[:limit].translate(_TCL_SAFE)
+    s = "".join(c if c == "\n" or c >= " " else " " for c in s)
+    return _SCRIPT_PREFIX.sub(lambda m: m.group(1) + " -", s)
+
+
+# --- model declarations ----------------------------------------------------------------------
+def check_declaration(decl: Mapping[str, Any]) -> Dict[str, Any]:
+    """The parts of a server's model declaration the node uses, checked and cleaned.
+    Raises StateError for names that could not become knob or node names."""
+    name = decl.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise StateError(f"the server sent a model with an invalid name {plain_text(name)!r}")
+    inputs = list(decl.get("inputs") or {})
+    if not inputs or not all(isinstance(i, str) and NAME_RE.match(i) for i in inputs):
+        raise StateError(f"model {name!r} declares invalid input names")
+    options: List[Dict[str, Any]] = []
+    for opt in decl.get("options") or []:
+        oname, otype = opt.get("name"), opt.get("type")
+        if not isinstance(oname, str) or not NAME_RE.match(oname) or otype not in OPTION_TYPES:
+            raise StateError(f"model {name!r} declares an invalid option {plain_text(oname)!r}")
+        clean: Dict[str, Any] = {"name": oname, "type": otype,
+                                 "label": plain_text(opt.get("label") or oname, 200),
+                                 "help": plain_text(opt.get("help") or ""),
+                                 "default": opt.get("default")}
+        if otype in ("int", "float"):
+            clean["min"], clean["max"] = opt.get("min"), opt.get("max")
+        if otype == "choice":
+            choices = opt.get("choices") or []
+            if not choices or not all(isinstance(c, str) for c in choices):
+                raise StateError(f"model {name!r}: option {oname!r} has no valid choices")
+            clean["choices"] = list(choices)
+        if otype != "button" and not accepts(clean, clean["default"]):
+            clean["default"] = _fallback_default(clean)
+        options.append(clean)
+    return {"name": name, "label": plain_text(decl.get("label") or name, 200),
+            "version": str(decl.get("version", "")), "help": plain_text(decl.get("help") or ""),
+            "inputs": inputs, "options": options}
+
+
+def _fallback_default(opt: Mapping[str, Any]) -> Any:
+    """A value the option accepts, for a declaration whose default it doesn't."""
+    kind = opt["type"]
+    if kind == "choice":
+        return opt["choices"][0]
+    if kind == "string":
+        return ""
+    if kind == "bool":
+        return False
+    low, high = opt.get("min"), opt.get("max")
+    value = low if low is not None else (high if high is not None and high < 0 else 0)
+    return int(value) if kind == "int" else float(value)
+
+
+def accepts(opt: Mapping[str, Any], value: Any) -> bool:
+    """Whether the option declaration `opt` accepts `value` (the server's rules)."""
+    kind = opt["type"]
+    if kind in ("bool", "button"):
+        return isinstance(value, bool)
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if kind == "int" and not float(value).is_integer():
+            return False
+        if not math.isfinite(value):
+            return False
+        low, high = opt.get("min"), opt.get("max")
+        return (low is None or value >= low) and (high is None or value <= high)
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "choice":
+        return value in opt.get("choices", [])
+    return False
+
+
+def reconcile(decl: Mapping[str, Any],
+              saved: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """Option values for `decl`: each saved value the model still accepts, else its
+    default. Returns (values, warnings); buttons have no stored value."""
+    values: Dict[str, Any] = {}
+    warnings: List[str] = []
+    declared = {o["name"] for o in decl["options"]}
+    for opt in decl["options"]:
+        if opt["type"] == "button":
+            continue
+        name = opt["name"]
+        if name in saved and not accepts(opt, saved[name]):
+            warnings.append(f"{decl['name']}: saved value {plain_text(saved[name], 80)!r} of "
+                            f"option {name!r} is no longer accepted; using the default "
+                            f"{plain_text(opt['default'], 80)!r}")
+            values[name] = opt["default"]
+        else:
+            values[name] = saved.get(name, opt["default"])
+        if opt["type"] == "int" and isinstance(values[name], float):
+            values[name] = int(values[name])
+    for name in sorted(set(saved) - declared):
+        warnings.append(f"{decl['name']}: option {name!r} no longer exists; its saved value "
+                        f"is dropped")
+    return values, warnings
+
+
+# --- the saved state ---------------------------------------------------------------------
+def empty_state() -> Dict[str, Any]:
+    return {"schema": SCHEMA, "model": "", "decl": None, "options": {}}
+
+
+def load_state(text: str) -> Tuple[Dict[str, Any], List[str]]:
+    """Parse the `state_json` knob. Never raises: a broken or newer state gives warnings
+    and as much of the state as can be read."""
+    if not text or not text.strip():
+        return empty_state(), []
+    try:
+        data = json.loads(text.translate(_STATE_DECODE))
+    except ValueError:
+        return empty_state(), ["the saved model state is not valid JSON; starting empty"]
+    if not isinstance(data, dict):
+        return empty_state(), ["the saved model state is not an object; starting empty"]
+    warnings = []
+    if data.get("schema") != SCHEMA:
+        warnings.append(f"the saved model state has schema {data.get('schema')!r}; this "
+                        f"plug-in reads schema {SCHEMA}: values may be lost")
+    state = empty_state()
+    if isinstance(data.get("model"), str) and NAME_RE.match(data["model"]):
+        state["model"] = data["model"]
+    if isinstance(data.get("options"), dict):
+        state["options"] = data["options"]
+    if isinstance(data.get("decl"), dict):
+        try:
+            state["decl"] = check_declaration(data["decl"])
+        except StateError as exc:
+            warnings.append(str(exc))
+    return state, warnings
+
+
+# The state knob's text never holds a Tcl metacharacter, so even an evaluating read
+# (String_Knob.value(), [value ...]) finds nothing to run: ASCII-only JSON with
+# [ ] $ \ mapped to characters that ASCII-only JSON never contains.
+_STATE_ENCODE = str.maketrans({"[": "\u27e6", "]": "\u27e7", "$": "\uff04", "\\": "\u29f5"})
+_STATE_DECODE = str.maketrans({"\u27e6": "[", "\u27e7": "]", "\uff04": "$", "\u29f5": "\\"})
+
+
+def dump_state(state: Mapping[str, Any]) -> str:
+    text = json.dumps({"schema": SCHEMA, "model": state.get("model", ""),
+                       "decl": state.get("decl"), "options": state.get("options", {})},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return text.translate(_STATE_ENCODE)
+
+
+# --- cache keys and paths ----------------------------------------------------------------
+def result_key(model: str, version: str, options: Mapping[str, Any]) -> str:
+    """Hash of what decides a result besides the input pixels: model, version, options."""
+    blob = json.dumps({"model": model, "version": version, "options": dict(options)},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
+
+
+def combine_hashes(hashes: Sequence[str]) -> str:
+    """One input hash for a frame from the content hashes of each of its inputs."""
+    if len(hashes) == 1:
+        return hashes[0]
+    return hashlib.sha256("+".join(hashes).encode("ascii")).hexdigest()[:32]
+
+
+def exr_content_hash(path: str) -> str:
+    """Hash of an EXR's pixels, channel list and windows, not its metadata (a Write may
+    stamp times or paths into the header, which must not defeat the cache)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        attrs, end = _exr_header(data)
+        for name in ("channels", "compression", "dataWindow", "displayWindow",
+                     "pixelAspectRatio", "lineOrder"):
+            digest.update(name.encode() + b"=" + attrs.get(name, b"") + b";")
+        digest.update(data[end:])
+    except ValueError:
+        digest.update(data)
+    return digest.hexdigest()[:32]
+
+
+def _exr_header(data: bytes) -> Tuple[Dict[str, bytes], int]:
+    """Attributes (raw values) of a single-part EXR header and where the header ends."""
+    if data[:4] != b"\x76\x2f\x31\x01":
+        raise ValueError("not an EXR file")
+    pos = 8
+    attrs: Dict[str, bytes] = {}
+    while True:
+        end = data.index(b"\0", pos)
+        name = data[pos:end].decode("latin-1")
+        pos = end + 1
+        if not name:
+            return attrs, pos
+        end = data.index(b"\0", pos)
+        pos = end + 1
+        (size,) = struct.unpack_from("<i", data, pos)
+        pos += 4
+        attrs[name] = data[pos:pos + size]
+        pos += size
+
+
+def default_cache_root() -> str:
+    """$DLSERVER_CACHE_DIR, else the user's cache dir + dlserver/results."""
+    env = os.environ.get("DLSERVER_CACHE_DIR")
+    if env:
+        return os.path.abspath(os.path.expanduser(env))
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser("~\\AppData\\Local")
+    elif sys.platform == "darwin":
+        base = os.path.expanduser("~/Library/Caches")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "dlserver", "results")
+
+
+def cache_root(knob_value: str) -> str:
+    """The node's cache_dir knob when set, else the default."""
+    value = (knob_value or "").strip()
+    return os.path.abspath(os.path.expanduser(value)) if value else default_cache_root()
+
+
+def result_path(root: str, key: str, input_hash: str) -> str:
+    return os.path.join(root, key, input_hash + ".exr")
+
+
+# --- the per-frame input hash list -------------------------------------------------------
+# Kept in the node's hidden `input_hashes` knob as a Tcl list (space separated) of one
+# hash per frame from `hashes_first`, "-" where the frame was never processed, so the
+# internal Read's file knob can pick its frame's hash with Tcl alone.
+def set_frame_hash(first: int, hashes: str, frame: int, value: str) -> Tuple[int, str]:
+    items = hashes.split() if hashes.strip() else []
+    if not items:
+        first = frame
+    if frame < first:
+        items = [MISSING] * (first - frame) + items
+        first = frame
+    index = frame - first
+    if index >= len(items):
+        items += [MISSING] * (index + 1 - len(items))
+    items[index] = value
+    return first, " ".join(items)
+
+
+def frame_hash(first: int, hashes: str, frame: int) -> Optional[str]:
+    items = hashes.split()
+    index = frame - first
+    if 0 <= index < len(items) and items[index] != MISSING:
+        return items[index]
+    return None

@@ -1,0 +1,191 @@
+"""Shared set-up for the plug-in tests (stdlib only: these tests also run on the pyenv
+interpreters 3.9 and 3.10, where only the standard library exists).
+
+* `start_nuke(gui)`: a fresh stand-in Nuke session with nuke_plugin on the plug-in path
+  (its init.py runs, as in Nuke) and the plug-in's module state cleared;
+* `StubClient`: the dlserver.client contract without a server process (a "blur" that
+  scales RGB by 1 + size), for tests that don't need the real server;
+* small helpers for EXR sequences, buttons and the main-thread loop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from array import array
+from typing import Any, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+FAKE = os.path.join(REPO, "tests", "fake_nuke")
+PLUGIN = os.path.join(REPO, "nuke_plugin")
+if FAKE not in sys.path:
+    sys.path.insert(0, FAKE)
+if REPO not in sys.path:
+    sys.path.append(REPO)
+if PLUGIN not in sys.path:
+    sys.path.append(PLUGIN)  # install_hook and dlclient_state outside a session
+
+import nuke  # noqa: E402 - the stand-in
+from nuke import exrio  # noqa: E402
+
+from dlserver.client import DLServerError  # noqa: E402 - stdlib only
+
+
+def start_nuke(gui: bool = True) -> Any:
+    """A fresh session; returns the plug-in module (dlclient_nuke)."""
+    nuke._reset()
+    nuke.env["gui"] = gui
+    nuke.pluginAddPath(PLUGIN)
+    import dlclient_nuke
+    dlclient_nuke.shutdown_clients()
+    dlclient_nuke._busy.clear()
+    dlclient_nuke._updating.clear()
+    dlclient_nuke._pending[0] = 0
+    return dlclient_nuke
+
+
+def run_menu() -> None:
+    """What Nuke does in a GUI session after the init.py files: run menu.py."""
+    path = os.path.join(PLUGIN, "menu.py")
+    with open(path, encoding="utf-8") as f:
+        exec(compile(f.read(), path, "exec"), {"__name__": "__main__"})
+
+
+def wait_idle(plugin: Any, timeout: float = 120.0) -> None:
+    """Be Nuke's event loop until the plug-in's background work has finished."""
+    nuke._run_main_loop(plugin.idle, timeout)
+
+
+def press(node: Any, knob: str) -> None:
+    node[knob].execute()
+
+
+def pattern_image(frame: int, width: int = 8, height: int = 6) -> exrio.Image:
+    n = width * height
+    chans = {c: array("f", [((i * (k + 3) + frame * 7) % 11) / 10.0 for i in range(n)])
+             for k, c in enumerate("RGB")}
+    chans["A"] = array("f", [1.0] * n)
+    chans["extra.Z"] = array("f", [float(frame)] * n)  # a layer to pass through
+    return exrio.Image((0, 0, width - 1, height - 1), (0, 0, width - 1, height - 1), chans)
+
+
+def write_sequence(folder: str, frames: range, width: int = 8, height: int = 6) -> str:
+    """EXR frames `folder/in.####.exr` of a frame-dependent pattern; returns the pattern."""
+    os.makedirs(folder, exist_ok=True)
+    for f in frames:
+        exrio.write_exr(os.path.join(folder, f"in.{f:04d}.exr"), pattern_image(f, width, height))
+    return os.path.join(folder, "in.####.exr").replace("\\", "/")
+
+
+def upstream_read(pattern: str, first: int, last: int) -> Any:
+    read = nuke.nodes.Read(file=pattern)
+    read["first"].setValue(first)
+    read["last"].setValue(last)
+    return read
+
+
+def files_under(folder: str) -> List[str]:
+    out = []
+    for base, _, names in os.walk(folder):
+        out += [os.path.join(base, n) for n in names]
+    return sorted(out)
+
+
+# --- the client contract without a server -------------------------------------------------
+def blur_decl(size_max: Optional[float] = None) -> Dict[str, Any]:
+    return {"name": "blur", "label": "Gaussian blur", "version": "1", "colorspace": "linear",
+            "help": "Blurs the input.",
+            "inputs": {"src": {"channels": ["R", "G", "B", "A"], "color": True, "help": ""}},
+            "outputs": {"rgba": {"channels": ["R", "G", "B", "A"], "color": True, "help": ""}},
+            "options": [
+                {"name": "size", "type": "float", "label": "size", "help": "blur size in pixels",
+                 "default": 0.0, "min": 0.0, "max": size_max},
+                {"name": "channels", "type": "choice", "label": "channels", "help": "",
+                 "default": "rgba", "choices": ["rgb", "rgba", "alpha"]},
+                {"name": "report_brightest", "type": "button", "label": "report brightest",
+                 "help": "", "default": False}]}
+
+
+class Reply:
+    def __init__(self, message: str = "", output_path: Optional[str] = None) -> None:
+        self.outputs: Dict[str, Any] = {}
+        self.message = message
+        self.data: Dict[str, Any] = {}
+        self.output_path = output_path
+
+
+class StubClient:
+    """Client.spawn/connect/models/infer_exr/close as in dlserver.client, in-process."""
+
+    decls: List[Dict[str, Any]] = [blur_decl()]
+    token = "right-token"
+    spawned = 0
+    calls: List[Dict[str, Any]] = []
+    before_infer: Optional[Any] = None  # test hook: called with the request
+
+    def __init__(self, exchange_dir: Optional[str]) -> None:
+        self.exchange_dir = exchange_dir
+        self.server_info = {"version": "stub"}
+        self._alive = True
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.decls = [blur_decl()]
+        cls.spawned = 0
+        cls.calls = []
+        cls.before_infer = None
+
+    @classmethod
+    def spawn(cls, python: Optional[str] = None, models_dirs: Any = (), device: Any = None,
+              timeout: float = 60.0) -> StubClient:
+        cls.spawned += 1
+        return cls(tempfile.mkdtemp(prefix="stub-exchange-"))
+
+    @classmethod
+    def connect(cls, host: str, port: int, token: Optional[str] = None,
+                timeout: float = 30.0) -> StubClient:
+        if token != cls.token:
+            raise DLServerError("auth", f"the token for {host}:{port} is wrong: set the "
+                                        f"node's token knob or DLSERVER_TOKEN")
+        return cls(None)
+
+    def alive(self) -> bool:
+        return self._alive
+
+    def models(self, refresh: bool = False) -> List[Dict[str, Any]]:
+        return [dict(d) for d in self.decls]
+
+    def infer_exr(self, model: str, inputs: Dict[str, str], output_path: str,
+                  options: Optional[Dict[str, Any]] = None,
+                  timeout: Optional[float] = None) -> Reply:
+        request = {"model": model, "inputs": dict(inputs), "options": dict(options or {}),
+                   "output_path": output_path}
+        if StubClient.before_infer is not None:
+            StubClient.before_infer(request)
+        StubClient.calls.append(request)
+        decl = next(d for d in self.decls if d["name"] == model)
+        declared = {o["name"] for o in decl["options"]}
+        unknown = set(request["options"]) - declared
+        if unknown:
+            raise DLServerError("bad_option", f"model {model!r} has no option {sorted(unknown)}")
+        size = float(request["options"].get("size", 0.0))
+        image = exrio.read_exr(inputs["src"])
+        for c in "RGB":
+            image.channels[c] = array("f", [v * (1.0 + size) for v in image.channels[c]])
+        folder = os.path.dirname(os.path.abspath(output_path))
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, ".stub-result.tmp")
+        exrio.write_exr(tmp, image)
+        os.replace(tmp, output_path)
+        message = ""
+        if request["options"].get("report_brightest"):
+            message = decl.get("press_message", "brightest pixel: 1.0")
+        return Reply(message, output_path)
+
+    def close(self) -> None:
+        self._alive = False
+        if self.exchange_dir:
+            shutil.rmtree(self.exchange_dir, ignore_errors=True)

@@ -1,0 +1,382 @@
+"""Plug-in behaviour in the stand-in Nuke with an in-process stub server.
+
+Stdlib only (unittest): besides pytest in the venv, test_external_checks.py runs this
+file on the pyenv interpreters 3.9 and 3.10 (Nuke 14 and 15's Python versions).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import unittest
+from array import array
+
+import nukesupport as ns
+from nukesupport import StubClient, nuke
+
+
+class PluginTest(unittest.TestCase):
+    gui = True
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="dlclient-test-")
+        self.cache = os.path.join(self.tmp, "cache")
+        self._env = dict(os.environ)
+        os.environ["DLSERVER_CACHE_DIR"] = self.cache
+        os.environ.pop("DLSERVER_TOKEN", None)
+        self.plugin = ns.start_nuke(gui=self.gui)
+        StubClient.reset()
+        self._client_class = self.plugin.Client
+        self.plugin.Client = StubClient
+
+    def tearDown(self) -> None:
+        self.plugin.shutdown_clients()
+        self.plugin.Client = self._client_class
+        os.environ.clear()
+        os.environ.update(self._env)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # helpers ---------------------------------------------------------------------------
+    def make_node(self, frames: range = range(1, 6)) -> nuke.Node:
+        pattern = ns.write_sequence(os.path.join(self.tmp, "plate"), frames)
+        self.read = ns.upstream_read(pattern, frames[0], frames[-1])
+        self.read.setSelected(True)
+        node = nuke.createNode("DLClient")
+        self.assertIs(node.input(0), self.read)
+        return node
+
+    def connect(self, node: nuke.Node) -> None:
+        ns.press(node, "connect")
+        ns.wait_idle(self.plugin)
+
+    def process_range(self, node: nuke.Node) -> None:
+        ns.press(node, "process_range")
+        ns.wait_idle(self.plugin)
+
+    def result_frame(self, node: nuke.Node, frame: int) -> ns.exrio.Image:
+        return node.node("DLRead")._image(frame)
+
+
+class InstallHookTest(unittest.TestCase):
+    def test_add_is_idempotent_and_remove_takes_only_our_line(self) -> None:
+        import install_hook
+        with tempfile.TemporaryDirectory() as tmp:
+            nuke_dir = os.path.join(tmp, "my nuke dir")
+            os.makedirs(nuke_dir)
+            init = os.path.join(nuke_dir, "init.py")
+            with open(init, "w") as f:
+                f.write("import nuke\nnuke.pluginAddPath('/studio/tools')")  # no final newline
+            install_hook.add_init_line(nuke_dir, plugin_dir="/opt/dl server/nuke_plugin")
+            install_hook.add_init_line(nuke_dir, plugin_dir="/opt/dl server/nuke_plugin")
+            with open(init) as f:
+                lines = f.read().splitlines()
+            self.assertEqual(lines, ["import nuke", "nuke.pluginAddPath('/studio/tools')",
+                                     'nuke.pluginAddPath(r"/opt/dl server/nuke_plugin")  '
+                                     '# dlserver'])
+            self.assertTrue(install_hook.remove_init_line(nuke_dir))
+            self.assertFalse(install_hook.remove_init_line(nuke_dir))
+            with open(init) as f:
+                self.assertEqual(f.read(), "import nuke\nnuke.pluginAddPath('/studio/tools')\n")
+
+    def test_creates_init_py(self) -> None:
+        import install_hook
+        with tempfile.TemporaryDirectory() as tmp:
+            path = install_hook.add_init_line(os.path.join(tmp, ".nuke"))
+            with open(path) as f:
+                text = f.read()
+            self.assertIn("import nuke\n", text)
+            self.assertIn(install_hook.PLUGIN_DIR.replace("\\", "/"), text)
+
+
+class StateTest(unittest.TestCase):
+    def test_plain_text_neutralises_tcl_and_script_prefixes(self) -> None:
+        import dlclient_state as st
+        text = st.plain_text('python: [python {open("/tmp/x","w")}] $env(HOME) \\x\x07')
+        for bad in "[]{}$\\\x07":
+            self.assertNotIn(bad, text)
+        self.assertFalse(text.lower().startswith("python:"))
+
+    def test_reconcile_keeps_accepted_and_warns_on_the_rest(self) -> None:
+        import dlclient_state as st
+        decl = st.check_declaration(ns.blur_decl(size_max=2.0))
+        values, warnings = st.reconcile(decl, {"size": 4.0, "channels": "rgb", "gone": 1})
+        self.assertEqual(values, {"size": 0.0, "channels": "rgb"})
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("size", warnings[0])
+        self.assertIn("gone", warnings[1])
+
+    def test_broken_state_never_raises(self) -> None:
+        import dlclient_state as st
+        state, warnings = st.load_state("{not json")
+        self.assertEqual(state["model"], "")
+        self.assertTrue(warnings)
+
+    def test_frame_hash_list(self) -> None:
+        import dlclient_state as st
+        first, hashes = st.set_frame_hash(0, "", 5, "a")
+        first, hashes = st.set_frame_hash(first, hashes, 3, "b")
+        first, hashes = st.set_frame_hash(first, hashes, 7, "c")
+        self.assertEqual((first, hashes), (3, "b - a - c"))
+        self.assertEqual(st.frame_hash(first, hashes, 4), None)
+        self.assertEqual(st.frame_hash(first, hashes, 7), "c")
+
+    def test_invalid_names_from_a_server_are_refused(self) -> None:
+        import dlclient_state as st
+        decl = ns.blur_decl()
+        decl["options"][0]["name"] = "size'); import os; ('"
+        with self.assertRaises(st.StateError):
+            st.check_declaration(decl)
+
+
+class MenuAndGizmoTest(PluginTest):
+    def test_menu_creates_a_dlclient_without_starting_a_server(self) -> None:
+        ns.run_menu()
+        item = nuke.menu("Nodes").findItem("DL/DLClient")
+        self.assertIsNotNone(item)
+        self.assertTrue(os.path.isfile(item.icon()))
+        self.assertTrue(os.path.isfile(nuke.menu("Nodes").findItem("DL").icon()))
+        item.invoke()
+        node = nuke.toNode("DLClient1")
+        self.assertEqual(node.Class(), "DLClient")
+        for knob in ("server_mode", "host", "port", "token", "connect", "status", "model",
+                     "process_frame", "process_range", "first_frame", "last_frame", "live",
+                     "clear_cache", "cache_dir", "state_json"):
+            self.assertIsNotNone(node.knob(knob), knob)
+        self.assertFalse(node["state_json"].visible())
+        self.assertEqual(StubClient.spawned, 0)  # onCreate never starts a server
+        write = node.node("DLWrite0")
+        self.assertTrue(write["disable"].value())
+
+    def test_connect_fills_models_and_builds_typed_option_knobs(self) -> None:
+        node = self.make_node()
+        self.connect(node)
+        self.assertEqual(node["model"].values(), ["blur"])
+        self.assertIn("connected to the embedded server: 1 models", node["status"].value())
+        size = node["dlopt_size"]
+        self.assertEqual(size.Class(), "Double_Knob")
+        self.assertEqual(size.tooltip(), "blur size in pixels")
+        self.assertEqual(size.min(), 0.0)
+        self.assertEqual(node["dlopt_channels"].Class(), "Enumeration_Knob")
+        self.assertEqual(node["dlopt_channels"].values(), ["rgb", "rgba", "alpha"])
+        self.assertEqual(node["dlopt_report_brightest"].Class(), "PyScript_Knob")
+        self.assertEqual([n.name() for n in node.nodes() if n.Class() == "Input"], ["src"])
+
+    def test_switching_models_replaces_knobs_and_inputs(self) -> None:
+        StubClient.decls = [ns.blur_decl(), {
+            "name": "pair", "label": "Pair", "version": "3",
+            "inputs": {"image": {}, "matte": {}}, "outputs": {"rgba": {}},
+            "options": [{"name": "gain", "type": "int", "label": "gain", "help": "",
+                         "default": 2, "min": 0, "max": 10}]}]
+        node = self.make_node()
+        self.connect(node)
+        node["model"].setValue("pair")
+        self.assertIsNone(node.knob("dlopt_size"))
+        self.assertEqual(node["dlopt_gain"].value(), 2)
+        inputs = sorted((n for n in node.nodes() if n.Class() == "Input"),
+                        key=lambda n: n["number"].value())
+        self.assertEqual([n.name() for n in inputs], ["image", "matte"])
+        self.assertIsNotNone(node.node("DLWrite1"))
+
+
+class ProcessingTest(PluginTest):
+    def test_process_range_caches_results_and_knob_changes_never_show_stale(self) -> None:
+        node = self.make_node()
+        self.connect(node)
+        node["dlopt_size"].setValue(2.0)
+        self.process_range(node)
+        self.assertIn("processed 5 of 5", node["status"].value())
+        key = node["result_key"].value()
+        results = ns.files_under(os.path.join(self.cache, key))
+        self.assertEqual(len(results), 5)
+        for f in range(1, 6):
+            got = self.result_frame(node, f)
+            src = ns.pattern_image(f)
+            self.assertEqual(got.channels["R"], array("f", [v * 3.0 for v in src.channels["R"]]))
+            self.assertEqual(list(got.channels["extra.Z"]), [float(f)] * 48)
+        # A knob change: a new key; the Read now points at a missing result, not the old.
+        node["dlopt_size"].setValue(1.0)
+        self.assertNotEqual(node["result_key"].value(), key)
+        with self.assertRaises(RuntimeError):
+            self.result_frame(node, 1)
+        self.assertEqual(len(ns.files_under(os.path.join(self.cache, key))), 5)
+        # Processing again with the first settings only re-renders inputs: all cached.
+        node["dlopt_size"].setValue(2.0)
+        calls = len(StubClient.calls)
+        self.process_range(node)
+        self.assertEqual(len(StubClient.calls), calls)
+
+    def test_internal_write_is_disabled_except_while_executing(self) -> None:
+        node = self.make_node(range(1, 2))
+        self.connect(node)
+        seen = []
+        StubClient.before_infer = lambda request: seen.append(
+            node.node("DLWrite0")["disable"].value())
+        ns.press(node, "process_frame")
+        ns.wait_idle(self.plugin)
+        self.assertEqual(seen, [True])
+        self.assertTrue(node.node("DLWrite0")["disable"].value())
+
+    def test_cancel_stops_after_the_current_frame_and_leaves_no_temp_files(self) -> None:
+        node = self.make_node(range(1, 11))
+        self.connect(node)
+        exchange = self.plugin._clients[("embedded",)].exchange_dir
+
+        def cancel_when_frame_3_starts(task: nuke.ProgressTask) -> None:
+            if task.messages and task.messages[-1].startswith("frame 3 "):
+                task._cancel()
+
+        nuke._progress_hook[0] = cancel_when_frame_3_starts
+        self.process_range(node)
+        self.assertIn("cancelled: processed 3 of 10", node["status"].value())
+        key = node["result_key"].value()
+        self.assertEqual(len(ns.files_under(os.path.join(self.cache, key))), 3)
+        self.assertEqual(ns.files_under(exchange), [])
+        self.assertEqual([p for p in ns.files_under(self.cache) if not p.endswith(".exr")], [])
+        for f in (1, 2, 3):
+            self.result_frame(node, f)
+
+    def test_save_reload_keeps_model_and_options_before_and_after_connecting(self) -> None:
+        node = self.make_node()
+        self.connect(node)
+        node["dlopt_size"].setValue(3.5)
+        node["dlopt_channels"].setValue("rgb")
+        self.process_range(node)
+        key = node["result_key"].value()
+        path = os.path.join(self.tmp, "comp.nk")
+        nuke.scriptSaveAs(path)
+        # A new session: nothing of the old one survives but the file.
+        self.plugin = ns.start_nuke(gui=True)
+        self.plugin.Client = StubClient
+        nuke.scriptOpen(path)
+        node = nuke.toNode("DLClient1")
+        self.assertEqual(node["model"].value(), "blur")
+        self.assertEqual(node["dlopt_size"].value(), 3.5)  # rebuilt by onCreate, offline
+        self.assertEqual(node["result_key"].value(), key)
+        self.result_frame(node, 2)  # the reopened script finds its results
+        self.connect(node)
+        self.assertEqual(node["model"].value(), "blur")
+        self.assertEqual(node["dlopt_size"].value(), 3.5)
+        self.assertEqual(node["dlopt_channels"].value(), "rgb")
+        self.assertEqual(node["result_key"].value(), key)
+
+    def test_a_saved_value_no_longer_accepted_warns_and_uses_the_default(self) -> None:
+        node = self.make_node()
+        self.connect(node)
+        node["dlopt_size"].setValue(4.0)
+        StubClient.decls = [ns.blur_decl(size_max=2.0)]
+        self.plugin.shutdown_clients()
+        self.connect(node)
+        self.assertEqual(node["dlopt_size"].value(), 0.0)
+        self.assertIn("no longer accepted", node["status"].value())
+
+    def test_button_message_is_shown_as_text(self) -> None:
+        node = self.make_node(range(1, 2))
+        self.connect(node)
+        ns.press(node, "dlopt_report_brightest")
+        ns.wait_idle(self.plugin)
+        self.assertEqual(StubClient.calls[-1]["options"]["report_brightest"], True)
+        self.assertIn("brightest pixel: 1.0", node["status"].value())
+        self.assertTrue(any("brightest pixel" in m for m in nuke._messages))
+
+
+class SecurityTest(PluginTest):
+    def test_nothing_a_server_sends_is_executed(self) -> None:
+        import builtins
+        evil = "[python {__import__('builtins').PWNED = True}] python: import os"
+        decl = ns.blur_decl()
+        decl["label"] = decl["help"] = evil
+        decl["options"][0]["label"] = decl["options"][0]["help"] = evil
+        decl["options"][1]["choices"] = ["rgb", evil]
+        decl["press_message"] = evil
+        StubClient.decls = [decl]
+        node = self.make_node(range(1, 2))
+        self.connect(node)
+        ns.press(node, "dlopt_report_brightest")
+        ns.wait_idle(self.plugin)
+        texts = [node["dlopt_size"].label(), node["dlopt_size"].tooltip(),
+                 node["model_info"].value(), node["status"].value()] + \
+            node["dlopt_channels"].values() + nuke._messages
+        for text in texts:
+            for c in "[]{}$":
+                self.assertNotIn(c, text)
+            self.assertFalse(text.lower().startswith("python:"))
+        # Evaluating every string knob the way Nuke does (String_Knob.value() expands
+        # Tcl, [python] included) runs nothing either.
+        for knob in node.knobs().values():
+            if isinstance(knob, nuke.String_Knob) and not isinstance(knob, nuke.Script_Knob):
+                knob.value()
+        self.assertFalse(hasattr(builtins, "PWNED"))
+        # The choice still maps back to the server's own value.
+        node["dlopt_channels"].setValue(1)
+        import dlclient_state
+        state, _ = dlclient_state.load_state(node["state_json"].getText())
+        self.assertEqual(state["options"]["channels"], evil)
+
+
+class RemoteTest(PluginTest):
+    def test_wrong_token_shows_a_clear_error_on_the_node(self) -> None:
+        node = self.make_node(range(1, 2))
+        node["server_mode"].setValue("remote")
+        node["host"].setValue("gpu-box")
+        node["port"].setValue(5555)
+        node["token"].setValue("wrong")
+        self.connect(node)
+        status = node["status"].value()
+        self.assertTrue(status.startswith("ERROR: cannot connect to gpu-box:5555"), status)
+        self.assertIn("token", status)
+        self.assertTrue(nuke._messages)
+        with self.assertRaises(RuntimeError) as caught:  # the node errors in the DAG
+            node._image(1)
+        self.assertIn("token", str(caught.exception))
+        node["token"].setValue(StubClient.token)
+        self.connect(node)
+        self.assertIn("connected to gpu-box:5555", node["status"].value())
+        self.assertFalse(node["error_flag"].value())  # the node's error is gone
+
+
+class TerminalRenderTest(PluginTest):
+    gui = False
+
+    def build(self) -> nuke.Node:
+        node = self.make_node()
+        # Connect and pick settings (in a GUI session, then saved; here in line).
+        ns.press(node, "connect")
+        node["dlopt_size"].setValue(1.0)
+        out = nuke.nodes.Write(file=os.path.join(self.tmp, "out", "comp.####.exr"))
+        out["file_type"].setValue("exr")
+        out["datatype"].setValue("32 bit float")
+        out["compression"].setValue("none")
+        out["channels"].setValue("rgba")
+        out["create_directories"].setValue(True)
+        out.setInput(0, node)
+        nuke.root()["first_frame"].setValue(1)
+        nuke.root()["last_frame"].setValue(5)
+        return out
+
+    def test_render_processes_missing_frames_first(self) -> None:
+        out = self.build()
+        nuke.execute(out, 1, 5)
+        written = ns.files_under(os.path.join(self.tmp, "out"))
+        self.assertEqual(len(written), 5)
+        image = ns.exrio.read_exr(written[2])
+        src = ns.pattern_image(3)
+        self.assertEqual(image.channels["G"], array("f", [v * 2.0 for v in src.channels["G"]]))
+        self.assertEqual(len(StubClient.calls), 5)
+        self.assertEqual(nuke.ProgressTask.instances, [])  # no UI in terminal mode
+
+    def test_a_server_failure_fails_the_render_with_a_clear_message(self) -> None:
+        out = self.build()
+
+        def fail(request: dict) -> None:
+            raise ns.DLServerError("model_error", "CUDA out of memory on frame 2")
+
+        StubClient.before_infer = fail
+        with self.assertRaises(RuntimeError) as caught:
+            nuke.execute(out, 1, 5)
+        self.assertIn("CUDA out of memory", str(caught.exception))
+        self.assertEqual(ns.files_under(os.path.join(self.tmp, "out")), [])
+
+
+if __name__ == "__main__":
+    unittest.main()
