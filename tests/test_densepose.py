@@ -1,0 +1,423 @@
+"""models/densepose: DensePose R-CNN R50-FPN on detectron2 checkpoints.
+
+The checkpoints here are made by this test: random weights under detectron2's own
+parameter names and shapes (written out below from detectron2's module structure and
+checked against a digest of the real model's list), saved as a model-zoo `.pkl` (a
+plain pickle of numpy arrays) and as a `.pth`, and loaded through the real loaders.
+Parity with detectron2 itself is checked outside CI (docs/models_densepose.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import pickle
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+
+from dlserver import weights as W  # noqa: E402
+from dlserver.model import Result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = ROOT / "models" / "densepose"
+PKG = "_test_densepose_pkg"
+
+
+def _import_model_package() -> types.ModuleType:
+    """models/densepose/model.py imported as a package module, as the registry does."""
+    if f"{PKG}.model" in sys.modules:
+        return sys.modules[f"{PKG}.model"]
+    pkg = types.ModuleType(PKG)
+    pkg.__path__ = [str(MODEL_DIR)]
+    sys.modules[PKG] = pkg
+    spec = importlib.util.spec_from_file_location(f"{PKG}.model", MODEL_DIR / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+M = _import_model_package()
+network = importlib.import_module(f"{PKG}.network")
+keymap = importlib.import_module(f"{PKG}.keymap")
+
+FAST = {"network_size": 128, "max_instances": 3, "threshold": 0.05}
+
+# sha256 of the sorted "name (shape)" lines of detectron2's DensePose R-CNN R50-FPN s1x
+# state dict (detectron2 built from source, build_model on the s1x config): 335 entries.
+D2_LAYOUT_SHA256 = "44279ddf0da7985ca2bee6def43db1f219b5c37e735765cb30c6a699dfa97d99"
+
+
+def d2_layout() -> Dict[str, Tuple[int, ...]]:
+    """detectron2's parameter names and shapes for this model, from its module structure."""
+    out: Dict[str, Tuple[int, ...]] = {}
+
+    def conv_bn(prefix: str, cout: int, cin: int, k: int) -> None:
+        out[f"{prefix}.weight"] = (cout, cin, k, k)
+        for s in ("weight", "bias", "running_mean", "running_var"):
+            out[f"{prefix}.norm.{s}"] = (cout,)
+
+    def conv(prefix: str, cout: int, cin: int, k: int) -> None:
+        out[f"{prefix}.weight"] = (cout, cin, k, k)
+        out[f"{prefix}.bias"] = (cout,)
+
+    conv_bn("backbone.bottom_up.stem.conv1", 64, 3, 7)
+    cin, cout, mid = 64, 256, 64
+    for level, blocks in zip((2, 3, 4, 5), (3, 4, 6, 3)):
+        for i in range(blocks):
+            p = f"backbone.bottom_up.res{level}.{i}"
+            c_in = cin if i == 0 else cout
+            if i == 0:
+                conv_bn(f"{p}.shortcut", cout, c_in, 1)
+            conv_bn(f"{p}.conv1", mid, c_in, 1)
+            conv_bn(f"{p}.conv2", mid, mid, 3)
+            conv_bn(f"{p}.conv3", cout, mid, 1)
+        cin, cout, mid = cout, cout * 2, mid * 2
+    for level, c in zip((2, 3, 4, 5), (256, 512, 1024, 2048)):
+        conv(f"backbone.fpn_lateral{level}", 256, c, 1)
+        conv(f"backbone.fpn_output{level}", 256, 256, 3)
+    conv("proposal_generator.rpn_head.conv", 256, 256, 3)
+    conv("proposal_generator.rpn_head.objectness_logits", 3, 256, 1)
+    conv("proposal_generator.rpn_head.anchor_deltas", 12, 256, 1)
+    for name, shape in (("box_head.fc1", (1024, 256 * 7 * 7)), ("box_head.fc2", (1024, 1024)),
+                        ("box_predictor.cls_score", (2, 1024)),
+                        ("box_predictor.bbox_pred", (4, 1024))):
+        out[f"roi_heads.{name}.weight"] = shape
+        out[f"roi_heads.{name}.bias"] = shape[:1]
+    for level, idx in (("p2", (0,)), ("p3", (0,)), ("p4", (0, 2)), ("p5", (0, 2, 4))):
+        for i in idx:
+            conv(f"roi_heads.decoder.{level}.{i}", 256, 256, 3)
+    conv("roi_heads.decoder.predictor", 256, 256, 1)
+    for i in range(1, 9):
+        conv(f"roi_heads.densepose_head.body_conv_fcn{i}", 512, 256 if i == 1 else 512, 3)
+    for name, c in (("ann_index_lowres", 2), ("index_uv_lowres", 25), ("u_lowres", 25),
+                    ("v_lowres", 25)):
+        out[f"roi_heads.densepose_predictor.{name}.weight"] = (512, c, 4, 4)  # transposed conv
+        out[f"roi_heads.densepose_predictor.{name}.bias"] = (c,)
+    return out
+
+
+def random_d2_state(seed: int = 0) -> Dict[str, np.ndarray]:
+    """Random weights in detectron2's layout, scaled so that the untrained network still
+    finds boxes with person pixels: He-normal convs, identity frozen BN (residual
+    branches scaled down), near-equal class scores (about 0.88: proposals pass a 0.05
+    threshold), U/V around 0.5."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, shape in d2_layout().items():
+        if name.endswith(("running_var", "norm.weight")):
+            a = np.ones(shape)
+        elif len(shape) == 1:
+            a = np.zeros(shape)
+        else:
+            fan_in = int(np.prod(shape[1:])) if "lowres" not in name else shape[0] * 16 // 4
+            a = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+        state[name] = a.astype(np.float32)
+    for name in state:  # keep activations near unit scale through the 16 residual blocks
+        if name.endswith("conv3.norm.weight"):
+            state[name][:] = 0.2
+    state["proposal_generator.rpn_head.anchor_deltas.weight"] *= 1e-2
+    state["roi_heads.box_predictor.cls_score.weight"] *= 1e-3
+    state["roi_heads.box_predictor.cls_score.bias"][:] = (2.0, 0.0)
+    state["roi_heads.box_predictor.bbox_pred.weight"] *= 1e-3
+    for uv in ("u", "v"):
+        state[f"roi_heads.densepose_predictor.{uv}_lowres.weight"] *= 1e-3
+        state[f"roi_heads.densepose_predictor.{uv}_lowres.bias"][:] = 0.5
+    return state
+
+
+@pytest.fixture(scope="module")
+def d2_state() -> Dict[str, np.ndarray]:
+    return random_d2_state()
+
+
+@pytest.fixture(scope="module")
+def pkl_path(tmp_path_factory, d2_state) -> Path:
+    """A model-zoo style .pkl: {"model": {name: ndarray}, "__author__": ...}, plain pickle."""
+    p = tmp_path_factory.mktemp("dp") / "model_final_test.pkl"
+    with open(p, "wb") as f:
+        pickle.dump({"model": d2_state, "__author__": "test", "matching_heuristics": False}, f)
+    return p
+
+
+@pytest.fixture(scope="module")
+def model(pkl_path):
+    m = M.DensePose()
+    m.load("cpu")
+    return m
+
+
+def _frame(h: int = 61, w: int = 83, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    src = rng.uniform(0.0, 1.0, (h, w, 4)).astype(np.float32)
+    src[..., 3] = 1.0
+    return src
+
+
+@pytest.fixture(scope="module")
+def results(model, pkl_path):
+    """One inference per output mode on the same frame (the costly part, done once)."""
+    src = _frame()
+    out = {}
+    for mode in ("overlay", "iuv", "matte"):
+        out[mode] = model.infer({"src": src}, {**FAST, "weights": str(pkl_path),
+                                               "output_mode": mode})
+    return src, out
+
+
+# --- declaration, import -----------------------------------------------------------------
+
+def test_declaration():
+    M.DensePose.check_declaration()
+    d = M.DensePose.describe()
+    assert d["name"] == "densepose" and d["colorspace"] == "srgb"
+    assert d["outputs"]["iuv"]["channels"] == ["iuv.R", "iuv.G", "iuv.B"]
+    assert d["outputs"]["iuv"]["color"] is False
+    names = {o["name"] for o in d["options"]}
+    assert {"show_human_index", "show_uv", "show_grid", "show_border", "border_thickness",
+            "alpha", "output_mode", "threshold", "weights", "half_precision"} <= names
+    wf = M.DensePose.weights_files[0]
+    assert wf.filename == "model_final_162be9.pkl"
+    assert wf.url.endswith("densepose_rcnn_R_50_FPN_s1x/165712039/model_final_162be9.pkl")
+    assert "CC BY-SA 3.0" in wf.licence
+
+
+def test_module_import_does_not_import_torch():
+    path = str(MODEL_DIR / "model.py")
+    code = ("import sys, importlib.util, types; p = types.ModuleType('x'); "
+            f"p.__path__ = [{str(MODEL_DIR)!r}]; sys.modules['x'] = p; "
+            f"s = importlib.util.spec_from_file_location('x.model', {path!r}); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            "m.DensePose.describe(); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT))
+
+
+# --- weights and key mapping ---------------------------------------------------------------
+
+def test_layout_is_detectron2s():
+    """The test's layout is the real one (digest recorded from detectron2's model)."""
+    layout = d2_layout()
+    lines = sorted(f"{k} {tuple(v)}" for k, v in layout.items())
+    assert len(lines) == 335
+    assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == D2_LAYOUT_SHA256
+
+
+def test_keymap_maps_every_detectron2_tensor():
+    net = network.DensePoseRCNN()
+    ours = net.state_dict()
+    layout = d2_layout()
+    mapped, missing = keymap.convert(layout, ours.keys())
+    assert missing == []                       # every parameter of ours is filled
+    assert len(mapped) == len(layout) == len(ours)  # and every detectron2 tensor used
+    for d2_name, shape in layout.items():
+        assert tuple(ours[keymap.map_name(d2_name)].shape) == shape, d2_name
+
+
+def test_keymap_ignores_bookkeeping_and_rejects_unknown():
+    assert keymap.map_name("pixel_mean") is None
+    assert keymap.map_name("proposal_generator.anchor_generator.cell_anchors.0") is None
+    with pytest.raises(keymap.KeyMapError, match="unknown parameter"):
+        keymap.map_name("roi_heads.mask_head.mask_fcn1.weight")
+    state = {k: torch.zeros(v) for k, v in d2_layout().items()}
+    state["roi_heads.keypoint_head.conv_fcn1.weight"] = torch.zeros(1)
+    with pytest.raises(W.WeightsError, match="keypoint_head"):
+        M.build_network(state)
+    del state["roi_heads.keypoint_head.conv_fcn1.weight"]
+    del state["roi_heads.box_head.fc1.weight"]
+    with pytest.raises(W.WeightsError, match="lacks 1 parameters"):
+        M.build_network(state)
+
+
+def test_pkl_and_pth_load_to_the_same_network(tmp_path, pkl_path, d2_state):
+    """The model-zoo .pkl (restricted unpickler) and a detectron2 training .pth
+    ({"model": state_dict, ...}) give identical parameters, equal to the file's arrays."""
+    pth = tmp_path / "model_final.pth"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in d2_state.items()},
+                "iteration": 7}, pth)
+    a = M.build_network(W.load_state_dict(pkl_path)).state_dict()
+    b = M.build_network(W.load_state_dict(pth)).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    d2_name = "roi_heads.densepose_predictor.u_lowres.weight"
+    assert np.array_equal(a[keymap.map_name(d2_name)].numpy(), d2_state[d2_name])
+
+
+def test_frozen_bn_without_statistics_gets_identity(d2_state):
+    """Old checkpoints carry only weight/bias for frozen BN: identity statistics, as
+    detectron2's FrozenBatchNorm2d loading does."""
+    state = {k: torch.from_numpy(v) for k, v in d2_state.items()
+             if not k.endswith(("running_mean", "running_var"))}
+    sd = M.build_network(state).state_dict()
+    assert torch.equal(sd["backbone.body.res3.1.bn2.running_var"], torch.ones(128))
+    assert torch.equal(sd["backbone.body.stem.bn.running_mean"], torch.zeros(64))
+
+
+def test_missing_weights_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLSERVER_OFFLINE", "1")
+    monkeypatch.setenv("DLSERVER_WEIGHTS_DIR", str(tmp_path / "w"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    m = M.DensePose()
+    m.load("cpu")
+    with pytest.raises(W.WeightsMissing) as info:
+        m.infer({"src": _frame(16, 16)}, {})
+    msg = str(info.value)
+    assert "model_final_162be9.pkl" in msg
+    assert "https://dl.fbaipublicfiles.com/densepose/" in msg
+    assert str(tmp_path / "w") in msg
+    with pytest.raises(W.WeightsMissing, match="does not exist"):
+        m.infer({"src": _frame(16, 16)}, {"weights": str(tmp_path / "nope.pkl")})
+
+
+# --- outputs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["overlay", "iuv", "matte"])
+def test_outputs_have_declared_channels_and_size(results, mode):
+    src, res = results
+    r = res[mode]
+    assert isinstance(r, Result)
+    h, w = src.shape[:2]
+    assert set(r.outputs) == set(M.DensePose.outputs)
+    for name, layer in M.DensePose.outputs.items():
+        a = r.outputs[name]
+        assert a.dtype == np.float32 and a.shape == (h, w, len(layer.channels)), name
+        assert np.isfinite(a).all(), name
+    iuv = r.outputs["iuv"]
+    i = iuv[..., 0]
+    assert np.array_equal(i, np.round(i)) and i.min() >= 0 and i.max() <= 24
+    assert iuv[..., 1:].min() >= 0.0 and iuv[..., 1:].max() <= 1.0
+    assert (iuv[..., 1:][i == 0] == 0).all()                   # no U, V off the body
+    matte = r.outputs["parts"][..., 0]
+    assert set(np.unique(matte)) <= {0.0, 1.0}
+    assert np.array_equal(matte, (i > 0).astype(np.float32))  # matte_parts = all
+    assert np.array_equal(r.outputs["rgba"][..., 3], matte)
+    human = r.outputs["human"][..., 0]
+    dets = r.data["detections"]
+    assert 1 <= len(dets) <= FAST["max_instances"]
+    assert set(np.unique(human)) <= set(range(len(dets) + 1))
+    assert np.array_equal(human > 0, i > 0)
+    assert [d["id"] for d in dets] == list(range(1, len(dets) + 1))
+    scores = [d["score"] for d in dets]
+    assert scores == sorted(scores, reverse=True) and min(scores) >= FAST["threshold"]
+    for d in dets:
+        x0, y0, x1, y1 = d["box"]
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+    assert (i > 0).any(), "the test network should find some body pixels"
+
+
+def test_modes_agree_and_matte_passes_rgb(results):
+    src, res = results
+    base = res["matte"].outputs
+    for mode in ("overlay", "iuv"):
+        for layer in ("iuv", "parts", "human"):
+            assert np.array_equal(res[mode].outputs[layer], base[layer])
+    assert np.array_equal(base["rgba"][..., :3], src[..., :3])
+    iuv = base["iuv"]
+    prev = res["iuv"].outputs["rgba"]
+    assert np.allclose(prev[..., 0], iuv[..., 0] / 24) and np.array_equal(prev[..., 1:3],
+                                                                          iuv[..., 1:3])
+
+
+def test_matte_parts_selects_parts(model, pkl_path, results):
+    src, res = results
+    i = res["matte"].outputs["iuv"][..., 0]
+    r = model.infer({"src": src}, {**FAST, "weights": str(pkl_path), "output_mode": "matte",
+                                   "matte_parts": "head"})
+    assert np.array_equal(r.outputs["parts"][..., 0], np.isin(i, (23, 24)).astype(np.float32))
+
+
+def test_overlay_alpha_zero_equals_input(model, pkl_path):
+    src = _frame()
+    r = model.infer({"src": src}, {**FAST, "weights": str(pkl_path), "alpha": 0.0,
+                                   "show_grid": True, "show_border": True})
+    assert np.array_equal(r.outputs["rgba"][..., :3], src[..., :3])
+
+
+def test_overlay_draws():
+    """Part colours, grid lines and borders, each blended by alpha."""
+    render = importlib.import_module(f"{PKG}.render")
+    h, w = 20, 30
+    rgb = np.zeros((h, w, 3), np.float32)
+    iuv = np.zeros((h, w, 3), np.float32)
+    iuv[5:15, 5:25, 0] = 2
+    iuv[5:15, 5:25, 1] = np.linspace(0, 0.99, 20)[None]  # U crosses 9 grid levels
+    human = (iuv[..., 0] > 0).astype(np.int64)
+    opts = {"alpha": 1.0, "show_human_index": False, "show_uv": False, "show_grid": False,
+            "show_border": False, "border_thickness": 1}
+    img = render.overlay(rgb, iuv, human, np.zeros((0, 4)), opts)
+    assert np.allclose(img[10, 10], render.PART_COLOURS[2]) and (img[0, 0] == 0).all()
+    grid = render.overlay(rgb, iuv, human, np.zeros((0, 4)), {**opts, "show_grid": True})
+    lines = (grid == 1.0).all(-1)
+    assert 0 < lines[10].sum() <= 10 and not lines[:5].any()
+    box = render.overlay(rgb, iuv, human, np.array([[2.0, 2.0, 28.0, 18.0]]),
+                         {**opts, "show_border": True, "alpha": 0.5})
+    assert np.allclose(box[2, 10], 0.5) and np.allclose(box[0, 0], 0.0)
+
+
+# --- pasting (detectron2's conversion rules) ----------------------------------------------
+
+def test_paste_iuv_rules():
+    """Boxes truncated to integers, bilinear resize of the 112x112 maps, I = argmax fine
+    where coarse says person, U/V from I's channel clamped to 0-1, later boxes overwrite
+    earlier ones only where their I > 0."""
+    n = 2
+    coarse = torch.zeros(n, 2, 112, 112)
+    coarse[:, 1] = 1.0                         # all person
+    coarse[1, :, :, :50] = torch.tensor([1.0, 0.0])[:, None, None]  # box 2: left part not
+    fine = torch.zeros(n, 25, 112, 112)
+    fine[0, 3] = 1.0
+    fine[1, 7] = 1.0
+    u = torch.full((n, 25, 112, 112), 0.25)
+    v = torch.full((n, 25, 112, 112), 1.5)     # clamped to 1
+    boxes = torch.tensor([[2.7, 3.9, 12.2, 9.99], [6.5, 1.0, 16.0, 11.0]])
+    iuv, human = network.paste_iuv({"boxes": boxes, "coarse_segm": coarse, "fine_segm": fine,
+                                    "u": u, "v": v}, 14, 20)
+    # box 1: x=2, y=3, w=int(9.5)=9, h=int(6.09)=6 → columns 2..10, rows 3..8
+    first = torch.zeros(14, 20, dtype=torch.bool)
+    first[3:9, 2:11] = True
+    # box 2: x=6, y=1, w=9, h=10; its left half is background
+    second = torch.zeros(14, 20, dtype=torch.bool)
+    second[1:11, 6:15] = True
+    second[:, :6 + 4] = False  # 9 px wide: bilinear left half covers columns 6..9
+    assert ((iuv[0] == 7) == second).all()
+    assert ((iuv[0] == 3) == (first & ~second)).all()
+    assert (iuv[1][iuv[0] > 0] == 0.25).all() and (iuv[2][iuv[0] > 0] == 1.0).all()
+    assert ((human == 2) == second).all() and ((human == 1) == (first & ~second)).all()
+
+
+# --- GPU -----------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("half", [False, True])
+def test_cuda(pkl_path, half):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    m = M.DensePose()
+    m.load("cuda")
+    src = _frame(240, 320)
+    opts = {"weights": str(pkl_path), "threshold": 0.05, "max_instances": 10,
+            "half_precision": half, "network_size": 480}
+    r = m.infer({"src": src}, opts)
+    for name, layer in M.DensePose.outputs.items():
+        assert r.outputs[name].shape == (240, 320, len(layer.channels))
+        assert np.isfinite(r.outputs[name]).all()
+    assert r.data["detections"]
+    cpu = M.DensePose()
+    cpu.load("cpu")
+    ref = cpu.infer({"src": src}, {**opts, "half_precision": False})
+    b = np.array([d["box"] for d in r.data["detections"]])
+    rb = np.array([d["box"] for d in ref.data["detections"]])
+    n = min(len(b), len(rb), 3)
+    # float32 on the GPU differs from the CPU only by rounding; float16 by more
+    assert np.abs(b[:n] - rb[:n]).max() < (8.0 if half else 0.05)
+    m.unload()
