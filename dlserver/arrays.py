@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .client import Client, InferReply
+from .client import Client, DLServerError, InferReply
 from .shm import SharedBlock
 
 
@@ -42,7 +42,25 @@ class ArrayIO:
         self.blocks.move_to_end(key)
         return block
 
-    def infer(self, model: str, inputs: Dict[str, np.ndarray],
+    def infer(self, model: str, inputs: Dict[str, np.ndarray], *args: Any,
+              **kwargs: Any) -> Tuple[Dict[str, np.ndarray], InferReply]:
+        """`_infer`, retried once on a fresh embedded server when the server was lost
+        (crashed or killed mid-frame); a second loss is reported."""
+        try:
+            return self._infer(model, inputs, *args, **kwargs)
+        except DLServerError as exc:
+            if exc.code != "server_gone" or not self.client.can_restart:
+                raise
+        for block in self.blocks.values():  # the restart unlinks the lost server's blocks
+            try:
+                block.close()
+            except BufferError:
+                pass
+        self.blocks.clear()
+        self.client.restart()
+        return self._infer(model, inputs, *args, **kwargs)
+
+    def _infer(self, model: str, inputs: Dict[str, np.ndarray],
               options: Optional[Dict[str, Any]] = None,
               channels: Optional[Dict[str, Sequence[str]]] = None,
               copy: bool = True, out: Optional[Dict[str, np.ndarray]] = None

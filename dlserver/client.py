@@ -113,32 +113,115 @@ def server_env() -> Dict[str, str]:
     return env
 
 
+class _Connection:
+    """The state of one connection to one server process: replaced on restart, so a
+    reader thread of a lost server can't touch its successor's state."""
+
+    def __init__(self, reader: BinaryIO, writer: BinaryIO,
+                 process: Optional[subprocess.Popen[bytes]], sock: Optional[socket.socket]) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.process = process
+        self.sock = sock
+        self.cond = threading.Condition()
+        self.replies: Dict[Any, Message] = {}
+        self.gone: Optional[str] = None
+        self.thread = threading.Thread(target=self.read_loop, daemon=True,
+                                       name="dlserver-client-reader")
+        self.thread.start()
+
+    def read_loop(self) -> None:
+        reason = "the server closed the connection"
+        try:
+            while True:
+                msg = read_message(self.reader, CLIENT_LIMITS)
+                with self.cond:
+                    self.replies[msg.header.get("id")] = msg
+                    self.cond.notify_all()
+        except ConnectionClosed:
+            pass
+        except (ProtocolError, OSError, ValueError) as exc:
+            reason = f"broken connection: {exc}"
+        if self.process is not None:
+            try:
+                code = self.process.wait(timeout=1)
+                reason = f"the embedded server exited (code {code}); its messages are " \
+                         f"above in the terminal"
+            except subprocess.TimeoutExpired:
+                pass
+        with self.cond:
+            self.gone = reason
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        """The reader thread must see end-of-stream before its file closes."""
+        try:
+            self.writer.close()
+        except (OSError, ValueError):
+            pass
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=5)
+        try:
+            self.reader.close()
+        except (OSError, ValueError):
+            pass
+        if self.sock is not None:
+            self.sock.close()
+
+
+def start_server(python: Optional[str], models_dirs: Sequence[str], device: Optional[str],
+                 extra_args: Sequence[str]) -> subprocess.Popen[bytes]:
+    """`<venv python> -m dlserver --stdio ...` with a clean environment."""
+    command = [python or find_python(), "-m", "dlserver", "--stdio"]
+    for folder in models_dirs:
+        command += ["--models-dir", os.fspath(folder)]
+    if device:
+        command += ["--device", device]
+    command += list(extra_args)
+    flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+    try:
+        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                env=server_env(), cwd=REPO_ROOT, creationflags=flags)
+    except OSError as exc:
+        raise DLServerError("no_python", f"cannot start the server ({command[0]}): {exc}") \
+            from None
+
+
 class Client:
-    def __init__(self, reader: BinaryIO, writer: BinaryIO, timeout: float,
-                 process: Optional[subprocess.Popen[bytes]] = None,
-                 sock: Optional[socket.socket] = None, token: Optional[str] = None,
+    def __init__(self, conn: _Connection, timeout: float, token: Optional[str] = None,
                  spawn_args: Optional[Dict[str, Any]] = None) -> None:
         self.timeout = timeout
-        self.process = process
-        self._sock = sock
-        self._reader = reader
-        self._writer = writer
         self._spawn_args = spawn_args
         self._ids = itertools.count(1)
         self._write_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._replies: Dict[Any, Message] = {}
-        self._gone: Optional[str] = None
         self._models: Optional[List[Dict[str, Any]]] = None
+        self.restarts = 0
+        self._open(conn, token)
+
+    def _open(self, conn: _Connection, token: Optional[str]) -> None:
+        self._conn = conn
         self.server_info: Dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._read_loop, daemon=True,
-                                        name="dlserver-client-reader")
-        self._thread.start()
         try:
             self._handshake(token)
         except BaseException:
-            self.close()
+            conn.close()
             raise
+
+    @property
+    def process(self) -> Optional[subprocess.Popen[bytes]]:
+        """The embedded server's process (None for a remote server)."""
+        return self._conn.process
 
     # --- making a client -------------------------------------------------------------------
     @classmethod
@@ -147,23 +230,10 @@ class Client:
               extra_args: Sequence[str] = ()) -> Client:
         """Start an embedded server (a child process that exits with this one)."""
         args = {"python": python, "models_dirs": list(models_dirs), "device": device,
-                "timeout": timeout, "extra_args": list(extra_args)}
-        command = [python or find_python(), "-m", "dlserver", "--stdio"]
-        for folder in models_dirs:
-            command += ["--models-dir", os.fspath(folder)]
-        if device:
-            command += ["--device", device]
-        command += list(extra_args)
-        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
-        try:
-            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       env=server_env(), cwd=REPO_ROOT, creationflags=flags)
-        except OSError as exc:
-            raise DLServerError("no_python", f"cannot start the server ({command[0]}): {exc}") \
-                from None
-        assert process.stdin is not None and process.stdout is not None
-        return cls(process.stdout, process.stdin, timeout,  # type: ignore[arg-type]
-                   process=process, spawn_args=args)
+                "extra_args": list(extra_args)}
+        process = start_server(**args)
+        return cls(_Connection(process.stdout, process.stdin, process, None),  # type: ignore
+                   timeout, spawn_args=args)
 
     @classmethod
     def connect(cls, host: str, port: int, token: Optional[str] = None, timeout: float = 30.0,
@@ -180,7 +250,7 @@ class Client:
             sock = context.wrap_socket(sock, server_hostname=host)
         sock.settimeout(None)  # the reader thread blocks; timeouts are kept per request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(sock.makefile("rb"), sock.makefile("wb"), timeout, sock=sock,
+        return cls(_Connection(sock.makefile("rb"), sock.makefile("wb"), None, sock), timeout,
                    token=token if token is not None else os.environ.get("DLSERVER_TOKEN"))
 
     def _handshake(self, token: Optional[str]) -> None:
@@ -195,44 +265,24 @@ class Client:
             fields["auth"] = auth_proof(token, welcome.header["nonce"])
         self.server_info = self.request("hello", **fields)
 
-    # --- the reader thread -----------------------------------------------------------------
-    def _read_loop(self) -> None:
-        reason = "the server closed the connection"
-        try:
-            while True:
-                msg = read_message(self._reader, CLIENT_LIMITS)
-                with self._cond:
-                    self._replies[msg.header.get("id")] = msg
-                    self._cond.notify_all()
-        except ConnectionClosed:
-            pass
-        except (ProtocolError, OSError, ValueError) as exc:
-            reason = f"broken connection: {exc}"
-        if self.process is not None:
-            code = self.process.poll()
-            if code is not None:
-                reason = f"the embedded server exited (code {code}); its messages are above " \
-                         f"in the terminal"
-        with self._cond:
-            self._gone = reason
-            self._cond.notify_all()
-
+    # --- replies -------------------------------------------------------------------------
     def _wait(self, rid: Any, timeout: Optional[float], what: str = "") -> Message:
         timeout = self.timeout if timeout is None else timeout
-        with self._cond:
-            ok = self._cond.wait_for(lambda: rid in self._replies or self._gone is not None,
-                                     timeout)
-            if rid in self._replies:
-                return self._replies.pop(rid)
+        conn = self._conn
+        with conn.cond:
+            ok = conn.cond.wait_for(lambda: rid in conn.replies or conn.gone is not None,
+                                    timeout)
+            if rid in conn.replies:
+                return conn.replies.pop(rid)
             if not ok:
                 raise DLServerError("timeout", f"no answer to {what or 'request'} within "
                                     f"{timeout:g}s")
             # An error without an id (e.g. a refused handshake) explains the closed stream.
-            stray = self._replies.pop(None, None)
+            stray = conn.replies.pop(None, None)
             if stray is not None and not stray.header.get("ok", True):
                 err = stray.header["error"]
                 raise DLServerError(err["code"], err["message"])
-            raise DLServerError("server_gone", self._gone or "server gone")
+            raise DLServerError("server_gone", conn.gone or "server gone")
 
     # --- requests --------------------------------------------------------------------------
     def send(self, kind: str, buffers: Sequence[Any] = (), **fields: Any) -> int:
@@ -240,10 +290,10 @@ class Client:
         rid = next(self._ids)
         try:
             with self._write_lock:
-                write_message(self._writer, {"type": kind, "id": rid, **fields}, buffers)
+                write_message(self._conn.writer, {"type": kind, "id": rid, **fields}, buffers)
         except (OSError, ValueError) as exc:
-            raise DLServerError("server_gone", self._gone or f"cannot send to the server: {exc}") \
-                from None
+            raise DLServerError("server_gone", self._conn.gone or
+                                f"cannot send to the server: {exc}") from None
         return rid
 
     def receive(self, rid: int, timeout: Optional[float] = None) -> Message:
@@ -350,7 +400,7 @@ class Client:
         return self.server_info.get("shm_prefix")
 
     def alive(self) -> bool:
-        return self._gone is None
+        return self._conn.gone is None
 
     def _in_exchange_dir(self, path: str) -> bool:
         if not self.exchange_dir:
@@ -358,40 +408,32 @@ class Client:
         real, root = os.path.realpath(path), os.path.realpath(self.exchange_dir)
         return real != root and os.path.commonpath([real, root]) == root
 
+    @property
+    def can_restart(self) -> bool:
+        return self._spawn_args is not None
+
     def restart(self) -> None:
-        """Embedded only: replace a lost server with a fresh one."""
+        """Embedded only: replace a lost server with a fresh one. A server that was
+        killed could not clean up after itself, so its exchange dir and its shared-memory
+        blocks are removed here. Files in the old exchange dir are gone: write them again
+        into the new `exchange_dir`."""
         if self._spawn_args is None:
             raise DLServerError("server_gone", "a remote server can't be restarted from here")
-        self.close()
-        fresh = Client.spawn(**self._spawn_args)
-        self.__dict__.update(fresh.__dict__)
+        old_exchange, old_prefix = self.exchange_dir, self.shm_prefix
+        self._conn.close()
+        if old_exchange:
+            shutil.rmtree(old_exchange, ignore_errors=True)
+        if old_prefix:
+            from .shm import sweep
+            sweep(old_prefix)
+        process = start_server(**self._spawn_args)
+        self._open(_Connection(process.stdout, process.stdin, process, None),  # type: ignore
+                   None)
+        self.restarts += 1
 
     def close(self) -> None:
-        """Close the connection; an embedded server exits (EOF on its stdin).
-        Order matters: the reader thread must see end-of-stream before its file closes."""
-        try:
-            self._writer.close()
-        except (OSError, ValueError):
-            pass
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self.process is not None:
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-        try:
-            self._reader.close()
-        except (OSError, ValueError):
-            pass
-        if self._sock is not None:
-            self._sock.close()
+        """Close the connection; an embedded server exits (EOF on its stdin)."""
+        self._conn.close()
 
     def __enter__(self) -> Client:
         return self
