@@ -157,7 +157,11 @@ def _error_text(exc: BaseException) -> str:
 
 # ============================================================================ clients
 def _client_for(key: ServerKey) -> Any:
-    """The shared client for a server (connecting when needed). Any thread."""
+    """The shared client for a server (connecting when needed). Any thread.
+
+    The embedded server is started from Nuke's main thread: on Linux it asks to die
+    with the thread that started it (PR_SET_PDEATHSIG follows the parent *thread*), and
+    a worker thread ends long before the Nuke session does."""
     if Client is None:
         raise RuntimeError("dlserver.client can't be imported: is the repository root on "
                            "sys.path (nuke_plugin/init.py puts it there)?")
@@ -165,17 +169,26 @@ def _client_for(key: ServerKey) -> Any:
         client = _clients.get(key)
         if client is not None and client.alive():
             return client
-        if client is not None:
-            try:
-                client.close()
-            except Exception:
-                pass
-        if key[0] == "embedded":
-            client = Client.spawn()
+        stale = _clients.pop(key, None)
+    if stale is not None:
+        try:
+            stale.close()
+        except Exception:
+            pass
+    if key[0] == "embedded":
+        fresh = _in_main(Client.spawn)
+    else:
+        fresh = Client.connect(key[1], key[2], token=key[3] or None)
+    with _lock:
+        current = _clients.get(key)
+        if current is not None and current.alive():  # another thread was quicker
+            keep, drop = current, fresh
         else:
-            client = Client.connect(key[1], key[2], token=key[3] or None)
-        _clients[key] = client
-        return client
+            keep, drop = fresh, None
+            _clients[key] = fresh
+    if drop is not None:
+        drop.close()
+    return keep
 
 
 def _call_with_restart(key: ServerKey, call: Callable[[Any], Any]) -> Any:
@@ -272,7 +285,8 @@ def knob_changed() -> None:
             _knob(node, "cache_path").setValue(st.cache_root(knob.value()))
     elif name in _SERVER_KNOBS:
         _set_status(node, "settings changed: press Connect")
-    else:
+        return
+    elif name != "live":
         return
     if name != "cache_dir" and _knob(node, "live").value():
         _start_live(node)

@@ -63,20 +63,27 @@ def press(node: Any, knob: str) -> None:
     node[knob].execute()
 
 
-def pattern_image(frame: int, width: int = 8, height: int = 6) -> exrio.Image:
+def pattern_image(frame: int, width: int = 8, height: int = 6, offset: tuple = (0, 0),
+                  aspect: float = 1.0) -> exrio.Image:
+    """A frame-dependent pattern; with an offset, the data window (bounding box) sits
+    inside a larger display window (format)."""
     n = width * height
     chans = {c: array("f", [((i * (k + 3) + frame * 7) % 11) / 10.0 for i in range(n)])
              for k, c in enumerate("RGB")}
     chans["A"] = array("f", [1.0] * n)
     chans["extra.Z"] = array("f", [float(frame)] * n)  # a layer to pass through
-    return exrio.Image((0, 0, width - 1, height - 1), (0, 0, width - 1, height - 1), chans)
+    x, y = offset
+    display = (0, 0, width - 1 + 2 * x, height - 1 + 2 * y)
+    return exrio.Image((x, y, x + width - 1, y + height - 1), display, chans, aspect)
 
 
-def write_sequence(folder: str, frames: range, width: int = 8, height: int = 6) -> str:
+def write_sequence(folder: str, frames: range, width: int = 8, height: int = 6,
+                   offset: tuple = (0, 0), aspect: float = 1.0) -> str:
     """EXR frames `folder/in.####.exr` of a frame-dependent pattern; returns the pattern."""
     os.makedirs(folder, exist_ok=True)
     for f in frames:
-        exrio.write_exr(os.path.join(folder, f"in.{f:04d}.exr"), pattern_image(f, width, height))
+        exrio.write_exr(os.path.join(folder, f"in.{f:04d}.exr"),
+                        pattern_image(f, width, height, offset, aspect))
     return os.path.join(folder, "in.####.exr").replace("\\", "/")
 
 

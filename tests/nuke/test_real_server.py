@@ -28,7 +28,9 @@ def session(tmp_path, monkeypatch):
 
 
 def make_dlclient(tmp_path, frames=range(1, 6)):
-    pattern = ns.write_sequence(str(tmp_path / "plate"), frames, width=16, height=12)
+    # A bounding box inside a larger format and non-square pixels: both must survive.
+    pattern = ns.write_sequence(str(tmp_path / "plate"), frames, width=16, height=12,
+                                offset=(3, 2), aspect=2.0)
     read = ns.upstream_read(pattern, frames[0], frames[-1])
     read.setSelected(True)
     ns.run_menu()
@@ -53,7 +55,8 @@ def cli_infer(tmp_path, pattern, size, frames="1-5"):
 
 
 def assert_same_image(got, want):
-    assert got.data_window == want.data_window
+    assert got.data_window == want.data_window == (3, 2, 18, 13)
+    assert got.pixel_aspect == want.pixel_aspect == 2.0
     assert got.display_window == want.display_window
     assert sorted(got.channels) == sorted(want.channels)
     for name in want.channels:
@@ -179,3 +182,21 @@ def test_remote_server_works_like_embedded_and_a_wrong_token_errors(session, tmp
     cli = cli_infer(tmp_path, pattern, 2.0, "1-2")
     for f in (1, 2):
         assert_same_image(node._image(f), ns.exrio.read_exr(cli.replace("####", f"{f:04d}")))
+
+
+def test_a_lost_embedded_server_is_restarted_transparently(session, tmp_path):
+    plugin = session
+    node, pattern = make_dlclient(tmp_path, range(1, 3))
+    connect(plugin, node)
+    ns.press(node, "process_frame")
+    ns.wait_idle(plugin)
+    server = plugin._clients[("embedded",)].process
+    server.kill()
+    server.wait()
+    nuke.frame(2)
+    ns.press(node, "process_frame")
+    ns.wait_idle(plugin)
+    assert "processed 1 of 1" in node["status"].value(), node["status"].value()
+    assert plugin._clients[("embedded",)].process.pid != server.pid
+    cli = cli_infer(tmp_path, pattern, 4.0, "2")  # blur's default size
+    assert_same_image(node._image(2), ns.exrio.read_exr(cli.replace("####", "0002")))

@@ -280,6 +280,32 @@ class ProcessingTest(PluginTest):
         self.assertTrue(any("brightest pixel" in m for m in nuke._messages))
 
 
+class LiveModeTest(PluginTest):
+    def test_live_mode_processes_the_viewed_frame_in_the_background(self) -> None:
+        node = self.make_node()
+        self.connect(node)
+        node["live"].setValue(True)  # processes the current frame (1)
+        self.assertFalse(self.plugin.idle())  # the button returned; work is in a thread
+        ns.wait_idle(self.plugin)
+        nuke.frame(3)  # a frame change
+        ns.wait_idle(self.plugin)
+        node["dlopt_size"].setValue(1.0)  # a knob change: frame 3 with the new size
+        ns.wait_idle(self.plugin)
+        self.assertEqual(sorted(c["inputs"]["src"][-8:-4] for c in StubClient.calls),
+                         ["0001", "0003", "0003"])
+        self.result_frame(node, 3)
+        with self.assertRaises(RuntimeError):
+            self.result_frame(node, 2)  # never viewed: not processed
+
+    def test_live_mode_off_does_nothing(self) -> None:
+        node = self.make_node()
+        self.connect(node)
+        nuke.frame(2)
+        node["dlopt_size"].setValue(1.0)
+        ns.wait_idle(self.plugin)
+        self.assertEqual(StubClient.calls, [])
+
+
 class SecurityTest(PluginTest):
     def test_nothing_a_server_sends_is_executed(self) -> None:
         import builtins

@@ -721,9 +721,15 @@ def delete(node: Optional[Node]) -> None:
 
 
 def frame(f: Optional[int] = None) -> int:
-    """nuke.frame(): get or set the current frame."""
-    if f is not None:
+    """nuke.frame(): get or set the current frame. A change runs the updateUI callbacks
+    of every node ("code to execute on every node when things change (like frame
+    changes)"):
+    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.addUpdateUI.html"""
+    if f is not None and int(f) != _frame[0]:
         _frame[0] = int(f)
+        for node in list(_root._children):
+            with _this_context(node, None):
+                _do_callbacks(updateUIs)
     return _frame[0]
 
 
