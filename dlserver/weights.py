@@ -73,11 +73,16 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")
 
 
 class WeightsError(Exception):
-    """Base of the weights errors: a message a person can act on."""
+    """Base of the weights errors: a message a person can act on. `code` is the
+    error code the server replies with (docs/protocol.md)."""
+
+    code = "weights_error"
 
 
 class WeightsMissing(WeightsError):
     """A weights file that is nowhere to be found (and could not be downloaded)."""
+
+    code = "weights_missing"
 
     def __init__(self, weights: WeightsFile, searched: Sequence[Path],
                  reason: str = "", explicit: str | None = None) -> None:
@@ -109,9 +114,13 @@ class WeightsMissing(WeightsError):
 class WeightsChecksumError(WeightsError):
     """A file whose sha256 does not match the publisher's."""
 
+    code = "weights_checksum"
+
 
 class UnsafePickleError(WeightsError, pickle.UnpicklingError):
     """A pickle that references something other than numpy arrays and containers."""
+
+    code = "weights_unsafe"
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ def test_missing_file_message_names_file_url_and_folders(tmp_path, monkeypatch):
     with pytest.raises(W.WeightsMissing) as ei:
         W.resolve(wf, allow_download=False)
     msg = str(ei.value)
+    assert ei.value.code == "weights_missing"  # what the server replies with
     assert wf.filename in msg and wf.url in msg
     assert str(tmp_path / "mine") in msg and str(W.hub_checkpoints_dir()) in msg
     monkeypatch.setenv(W.ENV_OFFLINE, "1")
