@@ -24,6 +24,10 @@ def default_nuke_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".nuke")
 
 
+def init_path(nuke_dir: str) -> str:
+    return os.path.join(nuke_dir, "init.py")
+
+
 def init_line(plugin_dir: str = PLUGIN_DIR) -> str:
     path = plugin_dir.replace("\\", "/")  # forward slashes work on every OS in Nuke
     if '"' in path:
@@ -35,27 +39,29 @@ def _is_ours(line: str) -> bool:
     return line.rstrip().endswith(MARKER) and "nuke.pluginAddPath(" in line
 
 
-def add_init_line(nuke_dir: Optional[str] = None, plugin_dir: str = PLUGIN_DIR) -> str:
+def add_init_line(nuke_dir: Optional[str] = None, plugin_dir: str = PLUGIN_DIR) -> bool:
     """Write our line into `<nuke_dir>/init.py` (created if needed), replacing an older
-    line of ours; returns the init.py path."""
+    line of ours. Returns whether the file changed (False: the line was already there)."""
     nuke_dir = nuke_dir or default_nuke_dir()
     os.makedirs(nuke_dir, exist_ok=True)
-    path = os.path.join(nuke_dir, "init.py")
+    path = init_path(nuke_dir)
     lines = _read_lines(path)
     kept = [line for line in lines if not _is_ours(line)]
     if kept and not kept[-1].endswith("\n"):
         kept[-1] += "\n"
-    body = "".join(kept)
-    if "import nuke" not in body:
+    if "import nuke" not in "".join(kept):
         kept.insert(0, "import nuke\n")
     kept.append(init_line(plugin_dir) + "\n")
-    _write(path, "".join(kept))
-    return path
+    text = "".join(kept)
+    if text == "".join(lines):
+        return False
+    _write(path, text)
+    return True
 
 
 def remove_init_line(nuke_dir: Optional[str] = None) -> bool:
     """Remove our line from `<nuke_dir>/init.py`; returns whether it was there."""
-    path = os.path.join(nuke_dir or default_nuke_dir(), "init.py")
+    path = init_path(nuke_dir or default_nuke_dir())
     lines = _read_lines(path)
     kept = [line for line in lines if not _is_ours(line)]
     if len(kept) == len(lines):

@@ -200,3 +200,25 @@ def test_a_lost_embedded_server_is_restarted_transparently(session, tmp_path):
     assert plugin._clients[("embedded",)].process.pid != server.pid
     cli = cli_infer(tmp_path, pattern, 4.0, "2")  # blur's default size
     assert_same_image(node._image(2), ns.exrio.read_exr(cli.replace("####", "0002")))
+
+
+def test_cancel_with_the_real_server_keeps_finished_frames_and_no_temp_files(session, tmp_path):
+    plugin = session
+    node, pattern = make_dlclient(tmp_path)
+    connect(plugin, node)
+    exchange = plugin._clients[("embedded",)].exchange_dir
+    before = set(ns.files_under(exchange))
+
+    def cancel_at_frame_2(task):
+        if task.messages and task.messages[-1].startswith("frame 2 "):
+            task._cancel()
+
+    nuke._progress_hook[0] = cancel_at_frame_2
+    ns.press(node, "process_range")
+    ns.wait_idle(plugin)
+    assert "cancelled: processed 2 of 5" in node["status"].value()
+    results = ns.files_under(str(tmp_path / "cache"))
+    assert len(results) == 2 and all(p.endswith(".exr") for p in results)
+    assert set(ns.files_under(exchange)) == before  # no input or result left behind
+    for f in (1, 2):
+        node._image(f)

@@ -67,8 +67,10 @@ class InstallHookTest(unittest.TestCase):
             init = os.path.join(nuke_dir, "init.py")
             with open(init, "w") as f:
                 f.write("import nuke\nnuke.pluginAddPath('/studio/tools')")  # no final newline
-            install_hook.add_init_line(nuke_dir, plugin_dir="/opt/dl server/nuke_plugin")
-            install_hook.add_init_line(nuke_dir, plugin_dir="/opt/dl server/nuke_plugin")
+            self.assertTrue(
+                install_hook.add_init_line(nuke_dir, plugin_dir="/opt/dl server/nuke_plugin"))
+            self.assertFalse(
+                install_hook.add_init_line(nuke_dir, plugin_dir="/opt/dl server/nuke_plugin"))
             with open(init) as f:
                 lines = f.read().splitlines()
             self.assertEqual(lines, ["import nuke", "nuke.pluginAddPath('/studio/tools')",
@@ -82,8 +84,9 @@ class InstallHookTest(unittest.TestCase):
     def test_creates_init_py(self) -> None:
         import install_hook
         with tempfile.TemporaryDirectory() as tmp:
-            path = install_hook.add_init_line(os.path.join(tmp, ".nuke"))
-            with open(path) as f:
+            nuke_dir = os.path.join(tmp, ".nuke")
+            self.assertTrue(install_hook.add_init_line(nuke_dir))
+            with open(install_hook.init_path(nuke_dir)) as f:
                 text = f.read()
             self.assertIn("import nuke\n", text)
             self.assertIn(install_hook.PLUGIN_DIR.replace("\\", "/"), text)
@@ -235,6 +238,19 @@ class ProcessingTest(PluginTest):
         self.assertEqual([p for p in ns.files_under(self.cache) if not p.endswith(".exr")], [])
         for f in (1, 2, 3):
             self.result_frame(node, f)
+
+    def test_clear_cache_removes_only_the_current_settings_results(self) -> None:
+        node = self.make_node(range(1, 3))
+        self.connect(node)
+        self.process_range(node)
+        first_key = node["result_key"].value()
+        node["dlopt_size"].setValue(1.0)
+        self.process_range(node)
+        ns.press(node, "clear_cache")
+        self.assertFalse(os.path.exists(os.path.join(self.cache, node["result_key"].value())))
+        self.assertEqual(len(ns.files_under(os.path.join(self.cache, first_key))), 2)
+        with self.assertRaises(RuntimeError):
+            self.result_frame(node, 1)
 
     def test_save_reload_keeps_model_and_options_before_and_after_connecting(self) -> None:
         node = self.make_node()
