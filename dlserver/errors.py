@@ -34,3 +34,7 @@ class ModelFailed(DLError):
 
 class Cancelled(DLError):
     code = "cancelled"
+
+
+class OutOfMemory(DLError):
+    code = "out_of_memory"

@@ -8,18 +8,23 @@ output_exr (one EXR with every output, over the first input's layers).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 import numpy as np
 
-from .errors import BadFrame, BadRequest
+from .errors import BadFrame, BadRequest, OutOfMemory
 from .frames import FrameReader, FrameWriter, check_outputs, convert_color
-from .model import Result
+from .model import Model, Result
 from .protocol import Message
+from .tiling import run_tiled
 
 if TYPE_CHECKING:
+    from .registry import Entry
     from .server import Session
+
+log = logging.getLogger("dlserver")
 
 
 def run_infer(session: Session, msg: Message) -> Tuple[Dict[str, Any], List[Any]]:
@@ -51,17 +56,16 @@ def run_infer(session: Session, msg: Message) -> Tuple[Dict[str, Any], List[Any]
             pixels = convert_color(pixels, layer, to_srgb=True)
         arrays[name] = pixels
     height, width = next(iter(arrays.values())).shape[:2]
-    t1 = time.perf_counter()
-    timing["read_s"] = t1 - t0
+    timing["read_s"] = time.perf_counter() - t0
 
-    model = registry.instance(cls.name)
+    tile = header.get("tile", 0)
+    if not isinstance(tile, int) or isinstance(tile, bool) or not (tile == 0 or 32 <= tile):
+        raise BadRequest("'tile' must be 0 (whole frame) or a tile size of at least 32 pixels")
     t2 = time.perf_counter()
-    timing["load_s"] = t2 - t1
-    with entry.lock:
-        result = model.infer(arrays, options)
+    result = run_model(session, entry, arrays, options, tile, timing)
     del arrays  # drop views of the client's shared memory as soon as possible
     t3 = time.perf_counter()
-    timing["infer_s"] = t3 - t2
+    timing["infer_s"] = t3 - t2 - timing["load_s"]
 
     if not isinstance(result, Result):
         result = Result(result)
@@ -93,3 +97,57 @@ def run_infer(session: Session, msg: Message) -> Tuple[Dict[str, Any], List[Any]
     timing["write_s"] = time.perf_counter() - t3
     reply["timing"] = {k: round(v, 6) for k, v in timing.items()}
     return reply, writer.buffers
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or an allocator failure reported as RuntimeError."""
+    return type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def run_model(session: Session, entry: Entry, arrays: Dict[str, np.ndarray],
+              options: Dict[str, Any], tile: int, timing: Dict[str, float]) -> Any:
+    """The model on one frame, whole or in tiles. On GPU out-of-memory: free what other
+    models hold and retry once (in tiles when the model can be tiled), then on the CPU
+    when the server allows it (--cpu-fallback); otherwise an error that says what to do."""
+    server, name = session.server, entry.cls.name
+    started = time.perf_counter()
+    model = server.registry.instance(name)
+    timing["load_s"] = time.perf_counter() - started
+    pressed = any(options.get(o.name) for o in entry.cls.options if o.kind == "button")
+    margin = None if pressed else model.tile_margin(options)  # a press wants the whole frame
+
+    def attempt(model: Model, tile: int) -> Any:
+        with entry.lock:
+            if tile and margin is not None:
+                return run_tiled(lambda part: model.infer(part, options), arrays, tile, margin)
+            return model.infer(arrays, options)
+
+    try:
+        return attempt(model, tile)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+    height, width = next(iter(arrays.values())).shape[:2]
+    retry_tile = tile // 2 if tile else (max(32, max(height, width) // 2)
+                                         if margin is not None else 0)
+    log.warning("%s ran out of GPU memory on a %dx%d frame: freeing memory, retrying%s",
+                name, width, height, f" in {retry_tile}px tiles" if retry_tile else "")
+    server.count("oom_recoveries")
+    server.registry.free_memory(keep=name)
+    try:
+        return attempt(model, retry_tile)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+    if server.cpu_fallback and model.device != "cpu":
+        log.warning("%s: out of GPU memory again, running this frame on the CPU", name)
+        try:
+            return attempt(server.registry.instance(name, device="cpu"), tile)
+        finally:
+            server.registry.unload(name)  # the next frame loads on the GPU again
+    raise OutOfMemory(
+        f"model {name!r} ran out of GPU memory on a {width}x{height} frame, even after "
+        f"freeing other models{' and in tiles' if retry_tile else ''}. Try a smaller frame or "
+        f"proxy, close other GPU programs, run the server with --cpu-fallback, or "
+        f"--device cpu.")

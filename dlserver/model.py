@@ -296,3 +296,8 @@ class Model:
     def infer(self, inputs: Dict[str, Any], options: Dict[str, Any]) -> Any:
         """inputs: {name: float32 array HxWxC, read-only}; returns {output: array} or Result."""
         raise NotImplementedError
+
+    def tile_margin(self, options: Dict[str, Any]) -> Optional[int]:
+        """Pixels of context a tile needs so tiled output equals whole-frame output;
+        None (the default) when the model can't run on tiles (e.g. detectors)."""
+        return None

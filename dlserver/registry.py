@@ -111,12 +111,15 @@ class Registry:
         return [n for n, e in self.entries.items() if e.instance is not None]
 
     # --- life cycle ------------------------------------------------------------------------
-    def instance(self, name: str) -> Model:
-        """The loaded model (loading it on first use). Callers hold `entry.lock` to infer."""
+    def instance(self, name: str, device: Optional[str] = None) -> Model:
+        """The loaded model (loading it on first use; on `device` when given, else the
+        server's). Callers hold `entry.lock` to infer."""
         entry = self.get(name)
         with self._load_lock:
+            if entry.instance is not None and device and entry.instance.device != device:
+                self.unload(name)
             if entry.instance is None:
-                device = self.device if entry.cls.uses_torch else "cpu"
+                device = device or (self.device if entry.cls.uses_torch else "cpu")
                 started = time.perf_counter()
                 model = entry.cls()
                 model.load(device)
@@ -124,6 +127,14 @@ class Registry:
                 log.info("loaded %s on %s in %.2fs", name, device, time.perf_counter() - started)
             entry.last_used = time.monotonic()
             return entry.instance
+
+    def free_memory(self, keep: str) -> List[str]:
+        """Unload every model but `keep` and return cached GPU memory (out-of-memory)."""
+        freed = [n for n in self.loaded() if n != keep]
+        for n in freed:
+            self.unload(n)
+        _empty_cuda_cache()
+        return freed
 
     def unload(self, name: Optional[str] = None) -> List[str]:
         names = [name] if name else self.loaded()
@@ -135,11 +146,16 @@ class Registry:
                     entry.instance.unload()
                     entry.instance = None
                     done.append(n)
-        if done and "torch" in sys.modules:
-            import torch
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        if done:
+            _empty_cuda_cache()
         return done
+
+
+def _empty_cuda_cache() -> None:
+    if "torch" in sys.modules:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def resolve_device(requested: Optional[str]) -> str:

@@ -59,7 +59,9 @@ class Server:
         self.shm_prefix = f"dls{os.getpid()}_"
         self.started = time.time()
         self.stop_event = threading.Event()
-        self.counters = {"requests": 0, "frames": 0, "errors": 0, "sessions": 0}
+        self.counters = {"requests": 0, "frames": 0, "errors": 0, "sessions": 0,
+                         "oom_recoveries": 0}
+        self.cpu_fallback = False
         self.active_sessions = 0
         self._lock = threading.Lock()
         self.on_stop: Optional[Any] = None  # embedded mode: exit at once
@@ -362,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exchange-dir", default=None,
                    help="folder for frame files of local sessions (default: a new folder "
                         "in /dev/shm, else the temp dir)")
+    p.add_argument("--cpu-fallback", action="store_true",
+                   help="run a frame on the CPU when it doesn't fit in GPU memory")
     p.add_argument("--max-message-mb", type=int, default=Limits.max_body >> 20)
     p.add_argument("--max-pixels", type=int, default=Limits.max_pixels)
     p.add_argument("--log-level", default=None,
@@ -397,6 +401,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     registry = Registry(default_models_dirs(args.models_dir), args.device)
     exchange = make_exchange_dir(args.exchange_dir) if not remote else None
     server = Server(registry, limits, args.token, exchange)
+    server.cpu_fallback = args.cpu_fallback
     if args.stdio:
         _exit_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict
 
 from dlserver.model import Button, Choice, Float, Layer, Model, Result
@@ -42,6 +43,11 @@ class Blur(Model):
             out[..., idx] = blurred.reshape(picked.shape)
         message = brightest_pixel(src) if options["report_brightest"] else ""
         return Result({"rgba": out}, message=message)
+
+
+    def tile_margin(self, options: Dict[str, Any]) -> int:
+        # OpenCV's float kernel reaches round(4 sigma) pixels; one more for rounding.
+        return int(math.ceil(4 * options["size"])) + 1
 
 
 def brightest_pixel(src: Any) -> str:
