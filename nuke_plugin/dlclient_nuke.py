@@ -58,6 +58,7 @@ _lock = threading.Lock()
 _busy: Dict[str, Job] = {}  # node full name -> running job
 _updating: set = set()  # node full names whose knobs this module is setting
 _executing_internal = threading.local()
+_render_checked: Dict[str, set] = {}  # node -> frames processed for the current render
 _pending = [0]  # background tasks whose completion has not run on the main thread yet
 
 
@@ -817,44 +818,56 @@ def clear_cache(node: nuke.Node) -> None:
 # ============================================================================ renders
 def before_render() -> None:
     """Before-render callback (registered by init.py): before a Write renders, every
-    DLClient upstream of it processes its missing frames of the render's range, with
-    its embedded or remote server. Failure raises, which fails the render."""
+    DLClient upstream of it processes the render's range, with its embedded or remote
+    server. Every frame's input is rendered and hashed, and only frames without a
+    cached result for that content go to the server, so a changed upstream is never
+    rendered with a stale result. Failure raises, which fails the render."""
     write = nuke.thisNode()
     if getattr(_executing_internal, "active", False) or _is_internal_write(write):
         return
     frames = _render_frames(write)
     for node in upstream_dlclients(write):
-        _sync_cache_path(node)
-        # Every frame of the range goes through processing: the input is rendered and
-        # hashed, and only frames without a cached result for that content are sent to
-        # the server (so a changed upstream is never rendered with a stale result).
-        print(f"DLClient {node.fullName()}: checking {len(frames)} frame(s) before "
-              f"rendering {write.name()}")
-        if busy(node):
-            raise RuntimeError(f"{node.fullName()} is busy processing; render again when done")
-        job = make_job(node, frames)
-        _busy[job.node] = job
-        try:
-            _run_job(job, show_progress=False)
-        except Exception as exc:
-            _set_error(node, f"frame processing failed: {_error_text(exc)}", popup=False)
-            raise RuntimeError(f"{node.fullName()}: {_error_text(exc)}") from exc
-        finally:
-            _busy.pop(job.node, None)
-        _set_status(node, f"processed {len(job.done)} frame(s) before render")
+        _render_checked[node.fullName()] = set()
+        _process_for_render(node, frames, write.name())
 
 
 def before_frame_render() -> None:
-    """Before each rendered frame: a DLClient upstream without a result for the frame
-    fails the render loudly instead of letting a black or stale frame be written."""
+    """Before each rendered frame: a frame the before-render pass did not cover (e.g.
+    `nuke -F` outside the script's range) is processed now; a failure fails the render
+    loudly instead of letting a black or stale frame be written."""
     write = nuke.thisNode()
     if getattr(_executing_internal, "active", False) or _is_internal_write(write):
         return
     frame = int(nuke.frame())
     for node in upstream_dlclients(write):
+        if frame not in _render_checked.get(node.fullName(), set()):
+            _process_for_render(node, [frame], write.name())
         if _missing_frames(node, [frame]):
             raise RuntimeError(f"{node.fullName()} has no result for frame {frame}: "
                                f"{_knob(node, 'status').value()}")
+
+
+def _process_for_render(node: nuke.Node, frames: List[int], write_name: str) -> None:
+    _sync_cache_path(node)
+    print(f"DLClient {node.fullName()}: checking {len(frames)} frame(s) before rendering "
+          f"{write_name}")
+    if busy(node):
+        raise RuntimeError(f"{node.fullName()} is busy processing; render again when done")
+    try:
+        job = make_job(node, frames)
+    except RuntimeError as exc:
+        _set_error(node, str(exc), popup=False)
+        raise RuntimeError(f"{node.fullName()}: {exc}") from exc
+    _busy[job.node] = job
+    try:
+        _run_job(job, show_progress=False)
+    except Exception as exc:
+        _set_error(node, f"frame processing failed: {_error_text(exc)}", popup=False)
+        raise RuntimeError(f"{node.fullName()}: {_error_text(exc)}") from exc
+    finally:
+        _busy.pop(job.node, None)
+    _render_checked.setdefault(node.fullName(), set()).update(job.done)
+    _set_status(node, f"processed {len(job.done)} frame(s) for a render")
 
 
 def _render_frames(write: nuke.Node) -> List[int]:

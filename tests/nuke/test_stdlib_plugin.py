@@ -407,6 +407,13 @@ class TerminalRenderTest(PluginTest):
         self.assertEqual(len(StubClient.calls), 5)
         self.assertEqual(nuke.ProgressTask.instances, [])  # no UI in terminal mode
 
+    def test_frames_outside_the_script_range_are_processed_per_frame(self) -> None:
+        out = self.build()
+        nuke.root()["last_frame"].setValue(2)  # like nuke -F 1-5 on a 1-2 script
+        nuke.execute(out, 1, 5)
+        self.assertEqual(len(ns.files_under(os.path.join(self.tmp, "out"))), 5)
+        self.assertEqual(len(StubClient.calls), 5)
+
     def test_a_server_failure_fails_the_render_with_a_clear_message(self) -> None:
         out = self.build()
 
