@@ -241,6 +241,25 @@ def test_cli_exr_carries_instance_layers_and_detections(tmp_path, v1_weights):
 
 
 @pytest.mark.slow
+def test_cli_missing_weights_is_an_error_reply(tmp_path):
+    """Through the server: a clear error (file, URL, folder), and no crash."""
+    from conftest import write_plate_exr
+
+    src = tmp_path / "plate.exr"
+    write_plate_exr(src, _image(16, 16))
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "th"), W.ENV_OFFLINE: "1"}
+    done = subprocess.run([str(Path(sys.executable).with_name("dlserver")), "infer", "--model",
+                           "mask_rcnn", "--device", "cpu", str(src), str(tmp_path / "o.exr")],
+                          capture_output=True, text=True, timeout=300, env=env,
+                          cwd=MODEL_DIR.parent.parent)
+    assert done.returncode == 1
+    wf = M.VARIANTS["resnet50_fpn_v2"][1]
+    assert wf.filename in done.stderr and wf.url in done.stderr
+    assert str(tmp_path / "th" / "hub" / "checkpoints") in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
 def test_v2_loads_through_the_loader(tmp_path):
     from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
