@@ -17,6 +17,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -62,6 +63,7 @@ class Server:
         self.counters = {"requests": 0, "frames": 0, "errors": 0, "sessions": 0,
                          "oom_recoveries": 0}
         self.cpu_fallback = False
+        self.tls: Optional[ssl.SSLContext] = None
         self.active_sessions = 0
         self._lock = threading.Lock()
         self.on_stop: Optional[Any] = None  # embedded mode: exit at once
@@ -325,6 +327,15 @@ def serve_socket(server: Server, sock: socket.socket, local: bool) -> None:
 
 
 def _serve_conn(server: Server, conn: socket.socket, local: bool, peer: str) -> None:
+    if server.tls is not None:
+        try:  # the handshake runs here, not in the accept loop: a slow peer blocks no one
+            conn.settimeout(30)
+            conn = server.tls.wrap_socket(conn, server_side=True)
+            conn.settimeout(None)
+        except (OSError, ValueError) as exc:
+            log.warning("TLS handshake with %s failed: %s", peer, exc)
+            conn.close()
+            return
     with conn:
         reader = conn.makefile("rb")
         writer = conn.makefile("wb")
@@ -355,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=55555, help="TCP port (default 55555)")
     p.add_argument("--token", default=os.environ.get("DLSERVER_TOKEN"),
                    help="shared secret clients must prove (default $DLSERVER_TOKEN)")
+    p.add_argument("--tls-cert", help="serve TCP over TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="the certificate's private key (PEM)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without a token")
     p.add_argument("--models-dir", action="append", default=[],
@@ -402,6 +415,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     exchange = make_exchange_dir(args.exchange_dir) if not remote else None
     server = Server(registry, limits, args.token, exchange)
     server.cpu_fallback = args.cpu_fallback
+    if args.tls_cert:
+        server.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.tls.load_cert_chain(args.tls_cert, args.tls_key)
     if args.stdio:
         _exit_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -418,8 +434,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             serve_socket(server, sock, local=True)
         else:
             sock = socket.create_server((args.host, args.port), reuse_port=False)
-            log.info("listening on %s:%d (%s)", args.host, sock.getsockname()[1],
-                     "token required" if args.token else "no token")
+            log.info("listening on %s:%d (%s, %s)", args.host, sock.getsockname()[1],
+                     "token required" if args.token else "no token",
+                     "TLS" if server.tls else "no TLS")
             print(json.dumps({"listening": [args.host, sock.getsockname()[1]]}),
                   file=sys.stderr, flush=True)
             serve_socket(server, sock, local=False)

@@ -294,3 +294,26 @@ def test_nan_is_caught_on_the_shared_memory_path_too(embedded: Client) -> None:
     with ArrayIO(embedded) as io, pytest.raises(DLServerError) as err:
         io.infer("bad_output", {"src": make_plate()}, {"mode": "nan"})
     assert err.value.code == "bad_frame" and "NaN" in err.value.message
+
+
+def test_tls(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl command not found: can't make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = TcpServer(token="t0ken", extra=("--tls-cert", str(cert), "--tls-key", str(key)))
+    try:
+        plate = make_plate()
+        with Client.connect("localhost", server.port, token="t0ken", tls=True,
+                            cafile=str(cert)) as client, ArrayIO(client) as io:
+            out, _ = io.infer("identity", {"src": plate})
+            np.testing.assert_array_equal(out["rgba"], plate)
+        with pytest.raises(DLServerError):  # a plain-TCP client gets no service
+            Client.connect("localhost", server.port, token="t0ken", timeout=5)
+    finally:
+        server.stop()
