@@ -56,7 +56,7 @@ _clients: Dict[ServerKey, Any] = {}
 _models: Dict[ServerKey, List[Dict[str, Any]]] = {}
 _lock = threading.Lock()
 _busy: Dict[str, Job] = {}  # node full name -> running job
-_updating: set = set()  # node full names whose knobs this module is setting
+_updating: Dict[str, int] = {}  # node full name -> depth of this module setting its knobs
 _executing_internal = threading.local()
 _render_checked: Dict[str, set] = {}  # node -> frames processed for the current render
 _pending = [0]  # background tasks whose completion has not run on the main thread yet
@@ -121,10 +121,12 @@ class _Updating:
         self.name = node.fullName()
 
     def __enter__(self) -> None:
-        _updating.add(self.name)
+        _updating[self.name] = _updating.get(self.name, 0) + 1
 
     def __exit__(self, *exc: object) -> None:
-        _updating.discard(self.name)
+        _updating[self.name] -= 1
+        if not _updating[self.name]:
+            del _updating[self.name]
 
 
 # ============================================================================ status
@@ -680,7 +682,22 @@ def _run_job(job: Job, show_progress: bool) -> Job:
 
 
 def _process_frame(job: Job, frame: int) -> str:
-    exchange = _exchange_dir(_client_for(job.server))
+    """One frame: render, hash, infer when not cached. A lost embedded server is
+    restarted once and the frame done again (its exchange dir went with it)."""
+    try:
+        return _process_frame_once(job, frame)
+    except DLServerError as exc:
+        if job.server[0] != "embedded" or getattr(exc, "code", "") != "server_gone":
+            raise
+        with _lock:
+            _clients.pop(job.server, None)
+        print(f"DLClient: {exc}; restarting the embedded server once", file=sys.stderr)
+        return _process_frame_once(job, frame)
+
+
+def _process_frame_once(job: Job, frame: int) -> str:
+    client = _client_for(job.server)
+    exchange = _exchange_dir(client)
     paths = _in_main(_render_inputs, job, frame, exchange)
     try:
         input_hash = st.combine_hashes([st.exr_content_hash(p) for p in paths])
@@ -690,9 +707,8 @@ def _process_frame(job: Job, frame: int) -> str:
             if job.buttons:  # a press answers with a message; its pixels are not kept
                 target = os.path.join(exchange, f"press-{uuid.uuid4().hex}.exr")
             try:
-                reply = _call_with_restart(job.server, lambda c: c.infer_exr(
-                    job.model, dict(zip(job.inputs, paths)), target,
-                    {**job.options, **job.buttons}))
+                reply = client.infer_exr(job.model, dict(zip(job.inputs, paths)), target,
+                                         {**job.options, **job.buttons})
             finally:
                 if job.buttons and os.path.exists(target):
                     os.remove(target)

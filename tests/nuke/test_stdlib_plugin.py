@@ -239,6 +239,34 @@ class ProcessingTest(PluginTest):
         for f in (1, 2, 3):
             self.result_frame(node, f)
 
+    def test_a_server_lost_mid_frame_is_restarted_once_and_the_frame_redone(self) -> None:
+        node = self.make_node(range(1, 2))
+        self.connect(node)
+        failures = []
+
+        def die_once(request: dict) -> None:
+            if not failures:
+                failures.append(request)
+                raise ns.DLServerError("server_gone", "the embedded server exited (code -9)")
+
+        StubClient.before_infer = die_once
+        ns.press(node, "process_frame")
+        ns.wait_idle(self.plugin)
+        self.assertIn("processed 1 of 1", node["status"].value())
+        self.assertEqual(StubClient.spawned, 2)
+        self.result_frame(node, 1)
+
+        def die_always(request: dict) -> None:
+            raise ns.DLServerError("server_gone", "the embedded server exited (code -9)")
+
+        StubClient.before_infer = die_always  # lost again at once: an error, no loop
+        node["dlopt_size"].setValue(5.0)
+        ns.press(node, "process_frame")
+        ns.wait_idle(self.plugin)
+        self.assertIn("ERROR: frame processing failed: the embedded server exited",
+                      node["status"].value())
+        self.assertEqual(StubClient.spawned, 3)
+
     def test_clear_cache_removes_only_the_current_settings_results(self) -> None:
         node = self.make_node(range(1, 3))
         self.connect(node)
