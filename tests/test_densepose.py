@@ -402,22 +402,38 @@ def test_paste_iuv_rules():
 def test_cuda(pkl_path, half):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible to torch")
+    import time
+
     m = M.DensePose()
     m.load("cuda")
-    src = _frame(240, 320)
-    opts = {"weights": str(pkl_path), "threshold": 0.05, "max_instances": 10,
-            "half_precision": half, "network_size": 480}
+    src = _frame(1080, 1920)
+    opts = {"weights": str(pkl_path), "threshold": 0.05, "max_instances": 20,
+            "half_precision": half}
+    r = m.infer({"src": src}, opts)  # warm-up (and cuDNN autotuning)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
     r = m.infer({"src": src}, opts)
+    torch.cuda.synchronize()
+    print(f"\ndensepose 1080p on {torch.cuda.get_device_name()}, half={half}: "
+          f"{(time.perf_counter() - t) * 1000:.0f} ms, {len(r.data['detections'])} people")
     for name, layer in M.DensePose.outputs.items():
-        assert r.outputs[name].shape == (240, 320, len(layer.channels))
+        assert r.outputs[name].shape == (1080, 1920, len(layer.channels))
         assert np.isfinite(r.outputs[name]).all()
     assert r.data["detections"]
-    cpu = M.DensePose()
-    cpu.load("cpu")
-    ref = cpu.infer({"src": src}, {**opts, "half_precision": False})
-    b = np.array([d["box"] for d in r.data["detections"]])
-    rb = np.array([d["box"] for d in ref.data["detections"]])
-    n = min(len(b), len(rb), 3)
-    # float32 on the GPU differs from the CPU only by rounding; float16 by more
-    assert np.abs(b[:n] - rb[:n]).max() < (8.0 if half else 0.05)
+    iuv = r.outputs["iuv"]
+    assert iuv[..., 0].max() <= 24 and 0 <= iuv[..., 1:].min() and iuv[..., 1:].max() <= 1
+
+    # the backbone on the GPU (float32, or float16 under autocast) agrees with the CPU's
+    # up to rounding (TF32 convolutions included); detections of this random network are
+    # near-ties, so they are not compared one by one here
+    net = m.network(str(pkl_path))
+    x = torch.from_numpy(np.ascontiguousarray(src[..., :3].transpose(2, 0, 1))).flip(0) * 255
+    xin, _ = net.preprocess(x.cuda())
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=half):
+        gpu = net.backbone(xin)["p3"].float().cpu()
+    cpu_net = M.build_network(W.load_state_dict(pkl_path)).eval()
+    with torch.no_grad():
+        ref = cpu_net.backbone(xin.cpu())["p3"]
+    rel = ((gpu - ref).norm() / ref.norm()).item()
+    assert rel < (2e-2 if half else 5e-3), rel
     m.unload()

@@ -53,11 +53,13 @@ def result(src: np.ndarray, out: Dict[str, torch.Tensor], o: Dict[str, Any],
 
     boxes = out["boxes"].cpu().tolist()
     scores = out["scores"].cpu().tolist()
-    detections = [{"id": i + 1, "label": "person", "score": round(float(s), 6),
-                   "box": [round(float(c), 3) for c in b]}
+    # box: x0 y0 x1 y1 from the top-left corner (row 0 = top); box_nuke: Nuke's
+    # bottom-left origin (as mask_rcnn reports them)
+    detections = [{"id": i + 1, "class": "person", "score": round(float(s), 6),
+                   "box": [round(float(c), 3) for c in b],
+                   "box_nuke": [round(float(c), 3) for c in (b[0], h - b[3], b[2], h - b[1])]}
                   for i, (b, s) in enumerate(zip(boxes, scores))]
-    data = {"detections": detections, "width": w, "height": h,
-            "box_format": "x0 y0 x1 y1, pixels from the top-left corner (row 0 = top)"}
+    data = {"detections": detections, "width": w, "height": h}
     return Result({"rgba": rgba, "iuv": iuv.astype(np.float32),
                    "parts": matte[..., None], "human": human[..., None].astype(np.float32)},
                   data=data)
