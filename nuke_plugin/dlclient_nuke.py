@@ -65,7 +65,7 @@ _pending = [0]  # background tasks whose completion has not run on the main thre
 # ============================================================================ helpers
 def gui() -> bool:
     """True in an interactive session. `nuke.env['gui']`:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.env.html"""
+    NUKE_NOTES.md (nuke.env['gui'])"""
     return bool(nuke.env["gui"])
 
 
@@ -450,7 +450,7 @@ def _build_option_knobs(node: nuke.Node, decl: Dict[str, Any], values: Dict[str,
 
 def _make_knob(opt: Dict[str, Any], value: Any) -> nuke.Knob:
     """A knob for one option. Knob classes:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.html"""
+    https://learn.foundry.com/nuke/developers/113/pythonreference/nuke-module.html"""
     name, label, kind = st.KNOB_PREFIX + opt["name"], opt["label"], opt["type"]
     knob: nuke.Knob
     if kind == "bool":
@@ -552,7 +552,7 @@ def _sync_inputs(node: nuke.Node, names: Sequence[str]) -> None:
 def _configure_write(write: nuke.Node) -> None:
     """EXR, 32-bit float, no compression, every channel, raw, disabled. file_type first:
     it creates the EXR knobs (Write node reference:
-    https://learn.foundry.com/nuke/content/reference_guide/image_nodes/write.html)."""
+    NUKE_NOTES.md (Moving pixels with the internal Write and Read))."""
     write["file_type"].setValue("exr")
     write["datatype"].setValue("32 bit float")
     write["compression"].setValue("none")
@@ -724,7 +724,7 @@ def _process_frame_once(job: Job, frame: int) -> str:
 def _render_inputs(job: Job, frame: int, exchange: str) -> List[str]:
     """Main thread: render each model input of `frame` to an EXR in `exchange` with the
     node's internal Writes, which stay disabled except while executing.
-    nuke.execute: https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.execute.html"""
+    nuke.execute: https://learn.foundry.com/nuke/developers/132/pythondevguide/_autosummary/nuke.executeMultiple.html"""
     node = nuke.toNode(job.node)
     if node is None:
         raise RuntimeError(f"node {job.node} was deleted")
@@ -930,7 +930,7 @@ def _sync_cache_path(node: nuke.Node) -> None:
 # ============================================================================ threads
 def _in_main(call: Callable[..., Any], *args: Any) -> Any:
     """Run `call` on Nuke's main thread (directly when already there).
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.executeInMainThreadWithResult.html"""
+    https://learn.foundry.com/nuke/developers/122/pythonreference/nuke.executeInMain-module.html"""
     if threading.current_thread() is threading.main_thread():
         return call(*args)
     box: Dict[str, Any] = {}

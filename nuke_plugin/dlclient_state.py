@@ -36,7 +36,7 @@ class StateError(ValueError):
 # --- text from a server --------------------------------------------------------------------
 # Nuke evaluates Tcl in most string knobs: "[ ]" embeds a Tcl command (and
 # "[python {...}]" runs Python), "$" substitutes a variable, "\" escapes. See
-# https://learn.foundry.com/nuke/content/comp_environment/expressions/converting_expressions.html
+# https://learn.foundry.com/nuke/developers/131/pythondevguide/_autosummary/nuke.value.html
 # A server's text (labels, help, messages, choice names) is data: these characters are
 # replaced before the text reaches any knob or dialog, so nothing in it is evaluated.
 _TCL_SAFE = str.maketrans({"[": "(", "]": ")", "{": "(", "}": ")", "$": "S", "\\": "/"})

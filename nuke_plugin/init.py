@@ -1,7 +1,7 @@
 """Runs in every Nuke session, GUI or terminal (nuke -t, nuke -x on a farm), when
 ~/.nuke/init.py calls nuke.pluginAddPath on this folder (python install.py writes that
 line). Plug-in paths and render callbacks go here; menus go in menu.py (GUI only).
-https://learn.foundry.com/nuke/content/comp_environment/configuring_nuke/python_startup_scripts.html
+https://learn.foundry.com/nuke/developers/131/pythondevguide/startup.html
 """
 
 import os
@@ -21,7 +21,7 @@ import dlclient_nuke  # noqa: E402 - needs the repository on sys.path
 
 # Before any Write renders (GUI renders and nuke -x alike): process the missing frames
 # of every DLClient upstream; before each frame: fail loudly if one is still missing.
-# https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.addBeforeRender.html
+# https://learn.foundry.com/nuke/developers/120/pythonreference/nuke.callbacks-module.html
 nuke.addBeforeRender(dlclient_nuke.before_render, nodeClass="Write")
 nuke.addBeforeFrameRender(dlclient_nuke.before_frame_render, nodeClass="Write")
 # Live mode: frame changes reach DLClient nodes through updateUI.

@@ -7,7 +7,7 @@ written into `<nuke_dir>/init.py` (default `~/.nuke`), is
 
 `nuke.pluginAddPath` puts the folder on Nuke's plug-in path and runs its init.py (and,
 with a GUI, its menu.py):
-https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.pluginAddPath.html
+https://learn.foundry.com/nuke/developers/130/pythondevguide/_autosummary/nuke.pluginAddPath.html
 Both functions are idempotent and touch no other line of the file.
 """
 

@@ -1,6 +1,6 @@
 """Runs only in GUI sessions: the DL menu of the Nodes toolbar with a DLClient entry.
 nuke.menu('Nodes') is the Nodes toolbar; Menu.addMenu/addCommand take an icon:
-https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.Menu.html
+https://learn.foundry.com/nuke/developers/160/pythondevguide/_autosummary/nuke.Menu.html
 """
 
 import os

@@ -27,7 +27,7 @@ from . import exrio
 
 # --- constants ---------------------------------------------------------------------------
 # Knob flags and dependency masks:
-# https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.html
+# https://learn.foundry.com/nuke/developers/113/pythonreference/nuke-module.html
 DISABLED = 0x80
 NO_ANIMATION = 0x100
 STARTLINE = 0x1000
@@ -41,7 +41,7 @@ _FLAG_NAMES = {"DISABLED": DISABLED, "INVISIBLE": INVISIBLE, "STARTLINE": STARTL
                "ENDLINE": ENDLINE, "READ_ONLY": READ_ONLY, "NO_ANIMATION": NO_ANIMATION}
 
 # nuke.env['gui']: False in terminal sessions (nuke -t / nuke -x).
-# https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.env.html
+# NUKE_NOTES.md (nuke.env['gui'])
 env: Dict[str, Any] = {"gui": True}
 
 _messages: List[str] = []
@@ -57,7 +57,7 @@ class _RenderError(RuntimeError):
 
 
 # --- knobs -------------------------------------------------------------------------------
-# https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.Knob.html
+# https://learn.foundry.com/nuke/developers/160/pythondevguide/_autosummary/nuke.knob.html
 class Knob:
     def __init__(self, name: str, label: Optional[str] = None, *args: Any) -> None:
         self._name = name
@@ -151,7 +151,7 @@ class String_Knob(Knob):
 
 class EvalString_Knob(String_Knob):
     """A string knob evaluated as Tcl:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.EvalString_Knob.html"""
+    https://learn.foundry.com/nuke/developers/131/pythondevguide/_autosummary/nuke.EvalString_Knob.html"""
 
     def evaluate(self) -> str:
         return _tcl_subst(self._value, self.node(), _frame[0])
@@ -239,7 +239,7 @@ class Boolean_Knob(Array_Knob):
 class Enumeration_Knob(Array_Knob):
     """Enumeration_Knob(name, label, items); value() is the current item's name,
     setValue takes a name or an index, setValues replaces the items:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.Enumeration_Knob.html"""
+    https://learn.foundry.com/nuke/developers/120/pythonreference/nuke.Enumeration_Knob-class.html"""
 
     def __init__(self, name: str, label: Optional[str] = None,
                  items: Sequence[str] = ()) -> None:
@@ -286,7 +286,7 @@ class Script_Knob(String_Knob):
 class PyScript_Knob(Script_Knob):
     """PyScript_Knob(name, label, command): a button running Python; execute() runs it
     with nuke.thisNode()/thisKnob() set:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.PyScript_Knob.html"""
+    https://learn.foundry.com/nuke/developers/132/pythondevguide/_autosummary/nuke.PyScript_Knob.html"""
 
     def __init__(self, name: str, label: Optional[str] = None, command: str = "") -> None:
         super().__init__(name, label)
@@ -312,7 +312,7 @@ _KNOB_TYPES = {1: String_Knob, 2: File_Knob, 3: Int_Knob, 4: Enumeration_Knob,
 
 
 # --- nodes -------------------------------------------------------------------------------
-# https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.Node.html
+# https://learn.foundry.com/nuke/developers/132/pythondevguide/_autosummary/nuke.Node.html
 def _std_knobs(cls: str) -> List[Knob]:
     k: List[Knob] = [String_Knob("name"), String_Knob("label"), Boolean_Knob("disable")]
     if cls == "Read":
@@ -325,7 +325,7 @@ def _std_knobs(cls: str) -> List[Knob]:
               PyScript_Knob("reload", "Reload")]
     elif cls == "Write":
         # Write node knobs (file_type first creates the EXR knobs in Nuke):
-        # https://learn.foundry.com/nuke/content/reference_guide/image_nodes/write.html
+        # NUKE_NOTES.md (Moving pixels with the internal Write and Read)
         compression = Enumeration_Knob("compression", "compression",
                                        ["none", "Zip (1 scanline)", "Zip (16 scanlines)"])
         compression._value = 1  # Nuke's default is a Zip compression
@@ -448,7 +448,7 @@ class Node:
     def _knob_changed(self, knob: Knob) -> None:
         """knobChanged fires for setValue too (recent Nukes); the node's own knobChanged
         knob script, then nuke.addKnobChanged callbacks:
-        https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.addKnobChanged.html"""
+        https://learn.foundry.com/nuke/developers/17.1/pythondevguide/_autosummary/nuke.addKnobChanged.html"""
         if not self._ready or _loading[0]:
             return
         script = self._knobs.get("knobChanged")
@@ -478,7 +478,8 @@ class Node:
             up = group.input(number)
             assert up is not None
             return up._image(frame)
-        if cls == "Assert":
+        if cls == "Assert":  # errors when its Tcl expression is false:
+            # https://learn.foundry.com/nuke/Content/reference_guide/other_nodes/assert.html
             ok = _eval_expression(_tcl_subst(self._knobs["expression"].getText(), self, frame),
                                   self)
             if not ok:
@@ -521,7 +522,7 @@ class Node:
 
 class Group(Node):
     """Group: `with group:` makes it the context for node creation:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.Group.html"""
+    https://learn.foundry.com/nuke/developers/160/pythondevguide/_autosummary/nuke.Root.Class.html"""
 
     def __init__(self, cls: str = "Group", name: str = "") -> None:
         super().__init__(cls, name)
@@ -588,7 +589,7 @@ def root() -> Root:
 
 def thisNode() -> Node:
     """The node a callback or button runs for:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.thisNode.html"""
+    https://learn.foundry.com/nuke/developers/130/pythondevguide/callbacks.html"""
     node = _this[-1][0] if _this else None
     if node is None:
         return _root
@@ -651,7 +652,7 @@ _BUILTIN = {"Read", "Write", "Input", "Output", "Constant", "Assert", "Dot", "No
 class _Nodes:
     """nuke.nodes.<Class>(knob=value, ...): create a node in the current group without
     connecting it:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.nodes.html"""
+    https://learn.foundry.com/nuke/developers/10.5/pythondevguide/basics.html"""
 
     def __getattr__(self, cls: str) -> Callable[..., Node]:
         def make(**knobs: Any) -> Node:
@@ -669,7 +670,7 @@ nodes = _Nodes()
 def createNode(node: str, knobs: str = "", inpanel: bool = True) -> Node:
     """createNode: creates a node in the current group, connected to the selected node
     (and selected); for a gizmo, loads <node>.gizmo from the plug-in path:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.createNode.html"""
+    https://learn.foundry.com/nuke/developers/10.5/pythondevguide/basics.html"""
     group = thisGroup()
     selected = [n for n in group._children if n.isSelected()]
     new = _new_node(node, group)
@@ -724,7 +725,7 @@ def frame(f: Optional[int] = None) -> int:
     """nuke.frame(): get or set the current frame. A change runs the updateUI callbacks
     of every node ("code to execute on every node when things change (like frame
     changes)"):
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.addUpdateUI.html"""
+    https://learn.foundry.com/nuke/developers/130/pythondevguide/_autosummary/nuke.addUpdateUI.html"""
     if f is not None and int(f) != _frame[0]:
         _frame[0] = int(f)
         for node in list(_root._children):
@@ -734,7 +735,8 @@ def frame(f: Optional[int] = None) -> int:
 
 
 def message(prompt: str) -> None:
-    """An info dialog (GUI): recorded for tests."""
+    """An info dialog (GUI): recorded for tests.
+    https://learn.foundry.com/nuke/developers/160/pythondevguide/custom_panels.html"""
     _messages.append(prompt)
 
 
@@ -804,7 +806,7 @@ def execute(nameOrNode: Any, start: int, end: int, incr: int = 1,
     """nuke.execute(node, first, last): render a Write; beforeRender callbacks run first,
     beforeFrameRender before each frame (with nuke.frame() the rendered frame). An error
     in the tree raises RuntimeError:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.execute.html"""
+    https://learn.foundry.com/nuke/developers/132/pythondevguide/_autosummary/nuke.executeMultiple.html"""
     node = toNode(nameOrNode) if isinstance(nameOrNode, str) else nameOrNode
     if node is None or node.Class() != "Write":
         raise RuntimeError(f"{nameOrNode}: not a Write node")
@@ -826,7 +828,7 @@ def execute(nameOrNode: Any, start: int, end: int, incr: int = 1,
 # --- progress and threads ----------------------------------------------------------------
 class ProgressTask:
     """A progress bar the artist can cancel; may be used from a worker thread:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.ProgressTask.html"""
+    https://learn.foundry.com/nuke/developers/131/pythondevguide/_autosummary/nuke.ProgressTask.html"""
 
     instances: List[ProgressTask] = []
 
@@ -863,7 +865,7 @@ _main_queue: queue.Queue[Tuple[Callable[..., Any], tuple, dict, Optional[list]]]
 def executeInMainThread(call: Callable[..., Any], args: Any = (),
                         kwargs: Optional[dict] = None) -> None:
     """Queue `call` for the main thread and return at once:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.executeInMainThread.html"""
+    https://learn.foundry.com/nuke/developers/122/pythonreference/nuke.executeInMain-module.html"""
     if not isinstance(args, tuple):
         args = (args,)
     _main_queue.put((call, args, kwargs or {}, None))
@@ -931,7 +933,7 @@ class MenuItem:
 class Menu(MenuItem):
     """Menu.addMenu(name, icon=...) / addCommand(name, command, shortcut, icon=...);
     findItem takes a path like "DL/DLClient":
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.Menu.html"""
+    https://learn.foundry.com/nuke/developers/160/pythondevguide/_autosummary/nuke.Menu.html"""
 
     def __init__(self, name: str, icon: str = "") -> None:
         super().__init__(name, None, icon)
@@ -975,7 +977,7 @@ def menu(name: str) -> Menu:
 # --- plug-in path ------------------------------------------------------------------------
 def pluginAddPath(path: str, addToSysPath: bool = True) -> None:
     """Add a folder to the plug-in path (and sys.path) and run its init.py:
-    https://learn.foundry.com/nuke/developers/latest/pythondevguide/_autosummary/nuke.pluginAddPath.html
+    https://learn.foundry.com/nuke/developers/130/pythondevguide/_autosummary/nuke.pluginAddPath.html
     Nuke runs plug-in init.py files without `__file__` being defined."""
     path = os.path.abspath(path)
     if path in _plugin_path:
