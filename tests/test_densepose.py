@@ -51,7 +51,7 @@ M = _import_model_package()
 network = importlib.import_module(f"{PKG}.network")
 keymap = importlib.import_module(f"{PKG}.keymap")
 
-FAST = {"network_size": 128, "max_instances": 3, "threshold": 0.05}
+FAST = {"network_size": 128, "max_instances": 2, "threshold": 0.05}
 
 # sha256 of the sorted "name (shape)" lines of detectron2's DensePose R-CNN R50-FPN s1x
 # state dict (detectron2 built from source, build_model on the s1x config): 335 entries.
@@ -362,6 +362,27 @@ def test_overlay_draws():
     box = render.overlay(rgb, iuv, human, np.array([[2.0, 2.0, 28.0, 18.0]]),
                          {**opts, "show_border": True, "alpha": 0.5})
     assert np.allclose(box[2, 10], 0.5) and np.allclose(box[0, 0], 0.0)
+
+
+def test_resized_shape_is_detectron2s():
+    """ResizeShortestEdge(800, 1333) output sizes, as detectron2 gave them in the parity runs."""
+    for (h, w), want in (((480, 640), (800, 1067)), ((1200, 1600), (800, 1067)),
+                         ((700, 300), (1333, 571)), ((1080, 1920), (750, 1333)),
+                         ((800, 800), (800, 800))):
+        assert network.resized_shape(h, w, 800, 1333) == want
+
+
+@pytest.mark.slow
+def test_full_network_size(model, pkl_path):
+    """detectron2's own test size (800/1333) on an odd-sized frame: the padding to a
+    multiple of 32 and the resize back to the frame."""
+    src = _frame(333, 517, seed=3)
+    r = model.infer({"src": src}, {"weights": str(pkl_path), "threshold": 0.05,
+                                   "max_instances": 2, "output_mode": "iuv"})
+    assert r.outputs["iuv"].shape == (333, 517, 3)
+    assert 1 <= len(r.data["detections"]) <= 2
+    i = r.outputs["iuv"][..., 0]
+    assert i.min() >= 0 and i.max() <= 24
 
 
 # --- pasting (detectron2's conversion rules) ----------------------------------------------

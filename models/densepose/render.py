@@ -93,13 +93,16 @@ def overlay(rgb: np.ndarray, iuv: np.ndarray, human: np.ndarray, boxes: np.ndarr
         img[lines] += (1.0 - img[lines]) * alpha
 
     if o["show_border"] and len(boxes):
+        # all boxes into one label image (later boxes on top), then one blend
         t = int(o["border_thickness"])
+        ids = np.zeros(body.shape, np.int32)
         for i, b in enumerate(boxes):
-            m = np.zeros(body.shape, np.uint8)
             x0, y0, x1, y1 = (int(round(float(c))) for c in b)
-            cv2.rectangle(m, (x0, y0), (x1 - 1, y1 - 1), 1, t)
-            sel = m.astype(bool)
-            c = HUMAN_COLOURS[i % len(HUMAN_COLOURS)] if o["show_human_index"] else \
-                np.array([1.0, 1.0, 1.0], np.float32)
-            img[sel] += (c - img[sel]) * alpha
+            cv2.rectangle(ids, (x0, y0), (x1 - 1, y1 - 1), i + 1, t)
+        sel = ids > 0
+        if o["show_human_index"]:
+            c = HUMAN_COLOURS[(ids[sel] - 1) % len(HUMAN_COLOURS)]
+        else:
+            c = np.ones(3, np.float32)
+        img[sel] += (c - img[sel]) * alpha
     return img
