@@ -95,7 +95,7 @@ class DensePose(Model):
                  "fewer is faster"),
         Int("network_size", 800, min=128, max=2048, label="network size",
             help="the image's shorter side is resized to this for the network (longer side "
-                 "at most 1333/800 of it); 800 is what the model was trained and tested at"),
+                 "at most 1333/800 of it); 800 is detectron2's test size for this model"),
         Bool("half_precision", False, label="half precision",
              help="run the network in float16 on a CUDA GPU (ignored on the CPU)"),
         String("weights", "", label="weights file",
@@ -151,7 +151,6 @@ class DensePose(Model):
         net.cfg.min_size, net.cfg.max_size = size, int(round(size * 1333 / 800))
         net.cfg.detections_per_image = o["max_instances"]
         src = np.asarray(inputs["src"], dtype=np.float32)
-        h, w = src.shape[:2]
         # RGB 0-1 (sRGB) → BGR 0-255, as detectron2's predictor feeds it
         rgb = torch.from_numpy(np.ascontiguousarray(src[..., :3].transpose(2, 0, 1)))
         bgr = rgb.to(self.device).nan_to_num(0.0, 1.0, 0.0).clamp_(0.0, 1.0).flip(0) * 255.0
