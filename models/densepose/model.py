@@ -112,7 +112,7 @@ class DensePose(Model):
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
         import torch  # noqa: F401 - fail here, not in the first infer, when it is missing
-        import torchvision  # noqa: F401
+        import torchvision  # type: ignore[import-untyped]  # noqa: F401
 
         self.device = device
 

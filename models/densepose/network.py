@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms, roi_align  # type: ignore[import-untyped]
 
 # detectron2 MODEL.PIXEL_MEAN / PIXEL_STD (BGR, 0-255 input)
 PIXEL_MEAN_BGR = (103.530, 116.280, 123.675)
@@ -53,6 +53,11 @@ class Config:
 
 class FrozenBatchNorm2d(nn.Module):
     """detectron2.layers.FrozenBatchNorm2d: fixed statistics and affine parameters."""
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
 
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -404,6 +409,9 @@ def resized_shape(height: int, width: int, min_size: int, max_size: int) -> Tupl
 
 
 class DensePoseRCNN(nn.Module):
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
     def __init__(self, cfg: Optional[Config] = None) -> None:
         super().__init__()
         self.cfg = cfg or Config()
