@@ -10,7 +10,10 @@ import sys
 
 import nkparser
 import pytest
-from nukesupport import PLUGIN, REPO
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # nukesupport
+
+from nukesupport import PLUGIN, REPO  # noqa: E402
 
 GIZMO = os.path.join(REPO, "gizmos", "DLClient.gizmo")
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from array import array
 
-import nukesupport as ns
 import pytest
-from nukesupport import nuke
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # nukesupport
+
+import nukesupport as ns  # noqa: E402
+from nukesupport import nuke  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
 DLSERVER_CLI = os.path.join(VENV_BIN, "dlserver")

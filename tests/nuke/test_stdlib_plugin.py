@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import unittest
 from array import array
 
-import nukesupport as ns
-from nukesupport import StubClient, nuke
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # nukesupport
+
+import nukesupport as ns  # noqa: E402
+from nukesupport import StubClient, nuke  # noqa: E402
 
 
 class PluginTest(unittest.TestCase):
