@@ -164,6 +164,10 @@ class Session:
             except (OSError, ValueError):
                 return
             rid, kind = msg.header.get("id"), msg.header.get("type")
+            if not (rid is None or isinstance(rid, (int, str))) or isinstance(rid, bool):
+                self.server.count("errors")
+                self.send(error_reply(None, "bad_request", "'id' must be a number or a string"))
+                continue
             if not self.authenticated:
                 if kind != "hello":
                     self.send(error_reply(rid, "auth", "say hello first (protocol handshake)"))

@@ -1,0 +1,191 @@
+"""Property-based fuzzing of the message parser, the frame references and the server's
+request handling: every case is an error reply or a closed connection, and the server
+answers `hello` afterwards. 10 000+ cases in all (see the max_examples below)."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+
+import pytest
+from conftest import TEST_MODELS
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dlserver.protocol import (
+    MAGIC,
+    PREFIX,
+    VERSION,
+    ConnectionClosed,
+    Limits,
+    ProtocolError,
+    encode_message,
+    parse_frame_ref,
+    read_message,
+)
+from dlserver.registry import Registry
+from dlserver.server import Server
+
+LIMITS = Limits(max_header=1 << 16, max_body=1 << 22, max_pixels=1 << 16)
+
+
+def fuzz(cases: int) -> settings:
+    return settings(max_examples=cases, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck))
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=20)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    exchange = tmp_path_factory.mktemp("exchange")
+    return Server(Registry([TEST_MODELS]), LIMITS, token=None, exchange_dir=str(exchange))
+
+
+def converse(server: Server, payload: bytes, local: bool = True) -> list:
+    """Send `payload` on a fresh connection, close our side, return every reply."""
+    ours, theirs = socket.socketpair()
+
+    def serve() -> None:  # as the TCP transport does: the socket closes with the session
+        with theirs:
+            server.serve_stream(theirs.makefile("rb"), theirs.makefile("wb"), local, "fuzz")
+            theirs.shutdown(socket.SHUT_RDWR)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    ours.sendall(payload)
+    ours.shutdown(socket.SHUT_WR)
+    replies = []
+    stream = ours.makefile("rb")
+    try:
+        while True:
+            replies.append(read_message(stream, Limits(max_body=1 << 30)).header)
+    except (ConnectionClosed, ConnectionResetError):
+        pass  # the server may close a connection it can't trust any more
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the session did not end after the client left"
+    ours.close()
+    return replies
+
+
+def hello() -> bytes:
+    return b"".join(bytes(p) for p in encode_message({"type": "hello", "id": 0,
+                                                      "version": VERSION}))
+
+
+def assert_still_serving(server: Server) -> None:
+    replies = converse(server, hello())
+    assert replies[0]["type"] == "welcome" and replies[1]["ok"] is True
+
+
+def check_replies(replies: list) -> None:
+    assert replies and replies[0]["type"] == "welcome"
+    for reply in replies[1:]:
+        assert isinstance(reply.get("ok"), bool)
+        if not reply["ok"]:
+            assert set(reply["error"]) == {"code", "message"}
+            assert isinstance(reply["error"]["message"], str) and reply["error"]["message"]
+
+
+@fuzz(3000)
+@given(st.binary(max_size=300))
+def test_parser_survives_any_bytes(data: bytes) -> None:
+    stream = io.BytesIO(data)
+    try:
+        read_message(stream, LIMITS)
+    except (ProtocolError, ConnectionClosed):
+        pass
+
+
+@fuzz(2000)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=64))
+def test_declared_lengths_are_checked_before_allocating(header_len, body_len, rest) -> None:
+    stream = io.BytesIO(PREFIX.pack(MAGIC, header_len, body_len) + rest)
+    try:
+        read_message(stream, LIMITS)
+    except ProtocolError as exc:
+        assert exc.code in ("too_large", "bad_message")
+    except ConnectionClosed:
+        assert header_len <= LIMITS.max_header and body_len <= LIMITS.max_body
+
+
+@fuzz(2000)
+@given(json_values, st.integers(0, 3))
+def test_frame_refs_are_validated_or_refused(ref, n_buffers) -> None:
+    try:
+        parsed = parse_frame_ref(ref, n_buffers, LIMITS)
+    except ProtocolError as exc:
+        assert exc.code in ("bad_frame", "too_large")
+        return
+    assert parsed.kind in ("inline", "shm", "file")
+
+
+frame_refs = st.fixed_dictionaries({}, optional={
+    "kind": st.sampled_from(["inline", "shm", "file", "x"]),
+    "format": st.sampled_from(["raw", "exr", 3]),
+    "buffer": st.integers(-1, 3),
+    "name": st.text(max_size=12),
+    "path": st.sampled_from(["/etc/passwd", "../x.exr", "a.exr", "", "/dev/zero"]),
+    "shape": st.lists(st.integers(-3, 70000), max_size=4),
+    "dtype": st.sampled_from(["float32", "float16", "uint8", None]),
+    "channels": st.lists(st.sampled_from(["R", "G", "B", "A", "", "x.y"]), max_size=5),
+})
+requests = st.fixed_dictionaries(
+    {"type": st.sampled_from(["list_models", "infer", "stats", "cancel", "unload", "bogus",
+                              "hello"]),
+     "id": json_values},
+    optional={"model": st.sampled_from(["identity", "blur", "failing", "bad_output", "../x",
+                                        "nope"]) | json_values,
+              "options": st.dictionaries(st.sampled_from(["size", "gain", "mode", "x"]),
+                                         json_values, max_size=3) | json_values,
+              "inputs": st.dictionaries(st.sampled_from(["src", "x"]), frame_refs, max_size=2),
+              "outputs": st.dictionaries(st.sampled_from(["rgba", "x"]), json_values,
+                                         max_size=2),
+              "output_exr": json_values,
+              "tile": json_values,
+              "target": json_values})
+
+
+@fuzz(2500)
+@given(st.lists(st.tuples(requests, st.lists(st.binary(max_size=256), max_size=2)),
+                min_size=1, max_size=3),
+       st.booleans())
+def test_server_answers_any_request_with_a_reply(server: Server, messages, local) -> None:
+    payload = hello()
+    for header, buffers in messages:
+        try:
+            payload += b"".join(bytes(p) for p in encode_message(header, buffers))
+        except ValueError:  # a value JSON can't carry (e.g. huge ints are fine, NaN isn't)
+            return
+    check_replies(converse(server, payload, local))
+
+
+@fuzz(600)
+@given(st.binary(min_size=1, max_size=400))
+def test_garbage_after_hello_closes_or_replies(server: Server, garbage: bytes) -> None:
+    replies = converse(server, hello() + garbage)
+    check_replies(replies)
+    assert_still_serving(server)
+
+
+def test_server_still_serves_after_the_fuzzing(server: Server) -> None:
+    assert_still_serving(server)
+    assert json.dumps(server.stats())
+
+
+def test_non_utf8_and_deep_json_over_the_wire(server: Server) -> None:
+    deep = b"[" * 30000 + b"]" * 30000
+    for raw, code in ((b"\xff\xfe\xfd", "bad_message"), (deep, "bad_message"),
+                      (b'{"type": "stats", "id": 1e999}', "bad_request")):
+        payload = hello() + PREFIX.pack(MAGIC, len(raw), 0) + raw
+        replies = converse(server, payload)
+        check_replies(replies)
+        assert replies[-1]["error"]["code"] == code
+    assert_still_serving(server)
