@@ -3,6 +3,7 @@
     dlserver models                                   table of models and options
     dlserver infer --model blur --set size=4 in.####.exr out.####.exr --frames 1-10
     dlserver serve --host 0.0.0.0 --port 55555 --token T   (= python -m dlserver ...)
+    dlserver weights [--fetch MODEL]                  where each model's weight files are
 
 `infer` starts the embedded server (or uses `--server HOST:PORT`), sends each frame's
 EXR and writes the result EXR: the model's layers over every layer of the input.
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     connection(sp)
     sub.add_parser("serve", help="run the server (same arguments as python -m dlserver)",
                    add_help=False)
+    from .weights import add_weights_parser  # stdlib at import time: torch only to load
+    add_weights_parser(sub)
     return p
 
 
@@ -214,6 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "weights":
+            return args.func(args)
         return cmd_infer(args)
     except (ValueError, DLServerError) as exc:
         print(f"\ndlserver: {exc}", file=sys.stderr)

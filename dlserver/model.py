@@ -12,7 +12,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from .weights import WeightsFile
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 CHANNEL_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?$")
@@ -216,6 +219,7 @@ class Model:
     options     (Option, ...)   typed, with defaults, ranges and help
     help        one paragraph for the docs and the node's tooltip
     uses_torch  False when the model never imports torch
+    weights_files  the weight files `load` needs (dlserver.weights.WeightsFile)
 
     and implements `infer(inputs, options)` -> {output name: float32 HxWxC array} or
     a `Result`. `load(device)` runs once before the first `infer` (import torch and
@@ -233,6 +237,8 @@ class Model:
     # False for models that never touch torch: the server then needn't import torch
     # (seconds at start-up) just to pick a device for them.
     uses_torch: ClassVar[bool] = True
+    # The files `load` needs (`dlserver weights` lists and fetches them).
+    weights_files: ClassVar[Tuple[WeightsFile, ...]] = ()
 
     def __init__(self) -> None:
         self.device = "cpu"
