@@ -12,10 +12,12 @@ from conftest import ROOT
 
 def test_second_run_changes_nothing_and_skips_pip(tmp_path) -> None:
     config = ROOT / "dlserver.local.json"
+    command = [sys.executable, str(ROOT / "install.py"), "--dev",
+               "--nuke-dir", str(tmp_path / "nuke")]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert first.returncode == 0, first.stderr  # up to date, or brought up to date
     before = config.read_text()
-    done = subprocess.run([sys.executable, str(ROOT / "install.py"), "--dev",
-                           "--nuke-dir", str(tmp_path / "nuke")],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "pip skipped" in done.stdout
     assert config.read_text() == before
