@@ -78,3 +78,24 @@ def test_server_converts_colour_for_srgb_models_but_not_mattes(embedded: Client)
            for n, r in reply.outputs.items()}
     np.testing.assert_allclose(out["rgba"], plate, rtol=1e-5)
     assert (out["mask"] == 0.5).all(), "non-colour layers are not converted"
+
+
+def test_models_from_the_entry_point_group(tmp_path: Path, monkeypatch) -> None:
+    dist = tmp_path / "acme_models-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-models\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[dlserver.models]\nacme = acme_invert:Invert\n")
+    (tmp_path / "acme_invert.py").write_text(
+        "from dlserver.model import Model\n"
+        "class Invert(Model):\n"
+        "    name = 'acme_invert'\n"
+        "    uses_torch = False\n"
+        "    def infer(self, inputs, options):\n"
+        "        return {'rgba': 1.0 - inputs['src']}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry([])
+    assert "acme_invert" in registry.entries
+    assert registry.entries["acme_invert"].source.startswith("entry point acme")
+    model = registry.instance("acme_invert")
+    out = model.infer({"src": np.zeros((2, 2, 4), np.float32)}, {})
+    assert (out["rgba"] == 1).all()

@@ -317,3 +317,18 @@ def test_tls(tmp_path: Path) -> None:
             Client.connect("localhost", server.port, token="t0ken", timeout=5)
     finally:
         server.stop()
+
+
+def test_a_request_that_outlives_its_timeout_is_a_clear_error(embedded: Client,
+                                                              tmp_path: Path) -> None:
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    plate = make_plate()
+    rid = embedded.send("infer", [plate.data], model="gate", options={"gate": str(fifo)},
+                        inputs={"src": raw_inline(plate)})
+    with open(fifo, "wb") as gate:  # the frame is inside the model and stays there
+        with pytest.raises(DLServerError) as err:
+            embedded.receive(rid, timeout=0.2)
+        assert err.value.code == "timeout" and "0.2s" in err.value.message
+        gate.write(b"x")
+    assert embedded.receive(rid).header["ok"]  # the late reply is still delivered
