@@ -550,13 +550,12 @@ def _sync_inputs(node: nuke.Node, names: Sequence[str]) -> None:
 
 
 def _configure_write(write: nuke.Node) -> None:
-    """EXR, 32-bit float, no compression, every channel, raw, disabled. file_type first:
-    it creates the EXR knobs (Write node reference:
-    NUKE_NOTES.md (Moving pixels with the internal Write and Read))."""
+    """EXR, 32-bit float, no compression, every channel, raw, disabled (metadata stays:
+    the input hash ignores the header). file_type first: it creates the EXR knobs
+    (NUKE_NOTES.md, "Moving pixels with the internal Write and Read")."""
     write["file_type"].setValue("exr")
     write["datatype"].setValue("32 bit float")
     write["compression"].setValue("none")
-    write["metadata"].setValue("no metadata")
     write["channels"].setValue("all")
     write["raw"].setValue(True)
     write["create_directories"].setValue(True)
