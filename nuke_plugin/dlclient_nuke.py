@@ -64,8 +64,8 @@ _pending = [0]  # background tasks whose completion has not run on the main thre
 
 # ============================================================================ helpers
 def gui() -> bool:
-    """True in an interactive session. `nuke.env['gui']`:
-    NUKE_NOTES.md (nuke.env['gui'])"""
+    """True in an interactive session: nuke.env['gui'] (NUKE_NOTES.md, "Threads and the
+    UI"; False under nuke -t / nuke -x)."""
     return bool(nuke.env["gui"])
 
 
