@@ -7,8 +7,10 @@ torch, torchvision and the post-processing in render.py are imported in `load()`
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
@@ -140,6 +142,11 @@ class MaskRCNN(Model):
                     "$DLSERVER_WEIGHTS_DIR, then the torch hub cache, then download"),
     )
     weights_files: ClassVar[Tuple[WeightsFile, ...]] = tuple(w for _, w in VARIANTS.values())
+    # Speed switches (benchmarks/bench_models.py compares them): the top-T NMS of fast.py
+    # instead of torchvision's per-class loop (same detections), and a 1080p warm-up
+    # when a network is built on a GPU.
+    fast_heads: ClassVar[bool] = True
+    warm_up: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -149,10 +156,13 @@ class MaskRCNN(Model):
 
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
-        import torch  # noqa: F401 - fail here, not in the first infer, when it is missing
+        import torch  # fail here, not in the first infer, when it is missing
         from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
         self.device = device
+        if self._cuda():
+            # frame sizes repeat across a sequence: let cuDNN pick the fastest kernels
+            torch.backends.cudnn.benchmark = True
         self._categories = list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
         missing = set(self.options_by_name()["class_filter"].choices[2:]) - set(self._categories)
         if missing:  # the declaration was read from torchvision's source: must agree
@@ -173,6 +183,7 @@ class MaskRCNN(Model):
     def _network(self, variant: str, weights_option: str) -> Any:
         """The network for (variant, weights), built on first use and kept (one at a
         time: switching variant frees the previous one)."""
+        import torch
         import torchvision.models.detection as det
 
         builder_name, wf = VARIANTS[variant]
@@ -191,9 +202,34 @@ class MaskRCNN(Model):
             raise WeightsError(
                 f"weights file {str(path)!r} does not fit the {variant} network (choose the "
                 f"other network option or another file): {str(exc)[:500]}") from exc
-        self._net = net.eval().to(self.device)
+        net = net.eval().to(self.device)
+        if self._cuda():
+            # channels-last convolutions (tensor-core friendly) for the backbone + FPN
+            net.backbone.to(memory_format=torch.channels_last)
+        self._net = net
         self._net_key = key
+        if self._cuda() and self.warm_up:
+            self._warm_up(net)
         return self._net
+
+    def _cuda(self) -> bool:
+        return str(self.device).startswith("cuda")
+
+    def _warm_up(self, net: Any) -> None:
+        """One 1080p frame through the network (float32 and float16 backbones) when it is
+        built, so that cuDNN's autotuning and CUDA's lazy loading are not paid by the
+        first real frame (ten times slower otherwise)."""
+        import torch
+
+        saved = (net.roi_heads.score_thresh, net.roi_heads.detections_per_img)
+        try:
+            image = torch.rand((3, 1080, 1920), device=self.device,
+                               generator=torch.Generator(self.device).manual_seed(0))
+            for half in (False, True):
+                self._detect(net, [image], half)
+            torch.cuda.synchronize(self.device)
+        finally:
+            net.roi_heads.score_thresh, net.roi_heads.detections_per_img = saved
 
     # --- inference -----------------------------------------------------------------------
     def _detect(self, net: Any, images: List[Any], half: bool) -> List[Dict[str, Any]]:
@@ -201,28 +237,31 @@ class MaskRCNN(Model):
         pixels, labels (N,), scores (N,) sorted by decreasing score, masks (N, 1, 28, 28)
         probabilities. torchvision's own postprocess would paste all (up to 100) masks at
         full resolution one by one; here only the kept ones are pasted, in one batch."""
-        import contextlib
         from collections import OrderedDict
 
         import torch
         from torchvision.models.detection.transform import resize_boxes
 
-        cuda = str(self.device).startswith("cuda")
-        autocast = (torch.autocast("cuda", dtype=torch.float16) if half and cuda
-                    else contextlib.nullcontext())
+        from . import fast
+
         sizes = [tuple(im.shape[-2:]) for im in images]
-        with torch.inference_mode():
-            batch, _ = net.transform(images)
-            with autocast:
-                features = net.backbone(batch.tensors)
-            # Half precision stops at the backbone + FPN (most of the work): under
-            # autocast the box decoding would run in float16, which is only 1-2 px
-            # precise at HD coordinates.
-            features = OrderedDict((k, v.float()) for k, v in features.items())
-            proposals, _ = net.rpn(batch, features)
-            dets, _ = net.roi_heads(features, proposals, batch.image_sizes)
+        if self.fast_heads:
+            dets, net_sizes = fast.detect(net, images, half, channels_last=self._cuda())
+        else:  # torchvision's own heads (per-class NMS loop), for comparison
+            with torch.inference_mode():
+                batch, _ = net.transform(images)
+                x = batch.tensors
+                if self._cuda():
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with (torch.autocast("cuda", dtype=torch.float16) if half and self._cuda()
+                      else contextlib.nullcontext()):
+                    features = net.backbone(x)
+                features = OrderedDict((k, v.float()) for k, v in features.items())
+                proposals, _ = net.rpn(batch, features)
+                dets, _ = net.roi_heads(features, proposals, batch.image_sizes)
+                net_sizes = batch.image_sizes
         out = []
-        for d, net_size, size in zip(dets, batch.image_sizes, sizes):
+        for d, net_size, size in zip(dets, net_sizes, sizes):
             out.append({"boxes": resize_boxes(d["boxes"].float(), net_size, size),
                         "labels": d["labels"], "scores": d["scores"].float(),
                         "masks": d["masks"].float()})
@@ -250,10 +289,28 @@ class MaskRCNN(Model):
         # more (the mask head's cost grows with the count).
         net.roi_heads.detections_per_img = o["max_instances"] if o["class_filter"] == ALL else 100
         srcs = [np.asarray(frame["src"], dtype=np.float32) for frame in batch]
-        images = [torch.from_numpy(np.ascontiguousarray(s[..., :3].transpose(2, 0, 1)))
-                  .to(self.device).nan_to_num(0.0, 1.0, 0.0).clamp_(0.0, 1.0) for s in srcs]
+        # the whole RGBA frame goes up as it is (one copy, through pinned memory on a
+        # GPU); channels are picked on the device, not by a strided copy on the CPU
+        frames = [self._upload(s) for s in srcs]
+        images = [f.permute(2, 0, 1)[:3].nan_to_num(0.0, 1.0, 0.0).clamp_(0.0, 1.0)
+                  .contiguous() for f in frames]
         dets = self._detect(net, images, o["half_precision"])
-        return [self._render(s, d, o) for s, d in zip(srcs, dets)]
+        with torch.inference_mode():
+            return [self._render(s, f, d, o) for s, f, d in zip(srcs, frames, dets)]
+
+    def _upload(self, src: Any) -> Any:
+        """(H, W, C) float32 array → tensor on the model's device."""
+        import numpy as np
+        import torch
+
+        with warnings.catch_warnings():  # read-only arrays: torch warns, nothing writes
+            warnings.simplefilter("ignore", UserWarning)
+            host = torch.from_numpy(np.ascontiguousarray(src))
+        if not self._cuda():
+            return host.clone()
+        staging = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        staging.copy_(host)  # multi-threaded copy into page-locked memory
+        return staging.to(self.device, non_blocking=True)
 
     def _select(self, det: Dict[str, Any], o: Dict[str, Any]) -> Any:
         """Indices of the kept detections, by decreasing score."""
@@ -269,56 +326,62 @@ class MaskRCNN(Model):
         idx = idx[torch.argsort(scores[idx], descending=True, stable=True)]
         return idx[: o["max_instances"]]
 
-    def _render(self, src: Any, det: Dict[str, Any], o: Dict[str, Any]) -> Result:
+    def _render(self, src: Any, frame: Any, det: Dict[str, Any], o: Dict[str, Any]) -> Result:
+        """The output layers of one frame, composed on the model's device and brought to
+        the host once (page-locked buffers on a GPU). `frame`: the input on the device."""
         import numpy as np
         import torch
 
         from . import render
 
         h, w = src.shape[:2]
+        dev = frame.device
         idx = self._select(det, o)
         boxes, labels, scores = det["boxes"][idx], det["labels"][idx], det["scores"][idx]
         k = int(idx.numel())
         mattes = render.paste_masks(det["masks"][idx, 0], boxes, h, w)  # (K, H, W)
         if not o["soft_mattes"]:
             mattes = (mattes >= 0.5).float()
-        union = mattes.amax(0) if k else torch.zeros((h, w), device=mattes.device)
+        union = mattes.amax(0) if k else torch.zeros((h, w), device=dev)
 
-        rgba = np.empty((h, w, 4), np.float32)
-        rgba[..., :3] = src[..., :3]
         mode = o["output_mode"]
         names = [self._categories[int(c)] for c in labels.tolist()]
+        rgba = torch.empty((h, w, 4), dtype=torch.float32, device=dev)
         if mode == "overlay" and k:
-            self._overlay(rgba, src, mattes, boxes, scores, names, o)
-        rgba[..., 3] = union.cpu().numpy()
-
-        instances = np.zeros((h, w, MAX_INSTANCE_LAYERS), np.float32)
-        instance_id = np.zeros((h, w, 3), np.float32)
+            rgba[..., :3] = self._overlay(frame[..., :3], mattes, boxes, scores, names, o)
+        else:
+            rgba[..., :3] = frame[..., :3]
+        rgba[..., 3] = union
+        host = {"rgba": _to_host(rgba)}
         if mode == "instances" and k:
             n = min(k, MAX_INSTANCE_LAYERS)
-            layers = torch.zeros((h, w, MAX_INSTANCE_LAYERS), device=mattes.device)
+            layers = torch.zeros((h, w, MAX_INSTANCE_LAYERS), device=dev)
             layers[..., :n] = mattes[:n].permute(1, 2, 0)
-            instances = layers.cpu().numpy()  # one transfer, already HxWxC
+            host["instances"] = _to_host(layers)
             best_p, best = mattes.max(0)
             inside = best_p >= 0.5
             ids = torch.stack([best.float() + 1.0, labels[best].float(), scores[best]], -1)
-            instance_id[...] = (ids * inside[..., None]).cpu().numpy()
-
+            host["instance_id"] = _to_host(ids * inside[..., None])
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()  # the host copies are done
         box_list = boxes.cpu().numpy().astype(float).round(2).tolist()
+        outputs = {name: t.numpy() for name, t in host.items()}
+        outputs.setdefault("instances", np.zeros((h, w, MAX_INSTANCE_LAYERS), np.float32))
+        outputs.setdefault("instance_id", np.zeros((h, w, 3), np.float32))
         detections = [
             {"id": i + 1, "class": name, "class_index": int(c), "score": round(float(s), 4),
              "box": b, "box_nuke": [b[0], round(h - b[3], 2), b[2], round(h - b[1], 2)]}
             for i, (name, c, s, b) in enumerate(zip(names, labels.tolist(), scores.tolist(),
                                                     box_list))]
         # data keys become EXR attributes "dlserver/<key>" in files the CLI writes
-        return Result({"rgba": rgba, "instances": instances, "instance_id": instance_id},
-                      data={"detections": detections})
+        return Result(outputs, data={"detections": detections})
 
-    def _overlay(self, rgba: Any, src: Any, mattes: Any, boxes: Any, scores: Any,
-                 names: List[str], o: Dict[str, Any]) -> None:
-        """The seed's drawing: coloured fills (largest object first, so small ones stay
-        visible), white mask borders, green boxes and class names with scores."""
-        import numpy as np
+    def _overlay(self, rgb: Any, mattes: Any, boxes: Any, scores: Any, names: List[str],
+                 o: Dict[str, Any]) -> Any:
+        """The seed's drawing on the device: coloured fills (largest object first, so
+        small ones stay visible), white mask borders, green boxes and class names with
+        scores (rasterised by OpenCV into 8-bit masks, composited on the device).
+        `rgb`: (H, W, 3) tensor; returns a new (H, W, 3) tensor."""
         import torch
 
         from . import render
@@ -328,7 +391,6 @@ class MaskRCNN(Model):
         order = torch.argsort(area, descending=True, stable=True)
         # colour by rank (score order), drawn in area order
         colours = torch.from_numpy(render.palette(k)).to(mattes.device)[order]
-        rgb = torch.from_numpy(np.ascontiguousarray(src[..., :3])).to(mattes.device)
         ordered = mattes[order]
         out = torch.empty_like(rgb)
         # Bands of rows bound the temporaries (a few K x band x W tensors) to about
@@ -344,12 +406,25 @@ class MaskRCNN(Model):
                 edge = render.borders(mattes[:, a0:a1] >= 0.5, o["border_thickness"])
                 band = torch.where(edge[y0 - a0:y1 - a0, :, None], torch.ones_like(band), band)
             out[y0:y1] = band
-        img = np.ascontiguousarray(out.cpu().numpy())
         if o["show_boxes"] or o["show_class_names"]:
             order_l = order.tolist()
             labels = [f"{names[i]} {float(scores[i]):0.2f}".replace(" 0.", " .")
                       for i in order_l]
-            render.draw_boxes_and_names(img, boxes[order].cpu().numpy(), labels,
-                                        o["show_boxes"], o["show_class_names"],
-                                        o["box_thickness"], o["font_scale"])
-        rgba[..., :3] = img
+            green, text = render.box_and_name_masks(
+                h, w, boxes[order].cpu().numpy(), labels, o["show_boxes"],
+                o["show_class_names"], o["box_thickness"], o["font_scale"])
+            out = render.composite_boxes_and_names(out, green, text)
+        return out
+
+
+def _to_host(t: Any) -> Any:
+    """A device tensor's copy on the host, started now: page-locked (pinned) memory for
+    CUDA tensors, so the copy runs at the bus's speed. Read it after a synchronising
+    call (e.g. `.cpu()` of another tensor on the same stream)."""
+    import torch
+
+    if not t.is_cuda:
+        return t.contiguous()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out

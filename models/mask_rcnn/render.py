@@ -82,32 +82,56 @@ def borders(hard: torch.Tensor, thickness: int) -> torch.Tensor:
     return ((dilated > 0.5) & (eroded < 0.5)).any(0)[0]
 
 
-def draw_boxes_and_names(img: np.ndarray, boxes: np.ndarray, names: Sequence[str],
-                         show_boxes: bool, show_names: bool, box_thickness: int,
-                         font_scale: float) -> np.ndarray:
-    """The seed's boxes (green) and class labels (gray on green) drawn on `img` (H, W, 3,
-    float 0-1, modified in place). A loop over instances, but cv2 touches only the
-    pixels it draws."""
+def box_and_name_masks(height: int, width: int, boxes: np.ndarray, names: Sequence[str],
+                       show_boxes: bool, show_names: bool, box_thickness: int,
+                       font_scale: float) -> tuple:
+    """The seed's boxes and class labels rasterised by OpenCV into two 8-bit (H, W) masks:
+    `green` (255 where a box line or a label's background is) and `text` (the labels'
+    anti-aliased coverage, 0-255), or None for a layer with nothing drawn. A loop over
+    instances, but cv2 touches only the pixels it draws."""
     import cv2
 
-    green = tuple(c / 255.0 for c in GREEN)
-    gray = np.array(GRAY, np.float32) / 255.0
     font = cv2.FONT_HERSHEY_SIMPLEX
-    # cv2.putText draws on 8-bit images only: render the text as an 8-bit coverage
-    # mask and blend its colour in afterwards.
-    text = np.zeros(img.shape[:2], np.uint8) if show_names else None
+    green = np.zeros((height, width), np.uint8)
+    text = np.zeros((height, width), np.uint8) if show_names else None
     for (x0, y0, x1, y1), name in zip(boxes.tolist(), names):
         if show_boxes:
-            cv2.rectangle(img, (int(x0), int(y0)), (int(x1), int(y1)), green,
+            cv2.rectangle(green, (int(x0), int(y0)), (int(x1), int(y1)), 255,
                           thickness=box_thickness)
         if text is not None:
             (tw, th), _ = cv2.getTextSize(name, font, font_scale, 1)
             x, y = int(x0), int(y0) - 2
-            cv2.rectangle(img, (x, y - int(1.3 * th)), (x + tw, y), green, -1)
+            cv2.rectangle(green, (x, y - int(1.3 * th)), (x + tw, y), 255, -1)
+            # cv2.putText draws on 8-bit images only: the coverage is blended later
             cv2.putText(text, name, (x, y - int(0.3 * th)), font, font_scale, 255,
                         lineType=cv2.LINE_AA)
-    if text is not None and text.any():
-        cover = text.astype(np.float32)[..., None] / 255.0
-        img *= 1.0 - cover
-        img += cover * gray
+    return (green if green.any() else None), (text if text is not None and text.any()
+                                              else None)
+
+
+def composite_boxes_and_names(img: torch.Tensor, green: np.ndarray | None,
+                              text: np.ndarray | None) -> torch.Tensor:
+    """Green where `green` is set, then the gray text blended by its coverage, over `img`
+    (H, W, 3) float (a tensor on any device; returns a new one)."""
+    dev = img.device
+    if green is not None:
+        colour = torch.tensor([c / 255.0 for c in GREEN], dtype=img.dtype, device=dev)
+        mask = torch.from_numpy(green).to(dev, non_blocking=True).bool()[..., None]
+        img = torch.where(mask, colour, img)
+    if text is not None:
+        gray = torch.from_numpy(np.array(GRAY, np.float32) / 255.0).to(dev)
+        cover = torch.from_numpy(text).to(dev).to(img.dtype)[..., None] / 255.0
+        img = img * (1.0 - cover)  # two roundings, as the seed's in-place numpy blend
+        img = img + cover * gray
+    return img
+
+
+def draw_boxes_and_names(img: np.ndarray, boxes: np.ndarray, names: Sequence[str],
+                         show_boxes: bool, show_names: bool, box_thickness: int,
+                         font_scale: float) -> np.ndarray:
+    """The seed's boxes (green) and class labels (gray on green) drawn on `img` (H, W, 3,
+    float 0-1, modified in place)."""
+    green, text = box_and_name_masks(img.shape[0], img.shape[1], boxes, names, show_boxes,
+                                     show_names, box_thickness, font_scale)
+    img[...] = composite_boxes_and_names(torch.from_numpy(img), green, text).numpy()
     return img

@@ -1,0 +1,204 @@
+"""An EXR sequence through `dlserver infer` (embedded server): frames/s, and where the
+time goes (EXR read, transfer, inference, EXR write); plus server start → model list.
+
+    python3 benchmarks/bench_end_to_end.py --device cuda            # 100 frames, 1080p
+    .venv/bin/python benchmarks/bench_end_to_end.py --device cpu --size small --frames 3
+
+The input is one random RGBA float32 uncompressed EXR (as Nuke's exchange files are)
+linked as every frame of the sequence; the model gets random-init weights (no
+download) and, for mask_rcnn, a score threshold of 0 and 100 detections per frame.
+Figures are printed, never asserted. Baseline in the same run: the same sequence
+through the identity test model (the server's I/O alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SIZES = {"small": (180, 320), "1080p": (1080, 1920), "4k": (2160, 3840)}
+TEST_MODELS = str(ROOT / "tests" / "models")
+
+
+def log(*args: Any) -> None:
+    print(*args, flush=True)
+
+
+def server_start_to_model_list(device: str, repeat: int) -> Dict[str, Any]:
+    from dlserver.client import Client
+
+    times, torch_imported = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        with Client.spawn(device=device) as client:
+            names = [m["name"] for m in client.models()]
+            times.append(time.perf_counter() - t)
+            torch_imported = client.stats().get("torch_imported")
+    return {"median_s": statistics.median(times), "min_s": min(times), "models": names,
+            "torch_imported": torch_imported}
+
+
+def write_sequence(folder: str, h: int, w: int, frames: int) -> str:
+    import OpenEXR
+
+    rng = np.random.default_rng(0)
+    rgba = rng.random((h, w, 4), dtype=np.float32)
+    rgba[..., 3] = 1.0
+    first = os.path.join(folder, "plate.exr")
+    channels = {c: np.ascontiguousarray(rgba[..., i]) for i, c in enumerate("RGBA")}
+    with OpenEXR.File({"compression": OpenEXR.NO_COMPRESSION,
+                       "type": OpenEXR.scanlineimage}, channels) as exr:
+        exr.write(first)
+    for f in range(1, frames + 1):
+        os.link(first, os.path.join(folder, f"in.{f:04d}.exr"))
+    return os.path.join(folder, "in.####.exr")
+
+
+def run_cli(args: argparse.Namespace, model: str, sets: List[str], src: str, out: str,
+            frames: int, extra: List[str]) -> Dict[str, Any]:
+    """The `dlserver infer` command; each progress line timed as it arrives."""
+    cmd = [sys.executable, "-c", "import sys; from dlserver.cli import main; sys.exit(main())",
+           "infer", "--model", model, "--device", args.device,
+           "--frames", f"1-{frames}", *extra]
+    for s in sets:
+        cmd += ["--set", s]
+    cmd += [src, out]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True)
+    assert proc.stderr is not None
+    stamps: List[float] = []
+    tail: List[str] = []
+    for line in proc.stderr:
+        if re.match(r"\[[#.]+\] \d+/\d+", line):
+            stamps.append(time.perf_counter() - t0)
+        else:
+            tail.append(line)
+    rc = proc.wait()
+    total = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"dlserver infer failed ({rc}): {''.join(tail)[-2000:]}")
+    skip = min(5, max(0, len(stamps) - 2))  # steady state: after the first frames
+    steady = ((len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
+              if len(stamps) - 1 > skip else float("nan"))
+    return {"frames": len(stamps), "total_s": total, "first_frame_s": stamps[0] if stamps else None,
+            "fps_overall": len(stamps) / total, "fps_steady": steady}
+
+
+def breakdown(args: argparse.Namespace, model: str, options: Dict[str, Any], src: str,
+              out_dir: str, frames: int, models_dirs: List[str]) -> Dict[str, Any]:
+    """The same requests from this process: the server's own timing per frame."""
+    from dlserver.cli import frame_path
+    from dlserver.client import Client
+
+    rows: List[Dict[str, float]] = []
+    with Client.spawn(device=args.device, models_dirs=models_dirs) as client:
+        for f in range(1, frames + 1):
+            out = os.path.join(out_dir, f"b.{f:04d}.exr")
+            t = time.perf_counter()
+            reply = client.infer_exr(model, {"src": frame_path(src, f)}, out, options)
+            wall = time.perf_counter() - t
+            os.unlink(out)
+            if f > 2:  # after load and warm-up
+                rows.append({**reply.timing, "wall_s": wall})
+    keys = sorted({k for r in rows for k in r})
+    med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}
+    med["client_and_transfer_s"] = med["wall_s"] - sum(
+        med.get(k, 0.0) for k in ("read_s", "load_s", "infer_s", "write_s"))
+    return med
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--size", default="1080p", choices=list(SIZES))
+    p.add_argument("--frames", type=int, default=100)
+    p.add_argument("--model", default="mask_rcnn")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra options (after the benchmark's own)")
+    p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                   help="where the sequence and the results go (RAM disk by default)")
+    p.add_argument("--json")
+    args = p.parse_args()
+    h, w = SIZES[args.size]
+    results: Dict[str, Any] = {"size": args.size, "device": args.device}
+
+    start = server_start_to_model_list(args.device, 3)
+    results["server_start_to_model_list"] = start
+    log(f"server start -> model list: {start['median_s']:.3f} s median of 3 "
+        f"(min {start['min_s']:.3f} s), torch imported: {start['torch_imported']}")
+
+    work = tempfile.mkdtemp(prefix="perf_e2e_", dir=args.dir)
+    try:
+        free = shutil.disk_usage(work).free
+        per_frame = h * w * 4 * (4 + 32 + 3 + 1)  # result EXR: input + every output layer
+        frames = max(3, min(args.frames, int(free * 0.6) // per_frame))
+        if frames < args.frames:
+            log(f"(only {free / 2**30:.1f} GiB free in {work}: {frames} frames, not "
+                f"{args.frames})")
+        src = write_sequence(work, h, w, frames)
+        out_dir = os.path.join(work, "out")
+        os.makedirs(out_dir)
+        sets = []
+        if args.model == "mask_rcnn":
+            from bench_models import maskrcnn_weights  # random weights, as bench_models
+
+            weights = maskrcnn_weights("resnet50_fpn", work)
+            sets = ["variant=resnet50_fpn", f"weights={weights}", "threshold=0",
+                    "max_instances=100", "output_mode=matte",
+                    f"half_precision={'true' if args.device.startswith('cuda') else 'false'}"]
+            if args.size == "small":
+                sets.append("network_size=256")
+        sets += args.set
+        from dlserver.cli import convert_value
+
+        # baseline: the same sequence through the identity model (EXR I/O alone)
+        base = run_cli(args, "identity", [], src, os.path.join(out_dir, "id.####.exr"), frames,
+                       ["--models-dir", TEST_MODELS])
+        shutil.rmtree(out_dir)
+        os.makedirs(out_dir)
+        log(f"identity (I/O only)  {frames} frames {args.size}: {base['fps_overall']:.1f} "
+            f"frames/s overall, {base['fps_steady']:.1f} steady")
+        res = run_cli(args, args.model, sets, src, os.path.join(out_dir, "r.####.exr"), frames, [])
+        shutil.rmtree(out_dir)
+        os.makedirs(out_dir)
+        log(f"{args.model:<20} {frames} frames {args.size}: {res['fps_overall']:.1f} frames/s "
+            f"overall ({res['total_s']:.1f} s with start, load and warm-up; first frame at "
+            f"{res['first_frame_s']:.1f} s), {res['fps_steady']:.1f} frames/s steady")
+        results.update(identity=base, model=res, options=sets, frames=frames)
+        opts = {}
+        decl_types = {"threshold": "float", "max_instances": "int", "network_size": "int",
+                      "half_precision": "bool"}
+        for s in sets:
+            k, _, v = s.partition("=")
+            opts[k] = convert_value(k, decl_types.get(k, "string"), v)
+        n = min(frames, 20)
+        parts = breakdown(args, args.model, opts, src, out_dir, n, [])
+        results["breakdown"] = parts
+        log(f"where the time goes (server's timing, median of frames 3-{n}, ms): " + ", ".join(
+            f"{k[:-2]} {v * 1000:.1f}" for k, v in parts.items()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

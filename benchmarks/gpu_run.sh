@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole GPU measurement of issue 5 in one go, on the lent device machine (or any
+# CUDA box): model benchmarks, the CUDA tests of the model authors, the end-to-end
+# sequence and the transport figures. Logs go to $OUT (default ./perf_out).
+#
+#   bash benchmarks/gpu_run.sh [quick]
+#
+# Needs torch/torchvision with CUDA, numpy, opencv, pytest; OpenEXR is installed from
+# wheels in .whl/ when it is missing (the device machine has no network: carry .whl).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/perf_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import OpenEXR" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+QUICK=${1:-}
+MODELS_LOG=$OUT/bench_models.log
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    python3 -c "import torch, torchvision, numpy, cv2; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'torchvision', torchvision.__version__, 'numpy', numpy.__version__, 'cv2', cv2.__version__)"
+    nproc; df -h /dev/shm /tmp | tail -2
+} > "$MODELS_LOG" 2>&1
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(date -u +%T))"
+    timeout "$limit" "$@" >> "$OUT/$name.log" 2>&1
+    echo "=== $name rc=$? ($(date -u +%T))"
+    tail -n 40 "$OUT/$name.log"
+}
+
+if [ "$QUICK" = quick ]; then
+    step bench_models 240 python3 benchmarks/bench_models.py --device cuda --sizes 1080p \
+        --models mask_rcnn densepose --json "$OUT/bench_models.json"
+else
+    step bench_models 270 python3 benchmarks/bench_models.py --device cuda \
+        --json "$OUT/bench_models.json"
+fi
+step pytest_cuda 100 python3 -m pytest -m cuda tests/test_mask_rcnn.py tests/test_densepose.py \
+    -s -rs -p no:cacheprovider
+step bench_end_to_end 130 python3 benchmarks/bench_end_to_end.py --device cuda \
+    --json "$OUT/bench_end_to_end.json"
+step bench_transport 70 python3 benchmarks/bench_transport.py --repeat 10

@@ -1,0 +1,156 @@
+"""Mask R-CNN's detection path without torchvision's per-class loops.
+
+torchvision's `RoIHeads.postprocess_detections` runs non-maximum suppression class
+by class (`_batched_nms_vanilla`: one `nms` call and one host sync for each of the
+90 classes present when the score threshold lets 90 000 candidates through). The
+result only needs the best `detections_per_img` survivors, and whether a candidate
+survives per-class greedy NMS depends only on the candidates of its class that score
+higher. So NMS over the best T candidates (a prefix of the score order) gives exactly
+the survivors among them; when at least `detections_per_img` survive, those are the
+answer. Otherwise T doubles, and past `MAX_PREFIX` candidates torchvision's own
+`batched_nms` runs on everything.
+
+The suppression test is torchvision's CUDA kernel's (intersection over union in
+float32, `> iou_threshold`), the greedy scan its host loop. Imported from `load()`
+only: this module imports torch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import boxes as box_ops
+
+MAX_PREFIX = 4096  # a T x T suppression matrix: 16 M entries at most
+
+
+def _iou_suppression(boxes: torch.Tensor, labels: torch.Tensor, thresh: float) -> torch.Tensor:
+    """(T, T) bool: row i suppresses column j (j after i in score order, same label,
+    IoU > thresh), computed as torchvision's nms kernel computes it."""
+    a = boxes[:, None, :]
+    b = boxes[None, :, :]
+    left = torch.maximum(a[..., 0], b[..., 0])
+    right = torch.minimum(a[..., 2], b[..., 2])
+    top = torch.maximum(a[..., 1], b[..., 1])
+    bottom = torch.minimum(a[..., 3], b[..., 3])
+    width = (right - left).clamp(min=0)
+    height = (bottom - top).clamp(min=0)
+    inter = width * height
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    iou = inter / (area[:, None] + area[None, :] - inter)
+    n = boxes.shape[0]
+    later = torch.ones((n, n), dtype=torch.bool, device=boxes.device).triu_(1)
+    return (iou > thresh) & (labels[:, None] == labels[None, :]) & later
+
+
+def _greedy(sup: np.ndarray, limit: int) -> List[int]:
+    """torchvision's host loop over the suppression matrix, stopped after `limit` kept."""
+    removed = np.zeros(sup.shape[0], dtype=bool)
+    kept: List[int] = []
+    for i in range(sup.shape[0]):
+        if removed[i]:
+            continue
+        kept.append(i)
+        if len(kept) >= limit:
+            break
+        removed |= sup[i]
+    return kept
+
+
+def top_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, thresh: float,
+            limit: int) -> torch.Tensor:
+    """Indices (into the inputs) of the first `limit` survivors of per-class greedy NMS,
+    by decreasing score: `batched_nms(boxes, scores, labels, thresh)[:limit]`."""
+    n = scores.shape[0]
+    if n == 0 or limit <= 0:
+        return torch.zeros(0, dtype=torch.int64, device=scores.device)
+    order = torch.argsort(scores, descending=True, stable=True)
+    t = min(n, max(256, 4 * limit))
+    while True:
+        if t > MAX_PREFIX:
+            return box_ops.batched_nms(boxes, scores, labels, thresh)[:limit]
+        idx = order[:t]
+        sup = _iou_suppression(boxes[idx].float(), labels[idx], thresh).cpu().numpy()
+        kept = _greedy(sup, limit)
+        if len(kept) >= limit or t == n:
+            return idx[torch.as_tensor(kept, dtype=torch.int64, device=idx.device)]
+        t = min(n, 2 * t)
+
+
+def postprocess_detections(rh: Any, class_logits: torch.Tensor, box_regression: torch.Tensor,
+                           proposals: List[torch.Tensor], image_shapes: List[Tuple[int, int]]
+                           ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """`RoIHeads.postprocess_detections` with `top_nms` for its per-class NMS."""
+    device = class_logits.device
+    num_classes = class_logits.shape[-1]
+    boxes_per_image = [p.shape[0] for p in proposals]
+    pred_boxes = rh.box_coder.decode(box_regression, proposals)
+    pred_scores = F.softmax(class_logits, -1)
+    all_boxes, all_scores, all_labels = [], [], []
+    for boxes, scores, image_shape in zip(pred_boxes.split(boxes_per_image, 0),
+                                          pred_scores.split(boxes_per_image, 0), image_shapes):
+        boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+        labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
+        boxes = boxes[:, 1:].reshape(-1, 4)
+        scores = scores[:, 1:].reshape(-1)
+        labels = labels[:, 1:].reshape(-1)
+        ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        # score threshold and remove_small_boxes(min_size=1e-2) in one selection
+        inds = torch.where((scores > rh.score_thresh) & (ws >= 1e-2) & (hs >= 1e-2))[0]
+        boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
+        keep = top_nms(boxes, scores, labels, rh.nms_thresh, rh.detections_per_img)
+        all_boxes.append(boxes[keep])
+        all_scores.append(scores[keep])
+        all_labels.append(labels[keep])
+    return all_boxes, all_scores, all_labels
+
+
+def roi_heads(rh: Any, features: Dict[str, torch.Tensor], proposals: List[torch.Tensor],
+              image_shapes: List[Tuple[int, int]]) -> List[Dict[str, torch.Tensor]]:
+    """`RoIHeads.forward` at inference (boxes, then masks for the kept boxes)."""
+    box_features = rh.box_head(rh.box_roi_pool(features, proposals, image_shapes))
+    class_logits, box_regression = rh.box_predictor(box_features)
+    boxes, scores, labels = postprocess_detections(rh, class_logits, box_regression, proposals,
+                                                   image_shapes)
+    result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
+    if sum(b.shape[0] for b in boxes):
+        mask_logits = rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(features, boxes,
+                                                                      image_shapes)))
+        labels_all = torch.cat(labels)
+        probs = mask_logits[torch.arange(labels_all.shape[0], device=labels_all.device),
+                            labels_all][:, None].sigmoid()
+        for r, p in zip(result, probs.split([b.shape[0] for b in boxes], 0)):
+            r["masks"] = p
+    else:
+        for r in result:
+            r["masks"] = r["boxes"].new_zeros((0, 1, 28, 28))
+    return result
+
+
+def detect(net: Any, images: List[torch.Tensor], half: bool, channels_last: bool
+           ) -> Tuple[List[Dict[str, torch.Tensor]], List[Tuple[int, int]]]:
+    """torchvision's GeneralizedRCNN forward at inference up to (not including) the
+    full-resolution mask paste; the backbone + FPN in float16 when `half`, channels-last
+    when asked. Returns the detections in network-input pixels and those sizes."""
+    import contextlib
+
+    cuda = images[0].is_cuda
+    autocast = (torch.autocast("cuda", dtype=torch.float16) if half and cuda
+                else contextlib.nullcontext())
+    with torch.inference_mode():
+        batch, _ = net.transform(images)
+        x = batch.tensors
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            features = net.backbone(x)
+        # Half precision stops at the backbone + FPN (most of the work): under autocast
+        # the box decoding would run in float16, only 1-2 px precise at HD coordinates.
+        features = OrderedDict((k, v.float().contiguous()) for k, v in features.items())
+        proposals, _ = net.rpn(batch, features)
+        dets = roi_heads(net.roi_heads, features, proposals, batch.image_sizes)
+    return dets, batch.image_sizes
