@@ -163,29 +163,44 @@ def eager_torchvision(variant: str, path: str, device: str, network_size: int) -
     return net
 
 
-def compare_masks(ours: Any, ref: Any) -> Dict[str, float]:
-    """(K, H, W) soft mattes: thresholded agreement (whole frame, and inside the pixels
-    either marks) and max abs difference."""
-    import torch
+def match(ours_boxes: Any, ours_labels: Any, ref_boxes: Any, ref_labels: Any) -> List[Any]:
+    """Pairs (ref index, our index) of the same class whose boxes overlap with IoU >=
+    0.99, best first: on a random network many scores are near-ties, so the same
+    detections can come in another order or swap places at the cut (100)."""
+    from torchvision.ops import box_iou
 
-    k = min(ours.shape[0], ref.shape[0])
-    out: Dict[str, float] = {"k_ours": int(ours.shape[0]), "k_ref": int(ref.shape[0])}
-    if k == 0:
+    if len(ours_boxes) == 0 or len(ref_boxes) == 0:
+        return []
+    iou = box_iou(ref_boxes.float(), ours_boxes.float())
+    iou[ref_labels[:, None] != ours_labels[None, :]] = 0
+    pairs, used = [], set()
+    for i in iou.max(1).values.argsort(descending=True).tolist():
+        j = int(iou[i].argmax())
+        if float(iou[i, j]) >= 0.99 and j not in used:
+            pairs.append((i, j))
+            used.add(j)
+    return pairs
+
+
+def compare_matched(ours: Any, ref: Any, pairs: List[Any]) -> Dict[str, float]:
+    """Soft mattes of matched detections: max abs difference, thresholded (>= 0.5)
+    agreement over the frame and over the pixels either marks."""
+    out: Dict[str, float] = {"matched": len(pairs)}
+    if not pairs:
         return out
     same = agree = either = 0
     diff = 0.0
-    for i in range(k):  # per instance: bounded temporaries at 4K
-        a, b = ours[i] >= 0.5, ref[i] >= 0.5
+    for i, j in pairs:
+        a, b = ours[j] >= 0.5, ref[i] >= 0.5
         eq = a == b
-        same += int(eq.sum())
         ab = a | b
+        same += int(eq.sum())
         either += int(ab.sum())
         agree += int((eq & ab).sum())
-        diff = max(diff, float((ours[i] - ref[i]).abs().max()))
-    out["thresholded_equal"] = same / (k * ours.shape[1] * ours.shape[2])
+        diff = max(diff, float((ours[j] - ref[i]).abs().max()))
+    out["thresholded_equal"] = same / (len(pairs) * ours.shape[1] * ours.shape[2])
     out["thresholded_equal_on_objects"] = agree / either if either else 1.0
     out["soft_max_abs_diff"] = diff
-    del torch
     return out
 
 
@@ -250,28 +265,32 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
             d = m._detect(net, [image.to(dev)], half)[0]
             idx = m._select(d, opts)
             ours_soft = render.paste_masks(d["masks"][idx, 0], d["boxes"][idx], h, w)
-            c = compare_masks(ours_soft, ref_soft)
-            c_tv = compare_masks(ours_soft, tv_masks)
-            n = min(len(idx), len(ref_labels))
-            labels_equal = (float((d["labels"][idx][:n] == ref_labels[:n]).float().mean())
-                            if n else 1.0)
+            ob, ol = d["boxes"][idx], d["labels"][idx]
+            pairs = match(ob, ol, ref_boxes, ref_labels)
+            c = compare_matched(ours_soft, ref_soft, pairs)
+            c_tv = compare_matched(ours_soft, tv_masks, pairs)
             res = m.infer({"src": src}, opts)
             alpha_ref = ref_soft.amax(0).cpu().numpy() if len(ref_soft) else np.zeros((h, w))
-            alpha_diff = float(np.abs(res.outputs["rgba"][..., 3] - alpha_ref).max())
+            alpha_diff = np.abs(res.outputs["rgba"][..., 3] - alpha_ref)
             del ours_soft
-        row = {"model": label, "size": size, "config": f"correctness {'fp16' if half else 'fp32'}",
-               "labels_equal": labels_equal, "alpha_max_abs_diff": alpha_diff,
+        prec = "fp16" if half else "fp32"
+        row = {"model": label, "size": size, "config": f"correctness {prec}",
+               "detections": int(len(idx)), "reference_detections": int(len(ref_labels)),
+               "alpha_max_abs_diff": float(alpha_diff.max()),
+               "alpha_fraction_within_1e-3": float((alpha_diff <= 1e-3).mean()),
                **{f"vs_eager_net_{k}": v for k, v in c.items()},
                **{f"vs_torchvision_paste_{k}": v for k, v in c_tv.items()}}
         RESULTS.append(row)
-        log(f"  {label:<13} {size:<6} correctness {'fp16' if half else 'fp32'}: "
-            f"{c.get('k_ours')} vs {c.get('k_ref')} detections, labels equal {labels_equal:.4f}; "
-            f"vs eager net + our paste: thresholded equal {c.get('thresholded_equal', 1):.6f} "
-            f"(on objects {c.get('thresholded_equal_on_objects', 1):.6f}), soft max diff "
-            f"{c.get('soft_max_abs_diff', 0):.2e}, alpha max diff {alpha_diff:.2e}; "
-            f"vs torchvision's paste: thresholded equal "
-            f"{c_tv.get('thresholded_equal', 1):.6f} (on objects "
-            f"{c_tv.get('thresholded_equal_on_objects', 1):.6f})")
+        log(f"  {label:<13} {size:<6} correctness {prec}: {len(idx)} detections "
+            f"({len(ref_labels)} eager), {c['matched']} matched (same class, IoU >= 0.99); "
+            f"matched vs eager net + our paste: thresholded equal "
+            f"{c.get('thresholded_equal', 1):.6f} (on objects "
+            f"{c.get('thresholded_equal_on_objects', 1):.6f}), soft max diff "
+            f"{c.get('soft_max_abs_diff', 0):.2e}; vs torchvision's own paste: thresholded "
+            f"equal {c_tv.get('thresholded_equal', 1):.6f} (on objects "
+            f"{c_tv.get('thresholded_equal_on_objects', 1):.6f}); union alpha within 1e-3 on "
+            f"{row['alpha_fraction_within_1e-3']:.6f} of pixels (max diff "
+            f"{row['alpha_max_abs_diff']:.2e})")
     if variant == "resnet50_fpn" and dev.startswith("cuda"):
         # what each part of our path costs (matte fp16), and torchvision's heads in it
         opts = m.resolve_options({**common, "output_mode": "matte", "half_precision": True})
@@ -296,6 +315,15 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
         RESULTS.append({"model": label, "size": size, "config": "stages matte fp16", **parts})
         log(f"  {label:<13} {size:<6} stages (matte fp16): " +
             ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items()))
+        if args.profile:
+            profile(f"{label} {size} matte fp16", lambda: m.infer({"src": src}, opts))
+        M.MaskRCNN.cuda_graphs = False
+        try:
+            t = timer(lambda: m.infer({"src": src}, opts))
+            record(model=label, size=size, config="ours matte fp16, no CUDA graphs",
+                   baseline_ms=base["median_ms"], **t)
+        finally:
+            M.MaskRCNN.cuda_graphs = True
         M.MaskRCNN.fast_heads = False
         try:
             t = timer(lambda: m.infer({"src": src}, opts))
@@ -307,6 +335,25 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
     del ref_soft, tv_masks
     if dev.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+def profile(title: str, fn: Callable[[], Any]) -> None:
+    """torch.profiler tables of one call (after two warm-ups): where the time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    log(f"--- profile: {title} (by device time)")
+    log(table.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=50))
+    log(f"--- profile: {title} (by host time)")
+    log(table.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=50))
 
 
 # --- DensePose ----------------------------------------------------------------------------------
@@ -353,6 +400,11 @@ def bench_densepose(args: argparse.Namespace, size: str, tmp: str) -> None:
                        peak_mib=mem, **t)
                 if mode == "matte":
                     results[(count, half)] = m.infer({"src": src}, opts)
+        if args.profile and dev.startswith("cuda") and count == args.densepose_people[0]:
+            opts = m.resolve_options({**common, "max_instances": count, "output_mode": "matte",
+                                      "half_precision": True})
+            profile(f"densepose {size} {count} people matte fp16",
+                    lambda opts=opts: m.infer({"src": src}, opts))
         if (count, True) in results:
             a, b = results[(count, False)], results[(count, True)]
             ia, ib = a.outputs["iuv"][..., 0], b.outputs["iuv"][..., 0]
@@ -419,6 +471,8 @@ def main() -> None:
                    help="max_instances values for DensePose")
     p.add_argument("--repeat", type=int, default=None, help="timed runs (median reported)")
     p.add_argument("--json", help="also write every figure here (one JSON object)")
+    p.add_argument("--profile", action="store_true",
+                   help="print torch.profiler tables (CUDA) of our mask_rcnn and densepose")
     args = p.parse_args()
     if args.repeat is None:
         args.repeat = 2 if args.device == "cpu" else 10

@@ -18,6 +18,16 @@ if ! python3 -c "import OpenEXR" 2>/dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# the client starts the embedded server with $DLSERVER_PYTHON and drops PYTHONPATH from
+# its environment: a small launcher puts it back
+if [ -z "${DLSERVER_PYTHON:-}" ]; then
+    cat > /tmp/dlserver_python <<LAUNCHER
+#!/bin/sh
+PYTHONPATH=$PYTHONPATH exec $(command -v python3) "\$@"
+LAUNCHER
+    chmod +x /tmp/dlserver_python
+    export DLSERVER_PYTHON=/tmp/dlserver_python
+fi
 QUICK=${1:-}
 MODELS_LOG=$OUT/bench_models.log
 {
@@ -38,9 +48,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 
 if [ "$QUICK" = quick ]; then
     step bench_models 240 python3 benchmarks/bench_models.py --device cuda --sizes 1080p \
-        --models mask_rcnn densepose --json "$OUT/bench_models.json"
+        --models mask_rcnn densepose --profile --json "$OUT/bench_models.json"
 else
-    step bench_models 270 python3 benchmarks/bench_models.py --device cuda \
+    step bench_models 270 python3 benchmarks/bench_models.py --device cuda --profile \
         --json "$OUT/bench_models.json"
 fi
 step pytest_cuda 100 python3 -m pytest -m cuda tests/test_mask_rcnn.py tests/test_densepose.py \

@@ -8,6 +8,7 @@ the network (network.py) and the drawing (render.py) are imported when used.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
@@ -111,10 +112,12 @@ class DensePose(Model):
 
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
-        import torch  # noqa: F401 - fail here, not in the first infer, when it is missing
+        import torch  # fail here, not in the first infer, when it is missing
         import torchvision  # type: ignore[import-untyped]  # noqa: F401
 
         self.device = device
+        if device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True  # frame sizes repeat across a sequence
 
     def unload(self) -> None:
         self._net = None
@@ -151,12 +154,25 @@ class DensePose(Model):
         net.cfg.min_size, net.cfg.max_size = size, int(round(size * 1333 / 800))
         net.cfg.detections_per_image = o["max_instances"]
         src = np.asarray(inputs["src"], dtype=np.float32)
+        # the whole RGBA frame goes up as it is (through page-locked memory on a GPU);
+        # channels are picked on the device
+        with warnings.catch_warnings():  # read-only arrays: torch warns, nothing writes
+            warnings.simplefilter("ignore", UserWarning)
+            host = torch.from_numpy(np.ascontiguousarray(src))
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            staging = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+            staging.copy_(host)
+            frame = staging.to(self.device, non_blocking=True)
+        else:
+            frame = host.clone()
         # RGB 0-1 (sRGB) → BGR 0-255, as detectron2's predictor feeds it
-        rgb = torch.from_numpy(np.ascontiguousarray(src[..., :3].transpose(2, 0, 1)))
-        bgr = rgb.to(self.device).nan_to_num(0.0, 1.0, 0.0).clamp_(0.0, 1.0).flip(0) * 255.0
-        half = o["half_precision"] and self.device.startswith("cuda")
+        rgb = frame[..., :3].permute(2, 0, 1).contiguous()
+        bgr = rgb.nan_to_num(0.0, 1.0, 0.0).clamp_(0.0, 1.0).flip(0) * 255.0
+        half = o["half_precision"] and cuda
         out = net(bgr, torch.float16 if half else None, min_score=o["threshold"])
-        return render.result(src, out, o, PART_GROUPS[o["matte_parts"]])
+        with torch.inference_mode():
+            return render.result(src, out, o, PART_GROUPS[o["matte_parts"]], frame)
 
 
 def build_network(state: Dict[str, Any], source: str = "checkpoint") -> Any:

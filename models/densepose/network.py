@@ -511,7 +511,9 @@ def paste_iuv(out: Dict[str, Tensor], height: int, width: int) -> Tuple[Tensor, 
             continue
         patch, labels = patch[:, :ph, :pw], labels[:ph, :pw]
         fg = labels > 0
+        # where() rather than boolean indexing: no host sync per box
         region = iuv[:, y:y + ph, x:x + pw]
-        region[:, fg] = patch[:, fg]
-        index[y:y + ph, x:x + pw][fg] = i + 1
+        region.copy_(torch.where(fg, patch, region))
+        sub = index[y:y + ph, x:x + pw]
+        sub.copy_(torch.where(fg, torch.full_like(sub, i + 1), sub))
     return iuv, index

@@ -29,29 +29,51 @@ HUMAN_COLOURS = cv2.cvtColor(np.stack([_HUES, np.full(64, 200, np.uint8),
                              cv2.COLOR_HSV2RGB)[0].astype(np.float32) / 255.0
 
 
-def result(src: np.ndarray, out: Dict[str, torch.Tensor], o: Dict[str, Any],
-           matte_parts: Sequence[int]) -> Result:
-    """Build every output layer for one frame. `src`: HxWx4 float32 (sRGB 0-1);
-    `out`: the network's kept detections (sorted by score)."""
-    h, w = src.shape[:2]
-    iuv_t, human_t = paste_iuv(out, h, w)
-    iuv = iuv_t.permute(1, 2, 0).cpu().numpy()          # (H, W, 3): I, U, V
-    human = human_t.cpu().numpy()                        # (H, W) int: 0, 1..N
-    part = iuv[..., 0].astype(np.int64)
-    matte = np.isin(part, np.asarray(matte_parts)).astype(np.float32)
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start copying a tensor to the host (page-locked memory from a GPU); read it after
+    a synchronisation."""
+    if not t.is_cuda:
+        return t.contiguous()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
 
-    rgba = np.empty((h, w, 4), np.float32)
+
+def result(src: np.ndarray, out: Dict[str, torch.Tensor], o: Dict[str, Any],
+           matte_parts: Sequence[int], frame: torch.Tensor | None = None) -> Result:
+    """Build every output layer for one frame. `src`: HxWx4 float32 (sRGB 0-1);
+    `out`: the network's kept detections (sorted by score); `frame`: `src` on the
+    network's device when it is already there. The layers are composed on that device
+    and brought to the host once each."""
+    h, w = src.shape[:2]
+    dev = out["boxes"].device
+    if frame is None:
+        frame = torch.from_numpy(np.array(src, np.float32)).to(dev)
+    iuv_t, human_t = paste_iuv(out, h, w)
+    iuv = iuv_t.permute(1, 2, 0)                                  # (H, W, 3): I, U, V
+    part = iuv[..., 0].long()
+    wanted = torch.zeros(NUM_PARTS + 1, dtype=torch.bool, device=dev)
+    wanted[torch.as_tensor(list(matte_parts), dtype=torch.long, device=dev)] = True
+    matte = wanted[part].float()
+
+    rgba = torch.empty((h, w, 4), dtype=torch.float32, device=dev)
     mode = o["output_mode"]
+    boxes_np = out["boxes"].cpu().numpy()
     if mode == "overlay":
-        rgba[..., :3] = overlay(src[..., :3], iuv, human, out["boxes"].cpu().numpy(), o)
+        rgba[..., :3] = overlay_t(frame[..., :3], iuv, human_t, boxes_np, o)
     elif mode == "iuv":
         rgba[..., 0] = iuv[..., 0] / NUM_PARTS
         rgba[..., 1:3] = iuv[..., 1:3]
     else:
-        rgba[..., :3] = src[..., :3]
+        rgba[..., :3] = frame[..., :3]
     rgba[..., 3] = matte
+    host = {"rgba": _to_host(rgba), "iuv": _to_host(iuv), "parts": _to_host(matte[..., None]),
+            "human": _to_host(human_t[..., None].float())}
+    if dev.type == "cuda":
+        torch.cuda.current_stream(dev).synchronize()
+    outputs = {k: v.numpy() for k, v in host.items()}
 
-    boxes = out["boxes"].cpu().tolist()
+    boxes = boxes_np.tolist()
     scores = out["scores"].cpu().tolist()
     # box: x0 y0 x1 y1 from the top-left corner (row 0 = top); box_nuke: Nuke's
     # bottom-left origin (as mask_rcnn reports them)
@@ -60,37 +82,45 @@ def result(src: np.ndarray, out: Dict[str, torch.Tensor], o: Dict[str, Any],
                    "box_nuke": [round(float(c), 3) for c in (b[0], h - b[3], b[2], h - b[1])]}
                   for i, (b, s) in enumerate(zip(boxes, scores))]
     data = {"detections": detections, "width": w, "height": h}
-    return Result({"rgba": rgba, "iuv": iuv.astype(np.float32),
-                   "parts": matte[..., None], "human": human[..., None].astype(np.float32)},
-                  data=data)
+    return Result(outputs, data=data)
 
 
-def overlay(rgb: np.ndarray, iuv: np.ndarray, human: np.ndarray, boxes: np.ndarray,
-            o: Dict[str, Any]) -> np.ndarray:
-    """The seed's DensePose drawing: body pixels coloured by part (or person, or U/V),
-    U/V contour lines, boxes; everything blended with `alpha` over the input."""
-    img = np.array(rgb, dtype=np.float32, copy=True)
+def _blend(img: torch.Tensor, where: torch.Tensor, colour: torch.Tensor,
+           alpha: float) -> torch.Tensor:
+    """img += (colour - img) * alpha where `where` (float32, in that order of roundings)."""
+    return torch.where(where[..., None], img + (colour - img) * alpha, img)
+
+
+def overlay_t(rgb: torch.Tensor, iuv: torch.Tensor, human: torch.Tensor, boxes: np.ndarray,
+              o: Dict[str, Any]) -> torch.Tensor:
+    """The seed's DensePose drawing on tensors (any device): body pixels coloured by part
+    (or person, or U/V), U/V contour lines, boxes; everything blended with `alpha` over
+    the input. rgb, iuv: (H, W, 3) float32; human: (H, W) int; returns (H, W, 3)."""
+    dev = rgb.device
+    img = rgb.float()
     alpha = float(o["alpha"])
-    part = iuv[..., 0].astype(np.int64)
+    part = iuv[..., 0].long()
+    human = human.long()
     body = part > 0
+    humans = torch.from_numpy(HUMAN_COLOURS).to(dev)
     if o["show_human_index"]:
-        colour = HUMAN_COLOURS[(human - 1) % len(HUMAN_COLOURS)]
+        colour = humans[torch.remainder(human - 1, len(HUMAN_COLOURS))]
     elif o["show_uv"]:
-        colour = np.stack([iuv[..., 1], iuv[..., 2], np.zeros_like(iuv[..., 1])], -1)
+        colour = torch.stack([iuv[..., 1], iuv[..., 2], torch.zeros_like(iuv[..., 1])], -1)
     else:
-        colour = PART_COLOURS[part]
-    img[body] += (colour[body] - img[body]) * alpha
+        colour = torch.from_numpy(PART_COLOURS).to(dev)[part]
+    img = _blend(img, body, colour, alpha)
 
     if o["show_grid"]:
-        lines = np.zeros(body.shape, bool)
+        lines = torch.zeros(body.shape, dtype=torch.bool, device=dev)
         for ch in (1, 2):
-            q = np.floor(iuv[..., ch] * GRID_LEVELS)
+            q = torch.floor(iuv[..., ch] * GRID_LEVELS)
             # a line where the level changes between neighbours of the same part/person
             same = (part[:, 1:] == part[:, :-1]) & (human[:, 1:] == human[:, :-1])
             lines[:, 1:] |= (q[:, 1:] != q[:, :-1]) & same & body[:, 1:]
             same = (part[1:] == part[:-1]) & (human[1:] == human[:-1])
             lines[1:] |= (q[1:] != q[:-1]) & same & body[1:]
-        img[lines] += (1.0 - img[lines]) * alpha
+        img = _blend(img, lines, torch.ones(3, device=dev), alpha)
 
     if o["show_border"] and len(boxes):
         # all boxes into one label image (later boxes on top), then one blend
@@ -99,10 +129,18 @@ def overlay(rgb: np.ndarray, iuv: np.ndarray, human: np.ndarray, boxes: np.ndarr
         for i, b in enumerate(boxes):
             x0, y0, x1, y1 = (int(round(float(c))) for c in b)
             cv2.rectangle(ids, (x0, y0), (x1 - 1, y1 - 1), i + 1, t)
-        sel = ids > 0
+        ids_t = torch.from_numpy(ids).to(dev).long()
         if o["show_human_index"]:
-            c = HUMAN_COLOURS[(ids[sel] - 1) % len(HUMAN_COLOURS)]
+            c = humans[torch.remainder(ids_t - 1, len(HUMAN_COLOURS))]
         else:
-            c = np.ones(3, np.float32)
-        img[sel] += (c - img[sel]) * alpha
+            c = torch.ones(3, device=dev)
+        img = _blend(img, ids_t > 0, c, alpha)
     return img
+
+
+def overlay(rgb: np.ndarray, iuv: np.ndarray, human: np.ndarray, boxes: np.ndarray,
+            o: Dict[str, Any]) -> np.ndarray:
+    """`overlay_t` on numpy arrays (on the CPU)."""
+    return overlay_t(torch.from_numpy(np.array(rgb, np.float32)),
+                     torch.from_numpy(np.array(iuv, np.float32)),
+                     torch.from_numpy(np.asarray(human)), boxes, o).numpy()

@@ -131,26 +131,151 @@ def roi_heads(rh: Any, features: Dict[str, torch.Tensor], proposals: List[torch.
     return result
 
 
-def detect(net: Any, images: List[torch.Tensor], half: bool, channels_last: bool
+def fold_batch_norms(module: torch.nn.Module) -> int:
+    """Fold every (Conv2d, frozen or eval BatchNorm2d) pair of a torchvision backbone
+    into the convolution (weight scaled, bias added; the norm becomes Identity): one
+    kernel instead of about seven per pair. Same function up to float rounding.
+    Returns the number of pairs folded."""
+    from torch import nn
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    norms = (FrozenBatchNorm2d, nn.BatchNorm2d)
+
+    def fold(conv: nn.Conv2d, bn: nn.Module) -> None:
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        bias = bn.bias - bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        conv.weight.data = conv.weight.data * scale[:, None, None, None]
+        conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
+
+    count = 0
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for (name_a, a), (name_b, b) in zip(children, children[1:]):
+            if isinstance(a, nn.Conv2d) and isinstance(b, norms) and (
+                    isinstance(parent, nn.Sequential)
+                    or name_b == name_a.replace("conv", "bn")):
+                if isinstance(b, nn.BatchNorm2d) and b.training:
+                    continue
+                fold(a, b)
+                setattr(parent, name_b, nn.Identity())
+                count += 1
+    return count
+
+
+def static_part(net: Any, x: torch.Tensor, num_images: int, half: bool
+                ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything of the forward pass whose shapes depend on the input's shape alone:
+    backbone + FPN, the RPN head, anchors, box decoding and the per-level top-k of
+    `RegionProposalNetwork.filter_proposals` (torchvision's code, in its order). A CUDA
+    graph can replay it. Returns features (float32), the top proposals (N, T, 4),
+    their objectness probabilities and levels (N, T)."""
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    with torch.autocast("cuda", dtype=torch.float16, enabled=half and x.is_cuda,
+                        cache_enabled=False):
+        features = net.backbone(x)
+    # Half precision stops at the backbone + FPN (most of the work): under autocast the
+    # box decoding would run in float16, only 1-2 px precise at HD coordinates.
+    features = OrderedDict((k, v.float().contiguous()) for k, v in features.items())
+    rpn = net.rpn
+    maps = list(features.values())
+    objectness, deltas = rpn.head(maps)
+    anchors = rpn.anchor_generator(ImageList(x, [(0, 0)] * num_images), maps)
+    per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(num_images, -1, 4)
+    objectness = objectness.reshape(num_images, -1)
+    levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=x.device)
+                        for i, n in enumerate(per_level)]).reshape(1, -1).expand_as(objectness)
+    top_n_idx = rpn._get_top_n_idx(objectness, per_level)
+    batch_idx = torch.arange(num_images, device=x.device)[:, None]
+    return (features, proposals[batch_idx, top_n_idx],
+            torch.sigmoid(objectness[batch_idx, top_n_idx]), levels[batch_idx, top_n_idx])
+
+
+def rpn_filter(rpn: Any, proposals: torch.Tensor, scores: torch.Tensor, levels: torch.Tensor,
+               image_shapes: List[Tuple[int, int]]) -> List[torch.Tensor]:
+    """The data-dependent rest of `filter_proposals` (torchvision's code)."""
+    final = []
+    for boxes, prob, lvl, shape in zip(proposals, scores, levels, image_shapes):
+        boxes = box_ops.clip_boxes_to_image(boxes, shape)
+        keep = box_ops.remove_small_boxes(boxes, rpn.min_size)
+        boxes, prob, lvl = boxes[keep], prob[keep], lvl[keep]
+        keep = torch.where(prob >= rpn.score_thresh)[0]
+        boxes, prob, lvl = boxes[keep], prob[keep], lvl[keep]
+        keep = box_ops.batched_nms(boxes, prob, lvl, rpn.nms_thresh)
+        final.append(boxes[keep[: rpn.post_nms_top_n()]])
+    return final
+
+
+class GraphCache:
+    """CUDA graphs of `static_part`, one per (input shape, precision), the last few
+    kept. A replay launches the backbone's few hundred kernels at once. The outputs are
+    the graph's own buffers: read them before the next replay."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.graphs: OrderedDict[Any, Any] = OrderedDict()
+        self.failed = False
+
+    def run(self, net: Any, x: torch.Tensor, num_images: int, half: bool) -> Any:
+        if self.failed:
+            return static_part(net, x, num_images, half)
+        key = (tuple(x.shape), x.stride(), num_images, half)
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(net, x, num_images, half)
+            except RuntimeError:  # capture unsupported here: stay eager from now on
+                self.failed = True
+                self.graphs.clear()
+                return static_part(net, x, num_images, half)
+            self.graphs[key] = entry
+            while len(self.graphs) > self.size:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        static_x, graph, out = entry
+        static_x.copy_(x)
+        graph.replay()
+        return out
+
+    @staticmethod
+    def _capture(net: Any, x: torch.Tensor, num_images: int, half: bool) -> Any:
+        static_x = x.clone()
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # warm-up: cuDNN autotuning, lazy loading
+            for _ in range(2):
+                static_part(net, static_x, num_images, half)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = static_part(net, static_x, num_images, half)
+        return static_x, graph, out
+
+    def clear(self) -> None:
+        self.graphs.clear()
+
+
+def detect(net: Any, images: List[torch.Tensor], half: bool, channels_last: bool,
+           graphs: GraphCache | None = None
            ) -> Tuple[List[Dict[str, torch.Tensor]], List[Tuple[int, int]]]:
     """torchvision's GeneralizedRCNN forward at inference up to (not including) the
     full-resolution mask paste; the backbone + FPN in float16 when `half`, channels-last
-    when asked. Returns the detections in network-input pixels and those sizes."""
-    import contextlib
-
-    cuda = images[0].is_cuda
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if half and cuda
-                else contextlib.nullcontext())
+    when asked, the static part replayed from a CUDA graph when `graphs` is given.
+    Returns the detections in network-input pixels and those sizes."""
     with torch.inference_mode():
         batch, _ = net.transform(images)
         x = batch.tensors
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            features = net.backbone(x)
-        # Half precision stops at the backbone + FPN (most of the work): under autocast
-        # the box decoding would run in float16, only 1-2 px precise at HD coordinates.
-        features = OrderedDict((k, v.float().contiguous()) for k, v in features.items())
-        proposals, _ = net.rpn(batch, features)
+        if graphs is not None and x.is_cuda:
+            features, proposals, scores, levels = graphs.run(net, x, len(images), half)
+        else:
+            features, proposals, scores, levels = static_part(net, x, len(images), half)
+        proposals = rpn_filter(net.rpn, proposals, scores, levels, batch.image_sizes)
         dets = roi_heads(net.roi_heads, features, proposals, batch.image_sizes)
     return dets, batch.image_sizes

@@ -147,12 +147,14 @@ class MaskRCNN(Model):
     # when a network is built on a GPU.
     fast_heads: ClassVar[bool] = True
     warm_up: ClassVar[bool] = True
+    cuda_graphs: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
         self._net: Any = None
         self._net_key: Optional[Tuple[Any, ...]] = None
         self._categories: List[str] = []
+        self._graphs: Any = None
 
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
@@ -171,6 +173,7 @@ class MaskRCNN(Model):
     def unload(self) -> None:
         self._net = None
         self._net_key = None
+        self._graphs = None
         if self.device.startswith("cuda"):
             import torch
 
@@ -192,7 +195,7 @@ class MaskRCNN(Model):
         key = (variant, str(path), st.st_size, st.st_mtime_ns, self.device)
         if self._net is not None and self._net_key == key:
             return self._net
-        self._net = self._net_key = None
+        self._net = self._net_key = self._graphs = None
         # weights=None, weights_backbone=None: never download from inside the builder.
         net = getattr(det, builder_name)(weights=None, weights_backbone=None)
         state = load_state_dict(path)
@@ -203,9 +206,17 @@ class MaskRCNN(Model):
                 f"weights file {str(path)!r} does not fit the {variant} network (choose the "
                 f"other network option or another file): {str(exc)[:500]}") from exc
         net = net.eval().to(self.device)
+        self._graphs = None
         if self._cuda():
-            # channels-last convolutions (tensor-core friendly) for the backbone + FPN
+            from . import fast
+
+            # batch norms folded into the convolutions, channels-last (tensor-core
+            # friendly) backbone + FPN, and CUDA graphs of the static part of the pass
+            with torch.no_grad():
+                fast.fold_batch_norms(net.backbone)
             net.backbone.to(memory_format=torch.channels_last)
+            if self.cuda_graphs:
+                self._graphs = fast.GraphCache()
         self._net = net
         self._net_key = key
         if self._cuda() and self.warm_up:
@@ -246,7 +257,8 @@ class MaskRCNN(Model):
 
         sizes = [tuple(im.shape[-2:]) for im in images]
         if self.fast_heads:
-            dets, net_sizes = fast.detect(net, images, half, channels_last=self._cuda())
+            dets, net_sizes = fast.detect(net, images, half, channels_last=self._cuda(),
+                                          graphs=self._graphs if self.cuda_graphs else None)
         else:  # torchvision's own heads (per-class NMS loop), for comparison
             with torch.inference_mode():
                 batch, _ = net.transform(images)
