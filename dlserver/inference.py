@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 import numpy as np
@@ -18,31 +19,61 @@ from .errors import BadFrame, BadRequest, OutOfMemory
 from .frames import FrameReader, FrameWriter, check_outputs, convert_color
 from .model import Model, Result
 from .protocol import Message
+from .registry import Entry
 from .tiling import run_tiled
 
 if TYPE_CHECKING:
-    from .registry import Entry
     from .server import Session
 
 log = logging.getLogger("dlserver")
 
 
+@dataclass
+class Job:
+    """One frame on its way through the server: prepared (inputs read), executed (the
+    model ran), finished (outputs written). The stages may run in different threads."""
+
+    entry: Entry
+    options: Dict[str, Any]
+    arrays: Dict[str, np.ndarray]
+    reader: FrameReader
+    out_specs: Dict[str, Any]
+    exr_spec: Any
+    tile: int
+    size: Tuple[int, int]  # height, width of every input and output
+    timing: Dict[str, float] = field(default_factory=dict)
+    result: Any = None
+
+    def batch_key(self) -> Any:
+        """Jobs with equal keys may share one forward pass (Model.infer_batch)."""
+        if self.tile or self.entry.cls.infer_batch is Model.infer_batch:
+            return None
+        return self.entry.cls.name, json.dumps(self.options, sort_keys=True), self.size
+
+
 def run_infer(session: Session, msg: Message) -> Tuple[Dict[str, Any], List[Any]]:
+    """All three stages in the calling thread."""
+    job = prepare(session, msg)
+    execute(session, [job])
+    return finish(session, job)
+
+
+def prepare(session: Session, msg: Message) -> Job:
+    """Validate the request and read its input frames (decoding EXRs, converting colour)."""
     header = msg.header
-    registry = session.server.registry
-    entry = registry.get(header.get("model"))
+    entry = session.server.registry.get(header.get("model"))
     cls = entry.cls
     options = cls.resolve_options(header.get("options"))
-    timing: Dict[str, float] = {}
-
     refs = header.get("inputs")
     if not isinstance(refs, dict) or set(refs) != set(cls.inputs):
         got = sorted(refs) if isinstance(refs, dict) else refs
         raise BadRequest(f"model {cls.name!r} takes inputs {sorted(cls.inputs)}; got {got!r}")
     out_specs = header.get("outputs") or {}
-    exr_spec = header.get("output_exr")
     if not isinstance(out_specs, dict) or set(out_specs) - set(cls.outputs):
         raise BadRequest(f"'outputs' may name {sorted(cls.outputs)}")
+    tile = header.get("tile", 0)
+    if not isinstance(tile, int) or isinstance(tile, bool) or not (tile == 0 or 32 <= tile):
+        raise BadRequest("'tile' must be 0 (whole frame) or a tile size of at least 32 pixels")
 
     t0 = time.perf_counter()
     reader = FrameReader(msg.buffers, session.shm, session.exchange, session.server.limits)
@@ -56,19 +87,47 @@ def run_infer(session: Session, msg: Message) -> Tuple[Dict[str, Any], List[Any]
             pixels = convert_color(pixels, layer, to_srgb=True)
         arrays[name] = pixels
     height, width = next(iter(arrays.values())).shape[:2]
-    timing["read_s"] = time.perf_counter() - t0
+    job = Job(entry, options, arrays, reader, out_specs, header.get("output_exr"), tile,
+              (height, width))
+    job.timing["read_s"] = time.perf_counter() - t0
+    return job
 
-    tile = header.get("tile", 0)
-    if not isinstance(tile, int) or isinstance(tile, bool) or not (tile == 0 or 32 <= tile):
-        raise BadRequest("'tile' must be 0 (whole frame) or a tile size of at least 32 pixels")
-    t2 = time.perf_counter()
-    result = run_model(session, entry, arrays, options, tile, timing)
-    del arrays  # drop views of the client's shared memory as soon as possible
-    t3 = time.perf_counter()
-    timing["infer_s"] = t3 - t2 - timing["load_s"]
 
-    if not isinstance(result, Result):
-        result = Result(result)
+def execute(session: Session, jobs: List[Job]) -> None:
+    """Run the model on each job, several frames in one `infer_batch` call when the
+    jobs share a batch key. Sets job.result; raises for a single job only."""
+    started = time.perf_counter()
+    if len(jobs) > 1:
+        entry = jobs[0].entry
+        model = session.server.registry.instance(entry.cls.name)
+        try:
+            with entry.lock:
+                results = model.infer_batch([j.arrays for j in jobs], jobs[0].options)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            log.warning("%s: a batch of %d ran out of GPU memory; one frame at a time",
+                        entry.cls.name, len(jobs))
+        else:
+            share = (time.perf_counter() - started) / len(jobs)
+            for job, result in zip(jobs, results):
+                job.result = result
+                job.timing.update(load_s=0.0, infer_s=share, batch=len(jobs))
+                job.arrays = {}  # drop views of the client's shared memory
+            return
+    for job in jobs:
+        t0 = time.perf_counter()
+        job.result = run_model(session, job.entry, job.arrays, job.options, job.tile, job.timing)
+        job.timing["infer_s"] = time.perf_counter() - t0 - job.timing["load_s"]
+        job.arrays = {}
+
+
+def finish(session: Session, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
+    """Check the model's outputs against its declaration and write them where asked."""
+    t0 = time.perf_counter()
+    cls = job.entry.cls
+    result = job.result if isinstance(job.result, Result) else Result(job.result)
+    height, width = job.size
     outputs = check_outputs(cls.name, dict(cls.outputs), result.outputs, height, width)
     if cls.colorspace == "srgb":
         outputs = {n: convert_color(a, cls.outputs[n], to_srgb=False) for n, a in outputs.items()}
@@ -80,22 +139,21 @@ def run_infer(session: Session, msg: Message) -> Tuple[Dict[str, Any], List[Any]
     writer = FrameWriter(session.shm, session.exchange, cls.name)
     reply: Dict[str, Any] = {"model": cls.name, "version": cls.version, "message": result.message,
                              "data": result.data}
-    if exr_spec is None or out_specs:
+    if job.exr_spec is None or job.out_specs:
         reply["outputs"] = {name: writer.write_raw(name, pixels, cls.outputs[name],
-                                                   out_specs.get(name))
+                                                   job.out_specs.get(name))
                             for name, pixels in outputs.items()}
-    if exr_spec is not None:
+    if job.exr_spec is not None:
         first_input = next(iter(cls.inputs))
         attributes = {"dlserver/model": f"{cls.name} {cls.version}",
-                      "dlserver/options": json.dumps(options, sort_keys=True)}
-        if result.data:
-            for key, value in result.data.items():
-                attributes[f"dlserver/{key}"] = json.dumps(value)
+                      "dlserver/options": json.dumps(job.options, sort_keys=True)}
+        for key, value in result.data.items():
+            attributes[f"dlserver/{key}"] = json.dumps(value)
         reply["output_exr"] = writer.write_exr(
-            exr_spec, reader.exr_images.get(first_input),
+            job.exr_spec, job.reader.exr_images.get(first_input),
             {n: (cls.outputs[n], a) for n, a in outputs.items()}, attributes)
-    timing["write_s"] = time.perf_counter() - t3
-    reply["timing"] = {k: round(v, 6) for k, v in timing.items()}
+    job.timing["write_s"] = time.perf_counter() - t0
+    reply["timing"] = {k: round(v, 6) for k, v in job.timing.items()}
     return reply, writer.buffers
 
 

@@ -303,6 +303,11 @@ class Model:
         """inputs: {name: float32 array HxWxC, read-only}; returns {output: array} or Result."""
         raise NotImplementedError
 
+    def infer_batch(self, batch: Sequence[Dict[str, Any]], options: Dict[str, Any]) -> list:
+        """Several frames of one size with the same options: override when one forward
+        pass over a batch is faster (the server batches queued frames of a range)."""
+        return [self.infer(inputs, options) for inputs in batch]
+
     def tile_margin(self, options: Dict[str, Any]) -> Optional[int]:
         """Pixels of context a tile needs so tiled output equals whole-frame output;
         None (the default) when the model can't run on tiles (e.g. detectors)."""

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
@@ -46,6 +47,17 @@ from .registry import Registry, default_models_dirs
 log = logging.getLogger("dlserver")
 
 Reply = Tuple[Dict[str, Any], List[Any]]
+MAX_BATCH = 8  # frames of a range that may share one forward pass
+
+
+@dataclass
+class Item:
+    """A request on its way through a session's stages."""
+
+    msg: Message
+    seq: int
+    job: Any = None  # inference.Job once prepared
+    reply: Optional[Reply] = None  # set once answered (result or error)
 
 
 class Server:
@@ -119,7 +131,11 @@ class Session:
         self.nonce = secrets.token_hex(16)
         self.authenticated = False
         self.write_lock = threading.Lock()
-        self.pending: queue.Queue[Optional[Message]] = queue.Queue()
+        self.pending: queue.Queue[Optional[Item]] = queue.Queue()
+        self.to_execute: queue.Queue[Optional[Item]] = queue.Queue()
+        self.to_finish: queue.Queue[Optional[Item]] = queue.Queue()
+        self.last_seq = 0  # requests read so far
+        self.cancel_upto = 0  # requests up to this one were cancelled with target "all"
         self.cancelled: set = set()
         self.closed = threading.Event()
         self.shm = ShmCache()
@@ -139,14 +155,16 @@ class Session:
         needs_token = bool(self.server.token) and not self.local
         self.send({"type": "welcome", "version": VERSION, "server": f"dlserver {__version__}",
                    "nonce": self.nonce, "auth_required": needs_token})
-        worker = threading.Thread(target=self._work, name=f"worker {self.peer}", daemon=True)
-        worker.start()
+        stages = [threading.Thread(target=fn, name=f"{fn.__name__} {self.peer}", daemon=True)
+                  for fn in (self._prepare_stage, self._execute_stage, self._finish_stage)]
+        for thread in stages:
+            thread.start()
         try:
             self._read_loop()
         finally:
             self.closed.set()
             self.pending.put(None)
-            worker.join(timeout=None if self.server.stop_event.is_set() else 0.5)
+            stages[-1].join(timeout=None if self.server.stop_event.is_set() else 0.5)
             self.shm.close()
 
     def _read_loop(self) -> None:
@@ -175,10 +193,12 @@ class Session:
                 if not self._hello(rid, msg.header):
                     return
                 continue
+            self.last_seq += 1
+            self.server.count("requests")
             if kind == "cancel":
                 self._cancel(rid, msg.header)
             else:
-                self.pending.put(msg)
+                self.pending.put(Item(msg, self.last_seq))
 
     def _hello(self, rid: Any, header: Dict[str, Any]) -> bool:
         version = header.get("version")
@@ -202,18 +222,12 @@ class Session:
         return True
 
     def _cancel(self, rid: Any, header: Dict[str, Any]) -> None:
-        """Runs in the reader thread, so it acts while a frame is inside a model; that
-        frame finishes, queued ones are answered 'cancelled'."""
+        """Runs in the reader thread, so it acts while a frame is inside a model: that
+        frame finishes; frames read before the cancel and not yet started are answered
+        'cancelled'."""
         target = header.get("target")
         if target == "all":
-            while True:
-                try:
-                    queued = self.pending.get_nowait()
-                except queue.Empty:
-                    break
-                if queued is not None:
-                    self.send(error_reply(queued.header.get("id"), Cancelled.code,
-                                          "cancelled before it started"))
+            self.cancel_upto = self.last_seq
         elif isinstance(target, int) and not isinstance(target, bool):
             self.cancelled.add(target)
         else:
@@ -222,26 +236,93 @@ class Session:
             return
         self.send(ok_reply(rid))
 
+    def _is_cancelled(self, item: Item) -> bool:
+        if item.seq <= self.cancel_upto or item.msg.header.get("id") in self.cancelled:
+            self.cancelled.discard(item.msg.header.get("id"))
+            item.reply = error_reply(item.msg.header.get("id"), Cancelled.code,
+                                     "cancelled before it started"), []
+            return True
+        return False
+
     # --- requests --------------------------------------------------------------------------
-    def _work(self) -> None:
+    # Requests flow through three threads so that, for a range of frames, frame N+1 is
+    # read (EXR decode, colour) and frame N-1 written while the model runs on frame N.
+    # Queues keep the order: replies leave in the order requests came.
+
+    def _prepare_stage(self) -> None:
+        from .inference import prepare  # numpy side, imported when a session starts
+
+        while (item := self.pending.get()) is not None:
+            if not self._is_cancelled(item):
+                if item.msg.header.get("type") == "infer":
+                    try:
+                        item.job = prepare(self, item.msg)
+                    except Exception as exc:
+                        item.reply = self._error(item.msg, exc)
+                else:
+                    item.reply = self.handle(item.msg)
+            self.to_execute.put(item)
+        self.to_execute.put(None)
+
+    def _execute_stage(self) -> None:
+        from .inference import execute
+
+        waiting: List[Optional[Item]] = []  # taken from the queue but not yet run
         while True:
-            msg = self.pending.get()
-            if msg is None or self.closed.is_set():
-                return
-            rid = msg.header.get("id")
-            if rid in self.cancelled:
-                self.cancelled.discard(rid)
-                self.send(error_reply(rid, Cancelled.code, "cancelled before it started"))
+            item = waiting.pop() if waiting else self.to_execute.get()
+            if item is None:
+                break
+            if item.job is None or item.reply is not None or self._is_cancelled(item):
+                self.to_finish.put(item)
                 continue
-            header, buffers = self.handle(msg)
+            batch = [item]
+            key = item.job.batch_key()
+            while key is not None and len(batch) < MAX_BATCH and not self.to_execute.empty():
+                following = self.to_execute.get()
+                if following is None or following.job is None or following.reply is not None \
+                        or following.job.batch_key() != key or self._is_cancelled(following):
+                    waiting.append(following)
+                    break
+                batch.append(following)
+            try:
+                execute(self, [i.job for i in batch])  # type: ignore[misc]
+            except Exception as exc:
+                if len(batch) == 1:
+                    item.reply = self._error(item.msg, exc)
+                else:  # find the frame that failed: one at a time
+                    for one in batch:
+                        try:
+                            execute(self, [one.job])  # type: ignore[list-item]
+                        except Exception as exc_one:
+                            one.reply = self._error(one.msg, exc_one)
+            for one in batch:
+                self.to_finish.put(one)
+        self.to_finish.put(None)
+
+    def _finish_stage(self) -> None:
+        from .inference import finish
+
+        while (item := self.to_finish.get()) is not None:
+            if item.reply is None:
+                try:
+                    reply, buffers = finish(self, item.job)  # type: ignore[arg-type]
+                    item.reply = ok_reply(item.msg.header.get("id"), **reply), buffers
+                    self.server.count("frames")
+                except Exception as exc:
+                    item.reply = self._error(item.msg, exc)
+            item.job = None
+            header, buffers = item.reply
             self.send(header, buffers)
-            if msg.header.get("type") == "shutdown" and header.get("ok"):
+            if item.msg.header.get("type") == "shutdown" and header.get("ok"):
                 self.server.stop()
-                return
+
+    def _error(self, msg: Message, exc: Exception) -> Reply:
+        self.server.count("errors")
+        return error_reply(msg.header.get("id"), *describe_error(exc, msg.header.get("model"))), []
 
     def handle(self, msg: Message) -> Reply:
+        """Every request but `infer` (which goes through the stages)."""
         rid, kind = msg.header.get("id"), msg.header.get("type")
-        self.server.count("requests")
         try:
             if kind not in REQUESTS or kind in ("hello", "cancel"):
                 raise BadRequest(f"unknown request type {kind!r}; requests are: "
@@ -256,15 +337,9 @@ class Session:
             if kind == "unload":
                 unloaded = self.server.registry.unload(msg.header.get("model"))
                 return ok_reply(rid, unloaded=unloaded), []
-            if kind == "shutdown":
-                return ok_reply(rid), []
-            from .inference import run_infer  # numpy side, imported on first frame
-            reply, buffers = run_infer(self, msg)
-            self.server.count("frames")
-            return ok_reply(rid, **reply), buffers
+            return ok_reply(rid), []  # shutdown: acted on once the reply is sent
         except Exception as exc:
-            self.server.count("errors")
-            return error_reply(rid, *describe_error(exc, msg.header.get("model"))), []
+            return self._error(msg, exc)
 
 
 def describe_error(exc: BaseException, model: Any) -> Tuple[str, str]:
@@ -299,7 +374,9 @@ def _wake_listeners() -> None:
 def serve_stdio(server: Server) -> None:
     """Embedded mode. The protocol owns the original stdin/stdout; fd 1 is pointed at
     stderr so a model's print() can't corrupt the stream. EOF on stdin (the parent
-    exited or died) ends the server."""
+    exited or died: the kernel closes its end of the pipe) ends the server. (Not
+    PR_SET_PDEATHSIG: it fires when the *thread* that spawned us ends, and Nuke's
+    plug-in may spawn from a worker thread.)"""
     reader = os.fdopen(os.dup(0), "rb")
     writer = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -422,8 +499,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.tls_cert:
         server.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         server.tls.load_cert_chain(args.tls_cert, args.tls_key)
-    if args.stdio:
-        _exit_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         if args.stdio:
@@ -464,16 +539,3 @@ def cleanup(server: Server) -> None:
         log.info("removed %d shared-memory block(s) left by clients", swept)
     if server.exchange_dir:
         shutil.rmtree(server.exchange_dir, ignore_errors=True)
-
-
-def _exit_with_parent() -> None:
-    """Linux: ask the kernel for SIGTERM when the parent dies (EOF on stdin covers the
-    rest: the parent's end of the pipe closes when it exits)."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass

@@ -332,3 +332,16 @@ def test_a_request_that_outlives_its_timeout_is_a_clear_error(embedded: Client,
         assert err.value.code == "timeout" and "0.2s" in err.value.message
         gate.write(b"x")
     assert embedded.receive(rid).header["ok"]  # the late reply is still delivered
+
+
+def test_a_server_spawned_from_a_finished_thread_keeps_serving() -> None:
+    from conftest import TEST_MODELS
+
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(
+        client=Client.spawn(models_dirs=[str(TEST_MODELS)])))
+    thread.start()
+    thread.join()  # Nuke's plug-in may connect from a worker thread that then ends
+    with box["client"] as client:
+        assert client.stats()["frames"] == 0
+        assert client.process.poll() is None

@@ -1,0 +1,65 @@
+"""The session's stages: frames of a range queued together share one forward pass,
+replies keep the request order, a cancel reaches frames already prepared."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import pytest
+from conftest import TEST_MODELS, make_plate
+from test_server import raw_inline
+
+from dlserver.inference import prepare
+from dlserver.protocol import Message
+from dlserver.registry import Registry
+from dlserver.server import Item, Server, Session
+
+
+@pytest.fixture
+def session() -> Session:
+    server = Server(Registry([TEST_MODELS]))
+    return Session(server, io.BytesIO(), io.BytesIO(), local=False, peer="test")
+
+
+def infer_item(session: Session, seq: int, plate: np.ndarray, gain: float = 2.0) -> Item:
+    msg = Message({"type": "infer", "id": seq, "model": "batcher", "options": {"gain": gain},
+                   "inputs": {"src": raw_inline(plate)}}, [memoryview(plate.data).cast("B")])
+    item = Item(msg, seq)
+    item.job = prepare(session, msg)
+    return item
+
+
+def run_stages(session: Session, items: list) -> list:
+    for item in items:
+        session.to_execute.put(item)
+    session.to_execute.put(None)
+    session._execute_stage()
+    done = []
+    while (item := session.to_finish.get()) is not None:
+        done.append(item)
+    return done
+
+
+def test_queued_frames_with_equal_options_share_a_batch(session: Session) -> None:
+    batcher = sys.modules["dlserver_models.batcher.model"].Batcher
+    batcher.batches = []
+    plates = [make_plate(seed=i) for i in range(5)]
+    items = [infer_item(session, i + 1, p) for i, p in enumerate(plates[:3])]
+    items.append(infer_item(session, 4, plates[3], gain=3.0))  # other options: new batch
+    items.append(infer_item(session, 5, make_plate(20, 20)))  # other size: new batch
+    done = run_stages(session, items)
+    assert [i.seq for i in done] == [1, 2, 3, 4, 5], "order kept"
+    assert batcher.batches == [3, 1, 1]
+    for item, plate, gain in zip(done[:4], plates, (2, 2, 2, 3)):
+        np.testing.assert_array_equal(item.job.result["rgba"], plate * gain)
+        assert item.reply is None
+
+
+def test_cancel_all_reaches_prepared_frames(session: Session) -> None:
+    items = [infer_item(session, i, make_plate()) for i in (1, 2, 3)]
+    session.last_seq = 3
+    session.cancel_upto = 3
+    done = run_stages(session, items)
+    assert [i.reply[0]["error"]["code"] for i in done] == ["cancelled"] * 3
