@@ -1,27 +1,14 @@
-"""Shared fixtures: servers (embedded and TCP) with the test models, and EXR plates."""
+"""Fixtures: servers (embedded and TCP) with the test models."""
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
-import subprocess
-import sys
-from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterator
 
-import numpy as np
 import pytest
+from support import TEST_MODELS, TcpServer
 
 from dlserver.client import Client
-
-ROOT = Path(__file__).resolve().parent.parent
-TEST_MODELS = ROOT / "tests" / "models"
-PYTHON = sys.executable  # the venv's interpreter: the one install.py recorded
-
-
-def shm_names() -> set:
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
 @pytest.fixture
@@ -31,53 +18,8 @@ def embedded() -> Iterator[Client]:
     client.close()
 
 
-class TcpServer:
-    def __init__(self, token: str = "", extra: Tuple[str, ...] = ()) -> None:
-        self.token = token
-        command = [PYTHON, "-m", "dlserver", "--host", "127.0.0.1", "--port", "0",
-                   "--models-dir", str(TEST_MODELS), *extra]
-        if token:
-            command += ["--token", token]
-        env = {k: v for k, v in os.environ.items() if k != "DLSERVER_TOKEN"}
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env,
-                                        cwd=ROOT)
-        self.log: List[str] = []
-        assert self.process.stderr is not None
-        for line in self.process.stderr:  # the server announces its port on stderr
-            self.log.append(line)
-            if line.startswith("{"):
-                self.host, self.port = json.loads(line)["listening"]
-                break
-        else:
-            raise RuntimeError("server did not start:\n" + "".join(self.log))
-
-    def connect(self, token: str | None = None) -> Client:
-        return Client.connect(self.host, self.port, token=self.token if token is None else token)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-
-
 @pytest.fixture
 def tcp_server() -> Iterator[TcpServer]:
     server = TcpServer(token=secrets.token_hex(8))
     yield server
     server.stop()
-
-
-def make_plate(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return (rng.random((height, width, 4), dtype=np.float32) * 2.0).astype(np.float32)
-
-
-def write_plate_exr(path: Path, rgba: np.ndarray, extra: dict | None = None) -> None:
-    import OpenEXR
-
-    channels = {c: np.ascontiguousarray(rgba[..., i]) for i, c in enumerate("RGBA")}
-    channels.update(extra or {})
-    header = {"compression": OpenEXR.NO_COMPRESSION, "type": OpenEXR.scanlineimage}
-    with OpenEXR.File(header, channels) as exr:
-        exr.write(str(path))

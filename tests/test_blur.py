@@ -5,8 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from conftest import make_plate
-from test_server import raw_inline
+from support import make_plate, raw_inline
 
 from dlserver.arrays import ArrayIO
 from dlserver.client import Client

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from conftest import ROOT, TEST_MODELS, shm_names
+from support import ROOT, TEST_MODELS, shm_names, wait_for_exit
 
 PARENT = textwrap.dedent(f"""
     import sys
@@ -28,17 +27,6 @@ PARENT = textwrap.dedent(f"""
 """)
 
 
-def wait_for_exit(pid: int, timeout: float) -> bool:
-    """True once `pid` has exited (pidfd: no polling loop, no sleeps)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        return bool(ready)
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux pidfd_open")

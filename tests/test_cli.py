@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT
+from support import ROOT
 
 from dlserver import exr
 from dlserver.cli import frame_path, parse_frames

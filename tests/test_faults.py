@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TcpServer, make_plate, shm_names
-from test_cleanup import wait_for_exit
+from support import TcpServer, make_plate, shm_names, wait_for_exit
 
 from dlserver.arrays import ArrayIO
 from dlserver.client import Client, DLServerError

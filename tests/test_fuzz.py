@@ -10,9 +10,9 @@ import socket
 import threading
 
 import pytest
-from conftest import TEST_MODELS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import TEST_MODELS
 
 from dlserver.protocol import (
     MAGIC,

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from support import ROOT
 
 
 def test_second_run_changes_nothing_and_skips_pip(tmp_path) -> None:

@@ -217,7 +217,7 @@ def test_real_network_batch_of_two_sizes(real_model, v1_weights):
 def test_cli_exr_carries_instance_layers_and_detections(tmp_path, v1_weights):
     """`dlserver infer` (embedded server) writes the instance layers and the detections
     as the EXR attribute dlserver/detections (JSON)."""
-    from conftest import write_plate_exr
+    from support import write_plate_exr
 
     from dlserver import exr
 
@@ -243,7 +243,7 @@ def test_cli_exr_carries_instance_layers_and_detections(tmp_path, v1_weights):
 @pytest.mark.slow
 def test_cli_missing_weights_is_an_error_reply(tmp_path):
     """Through the server: a clear error (file, URL, folder), and no crash."""
-    from conftest import write_plate_exr
+    from support import write_plate_exr
 
     src = tmp_path / "plate.exr"
     write_plate_exr(src, _image(16, 16))

@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
-from conftest import make_plate
-from test_server import raw_inline
+from support import make_plate, raw_inline
 
 from dlserver.client import Client, DLServerError
 from dlserver.errors import OutOfMemory

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TEST_MODELS
-from test_server import raw_inline
+from support import TEST_MODELS, raw_inline
 
 from dlserver.client import Client
 from dlserver.frames import linear_to_srgb, srgb_to_linear

@@ -8,8 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TEST_MODELS, make_plate
-from test_server import raw_inline
+from support import TEST_MODELS, make_plate, raw_inline
 
 from dlserver.inference import prepare
 from dlserver.protocol import Message

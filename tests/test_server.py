@@ -8,17 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TcpServer, make_plate, write_plate_exr
+from support import TcpServer, make_plate, raw_inline, write_plate_exr
 
 from dlserver import exr
 from dlserver.arrays import ArrayIO
 from dlserver.client import Client, DLServerError
-
-
-def raw_inline(array: np.ndarray) -> dict:
-    return {"kind": "inline", "buffer": 0, "shape": list(array.shape),
-            "dtype": array.dtype.name, "channels": ["R", "G", "B", "A"]}
-
 
 # --- embedded --------------------------------------------------------------------------------
 
@@ -335,7 +329,7 @@ def test_a_request_that_outlives_its_timeout_is_a_clear_error(embedded: Client,
 
 
 def test_a_server_spawned_from_a_finished_thread_keeps_serving() -> None:
-    from conftest import TEST_MODELS
+    from support import TEST_MODELS
 
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(

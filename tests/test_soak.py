@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import TcpServer, make_plate, shm_names, write_plate_exr
+from support import TcpServer, make_plate, shm_names, write_plate_exr
 
 from dlserver import exr
 from dlserver.arrays import ArrayIO

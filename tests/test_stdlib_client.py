@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 
 CHECK = (
     f"import sys; sys.path.insert(0, {str(ROOT)!r}); import dlserver.client, dlserver.protocol; "
