@@ -156,19 +156,31 @@ def cmd_infer(args: argparse.Namespace) -> int:
         if missing:
             raise ValueError(f"model {args.model!r} also needs inputs {missing}: "
                              f"add --input NAME=PATTERN for each")
+        jobs = [({n: frame_path(p, frame) if frame is not None else p
+                  for n, p in patterns.items()},
+                 frame_path(args.output, frame) if frame is not None else args.output, frame)
+                for frame in frames]
+        missing = [f"frame {frame}: {path}" for paths, _, frame in jobs
+                   for path in paths.values() if not os.path.isfile(path)]
+        if missing:  # before any work: a range never ends half done for a typo
+            raise ValueError(f"{len(missing)} input file(s) missing, e.g. "
+                             + "; ".join(missing[:3]))
         progress = Progress(len(frames))
-        for frame in frames:
-            paths = {n: frame_path(p, frame) if frame is not None else p
-                     for n, p in patterns.items()}
-            for name, path in paths.items():
-                if not os.path.isfile(path):
-                    raise ValueError(f"input {name!r} frame {frame}: {path} does not exist")
-            out = frame_path(args.output, frame) if frame is not None else args.output
-            reply = client.infer_exr(args.model, paths, out, options)
-            if reply.message:
-                print(f"\n{args.model}: {reply.message}", file=sys.stderr)
-            progress.step(os.path.basename(out))
+        in_flight: List[Any] = []  # frames submitted, oldest first
+        for paths, out, _ in jobs:
+            in_flight.append(client.submit_exr(args.model, paths, out, options))
+            if len(in_flight) >= args.pipeline:
+                collect(in_flight.pop(0), args.model, progress)
+        while in_flight:
+            collect(in_flight.pop(0), args.model, progress)
     return 0
+
+
+def collect(pending: Any, model: str, progress: Progress) -> None:
+    reply = pending.result()
+    if reply.message:
+        print(f"\n{model}: {reply.message}", file=sys.stderr)
+    progress.step(os.path.basename(pending.output_path))
 
 
 def cmd_serve(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -199,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--frames", help="1-10, 1-10x2 or 1,3,5 (needed for #### paths)")
     sp.add_argument("--input", dest="extra_input", action="append", default=[],
                     metavar="NAME=PATTERN", help="further inputs of multi-input models")
+    sp.add_argument("--pipeline", type=int, default=3, metavar="N",
+                    help="frames in flight at once (default 3: one read, one in the model, "
+                         "one written)")
     sp.add_argument("input", help="input EXR, e.g. in.####.exr")
     sp.add_argument("output", help="output EXR, e.g. out.####.exr (folders are created)")
     connection(sp)

@@ -80,6 +80,27 @@ class InferReply:
         return self.header.get("timing", {})
 
 
+class PendingExr:
+    """A submitted `infer_exr`: `result()` waits for it and writes the output file."""
+
+    def __init__(self, client: Client, rid: int, output_path: str, tmp: Optional[str]) -> None:
+        self.client, self.rid, self.output_path, self.tmp = client, rid, output_path, tmp
+
+    def result(self, timeout: Optional[float] = None) -> InferReply:
+        try:
+            msg = self.client.receive(self.rid, timeout)
+            reply = InferReply(msg.header, msg.buffers, self.output_path)
+            if self.tmp:
+                _move_atomic(self.tmp, self.output_path)
+            else:
+                _write_atomic(self.output_path,
+                              reply.buffers[reply.header["output_exr"]["buffer"]])
+            return reply
+        finally:
+            if self.tmp and os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+
 def find_python() -> str:
     """The server's interpreter: $DLSERVER_PYTHON, else the one install.py recorded."""
     python = os.environ.get("DLSERVER_PYTHON")
@@ -336,8 +357,15 @@ class Client:
     def infer_exr(self, model: str, inputs: Dict[str, str], output_path: str,
                   options: Optional[Dict[str, Any]] = None,
                   timeout: Optional[float] = None) -> InferReply:
-        """EXR files in, one EXR out (the model's outputs over the first input's layers).
-        Files inside the exchange dir go by reference; others travel as bytes."""
+        """EXR files in, one EXR out (the model's outputs over the first input's layers),
+        written atomically at `output_path`. Files inside the exchange dir go by
+        reference; others travel as bytes."""
+        return self.submit_exr(model, inputs, output_path, options).result(timeout)
+
+    def submit_exr(self, model: str, inputs: Dict[str, str], output_path: str,
+                   options: Optional[Dict[str, Any]] = None) -> PendingExr:
+        """`infer_exr` without waiting: submit the next frames of a range while the
+        server works on this one (the server reads, runs and writes them in parallel)."""
         refs: Dict[str, Dict[str, Any]] = {}
         buffers: List[bytes] = []
         for name, path in inputs.items():
@@ -347,34 +375,22 @@ class Client:
                 with open(path, "rb") as f:
                     buffers.append(f.read())
                 refs[name] = {"kind": "inline", "format": "exr", "buffer": len(buffers) - 1}
-        folder = os.path.dirname(os.path.abspath(output_path))
-        os.makedirs(folder, exist_ok=True)
-        exchange = self.exchange_dir
-        if exchange:
-            fd, tmp = tempfile.mkstemp(prefix="result-", suffix=".exr", dir=exchange)
+        os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+        tmp = None
+        if self.exchange_dir:  # the server writes the result next to it, in RAM
+            fd, tmp = tempfile.mkstemp(prefix="result-", suffix=".exr", dir=self.exchange_dir)
             os.close(fd)
-            try:
-                reply = self.infer(model, refs, options, buffers,
-                                   output_exr={"kind": "file", "path": tmp}, timeout=timeout)
-                _move_atomic(tmp, output_path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            output_exr: Dict[str, Any] = {"kind": "file", "path": tmp}
         else:
-            reply = self.infer(model, refs, options, buffers, output_exr={"kind": "inline"},
-                               timeout=timeout)
-            data = reply.buffers[reply.header["output_exr"]["buffer"]]
-            fd, tmp = tempfile.mkstemp(prefix=".dlserver-", suffix=".exr.tmp", dir=folder)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, output_path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-        reply.output_path = output_path
-        return reply
+            output_exr = {"kind": "inline"}
+        try:
+            rid = self.send("infer", buffers, model=model, inputs=refs, options=options or {},
+                            output_exr=output_exr)
+        except BaseException:
+            if tmp:
+                os.unlink(tmp)
+            raise
+        return PendingExr(self, rid, output_path, tmp)
 
     def cancel(self, request_id: Any = "all") -> None:
         """Drop queued requests (a request id, or "all"); a running frame finishes."""
@@ -442,6 +458,19 @@ class Client:
         self.close()
 
 
+def _write_atomic(path: str, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".dlserver-", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _move_atomic(src: str, dst: str) -> None:
     """Rename, or copy then rename when `dst` is on another filesystem (RAM disk → cache)."""
     try:
@@ -462,4 +491,4 @@ def _move_atomic(src: str, dst: str) -> None:
     os.unlink(src)
 
 
-__all__ = ["Client", "DLServerError", "InferReply", "find_python"]
+__all__ = ["Client", "DLServerError", "InferReply", "PendingExr", "find_python"]
