@@ -27,6 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Dict, List, Optional, Sequence
 
+from .files import write_atomic
 from .protocol import (
     VERSION,
     ConnectionClosed,
@@ -459,36 +460,19 @@ class Client:
 
 
 def _write_atomic(path: str, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".dlserver-", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, write)
 
 
 def _move_atomic(src: str, dst: str) -> None:
     """Rename, or copy then rename when `dst` is on another filesystem (RAM disk → cache)."""
     try:
         os.replace(src, dst)
-        return
     except OSError:
-        pass
-    fd, tmp = tempfile.mkstemp(prefix=".dlserver-", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(dst)))
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    os.unlink(src)
+        write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+        os.unlink(src)
 
 
 __all__ = ["Client", "DLServerError", "InferReply", "PendingExr", "find_python"]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Dict, Sequence, Union
 
 import numpy as np
 import OpenEXR
+
+from .files import write_atomic
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -85,17 +86,7 @@ def write_exr(target: Union[str, os.PathLike, BinaryIO], image: ExrImage,
     if not isinstance(target, (str, os.PathLike)):
         exr.write(target)
         return
-    path = os.fspath(target)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".dlserver-", suffix=".exr.tmp", dir=folder)
-    os.close(fd)
-    try:
-        exr.write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(os.fspath(target), exr.write)
 
 
 def exr_bytes(image: ExrImage, compression: Any = None) -> bytes:
