@@ -204,6 +204,27 @@ def compare_matched(ours: Any, ref: Any, pairs: List[Any]) -> Dict[str, float]:
     return out
 
 
+def check_mask_rcnn(m: Any, net: Any, src: np.ndarray, dev: str, half: bool,
+                    opts: Dict[str, Any], render: Any, ref_boxes: Any, ref_labels: Any,
+                    ref_soft: Any, tv_masks: Any, h: int, w: int) -> Any:
+    """Our detections and mattes against the eager reference's (matched by class and
+    box), and the union alpha our `infer` returns against the reference's union."""
+    import torch
+
+    with torch.inference_mode():
+        image = torch.from_numpy(np.ascontiguousarray(src[..., :3].transpose(2, 0, 1)))
+        d = m._detect(net, [image.to(dev)], half)[0]
+        idx = m._select(d, opts)
+        ours_soft = render.paste_masks(d["masks"][idx, 0], d["boxes"][idx], h, w)
+        pairs = match(d["boxes"][idx], d["labels"][idx], ref_boxes, ref_labels)
+        c = compare_matched(ours_soft, ref_soft, pairs)
+        c_tv = compare_matched(ours_soft, tv_masks, pairs)
+        res = m.infer({"src": src}, opts)
+        alpha_ref = ref_soft.amax(0).cpu().numpy() if len(ref_soft) else np.zeros((h, w))
+        alpha_diff = np.abs(res.outputs["rgba"][..., 3] - alpha_ref)
+    return c, c_tv, idx, alpha_diff
+
+
 def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str) -> None:
     import torch
     from torchvision.models.detection.transform import resize_boxes
@@ -230,6 +251,11 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
     base_mem = peak_memory(dev, eager)
     record(model=label, size=size, config="eager torchvision (baseline)", **base,
            peak_mib=base_mem)
+    # The reference for correctness: float32 convolutions (cuDNN's TF32 off) for it and
+    # for our float32 path, so that only our changes separate them; our float16 path is
+    # compared with the same reference.
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
     with torch.inference_mode():
         tv_out = eager()
         # the eager network's own detections, its 28x28 masks pasted by our pasting
@@ -243,6 +269,7 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
         ref_labels = dets[0]["labels"]
         tv_masks = tv_out["masks"][:, 0]
         del feats, props, dets, batch
+    torch.backends.cudnn.allow_tf32 = tf32
     tv = None  # frees its GPU memory (eager() is not called again)
 
     m = M.MaskRCNN()
@@ -257,22 +284,22 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
             mem = peak_memory(dev, lambda opts=opts: m.infer({"src": src}, opts))
             record(model=label, size=size, config=f"ours {mode} {'fp16' if half else 'fp32'}",
                    baseline_ms=base["median_ms"], peak_mib=mem, **t)
-        # correctness of this precision against the eager reference
+        # correctness of this precision against the eager reference (TF32 off, eager:
+        # a captured graph keeps the math mode of its capture)
         opts = m.resolve_options({**common, "output_mode": "matte", "half_precision": half})
         net = m._network(variant, path)
-        with torch.inference_mode():
-            image = torch.from_numpy(np.ascontiguousarray(src[..., :3].transpose(2, 0, 1)))
-            d = m._detect(net, [image.to(dev)], half)[0]
-            idx = m._select(d, opts)
-            ours_soft = render.paste_masks(d["masks"][idx, 0], d["boxes"][idx], h, w)
-            ob, ol = d["boxes"][idx], d["labels"][idx]
-            pairs = match(ob, ol, ref_boxes, ref_labels)
-            c = compare_matched(ours_soft, ref_soft, pairs)
-            c_tv = compare_matched(ours_soft, tv_masks, pairs)
-            res = m.infer({"src": src}, opts)
-            alpha_ref = ref_soft.amax(0).cpu().numpy() if len(ref_soft) else np.zeros((h, w))
-            alpha_diff = np.abs(res.outputs["rgba"][..., 3] - alpha_ref)
-            del ours_soft
+        if m._graphs is not None and m._graphs.error:
+            log(f"  (CUDA graphs not used: {m._graphs.error})")
+        torch.backends.cudnn.allow_tf32 = False
+        M.MaskRCNN.cuda_graphs = False
+        try:
+            c, c_tv, row_idx, alpha_diff = check_mask_rcnn(m, net, src, dev, half, opts, render,
+                                                           ref_boxes, ref_labels, ref_soft,
+                                                           tv_masks, h, w)
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+            M.MaskRCNN.cuda_graphs = True
+        idx = row_idx
         prec = "fp16" if half else "fp32"
         row = {"model": label, "size": size, "config": f"correctness {prec}",
                "detections": int(len(idx)), "reference_detections": int(len(ref_labels)),

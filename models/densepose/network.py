@@ -495,16 +495,22 @@ def paste_iuv(out: Dict[str, Tensor], height: int, width: int) -> Tuple[Tensor, 
     boxes = out["boxes"]
     xywh = torch.stack((boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0],
                         boxes[:, 3] - boxes[:, 1]), dim=1).long().tolist()
+    if not xywh:
+        return iuv, index
+    # the four maps side by side: one resize per box (each channel is resized on its
+    # own, so the values are those of four separate resizes)
+    maps = torch.cat([out["coarse_segm"], out["fine_segm"], out["u"], out["v"]], dim=1)
+    parts = out["fine_segm"].shape[1]
     for i, (x, y, w, h) in enumerate(xywh):
         if w <= 0 or h <= 0:  # the visualizer skips such boxes
             continue
 
-        coarse = _resize(out["coarse_segm"][i], h, w).argmax(dim=0)
-        labels = _resize(out["fine_segm"][i], h, w).argmax(dim=0) * (coarse > 0).long()
-        lab = labels[None]
-        u = torch.gather(_resize(out["u"][i], h, w), 0, lab)[0].clamp(0, 1)
-        v = torch.gather(_resize(out["v"][i], h, w), 0, lab)[0].clamp(0, 1)
-        patch = torch.stack((labels.float(), u, v))
+        r = _resize(maps[i], h, w)
+        coarse = r[:2].argmax(dim=0)
+        labels = r[2:2 + parts].argmax(dim=0) * (coarse > 0).long()
+        uv = torch.gather(r[2 + parts:].view(2, parts, h, w), 1,
+                          labels[None, None].expand(2, 1, h, w))[:, 0].clamp(0, 1)
+        patch = torch.cat((labels.float()[None], uv))
         # slicing clips at the image border, as numpy does in the visualizer
         ph, pw = min(h, height - y), min(w, width - x)
         if ph <= 0 or pw <= 0:

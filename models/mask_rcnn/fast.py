@@ -109,17 +109,47 @@ def postprocess_detections(rh: Any, class_logits: torch.Tensor, box_regression: 
     return all_boxes, all_scores, all_labels
 
 
+def pool(pooler: Any, features: Dict[str, torch.Tensor], boxes: List[torch.Tensor],
+         image_shapes: List[Tuple[int, int]]) -> torch.Tensor:
+    """`MultiScaleRoIAlign.forward` without its host syncs: every box is pooled on every
+    level and each keeps its own level's result (torch.where picks; roi_align computes
+    each box independently, so the values are the same)."""
+    from torchvision.ops import poolers, roi_align
+
+    x = [features[k] for k in pooler.featmap_names]
+    if pooler.scales is None or pooler.map_levels is None:
+        pooler.scales, pooler.map_levels = poolers._setup_scales(
+            x, image_shapes, pooler.canonical_scale, pooler.canonical_level)
+    rois = poolers._convert_to_roi_format(boxes)
+    if len(x) == 1:
+        return roi_align(x[0], rois, output_size=pooler.output_size,
+                         spatial_scale=pooler.scales[0], sampling_ratio=pooler.sampling_ratio)
+    levels = pooler.map_levels(boxes)
+    result = torch.zeros((len(rois), x[0].shape[1], *pooler.output_size), dtype=x[0].dtype,
+                         device=x[0].device)
+    for level, (feature, scale) in enumerate(zip(x, pooler.scales)):
+        pooled = roi_align(feature, rois, output_size=pooler.output_size, spatial_scale=scale,
+                           sampling_ratio=pooler.sampling_ratio)
+        result = torch.where((levels == level)[:, None, None, None], pooled.to(result.dtype),
+                             result)
+    return result
+
+
 def roi_heads(rh: Any, features: Dict[str, torch.Tensor], proposals: List[torch.Tensor],
               image_shapes: List[Tuple[int, int]]) -> List[Dict[str, torch.Tensor]]:
     """`RoIHeads.forward` at inference (boxes, then masks for the kept boxes)."""
-    box_features = rh.box_head(rh.box_roi_pool(features, proposals, image_shapes))
+    # on a GPU, pooling every box on every level costs less than four host syncs
+    cuda = next(iter(features.values())).is_cuda
+    box_features = rh.box_head(pool(rh.box_roi_pool, features, proposals, image_shapes)
+                               if cuda else rh.box_roi_pool(features, proposals, image_shapes))
     class_logits, box_regression = rh.box_predictor(box_features)
     boxes, scores, labels = postprocess_detections(rh, class_logits, box_regression, proposals,
                                                    image_shapes)
     result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
     if sum(b.shape[0] for b in boxes):
-        mask_logits = rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(features, boxes,
-                                                                      image_shapes)))
+        pooled = (pool(rh.mask_roi_pool, features, boxes, image_shapes) if cuda
+                  else rh.mask_roi_pool(features, boxes, image_shapes))
+        mask_logits = rh.mask_predictor(rh.mask_head(pooled))
         labels_all = torch.cat(labels)
         probs = mask_logits[torch.arange(labels_all.shape[0], device=labels_all.device),
                             labels_all][:, None].sigmoid()
@@ -164,7 +194,8 @@ def fold_batch_norms(module: torch.nn.Module) -> int:
     return count
 
 
-def static_part(net: Any, x: torch.Tensor, num_images: int, half: bool
+def static_part(net: Any, x: torch.Tensor, num_images: int, half: bool,
+                backbone_half: Any = None
                 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Everything of the forward pass whose shapes depend on the input's shape alone:
     backbone + FPN, the RPN head, anchors, box decoding and the per-level top-k of
@@ -174,9 +205,14 @@ def static_part(net: Any, x: torch.Tensor, num_images: int, half: bool
     from torchvision.models.detection.image_list import ImageList
     from torchvision.models.detection.rpn import concat_box_prediction_layers
 
-    with torch.autocast("cuda", dtype=torch.float16, enabled=half and x.is_cuda,
-                        cache_enabled=False):
-        features = net.backbone(x)
+    if half and backbone_half is not None:
+        # a float16 copy of the backbone: what autocast computes (convolutions, adds and
+        # resampling in float16), without casting every weight on every frame
+        features = backbone_half(x.half())
+    else:
+        with torch.autocast("cuda", dtype=torch.float16, enabled=half and x.is_cuda,
+                            cache_enabled=False):
+            features = net.backbone(x)
     # Half precision stops at the backbone + FPN (most of the work): under autocast the
     # box decoding would run in float16, only 1-2 px precise at HD coordinates.
     features = OrderedDict((k, v.float().contiguous()) for k, v in features.items())
@@ -214,25 +250,28 @@ def rpn_filter(rpn: Any, proposals: torch.Tensor, scores: torch.Tensor, levels: 
 class GraphCache:
     """CUDA graphs of `static_part`, one per (input shape, precision), the last few
     kept. A replay launches the backbone's few hundred kernels at once. The outputs are
-    the graph's own buffers: read them before the next replay."""
+    the graph's own buffers: read them before the next replay. When a capture fails the
+    cache stays eager and keeps the reason in `error`."""
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self.graphs: OrderedDict[Any, Any] = OrderedDict()
-        self.failed = False
+        self.error = ""
 
-    def run(self, net: Any, x: torch.Tensor, num_images: int, half: bool) -> Any:
-        if self.failed:
-            return static_part(net, x, num_images, half)
+    def run(self, net: Any, x: torch.Tensor, num_images: int, half: bool,
+            backbone_half: Any = None) -> Any:
+        if self.error:
+            return static_part(net, x, num_images, half, backbone_half)
         key = (tuple(x.shape), x.stride(), num_images, half)
         entry = self.graphs.get(key)
         if entry is None:
             try:
-                entry = self._capture(net, x, num_images, half)
-            except RuntimeError:  # capture unsupported here: stay eager from now on
-                self.failed = True
+                entry = self._capture(net, x, num_images, half, backbone_half)
+            except Exception as exc:  # capture unsupported here: stay eager from now on
+                self.error = f"{type(exc).__name__}: {exc}"[:500]
                 self.graphs.clear()
-                return static_part(net, x, num_images, half)
+                torch.cuda.synchronize(x.device)
+                return static_part(net, x, num_images, half, backbone_half)
             self.graphs[key] = entry
             while len(self.graphs) > self.size:
                 self.graphs.popitem(last=False)
@@ -243,17 +282,25 @@ class GraphCache:
         return out
 
     @staticmethod
-    def _capture(net: Any, x: torch.Tensor, num_images: int, half: bool) -> Any:
+    def _capture(net: Any, x: torch.Tensor, num_images: int, half: bool,
+                 backbone_half: Any) -> Any:
         static_x = x.clone()
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):  # warm-up: cuDNN autotuning, lazy loading
-            for _ in range(2):
-                static_part(net, static_x, num_images, half)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = static_part(net, static_x, num_images, half)
+        # cuDNN's autotuner must not run inside a capture (its cache key includes the
+        # buffers' alignment, which differs in the graph's memory pool): heuristics here
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False
+        try:
+            with torch.cuda.stream(side):  # warm-up: lazy loading, plans
+                for _ in range(2):
+                    static_part(net, static_x, num_images, half, backbone_half)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = static_part(net, static_x, num_images, half, backbone_half)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
         return static_x, graph, out
 
     def clear(self) -> None:
@@ -261,7 +308,7 @@ class GraphCache:
 
 
 def detect(net: Any, images: List[torch.Tensor], half: bool, channels_last: bool,
-           graphs: GraphCache | None = None
+           graphs: GraphCache | None = None, backbone_half: Any = None
            ) -> Tuple[List[Dict[str, torch.Tensor]], List[Tuple[int, int]]]:
     """torchvision's GeneralizedRCNN forward at inference up to (not including) the
     full-resolution mask paste; the backbone + FPN in float16 when `half`, channels-last
@@ -273,9 +320,11 @@ def detect(net: Any, images: List[torch.Tensor], half: bool, channels_last: bool
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if graphs is not None and x.is_cuda:
-            features, proposals, scores, levels = graphs.run(net, x, len(images), half)
+            features, proposals, scores, levels = graphs.run(net, x, len(images), half,
+                                                             backbone_half)
         else:
-            features, proposals, scores, levels = static_part(net, x, len(images), half)
+            features, proposals, scores, levels = static_part(net, x, len(images), half,
+                                                              backbone_half)
         proposals = rpn_filter(net.rpn, proposals, scores, levels, batch.image_sizes)
         dets = roi_heads(net.roi_heads, features, proposals, batch.image_sizes)
     return dets, batch.image_sizes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import importlib.util
 import os
 import warnings
@@ -155,6 +156,7 @@ class MaskRCNN(Model):
         self._net_key: Optional[Tuple[Any, ...]] = None
         self._categories: List[str] = []
         self._graphs: Any = None
+        self._backbone_half: Any = None
 
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
@@ -173,7 +175,7 @@ class MaskRCNN(Model):
     def unload(self) -> None:
         self._net = None
         self._net_key = None
-        self._graphs = None
+        self._graphs = self._backbone_half = None
         if self.device.startswith("cuda"):
             import torch
 
@@ -206,7 +208,7 @@ class MaskRCNN(Model):
                 f"weights file {str(path)!r} does not fit the {variant} network (choose the "
                 f"other network option or another file): {str(exc)[:500]}") from exc
         net = net.eval().to(self.device)
-        self._graphs = None
+        self._graphs = self._backbone_half = None
         if self._cuda():
             from . import fast
 
@@ -215,6 +217,7 @@ class MaskRCNN(Model):
             with torch.no_grad():
                 fast.fold_batch_norms(net.backbone)
             net.backbone.to(memory_format=torch.channels_last)
+            self._backbone_half = copy.deepcopy(net.backbone).half()
             if self.cuda_graphs:
                 self._graphs = fast.GraphCache()
         self._net = net
@@ -258,7 +261,8 @@ class MaskRCNN(Model):
         sizes = [tuple(im.shape[-2:]) for im in images]
         if self.fast_heads:
             dets, net_sizes = fast.detect(net, images, half, channels_last=self._cuda(),
-                                          graphs=self._graphs if self.cuda_graphs else None)
+                                          graphs=self._graphs if self.cuda_graphs else None,
+                                          backbone_half=self._backbone_half)
         else:  # torchvision's own heads (per-class NMS loop), for comparison
             with torch.inference_mode():
                 batch, _ = net.transform(images)
@@ -351,12 +355,17 @@ class MaskRCNN(Model):
         idx = self._select(det, o)
         boxes, labels, scores = det["boxes"][idx], det["labels"][idx], det["scores"][idx]
         k = int(idx.numel())
-        mattes = render.paste_masks(det["masks"][idx, 0], boxes, h, w)  # (K, H, W)
+        mode = o["output_mode"]
+        # matte mode needs only the union: clamp that (max and clamp commute)
+        only_union = mode == "matte" and o["soft_mattes"]
+        mattes = render.paste_masks(det["masks"][idx, 0], boxes, h, w,
+                                    clamp=not only_union)  # (K, H, W)
         if not o["soft_mattes"]:
             mattes = (mattes >= 0.5).float()
         union = mattes.amax(0) if k else torch.zeros((h, w), device=dev)
+        if only_union:
+            union = union.clamp_(0.0, 1.0)
 
-        mode = o["output_mode"]
         names = [self._categories[int(c)] for c in labels.tolist()]
         rgba = torch.empty((h, w, 4), dtype=torch.float32, device=dev)
         if mode == "overlay" and k:

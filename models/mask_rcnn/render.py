@@ -18,7 +18,8 @@ GREEN = (18, 127, 15)
 GRAY = (218, 227, 218)
 
 
-def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
+                clamp: bool = True) -> torch.Tensor:
     """Soft masks (N, M, M) predicted inside `boxes` (N, 4, x0 y0 x1 y1, pixel-edge
     coordinates) → (N, height, width) in [0, 1].
 
@@ -44,7 +45,7 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
     ry = weights(boxes[:, 1], boxes[:, 3], height)  # (N, H, M)
     rx = weights(boxes[:, 0], boxes[:, 2], width)   # (N, W, M)
     out = torch.bmm(torch.bmm(ry, masks), rx.transpose(1, 2))
-    return out.clamp_(0.0, 1.0)
+    return out.clamp_(0.0, 1.0) if clamp else out  # unclamped: may exceed 1 by rounding
 
 
 def palette(n: int) -> np.ndarray:
