@@ -166,14 +166,37 @@ def cmd_infer(args: argparse.Namespace) -> int:
             raise ValueError(f"{len(missing)} input file(s) missing, e.g. "
                              + "; ".join(missing[:3]))
         progress = Progress(len(frames))
-        in_flight: List[Any] = []  # frames submitted, oldest first
-        for paths, out, _ in jobs:
-            in_flight.append(client.submit_exr(args.model, paths, out, options))
-            if len(in_flight) >= args.pipeline:
-                collect(in_flight.pop(0), args.model, progress)
-        while in_flight:
-            collect(in_flight.pop(0), args.model, progress)
+        run_range(client, args.model, options, jobs, args.pipeline, progress)
     return 0
+
+
+def run_range(client: Client, model: str, options: Dict[str, Any], jobs: List[Any],
+              depth: int, progress: Progress) -> None:
+    """Keep `depth` frames in flight. A lost embedded server is restarted and the frames
+    in flight sent again, once per loss: a second loss before any frame completes is
+    reported."""
+    queue = list(jobs)
+    in_flight: List[Any] = []  # (job, pending), oldest first
+    may_restart = client.can_restart
+    while queue or in_flight:
+        while queue and len(in_flight) < depth:
+            paths, out, _ = job = queue.pop(0)
+            in_flight.append((job, client.submit_exr(model, paths, out, options)))
+        job, pending = in_flight[0]
+        try:
+            collect(pending, model, progress)
+        except DLServerError as exc:
+            if exc.code != "server_gone" or not may_restart:
+                raise
+            print(f"\ndlserver: {exc.message}; restarting the server and retrying",
+                  file=sys.stderr)
+            client.restart()
+            queue[:0] = [job for job, _ in in_flight]
+            in_flight.clear()
+            may_restart = False
+            continue
+        in_flight.pop(0)
+        may_restart = client.can_restart
 
 
 def collect(pending: Any, model: str, progress: Progress) -> None:

@@ -122,3 +122,57 @@ def test_client_vanishing_mid_inference(tcp_server: TcpServer, tmp_path: Path) -
         out, _ = io.infer("identity", {"src": plate})
         np.testing.assert_array_equal(out["rgba"], plate)
         assert other.stats()["errors"] == 0
+
+
+def cli_with_gate(tmp_path: Path) -> tuple:
+    """`dlserver infer` through the gate model on 2 frames, one in flight at a time."""
+    import shutil
+    import subprocess
+    import sys
+
+    from support import ROOT, TEST_MODELS
+
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    os.mkfifo(str(fifo) + ".done")
+    for frame in (1, 2):
+        shutil.copy(ROOT / "examples" / f"plate.{frame:04d}.exr", tmp_path / f"p.{frame:04d}.exr")
+    cli = subprocess.Popen(
+        [str(Path(sys.executable).with_name("dlserver")), "infer", "--models-dir",
+         str(TEST_MODELS), "--model", "gate", "--set", f"gate={fifo}", "--pipeline", "1",
+         str(tmp_path / "p.####.exr"), str(tmp_path / "out" / "o.####.exr"), "--frames", "1-2"],
+        stderr=subprocess.PIPE, text=True)
+    return cli, fifo
+
+
+def kill_server_of(cli) -> None:
+    """SIGKILL the embedded server (the CLI's child) while a frame is in the model."""
+    with open(f"/proc/{cli.pid}/task/{cli.pid}/children") as f:
+        (server_pid,) = [int(p) for p in f.read().split()]
+    os.kill(server_pid, signal.SIGKILL)
+    assert wait_for_exit(server_pid, 10)
+
+
+def test_cli_restarts_a_killed_server_and_finishes_the_range(tmp_path: Path) -> None:
+    cli, fifo = cli_with_gate(tmp_path)
+    with open(fifo, "wb"):  # frame 1 is inside the model
+        kill_server_of(cli)
+    for _ in range(2):  # frame 1 again, on the fresh server, then frame 2
+        with open(fifo, "wb") as gate:
+            gate.write(b"x")
+        with open(str(fifo) + ".done", "rb") as ack:  # the model has closed the gate
+            ack.read(1)
+    _, err = cli.communicate(timeout=60)
+    assert cli.returncode == 0, err
+    assert "restarting the server" in err
+    assert sorted(os.listdir(tmp_path / "out")) == ["o.0001.exr", "o.0002.exr"]
+
+
+def test_cli_reports_a_second_loss(tmp_path: Path) -> None:
+    cli, fifo = cli_with_gate(tmp_path)
+    for _ in range(2):
+        with open(fifo, "wb"):
+            kill_server_of(cli)
+    _, err = cli.communicate(timeout=60)
+    assert cli.returncode == 1 and "exited" in err
+    assert not (tmp_path / "out" / "o.0001.exr").exists()
