@@ -6,7 +6,6 @@ gate, so a test can pass several frames through one gate without racing."""
 
 import os
 
-
 from dlserver.model import Layer, Model, String
 
 
