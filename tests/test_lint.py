@@ -1,0 +1,14 @@
+"""The whole repository is ruff clean (the project's rules are in pyproject.toml)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from support import ROOT
+
+
+def test_ruff_clean_everywhere() -> None:
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
