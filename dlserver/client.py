@@ -251,8 +251,8 @@ class Client:
               device: Optional[str] = None, timeout: float = 60.0,
               extra_args: Sequence[str] = ()) -> Client:
         """Start an embedded server (a child process that exits with this one)."""
-        args = {"python": python, "models_dirs": list(models_dirs), "device": device,
-                "extra_args": list(extra_args)}
+        args: Dict[str, Any] = {"python": python, "models_dirs": list(models_dirs),
+                                "device": device, "extra_args": list(extra_args)}
         process = start_server(**args)
         return cls(_Connection(process.stdout, process.stdin, process, None),  # type: ignore
                    timeout, spawn_args=args)

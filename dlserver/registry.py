@@ -220,4 +220,4 @@ def _entry_points() -> List[Any]:
     try:
         return list(metadata.entry_points(group=ENTRY_POINT_GROUP))
     except TypeError:  # Python 3.9's entry_points() takes no arguments
-        return list(metadata.entry_points().get(ENTRY_POINT_GROUP, []))  # type: ignore
+        return list(metadata.entry_points().get(ENTRY_POINT_GROUP, []))

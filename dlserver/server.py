@@ -285,14 +285,14 @@ class Session:
                     break
                 batch.append(following)
             try:
-                execute(self, [i.job for i in batch])  # type: ignore[misc]
+                execute(self, [i.job for i in batch])
             except Exception as exc:
                 if len(batch) == 1:
                     item.reply = self._error(item.msg, exc)
                 else:  # find the frame that failed: one at a time
                     for one in batch:
                         try:
-                            execute(self, [one.job])  # type: ignore[list-item]
+                            execute(self, [one.job])
                         except Exception as exc_one:
                             one.reply = self._error(one.msg, exc_one)
             for one in batch:
@@ -305,7 +305,7 @@ class Session:
         while (item := self.to_finish.get()) is not None:
             if item.reply is None:
                 try:
-                    reply, buffers = finish(self, item.job)  # type: ignore[arg-type]
+                    reply, buffers = finish(self, item.job)
                     item.reply = ok_reply(item.msg.header.get("id"), **reply), buffers
                     self.server.count("frames")
                 except Exception as exc:

@@ -45,7 +45,6 @@ sha256 of found files) and `weights_command(args)` runs it.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import logging
 import os
@@ -452,49 +451,13 @@ def load_state_dict(path: PathLike) -> dict[str, Any]:
 
 # --- CLI --------------------------------------------------------------------------------------
 
-def discover_models(models_dir: PathLike | None = None) -> list[type]:
-    """Model classes that declare `weights_files`.
+def discover_models() -> list[Any]:
+    """Model classes that declare `weights_files`, found as the server finds models
+    (folders and entry points; importing a model module never imports torch)."""
+    from dlserver.registry import Registry, default_models_dirs
 
-    Uses the server's registry (folders and entry points) when it is there; else
-    imports `models/<name>/model.py` as a package module, as the registry does (a
-    model may import its own helper modules relatively). Importing a model module never
-    imports torch."""
-    from dlserver.model import Model
-
-    if models_dir is None:
-        try:
-            from dlserver.registry import Registry, default_models_dirs
-        except ImportError:
-            pass
-        else:
-            reg = Registry(default_models_dirs())
-            return [e.cls for e in reg.entries.values() if getattr(e.cls, "weights_files", ())]
-    import types
-
-    root = Path(models_dir) if models_dir else Path(__file__).resolve().parent.parent / "models"
-    found: list[type] = []
-    for path in sorted(root.glob("*/model.py")):
-        pkg_name = f"_dlserver_weights_scan.{path.parent.name}"
-        for name, search in (("_dlserver_weights_scan", []), (pkg_name, [str(path.parent)])):
-            if name not in sys.modules:
-                pkg = types.ModuleType(name)
-                pkg.__path__ = search
-                sys.modules[name] = pkg
-        spec = importlib.util.spec_from_file_location(f"{pkg_name}.model", path)
-        if spec is None or spec.loader is None:
-            continue
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - one broken model must not hide the others
-            log.warning("skipping %s: %s", path, exc)
-            continue
-        for obj in vars(module).values():
-            if (isinstance(obj, type) and issubclass(obj, Model) and obj is not Model
-                    and obj.__module__ == spec.name and getattr(obj, "weights_files", ())):
-                found.append(obj)
-    return found
+    registry = Registry(default_models_dirs())
+    return [e.cls for e in registry.entries.values() if e.cls.weights_files]
 
 
 def add_weights_parser(subparsers: Any) -> Any:
@@ -511,7 +474,7 @@ def add_weights_parser(subparsers: Any) -> Any:
     return p
 
 
-def weights_command(args: Any, models: Iterable[type] | None = None,
+def weights_command(args: Any, models: Iterable[Any] | None = None,
                     out: Any = None) -> int:
     """Run `dlserver weights`. `models`: model classes (default: `discover_models()`).
     Returns the exit status: 0 when every file asked for is present (and verified)."""

@@ -12,3 +12,10 @@ def test_ruff_clean_everywhere() -> None:
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_mypy_clean_on_the_server_package() -> None:
+    done = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "mypy.ini",
+                           "--ignore-missing-imports", "dlserver"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
