@@ -291,6 +291,7 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
         if m._graphs is not None and m._graphs.error:
             log(f"  (CUDA graphs not used: {m._graphs.error})")
         torch.backends.cudnn.allow_tf32 = False
+        graphs = M.MaskRCNN.cuda_graphs
         M.MaskRCNN.cuda_graphs = False
         try:
             c, c_tv, row_idx, alpha_diff = check_mask_rcnn(m, net, src, dev, half, opts, render,
@@ -298,7 +299,7 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
                                                            tv_masks, h, w)
         finally:
             torch.backends.cudnn.allow_tf32 = tf32
-            M.MaskRCNN.cuda_graphs = True
+            M.MaskRCNN.cuda_graphs = graphs
         idx = row_idx
         prec = "fp16" if half else "fp32"
         row = {"model": label, "size": size, "config": f"correctness {prec}",
@@ -344,13 +345,21 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
             ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items()))
         if args.profile:
             profile(f"{label} {size} matte fp16", lambda: m.infer({"src": src}, opts))
-        M.MaskRCNN.cuda_graphs = False
+        graphs = M.MaskRCNN.cuda_graphs
+        M.MaskRCNN.cuda_graphs = not graphs
+        m.unload()  # the network is rebuilt with (or without) a graph cache
+        m.load(dev)
         try:
             t = timer(lambda: m.infer({"src": src}, opts))
-            record(model=label, size=size, config="ours matte fp16, no CUDA graphs",
+            record(model=label, size=size,
+                   config=f"ours matte fp16, {'no ' if graphs else ''}CUDA graphs",
                    baseline_ms=base["median_ms"], **t)
+            if m._graphs is not None and m._graphs.error:
+                log(f"  (CUDA graphs failed: {m._graphs.error})")
         finally:
-            M.MaskRCNN.cuda_graphs = True
+            M.MaskRCNN.cuda_graphs = graphs
+            m.unload()
+            m.load(dev)
         M.MaskRCNN.fast_heads = False
         try:
             t = timer(lambda: m.infer({"src": src}, opts))

@@ -194,6 +194,31 @@ def fold_batch_norms(module: torch.nn.Module) -> int:
     return count
 
 
+def decode(coder: Any, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """`BoxCoder.decode_single` (torchvision's arithmetic, in its order) without its
+    `torch.tensor(0.5, device=...)`: a host-to-device copy, which a CUDA graph capture
+    refuses. Multiplying by the Python scalar 0.5 gives the same (exact) products."""
+    boxes = boxes.to(rel_codes.dtype)
+    rel_codes = rel_codes.reshape(boxes.shape[0], -1)
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    ctr_x = boxes[:, 0] + 0.5 * widths
+    ctr_y = boxes[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = coder.weights
+    dx = rel_codes[:, 0::4] / wx
+    dy = rel_codes[:, 1::4] / wy
+    dw = torch.clamp(rel_codes[:, 2::4] / ww, max=coder.bbox_xform_clip)
+    dh = torch.clamp(rel_codes[:, 3::4] / wh, max=coder.bbox_xform_clip)
+    pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
+    pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
+    pred_w = torch.exp(dw) * widths[:, None]
+    pred_h = torch.exp(dh) * heights[:, None]
+    c_to_c_h = 0.5 * pred_h
+    c_to_c_w = 0.5 * pred_w
+    return torch.stack((pred_ctr_x - c_to_c_w, pred_ctr_y - c_to_c_h, pred_ctr_x + c_to_c_w,
+                        pred_ctr_y + c_to_c_h), dim=2).flatten(1).reshape(-1, 1, 4)
+
+
 def static_part(net: Any, x: torch.Tensor, num_images: int, half: bool,
                 backbone_half: Any = None
                 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,7 +247,7 @@ def static_part(net: Any, x: torch.Tensor, num_images: int, half: bool,
     anchors = rpn.anchor_generator(ImageList(x, [(0, 0)] * num_images), maps)
     per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
     objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-    proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(num_images, -1, 4)
+    proposals = decode(rpn.box_coder, deltas, torch.cat(anchors)).view(num_images, -1, 4)
     objectness = objectness.reshape(num_images, -1)
     levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=x.device)
                         for i, n in enumerate(per_level)]).reshape(1, -1).expand_as(objectness)
