@@ -175,18 +175,22 @@ def select_channels(pixels: np.ndarray, names: Sequence[str], layer: Layer) -> n
 
 def check_outputs(model_name: str, declared: Dict[str, Layer], outputs: Any,
                   height: int, width: int) -> Dict[str, np.ndarray]:
-    """A model's return value against its declaration: names, shapes, float data.
+    """A model's return value against its declaration: names (optional outputs may be
+    left out), shapes, float data.
     Finiteness is checked by FrameWriter while it copies (one pass over the pixels)."""
     if not isinstance(outputs, dict):
         raise BadFrame(f"model {model_name!r} returned {type(outputs).__name__}, "
                        f"not a dict of output arrays")
-    missing = sorted(set(declared) - set(outputs))
+    missing = sorted(n for n, layer in declared.items()
+                     if n not in outputs and not layer.optional)
     extra = sorted(set(outputs) - set(declared))
     if missing or extra:
         raise BadFrame(f"model {model_name!r} returned outputs {sorted(outputs)}; "
                        f"it declares {sorted(declared)}")
     checked = {}
     for name, layer in declared.items():
+        if name not in outputs:
+            continue  # an optional output this result leaves out
         arr = outputs[name]
         want = (height, width, len(layer.channels))
         if not isinstance(arr, np.ndarray) or arr.shape != want:

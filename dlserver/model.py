@@ -171,6 +171,7 @@ class Layer:
     color: bool = True
     help: str = ""
     fill: float = 0.0  # value of a channel the source lacks (Nuke treats missing as 0)
+    optional: bool = False  # an output a model may leave out (a mode that doesn't fill it)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -190,7 +191,8 @@ class Layer:
                      if c.rsplit(".", 1)[-1].upper() in ("R", "G", "B", "RED", "GREEN", "BLUE"))
 
     def describe(self) -> Dict[str, Any]:
-        return {"channels": list(self.channels), "color": self.color, "help": self.help}
+        return {"channels": list(self.channels), "color": self.color, "help": self.help,
+                "optional": self.optional}
 
 
 @dataclass
@@ -215,7 +217,8 @@ class Model:
     version     bump when the same options would give different pixels (cache key)
     colorspace  "linear" (scene-linear, as Nuke works) or "srgb": the server converts
     inputs      {name: Layer}   all inputs share one width and height
-    outputs     {name: Layer}   each output has the first input's width and height
+    outputs     {name: Layer}   each output has the first input's width and height;
+                                Layer(optional=True) outputs may be left out of a result
     options     (Option, ...)   typed, with defaults, ranges and help
     help        one paragraph for the docs and the node's tooltip
     uses_torch  False when the model never imports torch

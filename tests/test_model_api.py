@@ -98,3 +98,17 @@ def test_models_from_the_entry_point_group(tmp_path: Path, monkeypatch) -> None:
     model = registry.instance("acme_invert")
     out = model.infer({"src": np.zeros((2, 2, 4), np.float32)}, {})
     assert (out["rgba"] == 1).all()
+
+
+def test_optional_outputs_may_be_left_out_of_a_result() -> None:
+    from dlserver.errors import BadFrame
+    from dlserver.frames import check_outputs
+
+    declared = {"rgba": Layer(), "extra": Layer(("extra.A",), color=False, optional=True)}
+    pixels = np.zeros((2, 3, 4), np.float32)
+    assert list(check_outputs("m", declared, {"rgba": pixels}, 2, 3)) == ["rgba"]
+    both = check_outputs("m", declared, {"rgba": pixels, "extra": pixels[..., :1]}, 2, 3)
+    assert sorted(both) == ["extra", "rgba"]
+    with pytest.raises(BadFrame):  # a required output may not
+        check_outputs("m", declared, {"extra": pixels[..., :1]}, 2, 3)
+    assert Layer(optional=True).describe()["optional"] is True

@@ -93,14 +93,14 @@ class MaskRCNN(Model):
         "rgba": Layer(("R", "G", "B", "A"), color=True,
                       help="overlay mode: the drawing; matte/instances: the input's RGB. "
                            "Alpha: union of the kept objects' mattes (every mode)."),
-        "instances": Layer(_instance_channels(), color=False,
-                           help="instances mode: one soft matte per object, by decreasing "
-                                "score; unused channels (and other modes) are 0"),
+        "instances": Layer(_instance_channels(), color=False, optional=True,
+                           help="instances mode only: one soft matte per object, by "
+                                "decreasing score; unused channels are 0"),
         "instance_id": Layer(("instance_id.R", "instance_id.G", "instance_id.B"),
-                             color=False,
-                             help="instances mode: where an object's matte is >= 0.5, "
+                             color=False, optional=True,
+                             help="instances mode only: where an object's matte is >= 0.5, "
                                   "R = its instance number (1 = instance01), G = COCO class "
-                                  "index, B = score; 0 elsewhere and in other modes"),
+                                  "index, B = score; 0 elsewhere"),
     }
     options = (
         Choice("output_mode", choices=("overlay", "matte", "instances"), label="output",
@@ -390,8 +390,9 @@ class MaskRCNN(Model):
             torch.cuda.current_stream(dev).synchronize()  # the host copies are done
         box_list = boxes.cpu().numpy().astype(float).round(2).tolist()
         outputs = {name: t.numpy() for name, t in host.items()}
-        outputs.setdefault("instances", np.zeros((h, w, MAX_INSTANCE_LAYERS), np.float32))
-        outputs.setdefault("instance_id", np.zeros((h, w, 3), np.float32))
+        if mode == "instances":  # other modes leave the optional layers out of the result
+            outputs.setdefault("instances", np.zeros((h, w, MAX_INSTANCE_LAYERS), np.float32))
+            outputs.setdefault("instance_id", np.zeros((h, w, 3), np.float32))
         detections = [
             {"id": i + 1, "class": name, "class_index": int(c), "score": round(float(s), 4),
              "box": b, "box_nuke": [b[0], round(h - b[3], 2), b[2], round(h - b[1], 2)]}
