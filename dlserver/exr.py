@@ -19,6 +19,11 @@ from .files import write_atomic
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
+# OpenEXR decodes line blocks in parallel when given threads; on 2 cores the thread
+# hand-offs cost more than they give (measured), so only bigger machines use them.
+if (os.cpu_count() or 1) >= 4:
+    OpenEXR.set_global_thread_count(min(8, os.cpu_count() or 1))
+
 
 class ExrError(ValueError):
     """An EXR that can't be read or doesn't fit the server's limits."""

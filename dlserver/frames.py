@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -23,24 +24,53 @@ from .shm import SharedBlock
 
 def linear_to_srgb(x: np.ndarray) -> np.ndarray:
     """IEC 61966-2-1 transfer function, mirrored for negatives, extended above 1."""
-    a = np.abs(x)
-    out = np.where(a <= 0.0031308, a * 12.92, 1.055 * np.power(a, 1 / 2.4) - 0.055)
-    return np.copysign(out, x).astype(np.float32)
+    a = np.abs(x, dtype=np.float32)
+    high = np.power(a, np.float32(1 / 2.4))
+    high *= np.float32(1.055)
+    high -= np.float32(0.055)
+    out = np.where(a <= 0.0031308, a * np.float32(12.92), high)
+    return np.copysign(out, x, out=out)
 
 
 def srgb_to_linear(x: np.ndarray) -> np.ndarray:
-    a = np.abs(x)
-    out = np.where(a <= 0.04045, a / 12.92, np.power((a + 0.055) / 1.055, 2.4))
-    return np.copysign(out, x).astype(np.float32)
+    a = np.abs(x, dtype=np.float32)
+    high = a + np.float32(0.055)
+    high /= np.float32(1.055)
+    np.power(high, np.float32(2.4), out=high)
+    out = np.where(a <= 0.04045, a / np.float32(12.92), high)
+    return np.copysign(out, x, out=out)
+
+
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def _threads() -> ThreadPoolExecutor:
+    """numpy releases the GIL in its loops: row bands convert on all cores."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                   thread_name_prefix="dlserver-colour")
+    return _pool
 
 
 def convert_color(pixels: np.ndarray, layer: Layer, to_srgb: bool) -> np.ndarray:
+    """A float32 copy of `pixels` with the layer's colour channels converted between
+    scene-linear and sRGB (alpha and non-colour layers are copied as they are)."""
     idx = list(layer.color_indices())
     if not idx:
         return pixels
-    out = np.array(pixels, np.float32, copy=True)
     fn = linear_to_srgb if to_srgb else srgb_to_linear
-    out[..., idx] = fn(out[..., idx])
+    contiguous = idx == list(range(idx[0], idx[-1] + 1))
+    picked: Any = slice(idx[0], idx[-1] + 1) if contiguous else idx
+    out = np.empty(pixels.shape, np.float32)
+
+    def band(start: int, stop: int) -> None:
+        src = pixels[start:stop]
+        out[start:stop] = src
+        out[start:stop, :, picked] = fn(src[..., picked])
+
+    step = _row_chunks(pixels).step
+    list(_threads().map(lambda r: band(r, r + step), _row_chunks(pixels)))
     return out
 
 
