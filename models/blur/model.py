@@ -7,7 +7,7 @@ from typing import Any, Dict
 
 from dlserver.model import Button, Choice, Float, Layer, Model, Result
 
-CHANNEL_SETS = {"rgb": [0, 1, 2], "rgba": [0, 1, 2, 3], "alpha": [3]}
+CHANNEL_SETS = {"rgb": slice(0, 3), "rgba": slice(0, 4), "alpha": slice(3, 4)}
 
 
 class Blur(Model):
@@ -34,13 +34,17 @@ class Blur(Model):
         import numpy as np
 
         src = inputs["src"]
-        out = np.array(src, dtype=np.float32, copy=True)
-        idx = CHANNEL_SETS[options["channels"]]
-        if options["size"] > 0:
-            picked = np.ascontiguousarray(src[..., idx])
-            blurred = cv2.GaussianBlur(picked, (0, 0), sigmaX=options["size"],
-                                       sigmaY=options["size"])
-            out[..., idx] = blurred.reshape(picked.shape)
+        picked = CHANNEL_SETS[options["channels"]]
+        size = options["size"]
+        if size == 0:
+            out = np.array(src, dtype=np.float32, copy=True)
+        elif picked == CHANNEL_SETS["rgba"]:  # the whole frame in one call, no gathering
+            out = cv2.GaussianBlur(src, (0, 0), sigmaX=size, sigmaY=size)
+        else:
+            out = np.array(src, dtype=np.float32, copy=True)
+            part = np.ascontiguousarray(src[..., picked])
+            blurred = cv2.GaussianBlur(part, (0, 0), sigmaX=size, sigmaY=size)
+            out[..., picked] = blurred.reshape(part.shape)
         message = brightest_pixel(src) if options["report_brightest"] else ""
         return Result({"rgba": out}, message=message)
 
