@@ -65,7 +65,7 @@ class Registry:
                 continue
             for sub in sorted(folder.iterdir()):
                 if (sub / "model.py").is_file():
-                    self._add_from(str(sub / "model.py"), lambda sub=sub: _import_folder(sub))
+                    self._add_from(str(sub / "model.py"), lambda sub=sub: import_model_folder(sub))
         for ep in _entry_points():
             self._add_from(f"entry point {ep.name} = {ep.value}", ep.load)
 
@@ -177,8 +177,9 @@ def resolve_device(requested: Optional[str]) -> str:
     raise RuntimeError(f"--device {requested!r}: use cpu, cuda or cuda:N")
 
 
-def _import_folder(folder: Path) -> types.ModuleType:
-    """Import `<folder>/model.py` as `dlserver_models.<folder name>.model`."""
+def import_model_folder(folder: Path) -> types.ModuleType:
+    """Import `<folder>/model.py` as `dlserver_models.<folder name>.model`, a module of a
+    package, so the model's own modules import relatively (tests use this too)."""
     if PACKAGE_ROOT not in sys.modules:
         root = types.ModuleType(PACKAGE_ROOT)
         root.__path__ = []

@@ -16,7 +16,6 @@ import importlib.util
 import pickle
 import subprocess
 import sys
-import types
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -28,27 +27,12 @@ pytest.importorskip("torchvision")
 
 from dlserver import weights as W  # noqa: E402
 from dlserver.model import Result  # noqa: E402
+from dlserver.registry import import_model_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "densepose"
-PKG = "_test_densepose_pkg"
-
-
-def _import_model_package() -> types.ModuleType:
-    """models/densepose/model.py imported as a package module, as the registry does."""
-    if f"{PKG}.model" in sys.modules:
-        return sys.modules[f"{PKG}.model"]
-    pkg = types.ModuleType(PKG)
-    pkg.__path__ = [str(MODEL_DIR)]
-    sys.modules[PKG] = pkg
-    spec = importlib.util.spec_from_file_location(f"{PKG}.model", MODEL_DIR / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-M = _import_model_package()
+M = import_model_folder(MODEL_DIR)  # as the server imports it
+PKG = M.__package__
 network = importlib.import_module(f"{PKG}.network")
 keymap = importlib.import_module(f"{PKG}.keymap")
 

@@ -23,27 +23,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
 from dlserver import weights as W  # noqa: E402
+from dlserver.registry import import_model_folder  # noqa: E402
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "mask_rcnn"
-PKG = "dlserver_models_test.mask_rcnn"
-
-
-def _module() -> types.ModuleType:
-    """models/mask_rcnn/model.py imported as a package module, as the registry does."""
-    if f"{PKG}.model" in sys.modules:
-        return sys.modules[f"{PKG}.model"]
-    for name, path in (("dlserver_models_test", []), (PKG, [str(MODEL_DIR)])):
-        pkg = types.ModuleType(name)
-        pkg.__path__ = path
-        sys.modules[name] = pkg
-    spec = importlib.util.spec_from_file_location(f"{PKG}.model", MODEL_DIR / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-M = _module()
+M = import_model_folder(MODEL_DIR)  # as the server imports it
+PKG = M.__package__
 MaskRCNN = M.MaskRCNN
 render = importlib.import_module(f"{PKG}.render")
 
