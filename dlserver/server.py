@@ -48,6 +48,7 @@ log = logging.getLogger("dlserver")
 
 Reply = Tuple[Dict[str, Any], List[Any]]
 MAX_BATCH = 8  # frames of a range that may share one forward pass
+MAX_QUEUED = 4  # requests read ahead of the one being prepared, per session
 
 
 @dataclass
@@ -131,7 +132,9 @@ class Session:
         self.nonce = secrets.token_hex(16)
         self.authenticated = False
         self.write_lock = threading.Lock()
-        self.pending: queue.Queue[Optional[Item]] = queue.Queue()
+        # Bounded: a client that sends frames faster than they are served is held back
+        # by the transport (the reader blocks) instead of filling the server's memory.
+        self.pending: queue.Queue[Optional[Item]] = queue.Queue(maxsize=MAX_QUEUED)
         self.to_execute: queue.Queue[Optional[Item]] = queue.Queue()
         self.to_finish: queue.Queue[Optional[Item]] = queue.Queue()
         self.last_seq = 0  # requests read so far
@@ -176,7 +179,7 @@ class Session:
             except ProtocolError as exc:
                 self.server.count("errors")
                 self.send(error_reply(None, exc.code, exc.message))
-                if exc.fatal:
+                if exc.fatal or not self.authenticated:  # strangers get one answer
                     return
                 continue
             except (OSError, ValueError):
