@@ -112,13 +112,15 @@ class Progress:
 
 # --- commands ------------------------------------------------------------------------------------
 
-def open_client(args: argparse.Namespace) -> Client:
+def open_client(args: argparse.Namespace, folders: Sequence[str] = ()) -> Client:
+    """The remote server, or an embedded one allowed to read and write `folders`
+    directly (frames by reference: no bytes through the pipe)."""
     if args.server:
         host, _, port = args.server.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--server {args.server!r}: use HOST:PORT")
         return Client.connect(host, int(port), token=args.token)
-    return Client.spawn(models_dirs=args.models_dir, device=args.device)
+    return Client.spawn(models_dirs=args.models_dir, device=args.device, allow_dirs=folders)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -147,7 +149,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise ValueError("the paths are sequences: say which frames with --frames 1-10")
     frames: List[Optional[int]] = list(parse_frames(args.frames)) if args.frames else [None]
     extra = dict(item.split("=", 1) for item in args.extra_input)
-    with open_client(args) as client:
+    folders = {os.path.dirname(os.path.abspath(p)) for p in (args.input, args.output,
+                                                              *extra.values())}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open_client(args, sorted(folders)) as client:
         declaration = client.model(args.model)
         options = parse_settings(args.set, declaration)
         input_names = list(declaration["inputs"])

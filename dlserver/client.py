@@ -91,12 +91,12 @@ class PendingExr:
         try:
             msg = self.client.receive(self.rid, timeout)
             reply = InferReply(msg.header, msg.buffers, self.output_path)
+            where = reply.header["output_exr"]
             if self.tmp:
                 _move_atomic(self.tmp, self.output_path)
-            else:
-                _write_atomic(self.output_path,
-                              reply.buffers[reply.header["output_exr"]["buffer"]])
-            return reply
+            elif where["kind"] == "inline":
+                _write_atomic(self.output_path, reply.buffers[where["buffer"]])
+            return reply  # else the server wrote output_path itself
         finally:
             if self.tmp and os.path.exists(self.tmp):
                 os.unlink(self.tmp)
@@ -249,10 +249,15 @@ class Client:
     @classmethod
     def spawn(cls, python: Optional[str] = None, models_dirs: Sequence[str] = (),
               device: Optional[str] = None, timeout: float = 60.0,
-              extra_args: Sequence[str] = ()) -> Client:
-        """Start an embedded server (a child process that exits with this one)."""
+              extra_args: Sequence[str] = (), allow_dirs: Sequence[str] = ()) -> Client:
+        """Start an embedded server (a child process that exits with this one).
+        `allow_dirs`: folders whose EXRs the server may read and write directly (by
+        reference), besides its exchange dir: no bytes through the pipe, no copies."""
+        extra = [*extra_args]
+        for folder in allow_dirs:
+            extra += ["--allow-dir", os.path.abspath(folder)]
         args: Dict[str, Any] = {"python": python, "models_dirs": list(models_dirs),
-                                "device": device, "extra_args": list(extra_args)}
+                                "device": device, "extra_args": extra}
         process = start_server(**args)
         return cls(_Connection(process.stdout, process.stdin, process, None),  # type: ignore
                    timeout, spawn_args=args)
@@ -370,7 +375,7 @@ class Client:
         refs: Dict[str, Dict[str, Any]] = {}
         buffers: List[bytes] = []
         for name, path in inputs.items():
-            if self._in_exchange_dir(path):
+            if self._server_can_see(path):
                 refs[name] = {"kind": "file", "format": "exr", "path": os.path.abspath(path)}
             else:
                 with open(path, "rb") as f:
@@ -378,10 +383,12 @@ class Client:
                 refs[name] = {"kind": "inline", "format": "exr", "buffer": len(buffers) - 1}
         os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
         tmp = None
-        if self.exchange_dir:  # the server writes the result next to it, in RAM
+        if self._server_can_see(output_path):  # written in place, atomically, by the server
+            output_exr: Dict[str, Any] = {"kind": "file", "path": os.path.abspath(output_path)}
+        elif self.exchange_dir:  # the server writes the result next to it, in RAM
             fd, tmp = tempfile.mkstemp(prefix="result-", suffix=".exr", dir=self.exchange_dir)
             os.close(fd)
-            output_exr: Dict[str, Any] = {"kind": "file", "path": tmp}
+            output_exr = {"kind": "file", "path": tmp}
         else:
             output_exr = {"kind": "inline"}
         try:
@@ -419,11 +426,15 @@ class Client:
     def alive(self) -> bool:
         return self._conn.gone is None
 
-    def _in_exchange_dir(self, path: str) -> bool:
+    def _server_can_see(self, path: str) -> bool:
+        """Whether a local server accepts `path` by reference: inside its exchange dir or
+        a folder its command line allowed (the server checks again)."""
         if not self.exchange_dir:
             return False
-        real, root = os.path.realpath(path), os.path.realpath(self.exchange_dir)
-        return real != root and os.path.commonpath([real, root]) == root
+        real = os.path.realpath(path)
+        roots = [self.exchange_dir, *self.server_info.get("allowed_dirs", [])]
+        return any(real != root and os.path.commonpath([real, root]) == root
+                   for root in map(os.path.realpath, roots))
 
     @property
     def can_restart(self) -> bool:

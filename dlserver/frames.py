@@ -124,20 +124,25 @@ def _still_named(name: str) -> bool:
 # --- the exchange dir ------------------------------------------------------------------------
 
 class ExchangeDir:
-    """The only folder whose files a session may name. None: file references refused."""
+    """The folders whose files a session may name: the exchange dir, plus the folders
+    the server's own command line allowed (`--allow-dir`, given by the process that
+    started an embedded server, e.g. `dlserver infer` for its input and output folders).
+    None: file references refused (remote sessions)."""
 
-    def __init__(self, path: Optional[str]) -> None:
+    def __init__(self, path: Optional[str], allowed: Sequence[str] = ()) -> None:
         self.path = os.path.realpath(path) if path else None
+        self.roots = [self.path, *(os.path.realpath(p) for p in allowed)] if self.path else []
 
     def check(self, path: str) -> str:
         if self.path is None:
             raise PathRefused("file references are accepted only from a local (embedded) "
                               "session; send the frame inline instead")
-        real = os.path.realpath(path)
-        if real == self.path or os.path.commonpath([real, self.path]) != self.path:
-            raise PathRefused(f"{path!r} is outside this session's exchange dir "
-                              f"{self.path!r}; write the frame there first")
-        return real
+        real = os.path.realpath(path)  # symlinks resolved: a link can't lead outside
+        for root in self.roots:
+            if real != root and os.path.commonpath([real, root]) == root:
+                return real
+        raise PathRefused(f"{path!r} is outside this session's exchange dir "
+                          f"{self.path!r}; write the frame there first")
 
 
 # --- reading inputs --------------------------------------------------------------------------

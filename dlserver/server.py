@@ -70,6 +70,7 @@ class Server:
         self.limits = limits
         self.token = token
         self.exchange_dir = exchange_dir
+        self.allowed_dirs: List[str] = []  # --allow-dir: more folders for local sessions
         self.shm_prefix = f"dls{os.getpid()}_"
         self.started = time.time()
         self.stop_event = threading.Event()
@@ -142,7 +143,7 @@ class Session:
         self.cancelled: set = set()
         self.closed = threading.Event()
         self.shm = ShmCache()
-        self.exchange = ExchangeDir(server.exchange_dir if local else None)
+        self.exchange = ExchangeDir(server.exchange_dir if local else None, server.allowed_dirs)
 
     # --- I/O -------------------------------------------------------------------------------
     def send(self, header: Dict[str, Any], buffers: Sequence[Any] = ()) -> None:
@@ -220,7 +221,8 @@ class Session:
         info: Dict[str, Any] = {"version": VERSION, "server": f"dlserver {__version__}",
                                 "pid": os.getpid(), "limits": vars(self.server.limits)}
         if self.local:
-            info.update(exchange_dir=self.server.exchange_dir, shm_prefix=self.server.shm_prefix)
+            info.update(exchange_dir=self.server.exchange_dir, shm_prefix=self.server.shm_prefix,
+                        allowed_dirs=self.server.allowed_dirs)
         self.send(ok_reply(rid, **info))
         return True
 
@@ -463,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in /dev/shm, else the temp dir)")
     p.add_argument("--cpu-fallback", action="store_true",
                    help="run a frame on the CPU when it doesn't fit in GPU memory")
+    p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
+                   help="local sessions may also name files in DIR (repeatable; the process "
+                        "that starts an embedded server passes its own folders)")
     p.add_argument("--max-message-mb", type=int, default=Limits.max_body >> 20)
     p.add_argument("--max-pixels", type=int, default=Limits.max_pixels)
     p.add_argument("--log-level", default=None,
@@ -499,6 +504,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     exchange = make_exchange_dir(args.exchange_dir) if not remote else None
     server = Server(registry, limits, args.token, exchange)
     server.cpu_fallback = args.cpu_fallback
+    server.allowed_dirs = [os.path.realpath(d) for d in args.allow_dir] if not remote else []
+    if remote and args.allow_dir:
+        log.warning("--allow-dir is ignored over TCP: remote clients send frames inline")
     if args.tls_cert:
         server.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         server.tls.load_cert_chain(args.tls_cert, args.tls_key)

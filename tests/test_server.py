@@ -339,3 +339,34 @@ def test_a_server_spawned_from_a_finished_thread_keeps_serving() -> None:
     with box["client"] as client:
         assert client.stats()["frames"] == 0
         assert client.process.poll() is None
+
+
+def test_allowed_dirs_are_read_and_written_by_reference_and_nothing_else(
+        tmp_path: Path) -> None:
+    from support import TEST_MODELS
+
+    allowed, other = tmp_path / "shots", tmp_path / "private"
+    allowed.mkdir()
+    other.mkdir()
+    plate = make_plate()
+    write_plate_exr(allowed / "a.exr", plate)
+    write_plate_exr(other / "b.exr", plate)
+    (allowed / "escape.exr").symlink_to(other / "b.exr")
+    with Client.spawn(models_dirs=[str(TEST_MODELS)], allow_dirs=[str(allowed)]) as client:
+        ref = {"kind": "file", "format": "exr", "path": str(allowed / "a.exr")}
+        out = {"kind": "file", "path": str(allowed / "out.exr")}
+        client.infer("identity", {"src": ref}, {"gain": 2.0}, output_exr=out)
+        np.testing.assert_allclose(exr.gather(exr.read_exr(allowed / "out.exr"), "RGBA"),
+                                   plate * 2, rtol=1e-6)
+        for path in (other / "b.exr", allowed / "escape.exr", allowed / ".." / "private"):
+            with pytest.raises(DLServerError) as err:
+                client.infer("identity", {"src": {**ref, "path": str(path)}})
+            assert err.value.code == "forbidden_path"
+        with pytest.raises(DLServerError) as err:  # nor written outside
+            client.infer("identity", {"src": ref}, output_exr={"kind": "file",
+                                                               "path": str(other / "x.exr")})
+        assert err.value.code == "forbidden_path" and not (other / "x.exr").exists()
+        # infer_exr takes the by-reference path on its own: the reply carries no bytes
+        reply = client.infer_exr("identity", {"src": str(allowed / "a.exr")},
+                                 str(allowed / "c.exr"))
+        assert reply.buffers == [] and (allowed / "c.exr").exists()
