@@ -3,7 +3,7 @@
 # CUDA box): model benchmarks, the CUDA tests of the model authors, the end-to-end
 # sequence and the transport figures. Logs go to $OUT (default ./perf_out).
 #
-#   bash benchmarks/gpu_run.sh [quick]
+#   bash benchmarks/gpu_run.sh [quick|io]     (io: end to end and transport only)
 #
 # Needs torch/torchvision with CUDA, numpy, opencv, pytest; OpenEXR is installed from
 # wheels in .whl/ when it is missing (the device machine has no network: carry .whl).
@@ -46,14 +46,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     tail -n 40 "$OUT/$name.log"
 }
 
-if [ "$QUICK" = quick ]; then
+if [ "$QUICK" = io ]; then
+    :  # the server's I/O path only: end to end and transport, below
+elif [ "$QUICK" = quick ]; then
     step bench_models 240 python3 benchmarks/bench_models.py --device cuda --sizes 1080p \
         --models mask_rcnn densepose --profile --json "$OUT/bench_models.json"
 else
     step bench_models 270 python3 benchmarks/bench_models.py --device cuda --profile \
         --json "$OUT/bench_models.json"
 fi
-step pytest_cuda 100 python3 -m pytest -m cuda tests/test_mask_rcnn.py tests/test_densepose.py \
+[ "$QUICK" = io ] || step pytest_cuda 100 python3 -m pytest -m cuda tests/test_mask_rcnn.py tests/test_densepose.py \
     -s -rs -p no:cacheprovider
 step bench_end_to_end 130 python3 benchmarks/bench_end_to_end.py --device cuda \
     --json "$OUT/bench_end_to_end.json"
