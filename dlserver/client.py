@@ -447,21 +447,24 @@ class Client:
         into the new `exchange_dir`."""
         if self._spawn_args is None:
             raise DLServerError("server_gone", "a remote server can't be restarted from here")
-        old_exchange, old_prefix = self.exchange_dir, self.shm_prefix
-        self._conn.close()
-        if old_exchange:
-            shutil.rmtree(old_exchange, ignore_errors=True)
-        if old_prefix:
-            from .shm import sweep
-            sweep(old_prefix)
+        self.close()
         process = start_server(**self._spawn_args)
         self._open(_Connection(process.stdout, process.stdin, process, None),  # type: ignore
                    None)
         self.restarts += 1
 
     def close(self) -> None:
-        """Close the connection; an embedded server exits (EOF on its stdin)."""
+        """Close the connection; an embedded server exits (EOF on its stdin) and cleans
+        up after itself. One that was killed could not: its exchange dir and its
+        shared-memory blocks are removed here."""
         self._conn.close()
+        process = self._conn.process
+        if process is not None and process.returncode != 0:
+            if self.exchange_dir:
+                shutil.rmtree(self.exchange_dir, ignore_errors=True)
+            if self.shm_prefix:
+                from .shm import sweep
+                sweep(self.shm_prefix)
 
     def __enter__(self) -> Client:
         return self

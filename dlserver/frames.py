@@ -8,6 +8,7 @@ blocks), so a frame costs one copy each way and no page faults after the first.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -83,8 +84,13 @@ class ShmCache:
     def __init__(self, max_blocks: int = 16) -> None:
         self.max_blocks = max_blocks
         self.blocks: OrderedDict[str, SharedBlock] = OrderedDict()
+        self._lock = threading.Lock()  # frames of a session are read and written in parallel
 
     def view(self, name: str, nbytes: int) -> memoryview:
+        with self._lock:
+            return self._view(name, nbytes)
+
+    def _view(self, name: str, nbytes: int) -> memoryview:
         block = self.blocks.get(name)
         if block is None or block.size < nbytes or not _still_named(name):
             if block is not None:
@@ -110,8 +116,9 @@ class ShmCache:
             pass  # a model still holds a view; the mapping goes with it
 
     def close(self) -> None:
-        for name in list(self.blocks):
-            self._drop(name)
+        with self._lock:
+            for name in list(self.blocks):
+                self._drop(name)
 
 
 def _still_named(name: str) -> bool:

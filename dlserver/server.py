@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple
 
@@ -49,6 +50,7 @@ log = logging.getLogger("dlserver")
 Reply = Tuple[Dict[str, Any], List[Any]]
 MAX_BATCH = 8  # frames of a range that may share one forward pass
 MAX_QUEUED = 4  # requests read ahead of the one being prepared, per session
+IO_WORKERS = max(2, min(4, os.cpu_count() or 1))  # frames read or written at once
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Item:
     msg: Message
     seq: int
     job: Any = None  # inference.Job once prepared
+    work: Optional[Future] = None  # reading (then writing) in progress on the I/O workers
     reply: Optional[Reply] = None  # set once answered (result or error)
 
 
@@ -78,6 +81,9 @@ class Server:
                          "oom_recoveries": 0}
         self.cpu_fallback = False
         self.tls: Optional[ssl.SSLContext] = None
+        # Frames are read (EXR decode, colour) and written on these threads, several at
+        # once, while the session's execute stage keeps the model busy.
+        self.workers = ThreadPoolExecutor(max_workers=IO_WORKERS, thread_name_prefix="dlserver-io")
         self.active_sessions = 0
         self._lock = threading.Lock()
         self.on_stop: Optional[Any] = None  # embedded mode: exit at once
@@ -136,8 +142,8 @@ class Session:
         # Bounded: a client that sends frames faster than they are served is held back
         # by the transport (the reader blocks) instead of filling the server's memory.
         self.pending: queue.Queue[Optional[Item]] = queue.Queue(maxsize=MAX_QUEUED)
-        self.to_execute: queue.Queue[Optional[Item]] = queue.Queue()
-        self.to_finish: queue.Queue[Optional[Item]] = queue.Queue()
+        self.to_execute: queue.Queue[Optional[Item]] = queue.Queue(maxsize=MAX_QUEUED)
+        self.to_finish: queue.Queue[Optional[Item]] = queue.Queue(maxsize=MAX_QUEUED)
         self.last_seq = 0  # requests read so far
         self.cancel_upto = 0  # requests up to this one were cancelled with target "all"
         self.cancelled: set = set()
@@ -259,22 +265,29 @@ class Session:
 
         while (item := self.pending.get()) is not None:
             if not self._is_cancelled(item):
-                if item.msg.header.get("type") == "infer":
-                    try:
-                        item.job = prepare(self, item.msg)
-                    except Exception as exc:
-                        item.reply = self._error(item.msg, exc)
+                if item.msg.header.get("type") == "infer":  # read on the I/O workers
+                    item.work = self.server.workers.submit(prepare, self, item.msg)
                 else:
                     item.reply = self.handle(item.msg)
             self.to_execute.put(item)
         self.to_execute.put(None)
 
+    def _prepared(self, item: Optional[Item]) -> Optional[Item]:
+        """Wait for the item's inputs to be read (in order: replies keep their order)."""
+        if item is not None and item.work is not None:
+            try:
+                item.job = item.work.result()
+            except Exception as exc:
+                item.reply = self._error(item.msg, exc)
+            item.work = None
+        return item
+
     def _execute_stage(self) -> None:
-        from .inference import execute
+        from .inference import execute, finish
 
         waiting: List[Optional[Item]] = []  # taken from the queue but not yet run
         while True:
-            item = waiting.pop() if waiting else self.to_execute.get()
+            item = waiting.pop() if waiting else self._prepared(self.to_execute.get())
             if item is None:
                 break
             if item.job is None or item.reply is not None or self._is_cancelled(item):
@@ -283,7 +296,7 @@ class Session:
             batch = [item]
             key = item.job.batch_key()
             while key is not None and len(batch) < MAX_BATCH and not self.to_execute.empty():
-                following = self.to_execute.get()
+                following = self._prepared(self.to_execute.get())
                 if following is None or following.job is None or following.reply is not None \
                         or following.job.batch_key() != key or self._is_cancelled(following):
                     waiting.append(following)
@@ -301,21 +314,22 @@ class Session:
                         except Exception as exc_one:
                             one.reply = self._error(one.msg, exc_one)
             for one in batch:
+                if one.reply is None:  # written on the I/O workers
+                    one.work = self.server.workers.submit(finish, self, one.job)
                 self.to_finish.put(one)
         self.to_finish.put(None)
 
     def _finish_stage(self) -> None:
-        from .inference import finish
-
         while (item := self.to_finish.get()) is not None:
-            if item.reply is None:
+            if item.work is not None:
                 try:
-                    reply, buffers = finish(self, item.job)
+                    reply, buffers = item.work.result()
                     item.reply = ok_reply(item.msg.header.get("id"), **reply), buffers
                     self.server.count("frames")
                 except Exception as exc:
                     item.reply = self._error(item.msg, exc)
-            item.job = None
+            item.job = item.work = None
+            assert item.reply is not None
             header, buffers = item.reply
             self.send(header, buffers)
             if item.msg.header.get("type") == "shutdown" and header.get("ok"):

@@ -25,6 +25,7 @@ Nothing a server sends is executed or evaluated: its text goes through
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -162,9 +163,8 @@ def _error_text(exc: BaseException) -> str:
 def _client_for(key: ServerKey) -> Any:
     """The shared client for a server (connecting when needed). Any thread.
 
-    The embedded server is started from Nuke's main thread: on Linux it asks to die
-    with the thread that started it (PR_SET_PDEATHSIG follows the parent *thread*), and
-    a worker thread ends long before the Nuke session does."""
+    The embedded server is started from Nuke's main thread (Nuke's API and process
+    ownership stay on the thread that lives as long as the session)."""
     if Client is None:
         raise RuntimeError("dlserver.client can't be imported: is the repository root on "
                            "sys.path (nuke_plugin/init.py puts it there)?")
@@ -194,6 +194,18 @@ def _client_for(key: ServerKey) -> Any:
     return keep
 
 
+def _forget_client(key: ServerKey) -> None:
+    """Drop a lost server's client; closing it removes what the dead server left (its
+    exchange dir and shared memory)."""
+    with _lock:
+        lost = _clients.pop(key, None)
+    if lost is not None:
+        try:
+            lost.close()
+        except Exception:  # best effort: the server is gone already
+            pass
+
+
 def _call_with_restart(key: ServerKey, call: Callable[[Any], Any]) -> Any:
     """Run call(client); a lost embedded server is restarted once, transparently."""
     client = _client_for(key)
@@ -202,8 +214,7 @@ def _call_with_restart(key: ServerKey, call: Callable[[Any], Any]) -> Any:
     except DLServerError as exc:
         if key[0] != "embedded" or getattr(exc, "code", "") != "server_gone":
             raise
-        with _lock:
-            _clients.pop(key, None)
+        _forget_client(key)
         print("DLClient: the embedded server was lost; restarting it once", file=sys.stderr)
         return call(_client_for(key))
 
@@ -244,7 +255,9 @@ def _exchange_dir(client: Any) -> str:
         return str(client.exchange_dir)
     base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     path = os.path.join(base, f"dlclient-{os.getpid()}")
-    os.makedirs(path, exist_ok=True)
+    if not os.path.isdir(path):
+        os.makedirs(path)
+        atexit.register(shutil.rmtree, path, True)  # nothing left in RAM when Nuke exits
     return path
 
 
@@ -688,8 +701,7 @@ def _process_frame(job: Job, frame: int) -> str:
     except DLServerError as exc:
         if job.server[0] != "embedded" or getattr(exc, "code", "") != "server_gone":
             raise
-        with _lock:
-            _clients.pop(job.server, None)
+        _forget_client(job.server)
         print(f"DLClient: {exc}; restarting the embedded server once", file=sys.stderr)
         return _process_frame_once(job, frame)
 

@@ -72,6 +72,10 @@ def test_a_second_loss_is_reported(embedded: Client, tmp_path: Path) -> None:
     assert isinstance(box.get("error"), DLServerError)
     assert box["error"].code == "server_gone"
     io.close()
+    exchange, prefix = embedded.exchange_dir, embedded.shm_prefix
+    embedded.close()  # the killed server could not clean up: the client does
+    assert not os.path.exists(exchange)
+    assert not [n for n in shm_names() if n.startswith(prefix)]
 
 
 def test_remote_server_loss_is_not_retried(tcp_server: TcpServer) -> None:

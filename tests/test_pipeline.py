@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -31,13 +32,19 @@ def infer_item(session: Session, seq: int, plate: np.ndarray, gain: float = 2.0)
 
 
 def run_stages(session: Session, items: list) -> list:
+    """Queue prepared items, run the execute stage, collect what it hands on (in a thread:
+    the queues are bounded)."""
+    stage = threading.Thread(target=session._execute_stage)
+    stage.start()
     for item in items:
         session.to_execute.put(item)
     session.to_execute.put(None)
-    session._execute_stage()
     done = []
     while (item := session.to_finish.get()) is not None:
+        if item.work is not None:
+            item.work.result()  # the output writing finished without error
         done.append(item)
+    stage.join()
     return done
 
 
