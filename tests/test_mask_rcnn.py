@@ -114,11 +114,8 @@ def test_declaration_and_categories_from_torchvision():
 
 
 def test_module_import_does_not_import_torch():
-    path = str(MODEL_DIR / "model.py")
-    code = ("import sys, importlib.util, types; p = types.ModuleType('x'); "
-            f"p.__path__ = [{str(MODEL_DIR)!r}]; sys.modules['x'] = p; "
-            f"s = importlib.util.spec_from_file_location('x.model', {path!r}); "
-            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+    code = ("import sys, pathlib; from dlserver.registry import import_model_folder; "
+            f"m = import_model_folder(pathlib.Path({str(MODEL_DIR)!r})); "
             "print(len(m.MaskRCNN.options), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=MODEL_DIR.parent.parent).stdout.split()
