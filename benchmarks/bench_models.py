@@ -42,9 +42,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SIZES = {"small": (180, 320), "1080p": (1080, 1920), "4k": (2160, 3840)}
+SIZES = {"small": (180, 320), "1080p": (1080, 1920), "4k": (2160, 3840), "8k": (4320, 7680)}
 # network size per frame size: the models' default (800) except on 'small' (CPU tries)
-NETWORK_SIZE = {"small": 256, "1080p": 800, "4k": 800}
+NETWORK_SIZE = {"small": 256, "1080p": 800, "4k": 800, "8k": 800}
 RESULTS: List[Dict[str, Any]] = []
 
 
