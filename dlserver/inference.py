@@ -51,13 +51,6 @@ class Job:
         return self.entry.cls.name, json.dumps(self.options, sort_keys=True), self.size
 
 
-def run_infer(session: Session, msg: Message) -> Tuple[Dict[str, Any], List[Any]]:
-    """All three stages in the calling thread."""
-    job = prepare(session, msg)
-    execute(session, [job])
-    return finish(session, job)
-
-
 def prepare(session: Session, msg: Message) -> Job:
     """Validate the request and read its input frames (decoding EXRs, converting colour)."""
     header = msg.header

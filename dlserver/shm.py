@@ -92,10 +92,6 @@ def _unlink(name: str) -> None:
         pass
 
 
-def unlink(name: str) -> None:
-    _unlink(name)
-
-
 def sweep(prefix: str) -> int:
     """Unlink every block whose name starts with `prefix` (Linux); returns how many."""
     if not os.path.isdir(SHM_DIR):
