@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import exr as exrio
+from .color import linear_to_srgb, srgb_to_linear  # noqa: F401 - also imported from here
 from .errors import BadFrame, PathRefused
 from .model import Layer
 from .protocol import DTYPES, FrameRef, Limits, parse_frame_ref
@@ -23,40 +24,25 @@ from .shm import SharedBlock
 
 # --- colour ----------------------------------------------------------------------------------
 
-def linear_to_srgb(x: np.ndarray) -> np.ndarray:
-    """IEC 61966-2-1 transfer function, mirrored for negatives, extended above 1."""
-    a = np.abs(x, dtype=np.float32)
-    high = np.power(a, np.float32(1 / 2.4))
-    high *= np.float32(1.055)
-    high -= np.float32(0.055)
-    out = np.where(a <= 0.0031308, a * np.float32(12.92), high)
-    return np.copysign(out, x, out=out)
-
-
-def srgb_to_linear(x: np.ndarray) -> np.ndarray:
-    a = np.abs(x, dtype=np.float32)
-    high = a + np.float32(0.055)
-    high /= np.float32(1.055)
-    np.power(high, np.float32(2.4), out=high)
-    out = np.where(a <= 0.04045, a / np.float32(12.92), high)
-    return np.copysign(out, x, out=out)
-
-
 _pool: Optional[ThreadPoolExecutor] = None
+COLOR_THREADS = min(8, os.cpu_count() or 1)
 
 
 def _threads() -> ThreadPoolExecutor:
     """numpy releases the GIL in its loops: row bands convert on all cores."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                                   thread_name_prefix="dlserver-colour")
+        _pool = ThreadPoolExecutor(max_workers=COLOR_THREADS, thread_name_prefix="dlserver-colour")
     return _pool
 
 
 def convert_color(pixels: np.ndarray, layer: Layer, to_srgb: bool) -> np.ndarray:
     """A float32 copy of `pixels` with the layer's colour channels converted between
-    scene-linear and sRGB (alpha and non-colour layers are copied as they are)."""
+    scene-linear and sRGB (alpha and non-colour layers are copied as they are).
+
+    One band of rows per colour thread, each converted in place with a few whole-band
+    numpy calls: every call re-takes the GIL, and beside a busy model thread each
+    re-take may wait a switch interval, so few large calls beat many cache-sized ones."""
     idx = list(layer.color_indices())
     if not idx:
         return pixels
@@ -65,13 +51,21 @@ def convert_color(pixels: np.ndarray, layer: Layer, to_srgb: bool) -> np.ndarray
     picked: Any = slice(idx[0], idx[-1] + 1) if contiguous else idx
     out = np.empty(pixels.shape, np.float32)
 
-    def band(start: int, stop: int) -> None:
-        src = pixels[start:stop]
-        out[start:stop] = src
-        out[start:stop, :, picked] = fn(src[..., picked])
+    def band(rows: slice) -> None:
+        np.copyto(out[rows], pixels[rows], casting="unsafe")
+        if contiguous:
+            fn(out[rows, :, picked], out=out[rows, :, picked])
+        else:  # fancy indexing copies: convert the copy, put it back
+            out[rows, :, picked] = fn(out[rows, :, picked])
 
-    step = _row_chunks(pixels).step
-    list(_threads().map(lambda r: band(r, r + step), _row_chunks(pixels)))
+    height = pixels.shape[0]
+    n = max(1, min(COLOR_THREADS, height // 64))  # small frames: one band, no hand-off
+    step = -(-height // n)
+    rows = [slice(r, r + step) for r in range(0, height, step)]
+    if len(rows) == 1:
+        band(rows[0])
+    else:
+        list(_threads().map(band, rows))
     return out
 
 
@@ -245,30 +239,29 @@ def check_outputs(model_name: str, declared: Dict[str, Layer], outputs: Any,
     return checked
 
 
-CHUNK_BYTES = 1 << 20
-
-
-def _row_chunks(arr: np.ndarray) -> range:
-    return range(0, arr.shape[0], max(1, CHUNK_BYTES // max(1, arr[:1].nbytes)))
-
-
 def all_finite(arr: np.ndarray) -> bool:
-    """np.isfinite(arr).all() in cache-sized row chunks: no frame-sized temporary."""
-    step = _row_chunks(arr).step
-    return all(np.isfinite(arr[i:i + step]).all() for i in _row_chunks(arr))
+    """Whether every value of `arr` is finite, in one pass and one numpy call (one GIL
+    re-take) in the common case: the sum of the values is finite only when each value
+    is (NaN and infinity propagate through addition). A non-finite sum is confirmed
+    value by value, since finite values may overflow their sum (float32 sums beyond
+    3.4e38, float64 beyond 1.8e308). float16 is summed in float64, where it can't
+    overflow (and which numpy casts to faster than to float32)."""
+    if arr.dtype.kind in "biu":
+        return True
+    acc = np.float64 if arr.dtype.itemsize < 4 else None
+    with np.errstate(over="ignore", invalid="ignore"):  # what the sum is for
+        total = np.add.reduce(arr, axis=None, dtype=acc)
+    if np.isfinite(total):
+        return True
+    return bool(np.isfinite(arr).all())
 
 
 def copy_finite(dst: np.ndarray, src: np.ndarray) -> bool:
-    """Copy `src` into `dst` and report whether every value is finite, checking each
-    chunk while it is still in cache: the check costs far less than another pass."""
-    step = _row_chunks(src).step
-    finite = True
-    for i in _row_chunks(src):
-        np.copyto(dst[i:i + step], src[i:i + step], casting="unsafe")
-        finite = finite and bool(np.isfinite(dst[i:i + step]).all())
-    return finite
-
-
+    """Copy `src` into `dst` and report whether every value of `dst` is finite (a cast
+    to a narrower dtype may overflow to infinity)."""
+    with np.errstate(over="ignore"):  # an overflow is reported: dst is not finite
+        np.copyto(dst, src, casting="unsafe")
+    return all_finite(dst)
 
 
 class FrameWriter:

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple, Type
 
 import numpy as np
 
@@ -51,6 +51,12 @@ class Job:
         return self.entry.cls.name, json.dumps(self.options, sort_keys=True), self.size
 
 
+def server_converts(cls: Type[Model]) -> bool:
+    """Whether the server converts the model's colour layers (sRGB models that don't
+    convert on their own device)."""
+    return cls.colorspace == "srgb" and not cls.converts_color
+
+
 def prepare(session: Session, msg: Message) -> Job:
     """Validate the request and read its input frames (decoding EXRs, converting colour)."""
     header = msg.header
@@ -76,7 +82,7 @@ def prepare(session: Session, msg: Message) -> Job:
         if arrays and pixels.shape[:2] != next(iter(arrays.values())).shape[:2]:
             raise BadFrame(f"input {name!r} is {pixels.shape[1]}x{pixels.shape[0]}; all inputs "
                            f"of {cls.name!r} must share one size")
-        if cls.colorspace == "srgb":
+        if server_converts(cls):
             pixels = convert_color(pixels, layer, to_srgb=True)
         arrays[name] = pixels
     height, width = next(iter(arrays.values())).shape[:2]
@@ -122,7 +128,7 @@ def finish(session: Session, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
     result = job.result if isinstance(job.result, Result) else Result(job.result)
     height, width = job.size
     outputs = check_outputs(cls.name, dict(cls.outputs), result.outputs, height, width)
-    if cls.colorspace == "srgb":
+    if server_converts(cls):
         outputs = {n: convert_color(a, cls.outputs[n], to_srgb=False) for n, a in outputs.items()}
     try:
         json.dumps(result.data, allow_nan=False)

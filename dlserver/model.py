@@ -216,6 +216,9 @@ class Model:
     label       what a person reads in the model menu
     version     bump when the same options would give different pixels (cache key)
     colorspace  "linear" (scene-linear, as Nuke works) or "srgb": the server converts
+    converts_color  True: an "srgb" model converts colour itself (e.g. on its GPU with
+                dlserver.color.linear_to_srgb_torch / srgb_to_linear_torch): the server
+                then gives it scene-linear inputs and takes scene-linear colour outputs
     inputs      {name: Layer}   all inputs share one width and height
     outputs     {name: Layer}   each output has the first input's width and height;
                                 Layer(optional=True) outputs may be left out of a result
@@ -233,6 +236,10 @@ class Model:
     label: ClassVar[str] = ""
     version: ClassVar[str] = "1"
     colorspace: ClassVar[str] = "linear"
+    # True: the model converts its colour layers itself (on its device, where a GPU does
+    # it in microseconds; the server's CPU conversion competes with a host-bound model
+    # thread for the GIL). Its inputs stay scene-linear, its colour outputs must be.
+    converts_color: ClassVar[bool] = False
     help: ClassVar[str] = ""
     inputs: ClassVar[Mapping[str, Layer]] = {"src": Layer()}
     outputs: ClassVar[Mapping[str, Layer]] = {"rgba": Layer()}
@@ -254,6 +261,8 @@ class Model:
             raise ValueError(f"{cls.__name__}.name {cls.name!r} must match {NAME_RE.pattern}")
         if cls.colorspace not in ("linear", "srgb"):
             raise ValueError(f"{cls.name}: colorspace must be 'linear' or 'srgb'")
+        if not isinstance(cls.converts_color, bool):
+            raise ValueError(f"{cls.name}: converts_color must be True or False")
         for kind, layers in (("inputs", cls.inputs), ("outputs", cls.outputs)):
             if not layers:
                 raise ValueError(f"{cls.name}: declares no {kind}")

@@ -112,3 +112,24 @@ def test_optional_outputs_may_be_left_out_of_a_result() -> None:
     with pytest.raises(BadFrame):  # a required output may not
         check_outputs("m", declared, {"extra": pixels[..., :1]}, 2, 3)
     assert Layer(optional=True).describe()["optional"] is True
+
+
+def test_a_model_that_converts_colour_itself_gets_and_gives_scene_linear(
+        embedded: Client) -> None:
+    plate = np.full((4, 4, 4), 0.18, np.float32)
+    plate[0, 0] = [-0.5, 0.002, 4.0, 1.0]
+    reply = embedded.infer("srgb_self", {"src": raw_inline(plate)}, buffers=[plate.data])
+    assert reply.data["seen_first_pixel"] == plate[0, 0].tolist(), "input not converted"
+    out = {n: np.frombuffer(reply.buffers[r["buffer"]], np.float32).reshape(r["shape"])
+           for n, r in reply.outputs.items()}
+    assert np.array_equal(out["rgba"], plate), "colour outputs not converted"
+    assert (out["mask"] == 0.5).all()
+
+
+def test_converts_color_must_be_a_bool() -> None:
+    class Wrong(Model):
+        name = "wrong"
+        converts_color = "yes"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="converts_color"):
+        Wrong.check_declaration()
+    assert Model.converts_color is False
