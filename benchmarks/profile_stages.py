@@ -31,7 +31,6 @@ from benchmarks.bench_models import (  # noqa: E402
     maskrcnn_weights,
 )
 
-
 DEVICE = "cuda"
 
 
@@ -119,23 +118,22 @@ def mask_rcnn(size: str, repeat: int, graphs: bool, tmp: str, profile_it: bool) 
                 x = batch.tensors.contiguous(memory_format=torch.channels_last)
                 st.mark("transform")
                 if m._graphs is not None:
-                    feats, props, scores, levels = m._graphs.run(net, x, 1, half, m._backbone_half)
+                    m._graphs.detect(net, x, batch.image_sizes, half, m._backbone_half)
+                    st.mark("detect (graphs)")
                 else:
                     feats, props, scores, levels = fast.static_part(net, x, 1, half,
                                                                     m._backbone_half)
-                st.mark("static")
-                props = fast.rpn_filter(net.rpn, props, scores, levels, batch.image_sizes)
-                st.mark("rpn_filter")
-                rh = net.roi_heads
-                bf = rh.box_head(fast.pool(rh.box_roi_pool, feats, props, batch.image_sizes))
-                logits, reg = rh.box_predictor(bf)
-                st.mark("box_head")
-                boxes, sc, labels = fast.postprocess_detections(rh, logits, reg, props,
-                                                                 batch.image_sizes)
-                st.mark("box_post")
-                pooled = fast.pool(rh.mask_roi_pool, feats, boxes, batch.image_sizes)
-                ml = rh.mask_predictor(rh.mask_head(pooled))
-                st.mark("mask_head")
+                    st.mark("static")
+                    props = fast.rpn_filter(net.rpn, props, scores, levels, batch.image_sizes)
+                    st.mark("rpn_filter")
+                    rh = net.roi_heads
+                    cand = fast.box_candidates(rh, feats, props, batch.image_sizes)
+                    st.mark("box_head")
+                    dets = [fast.select_detections(rh, *c) for c in zip(*cand)]
+                    st.mark("box_select")
+                    fast.mask_probs(rh, feats, [d[0] for d in dets], [d[2] for d in dets],
+                                    batch.image_sizes)
+                    st.mark("mask_head")
                 d = m._detect(net, [image], half)[0]
                 st.mark("(whole detect again)")
                 m._render(src, f, d, opts)
@@ -146,7 +144,6 @@ def mask_rcnn(size: str, repeat: int, graphs: bool, tmp: str, profile_it: bool) 
             print("    graphs error:", m._graphs.error, flush=True)
         if profile_it and not half:
             launches(lambda: m.infer({"src": src}, opts))
-    del feats, props, ml
     m.unload()
 
 

@@ -467,3 +467,94 @@ def test_cuda_batch_matches_single_frames(v1_weights):
         single = m.infer(frame, opts)
         assert len(single.data["detections"]) == len(res.data["detections"])
     m.unload()
+
+
+# --- the fast path against torchvision's own forward ------------------------------------------
+
+@pytest.fixture(scope="module")
+def tv_and_ours(tmp_path_factory):
+    """torchvision's eager network and our model on the same random weights (box
+    regression scaled down so boxes stay near their proposals), score threshold 0."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    net = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    sd = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    for k in ("roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias"):
+        sd[k] = sd[k] * 0.05
+    path = tmp_path_factory.mktemp("fastpath") / "maskrcnn_resnet50_fpn_random.pth"
+    torch.save(sd, path)
+    net.load_state_dict(sd)
+    net.eval()
+    net.roi_heads.score_thresh, net.roi_heads.detections_per_img = 0.0, 20
+    net.transform.min_size, net.transform.max_size = (160,), 267
+    m = MaskRCNN()
+    m.load("cpu")
+    m._network("resnet50_fpn", str(path))  # builds ours; the options set the same sizes
+    return net, m, path
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fast_path_equals_torchvision(tv_and_ours, padded):
+    """Our detection path (top-T NMS, our decoding; `padded`: the graph path's padded
+    proposals and detections, run without capture) gives torchvision's detections and
+    28x28 masks on the CPU."""
+    fast = importlib.import_module(f"{PKG}.fast")
+    net, m, path = tv_and_ours
+    ours_net = m._network("resnet50_fpn", str(path))
+    for attr, value in (("score_thresh", 0.0), ("detections_per_img", 20)):
+        setattr(ours_net.roi_heads, attr, value)
+    ours_net.transform.min_size, ours_net.transform.max_size = (160,), 267
+    image = torch.from_numpy(np.random.default_rng(3).random((3, 120, 180), dtype=np.float32))
+    with torch.inference_mode():
+        batch, _ = net.transform([image])
+        feats = net.backbone(batch.tensors)
+        props, _ = net.rpn(batch, feats)
+        ref = net.roi_heads(feats, props, batch.image_sizes)[0][0]
+    graphs = fast.GraphCache(capture=False) if padded else None
+    ours = fast.detect(ours_net, [image], half=False, channels_last=False, graphs=graphs)[0][0]
+    assert ref["boxes"].shape[0] == 20
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours["masks"], ref["masks"], rtol=0, atol=1e-5)
+    if padded:
+        assert not graphs.error and not any(graphs.groups.values())  # no capture on a CPU
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_equal_eager(tv_and_ours):
+    """The graph path (captured on first use, then replayed with new frames and a new
+    size) gives the eager path's detections and mattes (float32, TF32 off for both)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    _, _, path = tv_and_ours
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    saved = MaskRCNN.cuda_graphs
+    try:
+        MaskRCNN.cuda_graphs = False
+        eager = MaskRCNN()
+        eager.load("cuda")
+        MaskRCNN.cuda_graphs = True
+        graphed = MaskRCNN()
+        graphed.load("cuda")
+        opts = {"variant": "resnet50_fpn", "weights": str(path), "threshold": 0.0,
+                "max_instances": 50, "output_mode": "matte"}
+        rng = np.random.default_rng(5)
+        for h, w in ((1080, 1920), (1080, 1920), (720, 1280), (1080, 1920)):
+            src = rng.random((h, w, 4), dtype=np.float32)
+            a, b = eager.infer({"src": src}, opts), graphed.infer({"src": src}, opts)
+            assert not graphed._graphs.error, graphed._graphs.error
+            da, db = a.data["detections"], b.data["detections"]
+            assert len(da) == len(db) == 50
+            same = sum(x["class_index"] == y["class_index"] and
+                       np.abs(np.subtract(x["box"], y["box"])).max() < 0.5 for x, y in zip(da, db))
+            alpha_a, alpha_b = a.outputs["rgba"][..., 3], b.outputs["rgba"][..., 3]
+            agree = float(((alpha_a >= 0.5) == (alpha_b >= 0.5)).mean())
+            print(f"\ngraphs vs eager {w}x{h}: {same}/50 detections equal, thresholded alpha "
+                  f"equal on {agree:.6f}, max diff {np.abs(alpha_a - alpha_b).max():.2e}")
+            assert same >= 49 and agree >= 0.999
+        assert len(graphed._graphs.groups) >= 2  # 1080p (warm-up and frames) and 720p
+    finally:
+        MaskRCNN.cuda_graphs = saved
+        torch.backends.cudnn.allow_tf32 = tf32

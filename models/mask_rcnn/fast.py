@@ -81,34 +81,6 @@ def top_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, thr
         t = min(n, 2 * t)
 
 
-def postprocess_detections(rh: Any, class_logits: torch.Tensor, box_regression: torch.Tensor,
-                           proposals: List[torch.Tensor], image_shapes: List[Tuple[int, int]]
-                           ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
-    """`RoIHeads.postprocess_detections` with `top_nms` for its per-class NMS."""
-    device = class_logits.device
-    num_classes = class_logits.shape[-1]
-    boxes_per_image = [p.shape[0] for p in proposals]
-    pred_boxes = rh.box_coder.decode(box_regression, proposals)
-    pred_scores = F.softmax(class_logits, -1)
-    all_boxes, all_scores, all_labels = [], [], []
-    for boxes, scores, image_shape in zip(pred_boxes.split(boxes_per_image, 0),
-                                          pred_scores.split(boxes_per_image, 0), image_shapes):
-        boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
-        labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
-        boxes = boxes[:, 1:].reshape(-1, 4)
-        scores = scores[:, 1:].reshape(-1)
-        labels = labels[:, 1:].reshape(-1)
-        ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        # score threshold and remove_small_boxes(min_size=1e-2) in one selection
-        inds = torch.where((scores > rh.score_thresh) & (ws >= 1e-2) & (hs >= 1e-2))[0]
-        boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
-        keep = top_nms(boxes, scores, labels, rh.nms_thresh, rh.detections_per_img)
-        all_boxes.append(boxes[keep])
-        all_scores.append(scores[keep])
-        all_labels.append(labels[keep])
-    return all_boxes, all_scores, all_labels
-
-
 def pool(pooler: Any, features: Dict[str, torch.Tensor], boxes: List[torch.Tensor],
          image_shapes: List[Tuple[int, int]]) -> torch.Tensor:
     """`MultiScaleRoIAlign.forward` without its host syncs: every box is pooled on every
@@ -135,25 +107,74 @@ def pool(pooler: Any, features: Dict[str, torch.Tensor], boxes: List[torch.Tenso
     return result
 
 
+def box_candidates(rh: Any, features: Dict[str, torch.Tensor], proposals: List[torch.Tensor],
+                   image_shapes: List[Tuple[int, int]]
+                   ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor],
+                              List[torch.Tensor]]:
+    """The box branch of `RoIHeads` up to its score threshold, for every proposal and
+    class (torchvision's code, in its order): pooling, box head, class softmax, box
+    decoding and clipping. Per image: boxes (P*C, 4), scores, labels, and `ok`, True
+    where the box is at least 1e-2 wide and high (`remove_small_boxes`). The shapes
+    depend only on the inputs' shapes: a CUDA graph can replay it."""
+    cuda = next(iter(features.values())).is_cuda
+    # on a GPU, pooling every box on every level costs less than four host syncs
+    pooled = (pool(rh.box_roi_pool, features, proposals, image_shapes) if cuda
+              else rh.box_roi_pool(features, proposals, image_shapes))
+    class_logits, box_regression = rh.box_predictor(rh.box_head(pooled))
+    device = class_logits.device
+    num_classes = class_logits.shape[-1]
+    boxes_per_image = [p.shape[0] for p in proposals]
+    pred_boxes = decode(rh.box_coder, box_regression, torch.cat(proposals))
+    pred_boxes = pred_boxes.reshape(sum(boxes_per_image), -1, 4)
+    pred_scores = F.softmax(class_logits, -1)
+    out: Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]] = \
+        ([], [], [], [])
+    for boxes, scores, image_shape in zip(pred_boxes.split(boxes_per_image, 0),
+                                          pred_scores.split(boxes_per_image, 0), image_shapes):
+        boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+        labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
+        boxes = boxes[:, 1:].reshape(-1, 4)
+        ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        for lst, t in zip(out, (boxes, scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1),
+                                (ws >= 1e-2) & (hs >= 1e-2))):
+            lst.append(t)
+    return out
+
+
+def select_detections(rh: Any, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                      ok: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rest of `RoIHeads.postprocess_detections` for one image: the score threshold
+    and the small boxes (`ok`) in one selection, then `top_nms` for its per-class NMS."""
+    inds = torch.where(ok & (scores > rh.score_thresh))[0]
+    boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
+    keep = top_nms(boxes, scores, labels, rh.nms_thresh, rh.detections_per_img)
+    return boxes[keep], scores[keep], labels[keep]
+
+
+def mask_probs(rh: Any, features: Dict[str, torch.Tensor], boxes: List[torch.Tensor],
+               labels: List[torch.Tensor], image_shapes: List[Tuple[int, int]]) -> torch.Tensor:
+    """The mask branch of `RoIHeads`: (all boxes, 1, 28, 28) probabilities of each box's
+    own class. The shapes depend only on the inputs' shapes (graph-safe)."""
+    cuda = next(iter(features.values())).is_cuda
+    pooled = (pool(rh.mask_roi_pool, features, boxes, image_shapes) if cuda
+              else rh.mask_roi_pool(features, boxes, image_shapes))
+    mask_logits = rh.mask_predictor(rh.mask_head(pooled))
+    labels_all = torch.cat(labels)
+    return mask_logits[torch.arange(labels_all.shape[0], device=labels_all.device),
+                       labels_all][:, None].sigmoid()
+
+
 def roi_heads(rh: Any, features: Dict[str, torch.Tensor], proposals: List[torch.Tensor],
               image_shapes: List[Tuple[int, int]]) -> List[Dict[str, torch.Tensor]]:
     """`RoIHeads.forward` at inference (boxes, then masks for the kept boxes)."""
-    # on a GPU, pooling every box on every level costs less than four host syncs
-    cuda = next(iter(features.values())).is_cuda
-    box_features = rh.box_head(pool(rh.box_roi_pool, features, proposals, image_shapes)
-                               if cuda else rh.box_roi_pool(features, proposals, image_shapes))
-    class_logits, box_regression = rh.box_predictor(box_features)
-    boxes, scores, labels = postprocess_detections(rh, class_logits, box_regression, proposals,
-                                                   image_shapes)
-    result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
-    if sum(b.shape[0] for b in boxes):
-        pooled = (pool(rh.mask_roi_pool, features, boxes, image_shapes) if cuda
-                  else rh.mask_roi_pool(features, boxes, image_shapes))
-        mask_logits = rh.mask_predictor(rh.mask_head(pooled))
-        labels_all = torch.cat(labels)
-        probs = mask_logits[torch.arange(labels_all.shape[0], device=labels_all.device),
-                            labels_all][:, None].sigmoid()
-        for r, p in zip(result, probs.split([b.shape[0] for b in boxes], 0)):
+    result = []
+    for b, s, lab, ok in zip(*box_candidates(rh, features, proposals, image_shapes)):
+        b, s, lab = select_detections(rh, b, s, lab, ok)
+        result.append({"boxes": b, "labels": lab, "scores": s})
+    if sum(r["boxes"].shape[0] for r in result):
+        probs = mask_probs(rh, features, [r["boxes"] for r in result],
+                           [r["labels"] for r in result], image_shapes)
+        for r, p in zip(result, probs.split([r["boxes"].shape[0] for r in result], 0)):
             r["masks"] = p
     else:
         for r in result:
@@ -273,45 +294,108 @@ def rpn_filter(rpn: Any, proposals: torch.Tensor, scores: torch.Tensor, levels: 
 
 
 class GraphCache:
-    """CUDA graphs of `static_part`, one per (input shape, precision), the last few
-    kept. A replay launches the backbone's few hundred kernels at once. The outputs are
-    the graph's own buffers: read them before the next replay. When a capture fails the
-    cache stays eager and keeps the reason in `error`."""
+    """CUDA graphs of the parts of a pass whose shapes depend only on the input's shape:
+    the static part (backbone to per-level top-k), the box branch over proposals padded
+    to the RPN's fixed count, and the mask branch over detections padded to
+    `detections_per_img`. One group of graphs per (input shape, precision, image sizes),
+    the last `size` groups kept. A replay launches hundreds of kernels at once; between
+    the graphs only the data-dependent steps (NMS, selections) run eagerly.
 
-    def __init__(self, size: int = 4) -> None:
+    `capture=False` runs the same padded path without graphs (tests on a CPU). When a
+    capture fails the cache turns itself off and keeps the reason in `error`; the
+    caller then runs eagerly."""
+
+    def __init__(self, size: int = 4, capture: bool = True) -> None:
         self.size = size
-        self.graphs: OrderedDict[Any, Any] = OrderedDict()
+        self.capture = capture
+        self.groups: OrderedDict[Any, Dict[str, Any]] = OrderedDict()
         self.error = ""
 
-    def run(self, net: Any, x: torch.Tensor, num_images: int, half: bool,
-            backbone_half: Any = None) -> Any:
-        if self.error:
-            return static_part(net, x, num_images, half, backbone_half)
-        key = (tuple(x.shape), x.stride(), num_images, half)
-        entry = self.graphs.get(key)
-        if entry is None:
-            try:
-                entry = self._capture(net, x, num_images, half, backbone_half)
-            except Exception as exc:  # capture unsupported here: stay eager from now on
-                self.error = f"{type(exc).__name__}: {exc}"[:500]
-                self.graphs.clear()
-                torch.cuda.synchronize(x.device)
-                return static_part(net, x, num_images, half, backbone_half)
-            self.graphs[key] = entry
-            while len(self.graphs) > self.size:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
-        static_x, graph, out = entry
-        static_x.copy_(x)
+    def clear(self) -> None:
+        self.groups.clear()
+
+    def detect(self, net: Any, x: torch.Tensor, image_sizes: List[Tuple[int, int]], half: bool,
+               backbone_half: Any = None) -> List[Dict[str, torch.Tensor]]:
+        """`detect`'s result for the batch `x` (already transformed), through graphs."""
+        n = len(image_sizes)
+        key = (tuple(x.shape), x.stride(), half, tuple(image_sizes), x.device)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = {}
+            while len(self.groups) > self.size:
+                self.groups.popitem(last=False)
+        self.groups.move_to_end(key)
+        rh = net.roi_heads
+        features, proposals, scores, levels = self._run(
+            group, "static", lambda t: static_part(net, t, n, half, backbone_half), (), (x,))
+        names = list(features)
+        feats = tuple(features.values())
+
+        props = rpn_filter(net.rpn, proposals, scores, levels, image_sizes)
+        count = net.rpn.post_nms_top_n()
+        padded = x.new_zeros((n, count, 4))
+        real = torch.zeros((n, count), dtype=torch.bool, device=x.device)
+        for i, p in enumerate(props):
+            padded[i, : p.shape[0]] = p
+            real[i, : p.shape[0]] = True
+
+        def boxes_fn(*t: torch.Tensor) -> Any:
+            fmap = OrderedDict(zip(names, t[:-2]))
+            b, s, lab, ok = box_candidates(rh, fmap, list(t[-2].unbind(0)), image_sizes)
+            # candidates of padding proposals are never selected
+            real_c = t[-1].repeat_interleave(s[0].shape[0] // t[-1].shape[1], dim=1)
+            return torch.stack(b), torch.stack(s), torch.stack(lab), torch.stack(ok) & real_c
+
+        cand = self._run(group, "boxes", boxes_fn, feats, (padded, real))
+        result = []
+        for i in range(n):
+            b, s, lab = select_detections(rh, cand[0][i], cand[1][i], cand[2][i], cand[3][i])
+            result.append({"boxes": b, "labels": lab, "scores": s})
+        counts = [r["boxes"].shape[0] for r in result]
+        k = max([rh.detections_per_img, *counts])
+        if not sum(counts):
+            for r in result:
+                r["masks"] = r["boxes"].new_zeros((0, 1, 28, 28))
+            return result
+        det_boxes = x.new_zeros((n, k, 4))
+        det_labels = torch.zeros((n, k), dtype=torch.int64, device=x.device)
+        for i, r in enumerate(result):
+            det_boxes[i, : counts[i]] = r["boxes"]
+            det_labels[i, : counts[i]] = r["labels"]
+
+        def masks_fn(*t: torch.Tensor) -> torch.Tensor:
+            fmap = OrderedDict(zip(names, t[:-2]))
+            probs = mask_probs(rh, fmap, list(t[-2].unbind(0)), list(t[-1].unbind(0)),
+                               image_sizes)
+            return probs.view(n, -1, *probs.shape[1:])
+
+        probs = self._run(group, f"masks{k}", masks_fn, feats, (det_boxes, det_labels))
+        for i, r in enumerate(result):
+            r["masks"] = probs[i, : counts[i]].clone()  # the graph's buffer is reused
+        return result
+
+    def _run(self, group: Dict[str, Any], name: str, fn: Any, fixed: Tuple[torch.Tensor, ...],
+             inputs: Tuple[torch.Tensor, ...]) -> Any:
+        """fn(*fixed, *inputs), from the graph `name` of the group: captured on first use,
+        then replayed with `inputs` copied into the graph's own input buffers. `fixed`:
+        tensors at the same addresses on every call (another graph's outputs)."""
+        if not self.capture:
+            return fn(*fixed, *inputs)
+        entry = group.get(name)
+        if entry is None or entry[0] != [t.data_ptr() for t in fixed]:
+            entry = group[name] = self._capture(fn, fixed, inputs)
+        _, static_in, graph, out = entry
+        for dst, src in zip(static_in, inputs):
+            dst.copy_(src)
         graph.replay()
         return out
 
-    @staticmethod
-    def _capture(net: Any, x: torch.Tensor, num_images: int, half: bool,
-                 backbone_half: Any) -> Any:
-        static_x = x.clone()
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
+    def _capture(self, fn: Any, fixed: Tuple[torch.Tensor, ...],
+                 inputs: Tuple[torch.Tensor, ...]) -> Any:
+        device = inputs[0].device
+        static_in = tuple(t.clone() for t in inputs)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         # cuDNN's autotuner must not run inside a capture (its cache key includes the
         # buffers' alignment, which differs in the graph's memory pool): heuristics here
         benchmark = torch.backends.cudnn.benchmark
@@ -319,17 +403,26 @@ class GraphCache:
         try:
             with torch.cuda.stream(side):  # warm-up: lazy loading, plans
                 for _ in range(2):
-                    static_part(net, static_x, num_images, half, backbone_half)
-            torch.cuda.current_stream(x.device).wait_stream(side)
+                    fn(*fixed, *static_in)
+            torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = static_part(net, static_x, num_images, half, backbone_half)
+                out = fn(*fixed, *static_in)
+        except torch.cuda.OutOfMemoryError:
+            self.clear()  # the server's out-of-memory recovery takes it from here
+            raise
+        except Exception as exc:  # capture unsupported here: eager from now on
+            self.error = f"{type(exc).__name__}: {exc}"[:500]
+            self.clear()
+            torch.cuda.synchronize(device)
+            raise GraphCaptureFailed(self.error) from exc
         finally:
             torch.backends.cudnn.benchmark = benchmark
-        return static_x, graph, out
+        return [t.data_ptr() for t in fixed], static_in, graph, out
 
-    def clear(self) -> None:
-        self.graphs.clear()
+
+class GraphCaptureFailed(RuntimeError):
+    """A CUDA graph capture failed: the pass runs eagerly instead."""
 
 
 def detect(net: Any, images: List[torch.Tensor], half: bool, channels_last: bool,
@@ -337,19 +430,21 @@ def detect(net: Any, images: List[torch.Tensor], half: bool, channels_last: bool
            ) -> Tuple[List[Dict[str, torch.Tensor]], List[Tuple[int, int]]]:
     """torchvision's GeneralizedRCNN forward at inference up to (not including) the
     full-resolution mask paste; the backbone + FPN in float16 when `half`, channels-last
-    when asked, the static part replayed from a CUDA graph when `graphs` is given.
+    when asked, the shape-static parts replayed from CUDA graphs when `graphs` is given.
     Returns the detections in network-input pixels and those sizes."""
     with torch.inference_mode():
         batch, _ = net.transform(images)
         x = batch.tensors
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if graphs is not None and x.is_cuda:
-            features, proposals, scores, levels = graphs.run(net, x, len(images), half,
-                                                             backbone_half)
-        else:
-            features, proposals, scores, levels = static_part(net, x, len(images), half,
-                                                              backbone_half)
+        if graphs is not None and not graphs.error and (x.is_cuda or not graphs.capture):
+            try:
+                return graphs.detect(net, x, batch.image_sizes, half, backbone_half), \
+                    batch.image_sizes
+            except GraphCaptureFailed:
+                pass  # graphs.error says why; this and later passes run eagerly
+        features, proposals, scores, levels = static_part(net, x, len(images), half,
+                                                          backbone_half)
         proposals = rpn_filter(net.rpn, proposals, scores, levels, batch.image_sizes)
         dets = roi_heads(net.roi_heads, features, proposals, batch.image_sizes)
     return dets, batch.image_sizes

@@ -145,13 +145,11 @@ class MaskRCNN(Model):
     weights_files: ClassVar[Tuple[WeightsFile, ...]] = tuple(w for _, w in VARIANTS.values())
     # Speed switches (benchmarks/bench_models.py compares them): the top-T NMS of fast.py
     # instead of torchvision's per-class loop (same detections), a 1080p warm-up when a
-    # network is built on a GPU, and CUDA graphs of the static part of the pass. Graphs
-    # are off until a GPU run shows the capture working (the last run's capture met
-    # torchvision's host-to-device copy in box decoding, since replaced): when a
-    # capture fails, fast.GraphCache stays eager and keeps the reason.
+    # network is built on a GPU, and CUDA graphs of the shape-static parts of the pass
+    # (fast.GraphCache; when a capture fails it runs eagerly and keeps the reason).
     fast_heads: ClassVar[bool] = True
     warm_up: ClassVar[bool] = True
-    cuda_graphs: ClassVar[bool] = False
+    cuda_graphs: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -239,6 +237,10 @@ class MaskRCNN(Model):
         import torch
 
         saved = (net.roi_heads.score_thresh, net.roi_heads.detections_per_img)
+        # every candidate kept, up to the default option's count: that count's mask
+        # graph is captured here too
+        net.roi_heads.score_thresh = 0.0
+        net.roi_heads.detections_per_img = self.options_by_name()["max_instances"].default
         try:
             image = torch.rand((3, 1080, 1920), device=self.device,
                                generator=torch.Generator(self.device).manual_seed(0))
