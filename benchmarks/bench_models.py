@@ -41,6 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from dlserver.color import srgb_to_linear  # noqa: E402
 
 SIZES = {"small": (180, 320), "1080p": (1080, 1920), "4k": (2160, 3840), "8k": (4320, 7680)}
 # network size per frame size: the models' default (800) except on 'small' (CPU tries)
@@ -219,7 +220,7 @@ def check_mask_rcnn(m: Any, net: Any, src: np.ndarray, dev: str, half: bool,
         pairs = match(d["boxes"][idx], d["labels"][idx], ref_boxes, ref_labels)
         c = compare_matched(ours_soft, ref_soft, pairs)
         c_tv = compare_matched(ours_soft, tv_masks, pairs)
-        res = m.infer({"src": src}, opts)
+        res = m.infer({"src": srgb_to_linear(src)}, opts)  # the model takes linear
         alpha_ref = ref_soft.amax(0).cpu().numpy() if len(ref_soft) else np.zeros((h, w))
         alpha_diff = np.abs(res.outputs["rgba"][..., 3] - alpha_ref)
     return c, c_tv, idx, alpha_diff
@@ -237,6 +238,10 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
     label = "mask_rcnn" if variant == "resnet50_fpn" else "mask_rcnn_v2"
     path = maskrcnn_weights(variant, tmp)
     src = frame(h, w)
+    # the model converts colour on its device: it takes the scene-linear frame whose
+    # sRGB picture `src` the eager baseline sees
+    lin = srgb_to_linear(src)
+    lin.flags.writeable = False
     timer = Timer(dev, args.repeat)
 
     # baseline: eager torchvision, the same frame and weights
@@ -280,8 +285,8 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
     for half in (False, True):
         for mode in modes:
             opts = m.resolve_options({**common, "output_mode": mode, "half_precision": half})
-            t = timer(lambda opts=opts: m.infer({"src": src}, opts))
-            mem = peak_memory(dev, lambda opts=opts: m.infer({"src": src}, opts))
+            t = timer(lambda opts=opts: m.infer({"src": lin}, opts))
+            mem = peak_memory(dev, lambda opts=opts: m.infer({"src": lin}, opts))
             record(model=label, size=size, config=f"ours {mode} {'fp16' if half else 'fp32'}",
                    baseline_ms=base["median_ms"], peak_mib=mem, **t)
         # correctness of this precision against the eager reference (TF32 off, eager:
@@ -344,13 +349,13 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
         log(f"  {label:<13} {size:<6} stages (matte fp16): " +
             ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items()))
         if args.profile:
-            profile(f"{label} {size} matte fp16", lambda: m.infer({"src": src}, opts))
+            profile(f"{label} {size} matte fp16", lambda: m.infer({"src": lin}, opts))
         graphs = M.MaskRCNN.cuda_graphs
         M.MaskRCNN.cuda_graphs = not graphs
         m.unload()  # the network is rebuilt with (or without) a graph cache
         m.load(dev)
         try:
-            t = timer(lambda: m.infer({"src": src}, opts))
+            t = timer(lambda: m.infer({"src": lin}, opts))
             record(model=label, size=size,
                    config=f"ours matte fp16, {'no ' if graphs else ''}CUDA graphs",
                    baseline_ms=base["median_ms"], **t)
@@ -362,7 +367,7 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
             m.load(dev)
         M.MaskRCNN.fast_heads = False
         try:
-            t = timer(lambda: m.infer({"src": src}, opts))
+            t = timer(lambda: m.infer({"src": lin}, opts))
             record(model=label, size=size, config="ours matte fp16, torchvision heads",
                    baseline_ms=base["median_ms"], **t)
         finally:

@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
 from dlserver import weights as W  # noqa: E402
+from dlserver.color import srgb_to_linear  # noqa: E402
 from dlserver.registry import import_model_folder  # noqa: E402
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "mask_rcnn"
@@ -356,7 +357,8 @@ def test_overlay_draws_fills_borders_boxes(fixed):
     full = fixed.infer({"src": src}, {"border_thickness": 2, "box_thickness": 2})
     rgb2 = full.outputs["rgba"][..., :3]
     assert (rgb2 == 1.0).all(-1).sum() > 20  # white borders
-    green = np.array(render.GREEN, np.float32) / 255
+    # the drawing's colours are sRGB; the model returns scene-linear (it converts colour)
+    green = srgb_to_linear(np.array(render.GREEN, np.float32) / 255)
     assert np.isclose(rgb2, green, atol=1e-3).all(-1).sum() > 40  # boxes / label backgrounds
 
 

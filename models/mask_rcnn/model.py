@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
+from dlserver.color import linear_to_srgb_torch, srgb_to_linear_torch
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
 from dlserver.weights import WeightsError, WeightsFile, load_state_dict, resolve
 
@@ -80,6 +81,7 @@ class MaskRCNN(Model):
     label = "Mask R-CNN (objects, COCO)"
     version = "1"
     colorspace = "srgb"  # torchvision's detectors were trained on sRGB 0-1 images
+    converts_color = True  # on the model's device: the frame stays linear until uploaded
     help = (
         "Finds and segments the 80 COCO object classes (people, vehicles, animals, "
         "furniture...) with torchvision's Mask R-CNN. 'overlay' draws the detections on "
@@ -313,8 +315,8 @@ class MaskRCNN(Model):
         # the whole RGBA frame goes up as it is (one copy, through pinned memory on a
         # GPU); channels are picked on the device, not by a strided copy on the CPU
         frames = [self._upload(s) for s in srcs]
-        images = [f.permute(2, 0, 1)[:3].nan_to_num(0.0, 1.0, 0.0).clamp_(0.0, 1.0)
-                  .contiguous() for f in frames]
+        images = [linear_to_srgb_torch(f.permute(2, 0, 1)[:3]).nan_to_num_(0.0, 1.0, 0.0)
+                  .clamp_(0.0, 1.0).contiguous() for f in frames]
         dets = self._detect(net, images, o["half_precision"])
         with torch.inference_mode():
             return [self._render(s, f, d, o) for s, f, d in zip(srcs, frames, dets)]
@@ -374,9 +376,14 @@ class MaskRCNN(Model):
         names = [self._categories[int(c)] for c in labels.tolist()]
         rgba = torch.empty((h, w, 4), dtype=torch.float32, device=dev)
         if mode == "overlay" and k:
-            rgba[..., :3] = self._overlay(frame[..., :3], mattes, boxes, scores, names, o)
+            # drawn in sRGB over the sRGB picture; pixels the drawing left alone keep
+            # their linear values exactly
+            srgb = linear_to_srgb_torch(frame[..., :3])
+            drawn = self._overlay(srgb, mattes, boxes, scores, names, o)
+            changed = (drawn != srgb).any(-1, keepdim=True)
+            rgba[..., :3] = torch.where(changed, srgb_to_linear_torch(drawn), frame[..., :3])
         else:
-            rgba[..., :3] = frame[..., :3]
+            rgba[..., :3] = frame[..., :3]  # linear in, linear out: no conversion at all
         rgba[..., 3] = union
         host = {"rgba": _to_host(rgba)}
         if mode == "instances" and k:
