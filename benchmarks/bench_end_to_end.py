@@ -3,12 +3,19 @@ time goes (EXR read, transfer, inference, EXR write); plus server start → mode
 
     python3 benchmarks/bench_end_to_end.py --device cuda            # 100 frames, 1080p
     .venv/bin/python benchmarks/bench_end_to_end.py --device cpu --size small --frames 3
+    .venv/bin/python benchmarks/bench_end_to_end.py --device cpu --size small --frames 3 --nuke
 
 The input is one random RGBA float32 uncompressed EXR (as Nuke's exchange files are)
 linked as every frame of the sequence; the model gets random-init weights (no
 download) and, for mask_rcnn, a score threshold of 0 and 100 detections per frame.
 Figures are printed, never asserted. Baseline in the same run: the same sequence
 through the identity test model (the server's I/O alone).
+
+`--nuke` also renders the sequence through the Nuke plug-in's Process range in the
+stand-in Nuke (tests/fake_nuke), as tests/nuke/ drive it: a DLClient node under a Read,
+an embedded server, one frame at a time (the plug-in's loop). The stand-in's Read and
+Write are pure Python (struct per pixel), far slower than Nuke's, so besides frames/s
+the time inside its internal Write (rendering the input EXR) is given apart.
 """
 
 from __future__ import annotations
@@ -124,6 +131,73 @@ def breakdown(args: argparse.Namespace, model: str, options: Dict[str, Any], src
     return med
 
 
+def through_nuke(args: argparse.Namespace, model: str, options: Dict[str, Any], src: str,
+                 frames: int, work: str, models_dirs: List[str]) -> Dict[str, Any]:
+    """Process range of a DLClient node in the stand-in Nuke: frames/s, and where the
+    time goes (the stand-in's input render, the server round trip, the rest). One frame
+    is processed first and its result cleared: model load and warm-up are not timed."""
+    sys.path.insert(0, str(ROOT / "tests" / "nuke"))
+    import nukesupport as ns  # the stand-in Nuke on sys.path, the plug-in's path set up
+
+    from dlserver.client import Client
+
+    spent = {"render_inputs_s": 0.0, "infer_s": 0.0}
+
+    class TimedClient(Client):
+        @classmethod
+        def spawn(cls, *a: Any, **kw: Any) -> Any:  # the benchmark's device and models
+            return super().spawn(*a, **{**kw, "device": args.device,
+                                        "models_dirs": models_dirs})
+
+        def infer_exr(self, *a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return super().infer_exr(*a, **kw)
+            finally:
+                spent["infer_s"] += time.perf_counter() - t
+
+    os.environ["DLSERVER_CACHE_DIR"] = os.path.join(work, f"nuke-cache-{model}")
+    plugin = ns.start_nuke(gui=True)
+    plugin.Client = TimedClient
+    render_inputs = plugin._render_inputs
+
+    def timed_render_inputs(*a: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return render_inputs(*a)
+        finally:
+            spent["render_inputs_s"] += time.perf_counter() - t
+
+    plugin._render_inputs = timed_render_inputs
+    try:
+        read = ns.upstream_read(src, 1, frames)
+        read.setSelected(True)
+        node = ns.nuke.createNode("DLClient")
+        ns.press(node, "connect")
+        ns.wait_idle(plugin)
+        node["model"].setValue(model)
+        for name, value in options.items():
+            node[f"dlopt_{name}"].setValue(value)
+        ns.press(node, "process_frame")  # warm-up: the model loads; then forget the result
+        ns.wait_idle(plugin, timeout=3600)
+        ns.press(node, "clear_cache")
+        spent.update(render_inputs_s=0.0, infer_s=0.0)
+        t = time.perf_counter()
+        ns.press(node, "process_range")
+        ns.wait_idle(plugin, timeout=3600)
+        total = time.perf_counter() - t
+        status = node["status"].value()
+        if f"processed {frames} of {frames}" not in status:
+            raise RuntimeError(f"Process range in the stand-in Nuke: {status}")
+    finally:
+        plugin.shutdown_clients()
+        plugin._render_inputs = render_inputs
+    rest = total - spent["render_inputs_s"] - spent["infer_s"]
+    return {"frames": frames, "total_s": total, "fps": frames / total,
+            "fps_without_stand_in_write": frames / (total - spent["render_inputs_s"]),
+            **spent, "rest_s": rest}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
@@ -134,6 +208,10 @@ def main() -> None:
                    help="extra options (after the benchmark's own)")
     p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                    help="where the sequence and the results go (RAM disk by default)")
+    p.add_argument("--nuke", action="store_true",
+                   help="also through the Nuke plug-in's Process range (stand-in Nuke)")
+    p.add_argument("--nuke-frames", type=int, default=10,
+                   help="frames for --nuke (its stand-in's pure-Python EXR I/O is slow)")
     p.add_argument("--json")
     args = p.parse_args()
     h, w = SIZES[args.size]
@@ -193,6 +271,19 @@ def main() -> None:
         results["breakdown"] = parts
         log(f"where the time goes (server's timing, median of frames 3-{n}, ms): " + ", ".join(
             f"{k[:-2]} {v * 1000:.1f}" for k, v in parts.items()))
+        if args.nuke:
+            n = min(frames, args.nuke_frames)
+            results["nuke"] = {}
+            for name, model_opts, dirs in (("identity", {}, [TEST_MODELS]),
+                                           (args.model, opts, [])):
+                got = through_nuke(args, name, model_opts, src, n, work, dirs)
+                results["nuke"][name] = got
+                log(f"Nuke stand-in, Process range, {name:<12} {n} frames {args.size}: "
+                    f"{got['fps']:.2f} frames/s ({got['fps_without_stand_in_write']:.2f} "
+                    f"without the stand-in's input render); per frame: stand-in Write "
+                    f"{got['render_inputs_s'] / n * 1000:.0f} ms, infer_exr "
+                    f"{got['infer_s'] / n * 1000:.0f} ms, rest (hash, cache, Read reload) "
+                    f"{got['rest_s'] / n * 1000:.0f} ms")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
