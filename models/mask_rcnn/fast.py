@@ -278,19 +278,44 @@ def static_part(net: Any, x: torch.Tensor, num_images: int, half: bool,
             torch.sigmoid(objectness[batch_idx, top_n_idx]), levels[batch_idx, top_n_idx])
 
 
-def rpn_filter(rpn: Any, proposals: torch.Tensor, scores: torch.Tensor, levels: torch.Tensor,
-               image_shapes: List[Tuple[int, int]]) -> List[torch.Tensor]:
-    """The data-dependent rest of `filter_proposals` (torchvision's code)."""
+def rpn_prepare(rpn: Any, proposals: torch.Tensor, scores: torch.Tensor, levels: torch.Tensor,
+                image_shapes: List[Tuple[int, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The part of `filter_proposals` after the per-level top-k that needs no host sync:
+    boxes clipped to the image, and boxes laid out for one NMS call (torchvision's
+    coordinate trick: each level shifted by level * (max coordinate + 1)). Instead of
+    dropping small or low-scoring boxes first (two host syncs), they are shifted past
+    every level, into a group of their own: they can suppress only each other, so NMS
+    keeps exactly the boxes it keeps without them. Returns the clipped boxes (N, T, 4)
+    and (N, T, 5): the shifted boxes for NMS and 1.0 where a box is valid."""
+    clipped = torch.stack([box_ops.clip_boxes_to_image(b, shape)
+                           for b, shape in zip(proposals, image_shapes)])
+    ws, hs = clipped[..., 2] - clipped[..., 0], clipped[..., 3] - clipped[..., 1]
+    valid = (ws >= rpn.min_size) & (hs >= rpn.min_size) & (scores >= rpn.score_thresh)
+    # the largest coordinate of the kept boxes, as torchvision computes it after its
+    # filtering (clipped coordinates are >= 0, so zeroing the others does not change it)
+    top = (clipped * valid[..., None]).flatten(1).amax(1)
+    group = torch.where(valid, levels, levels.max() + 1 if levels.numel() else 0)
+    for_nms = clipped + (group.to(clipped) * (top[:, None] + 1.0))[..., None]
+    return clipped, torch.cat([for_nms, valid[..., None].to(clipped)], -1)
+
+
+def rpn_select(rpn: Any, clipped: torch.Tensor, for_nms: torch.Tensor, scores: torch.Tensor
+               ) -> List[torch.Tensor]:
+    """The data-dependent end of `filter_proposals`: per image, NMS (one host sync),
+    the valid survivors in decreasing score, the first `post_nms_top_n`."""
     final = []
-    for boxes, prob, lvl, shape in zip(proposals, scores, levels, image_shapes):
-        boxes = box_ops.clip_boxes_to_image(boxes, shape)
-        keep = box_ops.remove_small_boxes(boxes, rpn.min_size)
-        boxes, prob, lvl = boxes[keep], prob[keep], lvl[keep]
-        keep = torch.where(prob >= rpn.score_thresh)[0]
-        boxes, prob, lvl = boxes[keep], prob[keep], lvl[keep]
-        keep = box_ops.batched_nms(boxes, prob, lvl, rpn.nms_thresh)
+    for boxes, shifted, prob in zip(clipped, for_nms, scores):
+        keep = box_ops.nms(shifted[:, :4], prob, rpn.nms_thresh)
+        keep = keep[shifted[keep, 4] > 0]
         final.append(boxes[keep[: rpn.post_nms_top_n()]])
     return final
+
+
+def rpn_filter(rpn: Any, proposals: torch.Tensor, scores: torch.Tensor, levels: torch.Tensor,
+               image_shapes: List[Tuple[int, int]]) -> List[torch.Tensor]:
+    """The rest of `filter_proposals` after the per-level top-k (torchvision's result)."""
+    clipped, for_nms = rpn_prepare(rpn, proposals, scores, levels, image_shapes)
+    return rpn_select(rpn, clipped, for_nms, scores)
 
 
 class GraphCache:
@@ -326,12 +351,16 @@ class GraphCache:
                 self.groups.popitem(last=False)
         self.groups.move_to_end(key)
         rh = net.roi_heads
-        features, proposals, scores, levels = self._run(
-            group, "static", lambda t: static_part(net, t, n, half, backbone_half), (), (x,))
+        def static_fn(t: torch.Tensor) -> Any:
+            features, proposals, scores, levels = static_part(net, t, n, half, backbone_half)
+            return (features, scores, *rpn_prepare(net.rpn, proposals, scores, levels,
+                                                   image_sizes))
+
+        features, scores, clipped, for_nms = self._run(group, "static", static_fn, (), (x,))
         names = list(features)
         feats = tuple(features.values())
 
-        props = rpn_filter(net.rpn, proposals, scores, levels, image_sizes)
+        props = rpn_select(net.rpn, clipped, for_nms, scores)
         count = net.rpn.post_nms_top_n()
         padded = x.new_zeros((n, count, 4))
         real = torch.zeros((n, count), dtype=torch.bool, device=x.device)
