@@ -41,7 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dlserver.color import srgb_to_linear  # noqa: E402
+from dlserver.color import linear_to_srgb_torch, srgb_to_linear  # noqa: E402
 
 SIZES = {"small": (180, 320), "1080p": (1080, 1920), "4k": (2160, 3840), "8k": (4320, 7680)}
 # network size per frame size: the models' default (800) except on 'small' (CPU tries)
@@ -205,7 +205,7 @@ def compare_matched(ours: Any, ref: Any, pairs: List[Any]) -> Dict[str, float]:
     return out
 
 
-def check_mask_rcnn(m: Any, net: Any, src: np.ndarray, dev: str, half: bool,
+def check_mask_rcnn(m: Any, net: Any, src: np.ndarray, lin: np.ndarray, dev: str, half: bool,
                     opts: Dict[str, Any], render: Any, ref_boxes: Any, ref_labels: Any,
                     ref_soft: Any, tv_masks: Any, h: int, w: int) -> Any:
     """Our detections and mattes against the eager reference's (matched by class and
@@ -220,7 +220,7 @@ def check_mask_rcnn(m: Any, net: Any, src: np.ndarray, dev: str, half: bool,
         pairs = match(d["boxes"][idx], d["labels"][idx], ref_boxes, ref_labels)
         c = compare_matched(ours_soft, ref_soft, pairs)
         c_tv = compare_matched(ours_soft, tv_masks, pairs)
-        res = m.infer({"src": srgb_to_linear(src)}, opts)  # the model takes linear
+        res = m.infer({"src": lin}, opts)
         alpha_ref = ref_soft.amax(0).cpu().numpy() if len(ref_soft) else np.zeros((h, w))
         alpha_diff = np.abs(res.outputs["rgba"][..., 3] - alpha_ref)
     return c, c_tv, idx, alpha_diff
@@ -237,11 +237,13 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
     ns = NETWORK_SIZE[size]
     label = "mask_rcnn" if variant == "resnet50_fpn" else "mask_rcnn_v2"
     path = maskrcnn_weights(variant, tmp)
-    src = frame(h, w)
-    # the model converts colour on its device: it takes the scene-linear frame whose
-    # sRGB picture `src` the eager baseline sees
-    lin = srgb_to_linear(src)
-    lin.flags.writeable = False
+    # The model converts colour on its device: it takes a scene-linear frame `lin`; the
+    # eager baseline and the references see `src`, that frame's sRGB picture computed
+    # by the same device function as the model's, so both networks get the same pixels.
+    lin = srgb_to_linear(frame(h, w))
+    src = linear_to_srgb_torch(torch.from_numpy(lin).to(dev)).cpu().numpy()
+    src[..., 3] = lin[..., 3]
+    lin.flags.writeable = src.flags.writeable = False
     timer = Timer(dev, args.repeat)
 
     # baseline: eager torchvision, the same frame and weights
@@ -299,9 +301,9 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
         graphs = M.MaskRCNN.cuda_graphs
         M.MaskRCNN.cuda_graphs = False
         try:
-            c, c_tv, row_idx, alpha_diff = check_mask_rcnn(m, net, src, dev, half, opts, render,
-                                                           ref_boxes, ref_labels, ref_soft,
-                                                           tv_masks, h, w)
+            c, c_tv, row_idx, alpha_diff = check_mask_rcnn(
+                m, net, src, lin, dev, half, opts, render, ref_boxes, ref_labels, ref_soft,
+                tv_masks, h, w)
         finally:
             torch.backends.cudnn.allow_tf32 = tf32
             M.MaskRCNN.cuda_graphs = graphs
