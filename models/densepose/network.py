@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Protocol, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,13 @@ class Config:
     score_thresh: float = 0.05    # ROI_HEADS.SCORE_THRESH_TEST
     nms_thresh: float = 0.5       # ROI_HEADS.NMS_THRESH_TEST
     detections_per_image: int = 100  # TEST.DETECTIONS_PER_IMAGE
+
+
+class GraphRunner(Protocol):
+    """fast.GraphCache's interface: `static_part` of `net` for `image`, replayed."""
+
+    def run(self, net: DensePoseRCNN, image: Tensor,
+            autocast_dtype: Optional[torch.dtype]) -> Static: ...
 
 
 # --- backbone ----------------------------------------------------------------------------
@@ -223,8 +230,15 @@ class RPN(nn.Module):
             cells.append(torch.tensor(cell))
         for i, c in enumerate(cells):
             self.register_buffer(f"cell_anchors_{i}", c, persistent=False)
+        self._anchors: Dict[Tuple[int, int, int, str], Tensor] = {}
 
     def anchors(self, level_index: int, height: int, width: int, device: torch.device) -> Tensor:
+        """DefaultAnchorGenerator's anchors of one level, (H * W * A, 4), built once per
+        (level, feature size, device) and kept: they depend on nothing else."""
+        key = (level_index, height, width, str(device))
+        cached = self._anchors.get(key)
+        if cached is not None:
+            return cached
         stride = 2 ** RPN_LEVELS[level_index]
         # ANCHOR_GENERATOR.OFFSET = 0.0
         shifts_x = torch.arange(0, width * stride, step=stride, dtype=torch.float32, device=device)
@@ -233,10 +247,25 @@ class RPN(nn.Module):
         shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
         shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
         base = getattr(self, f"cell_anchors_{level_index}").to(device)
-        return (shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4)
+        anchors = (shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4)
+        # not kept when made inside a CUDA graph capture: its memory would belong to the
+        # graph and hold values only once the graph is replayed
+        if not (anchors.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if len(self._anchors) >= 64:  # many frame sizes: start again
+                self._anchors.clear()
+            self._anchors[key] = anchors
+        return anchors
 
-    def forward(self, feats: List[Tensor], image_size: Tuple[int, int], cfg: Config) -> Tensor:
-        """Proposals (R, 4) in input-image coordinates, sorted by objectness."""
+    def top_proposals(self, feats: List[Tensor], image_size: Tuple[int, int],
+                      cfg: Config) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The part of find_top_rpn_proposals whose shapes depend only on the input's
+        shape (a CUDA graph can replay it): per level the `rpn_pre_nms_topk` best anchors,
+        decoded; concatenated; clipped to the image. Returns boxes (K, 4), scores (K,),
+        levels (K,) and `keep` (K,): finite (box and score) and not empty, the two
+        filters detectron2 applies before NMS, as one mask (no host sync here).
+
+        Only the chosen anchors are decoded: decoding is per box, so the boxes are
+        detectron2's (which decodes every anchor, then picks)."""
         scores, props, levels = [], [], []
         for i, x in enumerate(feats):
             t = F.relu(self.conv(x))
@@ -245,48 +274,76 @@ class RPN(nn.Module):
             n, _, h, w = logits.shape
             logits = logits.permute(0, 2, 3, 1).flatten(1)[0]  # order: y, x, anchor
             deltas = deltas.view(n, -1, 4, h, w).permute(0, 3, 4, 1, 2).flatten(1, -2)[0]
-            boxes = apply_deltas(deltas, self.anchors(i, h, w, x.device), (1.0, 1.0, 1.0, 1.0))
             k = min(logits.shape[0], cfg.rpn_pre_nms_topk)
             top, idx = logits.topk(k)
             scores.append(top)
-            props.append(boxes[idx])
+            props.append(apply_deltas(deltas[idx], self.anchors(i, h, w, x.device)[idx],
+                                      (1.0, 1.0, 1.0, 1.0)))
             levels.append(torch.full((k,), i, dtype=torch.int64, device=x.device))
         score = torch.cat(scores).float()
         boxes = torch.cat(props)
         lvl = torch.cat(levels)
+        # detectron2 drops non-finite boxes first, then clips, then drops empty boxes:
+        # per box the same decisions, so one mask
         valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(score)
-        if not bool(valid.all()):
-            boxes, score, lvl = boxes[valid], score[valid], lvl[valid]
         boxes = clip_boxes(boxes, image_size[0], image_size[1])
-        keep = nonempty(boxes, cfg.rpn_min_size)
-        boxes, score, lvl = boxes[keep], score[keep], lvl[keep]
-        keep = batched_nms(boxes.float(), score, lvl, cfg.rpn_nms_thresh)
-        return boxes[keep[: cfg.rpn_post_nms_topk]]
+        keep = valid & nonempty(boxes, cfg.rpn_min_size)
+        return boxes, score, lvl, keep
+
+    def forward(self, feats: List[Tensor], image_size: Tuple[int, int], cfg: Config) -> Tensor:
+        """Proposals (R, 4) in input-image coordinates, sorted by objectness."""
+        return select_proposals(*self.top_proposals(feats, image_size, cfg), cfg)
+
+
+def select_proposals(boxes: Tensor, score: Tensor, lvl: Tensor, keep: Tensor,
+                     cfg: Config) -> Tensor:
+    """The data-dependent rest of find_top_rpn_proposals: the kept boxes (one host sync),
+    NMS per level, the `rpn_post_nms_topk` best."""
+    boxes, score, lvl = boxes[keep], score[keep], lvl[keep]
+    keep = batched_nms(boxes.float(), score, lvl, cfg.rpn_nms_thresh)
+    return boxes[keep[: cfg.rpn_post_nms_topk]]
 
 
 # --- ROI heads -----------------------------------------------------------------------------
 
+def box_levels(boxes: Tensor) -> Tensor:
+    """detectron2's assign_boxes_to_levels: floor(4 + log2(sqrt(area) / 224)), clamped to
+    2..5; returned as 0..3 (index into p2..p5)."""
+    sizes = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    level = torch.floor(4 + torch.log2(sizes / 224 + 1e-8))
+    level = torch.clamp(level, min=FPN_LEVELS[0], max=FPN_LEVELS[-1]).to(torch.int64)
+    return level - FPN_LEVELS[0]
+
+
 def multilevel_roi_align(feats: List[Tensor], boxes: Tensor, output_size: int,
                          sampling_ratio: int) -> Tensor:
     """detectron2 ROIPooler over p2..p5 with pooler type "ROIAlign" (aligned=False):
-    each box reads the level floor(4 + log2(sqrt(area) / 224)), clamped to 2..5."""
+    each box reads the level `box_levels` gives it.
+
+    The boxes are sorted by level (stable) and each level pools its slice, so there is
+    one host sync (the per-level counts) instead of one per level; the results go back
+    to the boxes' order. roi_align pools every box on its own: same values."""
     # rois stay float32 (a half-precision box would be off by up to 0.5 px at x ~ 1000);
     # under autocast torchvision runs roi_align in float32 anyway
     n = boxes.shape[0]
     rois = torch.cat([boxes.new_zeros(n, 1), boxes], dim=1)
     if len(feats) == 1:
         return roi_align(feats[0], rois, output_size, 1.0 / 4, sampling_ratio, aligned=False)
-    sizes = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
-    level = torch.floor(4 + torch.log2(sizes / 224 + 1e-8))
-    level = torch.clamp(level, min=FPN_LEVELS[0], max=FPN_LEVELS[-1]).to(torch.int64)
-    level = level - FPN_LEVELS[0]
-    out = feats[0].new_zeros((n, feats[0].shape[1], output_size, output_size))
-    for i, f in enumerate(feats):
-        inds = torch.nonzero(level == i, as_tuple=True)[0]
-        if inds.numel():
+    out = feats[0].new_empty((n, feats[0].shape[1], output_size, output_size))
+    if n == 0:
+        return out
+    level = box_levels(boxes)
+    order = torch.argsort(level, stable=True)
+    counts = torch.bincount(level, minlength=len(feats)).tolist()  # the one host sync
+    rois = rois[order]
+    pooled, start = [], 0
+    for i, (f, count) in enumerate(zip(feats, counts)):
+        if count:
             scale = 1.0 / 2 ** FPN_LEVELS[i]
-            out.index_put_((inds,), roi_align(f, rois[inds], output_size, scale, sampling_ratio,
-                                              aligned=False).to(out.dtype))
+            pooled.append(roi_align(f, rois[start:start + count], output_size, scale,
+                                    sampling_ratio, aligned=False).to(out.dtype))
+        start += count
+    out[order] = torch.cat(pooled) if len(pooled) > 1 else pooled[0]
     return out
 
 
@@ -304,18 +361,23 @@ class BoxHead(nn.Module):
         self.bbox_pred = nn.Linear(dim, 4)
 
     def forward(self, feats: List[Tensor], proposals: Tensor, image_size: Tuple[int, int],
-                cfg: Config) -> Tuple[Tensor, Tensor]:
+                cfg: Config, min_score: float = 0.0) -> Tuple[Tensor, Tensor]:
+        """fast_rcnn_inference_single_image: boxes (N, 4) and scores (N,), best first.
+
+        Its filters (finite box and scores, score > SCORE_THRESH_TEST) are one mask, one
+        host sync. `min_score` (ours) joins that mask: a box below it only suppresses
+        boxes that score lower still, and NMS sorts stably, so the survivors above it
+        are those detectron2 keeps, in its order."""
         x = multilevel_roi_align(feats, proposals, 7, 2).flatten(1)
         x = F.relu(self.fc2(F.relu(self.fc1(x))))
         probs = F.softmax(self.cls_score(x).float(), dim=-1)
         boxes = apply_deltas(self.bbox_pred(x), proposals, (10.0, 10.0, 5.0, 5.0))
-        # fast_rcnn_inference_single_image
         valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
-        if not bool(valid.all()):
-            boxes, probs = boxes[valid], probs[valid]
         scores = probs[:, 0]  # drop the background column
         boxes = clip_boxes(boxes.reshape(-1, 4), image_size[0], image_size[1])
-        keep = scores > cfg.score_thresh
+        keep = valid & (scores > cfg.score_thresh)
+        if min_score > 0:
+            keep &= scores >= min_score
         boxes, scores = boxes[keep], scores[keep]
         keep = batched_nms(boxes.float(), scores, torch.zeros_like(scores, dtype=torch.int64),
                            cfg.nms_thresh)[: cfg.detections_per_image]
@@ -387,10 +449,13 @@ class DensePoseBranch(nn.Module):
         self.head = DensePoseHead()
 
     def forward(self, feats: List[Tensor], boxes: Tensor) -> Dict[str, Tensor]:
+        return self.from_decoded(self.decoder(feats), boxes)
+
+    def from_decoded(self, decoded: Tensor, boxes: Tensor) -> Dict[str, Tensor]:
+        """The head on the decoder's output (`decoded`, which depends on the image only)."""
         # DensePose pooler: ROIAlign aligned=False, 28×28, sampling ratio 2, on the
         # decoder's single stride-4 map
-        x = multilevel_roi_align([self.decoder(feats)], boxes, 28, 2)
-        return self.head(x)
+        return self.head(multilevel_roi_align([decoded], boxes, 28, 2))
 
 
 # --- the whole network -----------------------------------------------------------------------
@@ -408,6 +473,19 @@ def resized_shape(height: int, width: int, min_size: int, max_size: int) -> Tupl
     return int(newh + 0.5), int(neww + 0.5)
 
 
+class Static(NamedTuple):
+    """What `DensePoseRCNN.static_part` computes. From a CUDA graph these are the graph's
+    own buffers: the next replay overwrites them."""
+
+    fpn: List[Tensor]      # p2..p5 (contiguous: roi_align reads them)
+    decoded: Tensor        # the DensePose decoder's stride-4 map
+    boxes: Tensor          # RPN.top_proposals: boxes, scores, levels, keep mask
+    scores: Tensor
+    levels: Tensor
+    keep: Tensor
+    size: Tuple[int, int]  # the resized image's (h, w)
+
+
 class DensePoseRCNN(nn.Module):
     pixel_mean: Tensor
     pixel_std: Tensor
@@ -423,6 +501,8 @@ class DensePoseRCNN(nn.Module):
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD_BGR).view(3, 1, 1),
                              persistent=False)
+        # channels-last input (set with the channels-last weights by fast.prepare_cuda)
+        self.channels_last = False
 
     def preprocess(self, image_bgr: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """(3, H, W) float BGR 0-255 → normalised, resized (detectron2's float path: bilinear,
@@ -438,29 +518,48 @@ class DensePoseRCNN(nn.Module):
         x = F.pad(x, (0, wp - w, 0, hp - h), value=0.0)
         return x[None], (h, w)
 
+    def static_part(self, image_bgr: Tensor,
+                    autocast_dtype: Optional[torch.dtype] = None) -> Static:
+        """Everything whose shapes depend only on the input's shape (a CUDA graph can
+        replay it): preprocessing, backbone + FPN, the RPN's top proposals per level,
+        the DensePose decoder (computed even when no box is kept: it costs little)."""
+        x, size = self.preprocess(image_bgr)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # cache_enabled=False: autocast's cache of cast weights must not live in a graph
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float16,
+                            enabled=autocast_dtype is not None, cache_enabled=False):
+            feats = self.backbone(x)
+            rpn = self.rpn.top_proposals([feats[f"p{lv}"] for lv in RPN_LEVELS], size,
+                                         self.cfg)
+            fpn = [feats[f"p{lv}"] for lv in FPN_LEVELS]
+            decoded = self.densepose.decoder(fpn)
+        # roi_align makes its input contiguous: once here rather than on every call
+        return Static([f.contiguous() for f in fpn], decoded.contiguous(), *rpn, size)
+
     @torch.no_grad()
     def forward(self, image_bgr: Tensor, autocast_dtype: Optional[torch.dtype] = None,
-                min_score: float = 0.0) -> Dict[str, Tensor]:
+                min_score: float = 0.0, graphs: Optional[GraphRunner] = None
+                ) -> Dict[str, Tensor]:
         """One image (3, H, W), float BGR 0-255 → detections in that image's pixels:
         boxes (N, 4) x0 y0 x1 y1, scores (N,), and per box 112×112 maps
         coarse_segm (N, 2), fine_segm (N, 25), u (N, 25), v (N, 25).
 
         `min_score` drops detections before the DensePose head (which costs the most
-        per box); the kept ones are exactly what detectron2 gives for them."""
+        per box); the kept ones are exactly what detectron2 gives for them. `graphs`
+        (CUDA only): replays `static_part` from a CUDA graph (fast.GraphCache)."""
         h0, w0 = image_bgr.shape[-2:]
-        x, size = self.preprocess(image_bgr)
-        dev = x.device.type
-        with torch.autocast(dev, dtype=autocast_dtype or torch.float16,
+        if graphs is not None and image_bgr.is_cuda:
+            st = graphs.run(self, image_bgr, autocast_dtype)
+        else:
+            st = self.static_part(image_bgr, autocast_dtype)
+        size = st.size
+        with torch.autocast(image_bgr.device.type, dtype=autocast_dtype or torch.float16,
                             enabled=autocast_dtype is not None):
-            feats = self.backbone(x)
-            proposals = self.rpn([feats[f"p{lv}"] for lv in RPN_LEVELS], size, self.cfg)
-            fpn = [feats[f"p{lv}"] for lv in FPN_LEVELS]
-            boxes, scores = self.box_head(fpn, proposals, size, self.cfg)
-            if min_score > 0:
-                sel = scores >= min_score
-                boxes, scores = boxes[sel], scores[sel]
+            proposals = select_proposals(st.boxes, st.scores, st.levels, st.keep, self.cfg)
+            boxes, scores = self.box_head(st.fpn, proposals, size, self.cfg, min_score)
             if boxes.shape[0]:
-                dp = self.densepose(fpn, boxes)
+                dp = self.densepose.from_decoded(st.decoded, boxes)
             else:
                 dp = {k: boxes.new_zeros((0, c, 112, 112)) for k, c in
                       (("coarse_segm", 2), ("fine_segm", 25), ("u", 25), ("v", 25))}
@@ -476,8 +575,8 @@ class DensePoseRCNN(nn.Module):
 
 # --- results → image -----------------------------------------------------------------------
 
-def _resize(t: Tensor, h: int, w: int) -> Tensor:
-    return F.interpolate(t[None], (h, w), mode="bilinear", align_corners=False)[0]
+# pixels of boxes pasted together (about 120 bytes each on the device)
+PASTE_CHUNK_PIXELS = 1 << 21
 
 
 def paste_iuv(out: Dict[str, Tensor], height: int, width: int) -> Tuple[Tensor, Tensor]:
@@ -488,38 +587,72 @@ def paste_iuv(out: Dict[str, Tensor], height: int, width: int) -> Tuple[Tensor, 
     part's channel; a later box overwrites an earlier one where its part index is > 0.
 
     Returns iuv (3, H, W) float32: I (0-24), U, V clamped to 0-1; and the instance index
-    map (H, W) int64: 0 = none, k = k-th detection (1-based)."""
+    map (H, W) int64: 0 = none, k = k-th detection (1-based).
+
+    Per box: one resize of the four maps side by side (each channel is resized on its
+    own: the values of four separate resizes), two argmax and one gather on the part
+    inside the image. Then, for many boxes at once, the pixels go to the frame: the
+    index map takes per pixel the largest box number whose part index is > 0 there (the
+    last box, as in the visualizer's loop), and each box writes I, U, V where it won."""
     dev = out["boxes"].device
-    iuv = torch.zeros((3, height, width), dtype=torch.float32, device=dev)
-    index = torch.zeros((height, width), dtype=torch.int64, device=dev)
+    hw = height * width
+    # one extra slot: where the pixels that are not written go
+    iuv = torch.zeros((3, hw + 1), dtype=torch.float32, device=dev)
+    index = torch.zeros(hw + 1, dtype=torch.int64, device=dev)
     boxes = out["boxes"]
     xywh = torch.stack((boxes[:, 0], boxes[:, 1], boxes[:, 2] - boxes[:, 0],
                         boxes[:, 3] - boxes[:, 1]), dim=1).long().tolist()
-    if not xywh:
-        return iuv, index
-    # the four maps side by side: one resize per box (each channel is resized on its
-    # own, so the values are those of four separate resizes)
     maps = torch.cat([out["coarse_segm"], out["fine_segm"], out["u"], out["v"]], dim=1)
     parts = out["fine_segm"].shape[1]
+    chunk: List[Tuple[Tensor, Tensor, Tensor]] = []
+    geometry: List[List[int]] = []  # per box of the chunk: number, x, y, pasted w, h
+    pixels = 0
     for i, (x, y, w, h) in enumerate(xywh):
-        if w <= 0 or h <= 0:  # the visualizer skips such boxes
-            continue
-
-        r = _resize(maps[i], h, w)
-        coarse = r[:2].argmax(dim=0)
-        labels = r[2:2 + parts].argmax(dim=0) * (coarse > 0).long()
-        uv = torch.gather(r[2 + parts:].view(2, parts, h, w), 1,
-                          labels[None, None].expand(2, 1, h, w))[:, 0].clamp(0, 1)
-        patch = torch.cat((labels.float()[None], uv))
-        # slicing clips at the image border, as numpy does in the visualizer
+        # the visualizer skips empty boxes; slicing clips at the image border, as numpy
+        # does in the visualizer
         ph, pw = min(h, height - y), min(w, width - x)
-        if ph <= 0 or pw <= 0:
+        if w <= 0 or h <= 0 or ph <= 0 or pw <= 0:
             continue
-        patch, labels = patch[:, :ph, :pw], labels[:ph, :pw]
-        fg = labels > 0
-        # where() rather than boolean indexing: no host sync per box
-        region = iuv[:, y:y + ph, x:x + pw]
-        region.copy_(torch.where(fg, patch, region))
-        sub = index[y:y + ph, x:x + pw]
-        sub.copy_(torch.where(fg, torch.full_like(sub, i + 1), sub))
-    return iuv, index
+        r = F.interpolate(maps[i:i + 1], (h, w), mode="bilinear", align_corners=False)
+        r = r[0, :, :ph, :pw]
+        fine = r[2:2 + parts].argmax(dim=0)
+        uv = torch.gather(r[2 + parts:].view(2, parts, ph, pw), 1,
+                          fine[None, None].expand(2, 1, ph, pw))
+        chunk.append((r[:2].argmax(dim=0).flatten(), fine.flatten(), uv.view(2, -1)))
+        geometry.append([i + 1, x, y, pw, ph])
+        pixels += ph * pw
+        if pixels >= PASTE_CHUNK_PIXELS:
+            _paste_chunk(iuv, index, chunk, geometry, width)
+            chunk, geometry, pixels = [], [], 0
+    if chunk:
+        _paste_chunk(iuv, index, chunk, geometry, width)
+    return iuv[:, :hw].view(3, height, width), index[:hw].view(height, width)
+
+
+def _paste_chunk(iuv: Tensor, index: Tensor, chunk: List[Tuple[Tensor, Tensor, Tensor]],
+                 geometry: List[List[int]], width: int) -> None:
+    """Paste boxes (coarse argmax, fine argmax, U/V at the fine argmax; flattened) into
+    the flat `iuv` (3, H*W + 1) and `index` (H*W + 1); their numbers are above those of
+    every box pasted before (which they overwrite where their part index is > 0)."""
+    dev = iuv.device
+    coarse = torch.cat([c[0] for c in chunk])
+    labels = torch.cat([c[1] for c in chunk]) * (coarse > 0)
+    uv = torch.cat([c[2] for c in chunk], dim=1).clamp(0, 1)
+    total = labels.shape[0]
+    geo = torch.tensor(geometry, dtype=torch.int64, device=dev)  # small host → device copy
+    counts = geo[:, 3] * geo[:, 4]
+    box = torch.repeat_interleave(torch.arange(len(geometry), device=dev), counts,
+                                  output_size=total)
+    start = torch.cumsum(counts, 0) - counts
+    local = torch.arange(total, device=dev) - start[box]
+    pw = geo[box, 3]
+    row = torch.div(local, pw, rounding_mode="floor")
+    target = (geo[box, 2] + row) * width + geo[box, 1] + local - row * pw
+    number = geo[box, 0]
+    fg = labels > 0
+    # the last box (largest number) with a part at a pixel owns it
+    index.scatter_reduce_(0, target, number * fg, "amax")
+    won = fg & (index[target] == number)
+    # each frame pixel has one winner; the others all go to the extra slot
+    target = torch.where(won, target, index.shape[0] - 1)
+    iuv.index_copy_(1, target, torch.cat((labels.float()[None], uv)))
