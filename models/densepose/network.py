@@ -501,7 +501,7 @@ class DensePoseRCNN(nn.Module):
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD_BGR).view(3, 1, 1),
                              persistent=False)
-        # channels-last input (set with the channels-last weights by fast.prepare_cuda)
+        # channels-last input (set with the channels-last weights by fast.prepare)
         self.channels_last = False
 
     def preprocess(self, image_bgr: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
