@@ -560,3 +560,38 @@ def test_cuda_graphs_equal_eager(tv_and_ours):
     finally:
         MaskRCNN.cuda_graphs = saved
         torch.backends.cudnn.allow_tf32 = tf32
+
+
+@pytest.mark.parametrize("iterations", [0, 2, 32])
+def test_level_nms_equals_torchvision_nms(iterations):
+    """The graph path's RPN NMS (fixed-point steps, finished eagerly when a chain of
+    suppressions is longer than the steps taken) keeps exactly what torchvision's
+    `nms` keeps per level, invalid boxes aside."""
+    from torchvision.ops import nms
+
+    fast = importlib.import_module(f"{PKG}.fast")
+    gen = torch.Generator().manual_seed(iterations)
+    sizes = [60, 25, 9]
+    levels = []
+    for size in sizes:
+        xy = torch.rand((size, 2), generator=gen) * 40
+        wh = 5 + torch.rand((size, 2), generator=gen) * 20
+        boxes = torch.cat([xy, xy + wh], 1)
+        valid = torch.rand(size, generator=gen) > 0.15
+        if size > 12:  # a chain: each box suppresses the next only (IoU 0.74, then 0.54)
+            boxes[:12] = torch.tensor([[1.5 * i, 0.0, 1.5 * i + 10, 10] for i in range(12)])
+            valid[:12] = True
+        scores = torch.sort(torch.rand(size, generator=gen), descending=True).values
+        levels.append((boxes, valid, scores))
+    for_nms = torch.cat([torch.cat([b, v[:, None].float()], 1) for b, v, _ in levels])[None]
+    keep, converged, state = fast.level_nms(for_nms, sizes, 0.7, iterations=iterations)
+    if not bool(converged.all()):
+        keep = fast.nms_continue(state)
+    assert bool(converged.all()) == (iterations >= 32)  # the chain needs about 12 steps
+    start = 0
+    for boxes, valid, scores in levels:
+        idx = torch.nonzero(valid).flatten()
+        want = set(idx[nms(boxes[idx], scores[idx], 0.7)].tolist())
+        got = set(torch.nonzero(keep[0, start:start + len(boxes)]).flatten().tolist())
+        assert got == want
+        start += len(boxes)

@@ -318,6 +318,95 @@ def rpn_filter(rpn: Any, proposals: torch.Tensor, scores: torch.Tensor, levels: 
     return rpn_select(rpn, clipped, for_nms, scores)
 
 
+NMS_ITERATIONS = 8  # fixed-point steps inside the graph; more run eagerly when needed
+
+
+def level_sizes(rpn: Any, features: Dict[str, torch.Tensor]) -> List[int]:
+    """How many proposals each level's top-k gives (`_get_top_n_idx`'s counts)."""
+    anchors = rpn.anchor_generator.num_anchors_per_location()
+    return [min(rpn.pre_nms_top_n(), a * f.shape[-2] * f.shape[-1])
+            for a, f in zip(anchors, features.values())]
+
+
+def level_nms(for_nms: torch.Tensor, sizes: List[int], thresh: float,
+              iterations: int = NMS_ITERATIONS) -> Tuple[Any, ...]:
+    """torchvision's greedy NMS per level, as tensor operations of fixed shapes (a CUDA
+    graph can hold them), for the RPN's proposals: each level's boxes come from a top-k,
+    so they are already in decreasing score order, and levels never suppress each other.
+
+    Greedy NMS keeps box j when no kept box before it suppresses it. That recursion has
+    one solution, the fixed point of K <- valid & not(any_i K[i] & S[i, j]), reached from
+    K = valid after as many steps as the longest chain of suppressions (a few). The
+    suppression test is the CUDA kernel's, on the same shifted boxes.
+    Returns (keep (N, T), converged (N,), and the state `nms_continue` needs)."""
+    k = max(sizes)
+    dev = for_nms.device
+    # (L, k) positions of each level's boxes in the T axis; padding points at box 0
+    index = torch.zeros((len(sizes), k), dtype=torch.int64, device=dev)
+    real = torch.zeros((len(sizes), k), dtype=torch.bool, device=dev)
+    start = 0
+    for level, size in enumerate(sizes):
+        index[level, :size] = torch.arange(start, start + size, device=dev)
+        real[level, :size] = True
+        start += size
+    blocks = for_nms[:, index]                              # (N, L, k, 5)
+    valid = (blocks[..., 4] > 0) & real                     # (N, L, k)
+    b = blocks[..., :4]
+    p, q = b[..., :, None, :], b[..., None, :, :]
+    width = torch.minimum(p[..., 2], q[..., 2]) - torch.maximum(p[..., 0], q[..., 0])
+    height = torch.minimum(p[..., 3], q[..., 3]) - torch.maximum(p[..., 1], q[..., 1])
+    width, height = width.clamp(min=0), height.clamp(min=0)
+    inter = width * height
+    area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    iou = inter / (area[..., :, None] + area[..., None, :] - inter)
+    later = torch.ones((k, k), dtype=torch.bool, device=dev).triu_(1)
+    sup = ((iou > thresh) & later & valid[..., :, None]).to(torch.float16)  # (N, L, k, k)
+    keep = valid
+    for _ in range(iterations):
+        keep = _nms_step(keep, sup, valid)
+    after = _nms_step(keep, sup, valid)
+    converged = (after == keep).flatten(1).all(1)
+    return _flatten(keep, sizes), converged, (keep, sup, valid, sizes)
+
+
+def _nms_step(keep: torch.Tensor, sup: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    # how many kept boxes suppress each box (exact: 0/1 products, sums below 2048)
+    hits = torch.matmul(keep.to(sup.dtype)[..., None, :], sup)[..., 0, :]
+    return valid & (hits == 0)
+
+
+def nms_continue(state: Tuple[Any, ...]) -> torch.Tensor:
+    """More fixed-point steps, eagerly, until the keep mask stops changing (rare: a chain
+    of suppressions longer than NMS_ITERATIONS). Returns keep (N, T)."""
+    keep, sup, valid, sizes = state
+    while True:
+        after = _nms_step(keep, sup, valid)
+        if bool((after == keep).all()):
+            return _flatten(keep, sizes)
+        keep = after
+
+
+def _flatten(blocks: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+    """(N, L, k) per-level blocks → (N, T) in the levels' order."""
+    return torch.cat([blocks[:, level, :size] for level, size in enumerate(sizes)], 1)
+
+
+def rpn_top(clipped: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor, count: int
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` kept proposals by decreasing score (ties in input order, as
+    `batched_nms` orders them), padded with zero boxes: (N, count, 4) and (N, count)
+    True for a real proposal."""
+    masked = torch.where(keep, scores, torch.full_like(scores, -1.0))  # scores are >= 0
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :count]
+    boxes = torch.gather(clipped, 1, order[..., None].expand(-1, -1, 4))
+    real = torch.arange(order.shape[1], device=keep.device)[None] < keep.sum(1, keepdim=True)
+    if order.shape[1] < count:  # fewer proposals than the count: pad
+        pad = count - order.shape[1]
+        boxes = torch.cat([boxes, boxes.new_zeros((boxes.shape[0], pad, 4))], 1)
+        real = torch.cat([real, real.new_zeros((real.shape[0], pad))], 1)
+    return boxes * real[..., None], real
+
+
 class GraphCache:
     """CUDA graphs of the parts of a pass whose shapes depend only on the input's shape:
     the static part (backbone to per-level top-k), the box branch over proposals padded
@@ -351,22 +440,20 @@ class GraphCache:
                 self.groups.popitem(last=False)
         self.groups.move_to_end(key)
         rh = net.roi_heads
+        count = net.rpn.post_nms_top_n()
+
         def static_fn(t: torch.Tensor) -> Any:
             features, proposals, scores, levels = static_part(net, t, n, half, backbone_half)
-            return (features, scores, *rpn_prepare(net.rpn, proposals, scores, levels,
-                                                   image_sizes))
+            clipped, for_nms = rpn_prepare(net.rpn, proposals, scores, levels, image_sizes)
+            keep, converged, state = level_nms(for_nms, level_sizes(net.rpn, features),
+                                               net.rpn.nms_thresh)
+            padded, real = rpn_top(clipped, scores, keep, count)
+            return features, padded, real, converged, (clipped, scores, state)
 
-        features, scores, clipped, for_nms = self._run(group, "static", static_fn, (), (x,))
+        features, padded, real, converged, rest = self._run(group, "static", static_fn, (),
+                                                            (x,))
         names = list(features)
         feats = tuple(features.values())
-
-        props = rpn_select(net.rpn, clipped, for_nms, scores)
-        count = net.rpn.post_nms_top_n()
-        padded = x.new_zeros((n, count, 4))
-        real = torch.zeros((n, count), dtype=torch.bool, device=x.device)
-        for i, p in enumerate(props):
-            padded[i, : p.shape[0]] = p
-            real[i, : p.shape[0]] = True
 
         def boxes_fn(*t: torch.Tensor) -> Any:
             fmap = OrderedDict(zip(names, t[:-2]))
@@ -375,7 +462,13 @@ class GraphCache:
             real_c = t[-1].repeat_interleave(s[0].shape[0] // t[-1].shape[1], dim=1)
             return torch.stack(b), torch.stack(s), torch.stack(lab), torch.stack(ok) & real_c
 
-        cand = self._run(group, "boxes", boxes_fn, feats, (padded, real))
+        cand = self._run(group, "boxes", boxes_fn, (*feats, padded, real), ())
+        if not bool(converged.all()):  # a long chain of suppressions: finish NMS eagerly
+            clipped, scores, state = rest
+            top = rpn_top(clipped, scores, nms_continue(state), count)
+            padded.copy_(top[0])
+            real.copy_(top[1])
+            cand = self._run(group, "boxes", boxes_fn, (*feats, padded, real), ())
         result = []
         for i in range(n):
             b, s, lab = select_detections(rh, cand[0][i], cand[1][i], cand[2][i], cand[3][i])
@@ -421,7 +514,7 @@ class GraphCache:
 
     def _capture(self, fn: Any, fixed: Tuple[torch.Tensor, ...],
                  inputs: Tuple[torch.Tensor, ...]) -> Any:
-        device = inputs[0].device
+        device = (inputs or fixed)[0].device
         static_in = tuple(t.clone() for t in inputs)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))

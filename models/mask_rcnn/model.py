@@ -374,7 +374,9 @@ class MaskRCNN(Model):
             union = union.clamp_(0.0, 1.0)
 
         names = [self._categories[int(c)] for c in labels.tolist()]
-        rgba = torch.empty((h, w, 4), dtype=torch.float32, device=dev)
+        # linear in, linear out: the input's RGB needs no conversion at all (a whole-frame
+        # copy is one fast contiguous kernel; then only alpha is written)
+        rgba = frame.to(torch.float32, copy=True)
         if mode == "overlay" and k:
             # drawn in sRGB over the sRGB picture; pixels the drawing left alone keep
             # their linear values exactly
@@ -382,8 +384,6 @@ class MaskRCNN(Model):
             drawn = self._overlay(srgb, mattes, boxes, scores, names, o)
             changed = (drawn != srgb).any(-1, keepdim=True)
             rgba[..., :3] = torch.where(changed, srgb_to_linear_torch(drawn), frame[..., :3])
-        else:
-            rgba[..., :3] = frame[..., :3]  # linear in, linear out: no conversion at all
         rgba[..., 3] = union
         host = {"rgba": _to_host(rgba)}
         if mode == "instances" and k:
