@@ -15,7 +15,8 @@ for an sRGB model with one RGBA output (Mask R-CNN's matte mode). Each stage is 
 The busy thread's own rate (loops/s) is reported alone and beside the I/O: how much the
 I/O slows the model. Two implementations of the colour and finiteness helpers run in the
 same process: `bands` (the 1 MB row bands on a thread pool used before, kept here as the
-baseline) and `current` (dlserver.frames as it is); `--switch` adds GIL switch intervals.
+baseline), `current` (dlserver.frames as it is) and `1thread` (the same without the
+colour thread pool); `--switch` tries GIL switch intervals.
 Figures are printed, never asserted.
 """
 
@@ -69,12 +70,30 @@ def _bands(arr: np.ndarray) -> range:
     return range(0, arr.shape[0], max(1, _BAND_BYTES // max(1, arr[:1].nbytes)))
 
 
+def bands_linear_to_srgb(x: np.ndarray) -> np.ndarray:
+    a = np.abs(x, dtype=np.float32)
+    high = np.power(a, np.float32(1 / 2.4))
+    high *= np.float32(1.055)
+    high -= np.float32(0.055)
+    out = np.where(a <= 0.0031308, a * np.float32(12.92), high)
+    return np.copysign(out, x, out=out)
+
+
+def bands_srgb_to_linear(x: np.ndarray) -> np.ndarray:
+    a = np.abs(x, dtype=np.float32)
+    high = a + np.float32(0.055)
+    high /= np.float32(1.055)
+    np.power(high, np.float32(2.4), out=high)
+    out = np.where(a <= 0.04045, a / np.float32(12.92), high)
+    return np.copysign(out, x, out=out)
+
+
 def bands_convert_color(pixels: np.ndarray, layer: Layer, to_srgb: bool) -> np.ndarray:
     global _band_pool
     idx = list(layer.color_indices())
     if not idx:
         return pixels
-    fn = frames.linear_to_srgb if to_srgb else frames.srgb_to_linear
+    fn = bands_linear_to_srgb if to_srgb else bands_srgb_to_linear
     contiguous = idx == list(range(idx[0], idx[-1] + 1))
     picked: Any = slice(idx[0], idx[-1] + 1) if contiguous else idx
     out = np.empty(pixels.shape, np.float32)
@@ -99,14 +118,18 @@ def bands_all_finite(arr: np.ndarray) -> bool:
 IMPLS: Dict[str, Dict[str, Callable[..., Any]]] = {
     "bands": {"convert_color": bands_convert_color, "all_finite": bands_all_finite},
     "current": {"convert_color": frames.convert_color, "all_finite": frames.all_finite},
+    "1thread": {"convert_color": frames.convert_color, "all_finite": frames.all_finite},
 }
+COLOR_THREADS = frames.COLOR_THREADS
 
 
 def use(impl: str) -> None:
-    """Point the server's stages at one implementation of the helpers."""
+    """Point the server's stages at one implementation of the helpers ("1thread": the
+    current one without the colour thread pool)."""
     fns = IMPLS[impl]
     inference.convert_color = fns["convert_color"]  # type: ignore[attr-defined]
     frames.all_finite = fns["all_finite"]  # type: ignore[assignment]
+    frames.COLOR_THREADS = 1 if impl == "1thread" else COLOR_THREADS
 
 
 # --- busy model threads --------------------------------------------------------------------
@@ -218,7 +241,7 @@ def main() -> None:
     p.add_argument("--size", default="1080p", choices=list(SIZES))
     p.add_argument("--frames", type=int, default=3, help="timed frames per round")
     p.add_argument("--rounds", type=int, default=3,
-                   help="rounds, the implementations interleaved in each (load drifts)")
+                   help="rounds; in each, every configuration runs once (load drifts)")
     p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     p.add_argument("--busy", nargs="+", default=list(BUSY), choices=list(BUSY))
     p.add_argument("--switch", nargs="+", type=float, default=[sys.getswitchinterval()],
@@ -230,46 +253,45 @@ def main() -> None:
           f"{sys.version.split()[0]}, numpy {np.__version__}; median of {args.rounds} rounds "
           f"x {args.frames} frames; load average {os.getloadavg()[0]:.2f}", flush=True)
     busy_rate(args.busy[0], 0.5)  # warm-up: torch's first ops are slow
+    configs = [(s, i) for s in args.switch for i in args.impl]
     with tempfile.TemporaryDirectory(prefix="bench_io_", dir=args.dir) as folder:
         src, out = os.path.join(folder, "in.exr"), os.path.join(folder, "out.exr")
         write_plate(src, h, w)
         session = make_session(folder)
-        for interval in args.switch:
-            sys.setswitchinterval(interval)
-            print(f"\nswitch interval {interval * 1e3:g} ms", flush=True)
-            base: Dict[str, Tuple[float, float]] = {}
-            for busy in [None, *args.busy]:
-                reads: Dict[str, List[float]] = {i: [] for i in args.impl}
-                writes: Dict[str, List[float]] = {i: [] for i in args.impl}
-                rates: Dict[str, List[float]] = {i: [] for i in args.impl}
-                alone: List[float] = []
-                for _ in range(args.rounds):
+        base: Dict[Any, Tuple[float, float]] = {}
+        for busy in [None, *args.busy]:
+            reads: Dict[Any, List[float]] = {c: [] for c in configs}
+            writes: Dict[Any, List[float]] = {c: [] for c in configs}
+            rates: Dict[Any, List[float]] = {c: [] for c in configs}
+            alone: Dict[float, List[float]] = {s: [] for s in args.switch}
+            for _ in range(args.rounds):
+                for interval in args.switch:
+                    sys.setswitchinterval(interval)
                     if busy:
-                        alone.append(busy_rate(busy, 1.0))
+                        alone[interval].append(busy_rate(busy, 1.0))
                     for impl in args.impl:
                         use(impl)
                         r, wr, rate = measure(session, src, out, args.frames, busy)
-                        reads[impl] += r
-                        writes[impl] += wr
-                        rates[impl].append(rate)
-                if busy:
-                    print(f"  busy thread {busy} alone: {statistics.median(alone):.0f} loops/s",
-                          flush=True)
-                for impl in args.impl:
-                    read_ms, write_ms = ms(reads[impl]), ms(writes[impl])
-                    if busy is None:
-                        base[impl] = read_ms, write_ms
-                        print(f"  {impl:<8} no busy thread: read {read_ms:6.1f} ms, write "
-                              f"{write_ms:6.1f} ms", flush=True)
-                        continue
-                    share = statistics.median(rates[impl]) / statistics.median(alone)
-                    print(f"  {impl:<8} beside {busy:<6}: read {read_ms:6.1f} ms "
-                          f"({read_ms / base[impl][0]:.2f}x), write {write_ms:6.1f} ms "
-                          f"({write_ms / base[impl][1]:.2f}x); busy thread at {share:.0%} of "
-                          f"its rate alone", flush=True)
-        sys.setswitchinterval(0.005)
+                        reads[interval, impl] += r
+                        writes[interval, impl] += wr
+                        rates[interval, impl].append(rate)
+            sys.setswitchinterval(0.005)
+            print(f"\n{'beside a ' + busy + ' thread' if busy else 'no busy thread'}"
+                  f" (load average {os.getloadavg()[0]:.2f})", flush=True)
+            for interval, impl in configs:
+                c = interval, impl
+                read_ms, write_ms = ms(reads[c]), ms(writes[c])
+                label = f"  switch {interval * 1e3:g} ms, {impl:<8}"
+                if busy is None:
+                    base[c] = read_ms, write_ms
+                    print(f"{label} read {read_ms:6.1f} ms, write {write_ms:6.1f} ms")
+                    continue
+                share = statistics.median(rates[c]) / statistics.median(alone[interval])
+                print(f"{label} read {read_ms:6.1f} ms ({read_ms / base[c][0]:.2f}x), write "
+                      f"{write_ms:6.1f} ms ({write_ms / base[c][1]:.2f}x); busy thread at "
+                      f"{share:.0%} of its rate alone "
+                      f"({statistics.median(alone[interval]):.0f} loops/s)", flush=True)
     use("current")
-    print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -62,10 +62,10 @@ def convert_color(pixels: np.ndarray, layer: Layer, to_srgb: bool) -> np.ndarray
     n = max(1, min(COLOR_THREADS, height // 64))  # small frames: one band, no hand-off
     step = -(-height // n)
     rows = [slice(r, r + step) for r in range(0, height, step)]
-    if len(rows) == 1:
-        band(rows[0])
-    else:
-        list(_threads().map(band, rows))
+    others = [_threads().submit(band, r) for r in rows[1:]]
+    band(rows[0])  # this thread converts a band too: one hand-off fewer
+    for done in others:
+        done.result()
     return out
 
 
