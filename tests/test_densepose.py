@@ -439,6 +439,160 @@ def test_paste_iuv_rules():
     assert ((human == 2) == second).all() and ((human == 1) == (first & ~second)).all()
 
 
+def _paste_reference(out, height, width):
+    """paste_iuv as a plain loop over the boxes (the visualizer's order of operations)."""
+    iuv = torch.zeros((3, height, width))
+    index = torch.zeros((height, width), dtype=torch.int64)
+    b = out["boxes"]
+    xywh = torch.stack((b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]), 1).long()
+    for i, (x, y, w, h) in enumerate(xywh.tolist()):
+        if w <= 0 or h <= 0:
+            continue
+        coarse, fine, u, v = (
+            torch.nn.functional.interpolate(out[k][i:i + 1], (h, w), mode="bilinear",
+                                            align_corners=False)[0]
+            for k in ("coarse_segm", "fine_segm", "u", "v"))
+        labels = fine.argmax(0) * (coarse.argmax(0) > 0).long()
+        uu = u.gather(0, labels[None])[0].clamp(0, 1)
+        vv = v.gather(0, labels[None])[0].clamp(0, 1)
+        ph, pw = min(h, height - y), min(w, width - x)
+        if ph <= 0 or pw <= 0:
+            continue
+        fg = labels[:ph, :pw] > 0
+        for ch, val in enumerate((labels.float(), uu, vv)):
+            iuv[ch, y:y + ph, x:x + pw][fg] = val[:ph, :pw][fg]
+        index[y:y + ph, x:x + pw][fg] = i + 1
+    return iuv, index
+
+
+@pytest.mark.parametrize("chunk", [network.PASTE_CHUNK_PIXELS, 60])
+def test_paste_iuv_matches_a_loop_over_boxes(monkeypatch, chunk):
+    """The batched pasting (boxes' pixels scattered together, in chunks) equals the
+    visualizer's loop (four resizes per box): overlapping boxes, boxes over the border,
+    empty boxes."""
+    monkeypatch.setattr(network, "PASTE_CHUNK_PIXELS", chunk)
+    g = torch.Generator().manual_seed(0)
+    n = 7
+    out = {"coarse_segm": torch.randn(n, 2, 112, 112, generator=g),
+           "fine_segm": torch.randn(n, 25, 112, 112, generator=g),
+           "u": torch.rand(n, 25, 112, 112, generator=g) * 1.4 - 0.2,
+           "v": torch.rand(n, 25, 112, 112, generator=g) * 1.4 - 0.2}
+    out["boxes"] = torch.tensor([[3.5, 2.2, 30.9, 25.0], [10.0, 8.7, 40.0, 30.0],
+                                 [0.0, 0.0, 12.3, 40.0],     # taller than the frame
+                                 [35.2, 20.1, 48.0, 33.0],   # over the right/bottom edge
+                                 [20.0, 5.0, 20.9, 18.0],    # truncated to zero width
+                                 [5.0, 5.0, 15.0, 15.0], [1.0, 20.0, 47.9, 31.0]])
+    iuv, index = network.paste_iuv(out, 31, 45)
+    ref_iuv, ref_index = _paste_reference(out, 31, 45)
+    assert torch.equal(index, ref_index) and torch.equal(iuv[0], ref_iuv[0])
+    # U, V: the CPU's resize of 77 channels at once may round the last bit differently
+    assert (iuv[1:] - ref_iuv[1:]).abs().max() <= 1e-6
+    assert set(index.unique().tolist()) >= {1, 2, 3, 4, 6, 7}  # overlaps took effect
+    empty = {k: v[:0] for k, v in out.items()}
+    iuv, index = network.paste_iuv(empty, 31, 45)
+    assert iuv.shape == (3, 31, 45) and not iuv.any() and not index.any()
+
+
+def test_roi_pooling_by_level_matches_each_box_alone():
+    """Boxes sorted by level and pooled level by level give each box what roi_align
+    gives it alone on its level (detectron2's ROIPooler)."""
+    from torchvision.ops import roi_align
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(1, 8, 256 // 2 ** k, 320 // 2 ** k, generator=g) for k in range(4)]
+    xy = torch.rand(40, 2, generator=g) * 600
+    wh = torch.exp(torch.rand(40, 2, generator=g) * 7) + 1  # 2 to 1100 px: every level
+    boxes = torch.cat([xy, xy + wh], 1)
+    pooled = network.multilevel_roi_align(feats, boxes, 7, 2)
+    levels = network.box_levels(boxes)
+    assert set(levels.tolist()) == {0, 1, 2, 3}
+    for i, lv in enumerate(levels.tolist()):
+        rois = torch.cat([torch.zeros(1, 1), boxes[i:i + 1]], 1)
+        want = roi_align(feats[lv], rois, 7, 1.0 / 2 ** (lv + 2), 2, aligned=False)
+        assert torch.equal(pooled[i], want[0]), i
+    assert network.multilevel_roi_align(feats, boxes[:0], 7, 2).shape == (0, 8, 7, 7)
+
+
+def _rpn_reference(rpn, feats, image_size, cfg):
+    """detectron2's RPN at inference, literally: every anchor decoded, per-level top-k,
+    non-finite boxes dropped (if any), clipped, empty ones dropped, NMS per level."""
+    from torchvision.ops import batched_nms
+
+    scores, props, levels = [], [], []
+    for i, x in enumerate(feats):
+        t = torch.relu(rpn.conv(x))
+        logits = rpn.objectness(t).permute(0, 2, 3, 1).flatten(1)[0]
+        d = rpn.deltas(t)
+        n, _, h, w = d.shape
+        d = d.view(n, -1, 4, h, w).permute(0, 3, 4, 1, 2).flatten(1, -2)[0]
+        anchors = rpn.anchors(i, h, w, x.device)
+        boxes = network.apply_deltas(d, anchors, (1.0, 1.0, 1.0, 1.0))
+        k = min(logits.shape[0], cfg.rpn_pre_nms_topk)
+        top, idx = logits.topk(k)
+        scores.append(top)
+        props.append(boxes[idx])
+        levels.append(torch.full((k,), i, dtype=torch.int64))
+    score, boxes, lvl = torch.cat(scores), torch.cat(props), torch.cat(levels)
+    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(score)
+    if not bool(valid.all()):
+        boxes, score, lvl = boxes[valid], score[valid], lvl[valid]
+    boxes = network.clip_boxes(boxes, *image_size)
+    keep = network.nonempty(boxes, cfg.rpn_min_size)
+    boxes, score, lvl = boxes[keep], score[keep], lvl[keep]
+    keep = batched_nms(boxes, score, lvl, cfg.rpn_nms_thresh)
+    return boxes[keep[: cfg.rpn_post_nms_topk]]
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_rpn_matches_detectron2s_order(d2_state, poison):
+    """RPN.top_proposals + select_proposals (top-k before decoding, one mask for the
+    filters) give detectron2's proposals, also when some boxes are not finite."""
+    net = M.build_network({k: torch.from_numpy(v) for k, v in d2_state.items()}).eval()
+    cfg = network.Config(rpn_pre_nms_topk=300, rpn_post_nms_topk=200)
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(1, 256, 64 // 2 ** k, 96 // 2 ** k, generator=g) for k in range(5)]
+    if poison:  # huge values: inf/NaN logits and deltas around these places
+        feats[0][0, :, 10, 20] = 1e38
+        feats[1][0, :, 5, 7] = float("nan")
+        feats[2][0, :3, 3, 3] = -1e38
+    with torch.no_grad():
+        got = net.rpn(feats, (250, 380), cfg)
+        want = _rpn_reference(net.rpn, feats, (250, 380), cfg)
+        static = net.rpn.top_proposals(feats, (250, 380), cfg)
+    assert got.shape[0] > 50 and torch.equal(got, want)
+    assert bool(static[3].all()) is not poison  # the mask did drop boxes when poisoned
+    # anchors are built once per (level, size, device)
+    assert net.rpn.anchors(0, 64, 96, torch.device("cpu")) is net.rpn.anchors(
+        0, 64, 96, torch.device("cpu"))
+
+
+def test_prepared_network_matches_detectron2s_arithmetic(d2_state):
+    """fast.prepare (batch norms folded, channels-last static part, as Model.network()
+    runs it on every device) gives the IUV of the unfolded network: boxes within
+    1e-3 px, I equal on >= 99.9 % of the pixels."""
+    fast = importlib.import_module(f"{PKG}.fast")
+    state = {k: torch.from_numpy(v) for k, v in d2_state.items()}
+    plain = M.build_network(state).eval()
+    prepared = M.build_network(state).eval()
+    assert fast.fold_batch_norms(prepared.backbone) == 53  # stem + 16 × 3 + 4 shortcuts
+    fast.prepare(prepared)
+    assert not any(isinstance(m, network.FrozenBatchNorm2d) for m in prepared.modules())
+    src = _frame(90, 120, seed=4)
+    bgr = torch.from_numpy(src[..., :3].transpose(2, 0, 1).copy()).flip(0) * 255
+    results = []
+    for net in (plain, prepared):
+        net.cfg.min_size, net.cfg.max_size = 160, 267
+        net.cfg.detections_per_image = 5
+        out = net(bgr, None, min_score=0.05)
+        results.append((out, network.paste_iuv(out, 90, 120)))
+    (a, (iuv_a, _)), (b, (iuv_b, _)) = results
+    assert a["boxes"].shape[0] == b["boxes"].shape[0] >= 3
+    assert (a["boxes"] - b["boxes"]).abs().max() < 1e-3
+    assert (a["scores"] - b["scores"]).abs().max() < 1e-5
+    assert (iuv_a[0] == iuv_b[0]).float().mean() >= 0.999
+    assert (iuv_a[0] > 0).any()
+
+
 # --- GPU -----------------------------------------------------------------------------------
 
 @pytest.mark.cuda
@@ -459,7 +613,9 @@ def test_cuda(pkl_path, half):
     r = m.infer({"src": src}, opts)
     torch.cuda.synchronize()
     print(f"\ndensepose 1080p on {torch.cuda.get_device_name()}, half={half}: "
-          f"{(time.perf_counter() - t) * 1000:.0f} ms, {len(r.data['detections'])} people")
+          f"{(time.perf_counter() - t) * 1000:.0f} ms, {len(r.data['detections'])} people, "
+          f"CUDA graphs: {m._graphs.error or 'captured'}")
+    assert M.DensePose.cuda_graphs and m._graphs.graphs and not m._graphs.error
     for name, layer in M.DensePose.outputs.items():
         assert r.outputs[name].shape == (1080, 1920, len(layer.channels))
         assert np.isfinite(r.outputs[name]).all()
@@ -493,3 +649,102 @@ def test_cuda(pkl_path, half):
             torch.backends.cudnn.allow_tf32 = saved
         assert_matches_d2(r, D2_REFERENCE["small"])
     m.unload()
+
+
+def _cuda_net(d2_state, sharp: bool = True):
+    """The network as Model.network() builds it on a GPU. `sharp`: class scores spread
+    over 0.04-0.9999 (the test checkpoint's are near-ties at about 0.88), so that rounding
+    cannot reorder detections."""
+    fast = importlib.import_module(f"{PKG}.fast")
+    state = {k: torch.from_numpy(v.copy()) for k, v in d2_state.items()}
+    if sharp:
+        state["roi_heads.box_predictor.cls_score.weight"] *= 4
+    net = fast.prepare(M.build_network(state).eval().cuda())
+    net.cfg.detections_per_image = 20
+    return fast, net
+
+
+def _bgr_cuda(h: int, w: int, seed: int):
+    src = _frame(h, w, seed)
+    return torch.from_numpy(src[..., :3].transpose(2, 0, 1).copy()).cuda().flip(0) * 255
+
+
+def _assert_same_detections(a, b, h: int, w: int, i_equal: float = 0.999) -> None:
+    """Boxes within 1e-3 px, scores within 1e-5, I equal on >= `i_equal` of the pixels."""
+    assert a["boxes"].shape == b["boxes"].shape and a["boxes"].shape[0] > 0
+    assert (a["boxes"] - b["boxes"]).abs().max().item() < 1e-3
+    assert (a["scores"] - b["scores"]).abs().max().item() < 1e-5
+    ia, ib = network.paste_iuv(a, h, w)[0][0], network.paste_iuv(b, h, w)[0][0]
+    same = (ia == ib).float().mean().item()
+    assert same >= i_equal, same
+    assert (ia > 0).any()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("half", [False, True])
+def test_cuda_graphs_match_eager(d2_state, half):
+    """The static part replayed from CUDA graphs gives the eager network's detections:
+    two frames of different content and the same size (one graph, replayed), a second
+    size (a second capture), then the first size again."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    fast, net = _cuda_net(d2_state)
+    graphs = fast.GraphCache()
+    dtype = torch.float16 if half else None
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    # the same kernels on both paths: no TF32, cuDNN's heuristics (as in a capture)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    try:
+        first = None
+        for h, w, seed in ((1080, 1920, 1), (1080, 1920, 2), (720, 1280, 3), (1080, 1920, 1)):
+            bgr = _bgr_cuda(h, w, seed)
+            eager = net(bgr, dtype, min_score=0.05)
+            replay = net(bgr, dtype, min_score=0.05, graphs=graphs)
+            assert graphs.error == "", graphs.error
+            print(f"\n{h}x{w} seed {seed} half={half}: {replay['boxes'].shape[0]} people")
+            if half:  # float16: the same kernels, but allow for rounding
+                assert eager["boxes"].shape == replay["boxes"].shape
+                ia = network.paste_iuv(eager, h, w)[0][0]
+                ib = network.paste_iuv(replay, h, w)[0][0]
+                assert (ia == ib).float().mean().item() >= 0.99
+            else:
+                _assert_same_detections(eager, replay, h, w)
+            if first is None:
+                first = (replay, {k: v.clone() for k, v in replay.items()})
+        # results are not the graph's buffers: later replays leave them alone
+        assert all(torch.equal(first[0][k], first[1][k]) for k in first[1])
+        assert len(graphs.graphs) == 2
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_failure_falls_back_to_eager(d2_state, monkeypatch):
+    """A static part that cannot be captured (here: a host sync) runs eagerly, with the
+    reason kept; the results are the eager network's."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    fast, net = _cuda_net(d2_state)
+    graphs = fast.GraphCache()
+    real = net.static_part
+
+    def syncing(image, autocast_dtype=None):
+        float(image.sum())  # a device → host copy: not allowed while capturing
+        return real(image, autocast_dtype)
+
+    monkeypatch.setattr(net, "static_part", syncing)
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        bgr = _bgr_cuda(540, 960, 1)
+        got = net(bgr, None, min_score=0.05, graphs=graphs)
+        print("\ncapture error (expected):", graphs.error)
+        assert graphs.error and not graphs.graphs
+        want = net(bgr, None, min_score=0.05)
+        _assert_same_detections(want, got, 540, 960, i_equal=1.0)
+        again = net(bgr, None, min_score=0.05, graphs=graphs)  # eager from now on
+        assert not graphs.graphs
+        _assert_same_detections(want, again, 540, 960, i_equal=1.0)
+    finally:
+        torch.backends.cudnn.benchmark = saved

@@ -100,14 +100,14 @@ class GraphCache:
             while len(self.graphs) > self.size:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
-        static_image, graph, out = entry
+        static_image, graph, out, _ = entry
         static_image.copy_(image)
         graph.replay()
         return out
 
     @staticmethod
-    def _capture(net: DensePoseRCNN, image: torch.Tensor,
-                 autocast_dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, Any, Static]:
+    def _capture(net: DensePoseRCNN, image: torch.Tensor, autocast_dtype: Optional[torch.dtype]
+                 ) -> Tuple[torch.Tensor, Any, Static, Tuple[torch.Tensor, ...]]:
         static_image = image.clone(memory_format=torch.contiguous_format)
         side = torch.cuda.Stream(image.device)
         side.wait_stream(torch.cuda.current_stream(image.device))
@@ -125,7 +125,10 @@ class GraphCache:
                 out = net.static_part(static_image, autocast_dtype)
         finally:
             torch.backends.cudnn.benchmark = benchmark
-        return static_image, graph, out
+        # the graph reads the RPN's cached anchors (made in the warm-up): they must live
+        # as long as the graph, whatever the cache drops
+        anchors = tuple(net.rpn._anchors.values())
+        return static_image, graph, out, anchors
 
     def clear(self) -> None:
         self.graphs.clear()
