@@ -297,6 +297,8 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
         net = m._network(variant, path)
         if m._graphs is not None and m._graphs.error:
             log(f"  (CUDA graphs not used: {m._graphs.error})")
+        if m._graphs is not None and m._graphs.autotune_error:
+            log(f"  (graphs captured with cuDNN heuristics: {m._graphs.autotune_error})")
         torch.backends.cudnn.allow_tf32 = False
         graphs = M.MaskRCNN.cuda_graphs
         M.MaskRCNN.cuda_graphs = False

@@ -158,6 +158,8 @@ def mask_rcnn(size: str, repeat: int, graphs: bool, tmp: str, profile_it: bool) 
                   f"(whole infer median {statistics.median(whole):.2f} ms)")
         if graphs and m._graphs is not None and m._graphs.error:
             print("    graphs error:", m._graphs.error, flush=True)
+        if graphs and m._graphs is not None and getattr(m._graphs, "autotune_error", ""):
+            print("    autotuned capture failed:", m._graphs.autotune_error, flush=True)
         if profile_it and not half:
             launches(lambda: m.infer({"src": src}, opts))
     m.unload()

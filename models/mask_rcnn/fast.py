@@ -158,6 +158,8 @@ def mask_probs(rh: Any, features: Dict[str, torch.Tensor], boxes: List[torch.Ten
     cuda = next(iter(features.values())).is_cuda
     pooled = (pool(rh.mask_roi_pool, features, boxes, image_shapes) if cuda
               else rh.mask_roi_pool(features, boxes, image_shapes))
+    if cuda:  # the mask head's convolutions are channels-last on a GPU (model.py)
+        pooled = pooled.contiguous(memory_format=torch.channels_last)
     mask_logits = rh.mask_predictor(rh.mask_head(pooled))
     labels_all = torch.cat(labels)
     return mask_logits[torch.arange(labels_all.shape[0], device=labels_all.device),
@@ -424,6 +426,7 @@ class GraphCache:
         self.capture = capture
         self.groups: OrderedDict[Any, Dict[str, Any]] = OrderedDict()
         self.error = ""
+        self.autotune_error = ""
 
     def clear(self) -> None:
         self.groups.clear()
@@ -514,33 +517,39 @@ class GraphCache:
 
     def _capture(self, fn: Any, fixed: Tuple[torch.Tensor, ...],
                  inputs: Tuple[torch.Tensor, ...]) -> Any:
+        """Capture with the kernels cuDNN's autotuner chose in the warm-up; if the
+        capture fails (a tuning cache miss would time kernels inside it), capture again
+        with cuDNN's heuristics; if that fails too, turn graphs off."""
         device = (inputs or fixed)[0].device
         static_in = tuple(t.clone() for t in inputs)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        # cuDNN's autotuner must not run inside a capture (its cache key includes the
-        # buffers' alignment, which differs in the graph's memory pool): heuristics here
-        benchmark = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = False
-        try:
-            with torch.cuda.stream(side):  # warm-up: lazy loading, plans
-                for _ in range(2):
-                    fn(*fixed, *static_in)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = fn(*fixed, *static_in)
-        except torch.cuda.OutOfMemoryError:
-            self.clear()  # the server's out-of-memory recovery takes it from here
-            raise
-        except Exception as exc:  # capture unsupported here: eager from now on
-            self.error = f"{type(exc).__name__}: {exc}"[:500]
-            self.clear()
-            torch.cuda.synchronize(device)
-            raise GraphCaptureFailed(self.error) from exc
-        finally:
-            torch.backends.cudnn.benchmark = benchmark
-        return [t.data_ptr() for t in fixed], static_in, graph, out
+        errors = []
+        for autotune in (torch.backends.cudnn.benchmark, False):
+            benchmark = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = autotune
+            try:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):  # warm-up: lazy loading, autotuning
+                    for _ in range(2):
+                        fn(*fixed, *static_in)
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    out = fn(*fixed, *static_in)
+                return [t.data_ptr() for t in fixed], static_in, graph, out
+            except torch.cuda.OutOfMemoryError:
+                self.clear()  # the server's out-of-memory recovery takes it from here
+                raise
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                self.autotune_error = errors[0]  # kept for the benchmarks to print
+                torch.cuda.synchronize(device)
+            finally:
+                torch.backends.cudnn.benchmark = benchmark
+        # capture unsupported here: eager from now on
+        self.error = " / ".join(errors)
+        self.clear()
+        raise GraphCaptureFailed(self.error)
 
 
 class GraphCaptureFailed(RuntimeError):

@@ -219,7 +219,8 @@ class MaskRCNN(Model):
             # friendly) backbone + FPN, and CUDA graphs of the static part of the pass
             with torch.no_grad():
                 fast.fold_batch_norms(net.backbone)
-            net.backbone.to(memory_format=torch.channels_last)
+            for part in (net.backbone, net.roi_heads.mask_head, net.roi_heads.mask_predictor):
+                part.to(memory_format=torch.channels_last)
             self._backbone_half = copy.deepcopy(net.backbone).half()
             if self.cuda_graphs:
                 self._graphs = fast.GraphCache()
