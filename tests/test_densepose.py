@@ -546,7 +546,8 @@ def _rpn_reference(rpn, feats, image_size, cfg):
 @pytest.mark.parametrize("poison", [False, True])
 def test_rpn_matches_detectron2s_order(d2_state, poison):
     """RPN.top_proposals + select_proposals (top-k before decoding, one mask for the
-    filters) give detectron2's proposals, also when some boxes are not finite."""
+    filters) give detectron2's proposals, also when some boxes are not finite; so does
+    level_nms + finish_level_nms (the GPU's path)."""
     net = M.build_network({k: torch.from_numpy(v) for k, v in d2_state.items()}).eval()
     cfg = network.Config(rpn_pre_nms_topk=300, rpn_post_nms_topk=200)
     g = torch.Generator().manual_seed(1)
@@ -561,6 +562,19 @@ def test_rpn_matches_detectron2s_order(d2_state, poison):
         static = net.rpn.top_proposals(feats, (250, 380), cfg)
     assert got.shape[0] > 50 and torch.equal(got, want)
     assert bool(static[3].all()) is not poison  # the mask did drop boxes when poisoned
+
+    # the GPU's NMS in the static part (fixed-point steps; more eagerly when needed)
+    # gives what torchvision's batched_nms gives on a GPU (its coordinate trick)
+    from torchvision.ops.boxes import _batched_nms_coordinate_trick
+
+    boxes, scores, levels, keep = static
+    kb, ks = boxes[keep], scores[keep]
+    want = kb[_batched_nms_coordinate_trick(kb, ks, levels[keep], cfg.rpn_nms_thresh)[:200]]
+    sizes = tuple(min(3 * f.shape[-2] * f.shape[-1], 300) for f in feats)
+    for steps in (0, network.NMS_STEPS):
+        nms = network.level_nms(*static, sizes, cfg.rpn_nms_thresh, steps)
+        assert bool(nms.converged) is (steps > 0)  # chains of a few steps: 0 is too few
+        assert torch.equal(network.finish_level_nms(boxes, scores, nms, cfg), want)
     # anchors are built once per (level, size, device)
     assert net.rpn.anchors(0, 64, 96, torch.device("cpu")) is net.rpn.anchors(
         0, 64, 96, torch.device("cpu"))
@@ -741,6 +755,7 @@ def test_cuda_graph_capture_failure_falls_back_to_eager(d2_state, monkeypatch):
         got = net(bgr, None, min_score=0.05, graphs=graphs)
         print("\ncapture error (expected):", graphs.error)
         assert graphs.error and not graphs.graphs
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()
         want = net(bgr, None, min_score=0.05)
         _assert_same_detections(want, got, 540, 960, i_equal=1.0)
         again = net(bgr, None, min_score=0.05, graphs=graphs)  # eager from now on

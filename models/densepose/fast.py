@@ -1,10 +1,10 @@
 """DensePose's speed work: frozen batch norms folded into the convolutions and
 channels-last weights (on every device), CUDA graphs of the network's static part.
 
-`DensePoseRCNN.static_part` (preprocessing, backbone + FPN, the RPN's per-level top-k,
-the DensePose decoder) has shapes that depend on the input's shape alone: captured
-once per input shape, a replay launches its few hundred kernels at once. The rest
-(NMS, the box and DensePose heads on the kept boxes) runs eagerly. Imported from
+`DensePoseRCNN.static_part` (preprocessing, backbone + FPN, the RPN's per-level top-k
+and, on a GPU, its NMS, the DensePose decoder) has shapes that depend on the input's
+shape alone: captured once per input shape, a replay launches its few hundred kernels
+at once. The rest (the box and DensePose heads on the kept boxes) runs eagerly. Imported from
 `Model.network()` only: this module imports torch.
 """
 
@@ -59,6 +59,7 @@ def prepare(net: DensePoseRCNN) -> DensePoseRCNN:
     for m in (net.backbone, net.rpn, net.densepose.decoder):
         m.to(memory_format=torch.channels_last)
     net.channels_last = True
+    net.graph_nms = net.pixel_mean.is_cuda
     return net
 
 
@@ -86,14 +87,17 @@ class GraphCache:
         cfg = net.cfg
         key = (tuple(image.shape), image.dtype, str(image.device), autocast_dtype,
                cfg.min_size, cfg.max_size, cfg.rpn_pre_nms_topk, cfg.rpn_min_size,
-               net.channels_last, _precision_key())
+               cfg.rpn_nms_thresh, net.channels_last, net.graph_nms, _precision_key())
         entry = self.graphs.get(key)
         if entry is None:
+            stream = torch.cuda.current_stream(image.device)
             try:
                 entry = self._capture(net, image, autocast_dtype)
             except Exception as exc:  # capture unsupported here: stay eager from now on
                 self.error = f"{type(exc).__name__}: {exc}"[:500]
                 self.graphs.clear()
+                # a failed capture_end leaves torch.cuda.graph's capture stream current
+                torch.cuda.set_stream(stream)
                 torch.cuda.synchronize(image.device)
                 return net.static_part(image, autocast_dtype)
             self.graphs[key] = entry

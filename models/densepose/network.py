@@ -304,6 +304,91 @@ def select_proposals(boxes: Tensor, score: Tensor, lvl: Tensor, keep: Tensor,
     return boxes[keep[: cfg.rpn_post_nms_topk]]
 
 
+NMS_STEPS = 12  # fixed-point steps of `level_nms` in the static part; more run eagerly
+
+
+class LevelNms(NamedTuple):
+    """`level_nms`'s result (graph buffers when replayed: read before the next replay)."""
+
+    order: Tensor        # (K,) kept boxes first, by decreasing score (stable), then the rest
+    count: Tensor        # () how many are kept
+    converged: Tensor    # () whether the fixed point was reached
+    state: Tuple[Tensor, Tensor, Tensor]  # per-level blocks (keep, suppression, valid)
+    sizes: Tuple[int, ...]                # boxes per level
+
+
+def _nms_step(keep: Tensor, sup: Tensor, valid: Tensor) -> Tensor:
+    # how many kept boxes suppress each box; only "none" matters, so rounding cannot
+    # change the answer (0/1 products)
+    hits = torch.matmul(keep.to(sup.dtype)[:, None, :], sup)[:, 0, :]
+    return valid & (hits == 0)
+
+
+def _kept_order(blocks: Tensor, sizes: Tuple[int, ...], score: Tensor) -> Tuple[Tensor, Tensor]:
+    kept = torch.cat([blocks[i, :n] for i, n in enumerate(sizes)])
+    masked = torch.where(kept, score, torch.full_like(score, -math.inf))
+    return torch.sort(masked, descending=True, stable=True).indices, kept.sum()
+
+
+def level_nms(boxes: Tensor, score: Tensor, lvl: Tensor, keep: Tensor, sizes: Tuple[int, ...],
+              thresh: float, steps: int = NMS_STEPS) -> LevelNms:
+    """`select_proposals`'s NMS without host syncs, in tensor operations of fixed shapes
+    (a CUDA graph can hold them): torchvision's batched_nms on the kept boxes as it runs
+    on a GPU (its coordinate trick: each level shifted by level * (largest coordinate
+    + 1); intersection over union in float32, suppressed when > thresh).
+
+    Each level's boxes come from a top-k: already in NMS order (decreasing score, ties by
+    position), and levels never suppress each other. Greedy NMS keeps a box when no kept
+    box before it in its level suppresses it: that recursion has one solution, the fixed
+    point of K <- valid & not(any_i K[i] & S[i, j]), reached from K = valid in as many
+    steps as the longest chain of suppressions (`steps` here, more eagerly if needed)."""
+    # torchvision: boxes.max() over the kept boxes (clipped, so >= 0: zeros elsewhere
+    # leave it as it is)
+    top = torch.where(keep[:, None], boxes, torch.zeros_like(boxes)).amax()
+    shifted = boxes + (lvl.to(boxes.dtype) * (top + 1))[:, None]
+    k = max(sizes)
+    blocks, valid_blocks, start = [], [], 0
+    for n in sizes:  # (L, k) blocks, padded with invalid boxes
+        blocks.append(F.pad(shifted[start:start + n], (0, 0, 0, k - n)))
+        valid_blocks.append(F.pad(keep[start:start + n].to(torch.uint8), (0, k - n)))
+        start += n
+    b = torch.stack(blocks)
+    valid = torch.stack(valid_blocks) > 0
+    p, q = b[:, :, None, :], b[:, None, :, :]
+    width = torch.minimum(p[..., 2], q[..., 2]) - torch.maximum(p[..., 0], q[..., 0])
+    height = torch.minimum(p[..., 3], q[..., 3]) - torch.maximum(p[..., 1], q[..., 1])
+    width, height = width.clamp(min=0), height.clamp(min=0)
+    inter = width * height
+    area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    iou = inter / (area[:, :, None] + area[:, None, :] - inter)
+    later = torch.ones((k, k), dtype=torch.bool, device=boxes.device).triu_(1)
+    sup = ((iou > thresh) & later).to(torch.float16 if boxes.is_cuda else torch.float32)
+    kept = valid
+    for _ in range(steps):
+        kept = _nms_step(kept, sup, valid)
+    converged = (_nms_step(kept, sup, valid) == kept).all()
+    order, count = _kept_order(kept, sizes, score)
+    return LevelNms(order, count, converged, (kept, sup, valid), tuple(sizes))
+
+
+def finish_level_nms(boxes: Tensor, score: Tensor, nms: LevelNms, cfg: Config) -> Tensor:
+    """The proposals after `level_nms`: one host sync (count and convergence), more
+    fixed-point steps eagerly when a chain of suppressions was longer than the graph's,
+    the `rpn_post_nms_topk` best."""
+    count, converged = torch.stack([nms.count, nms.converged.long()]).tolist()
+    order = nms.order
+    if not converged:
+        kept, sup, valid = nms.state
+        while True:
+            after = _nms_step(kept, sup, valid)
+            if bool((after == kept).all()):
+                break
+            kept = after
+        order, n = _kept_order(kept, nms.sizes, score)
+        count = int(n)
+    return boxes[order[: min(count, cfg.rpn_post_nms_topk)]]
+
+
 # --- ROI heads -----------------------------------------------------------------------------
 
 def box_levels(boxes: Tensor) -> Tensor:
@@ -484,6 +569,7 @@ class Static(NamedTuple):
     levels: Tensor
     keep: Tensor
     size: Tuple[int, int]  # the resized image's (h, w)
+    nms: Optional[LevelNms]  # the RPN's NMS, when in the static part (`graph_nms`)
 
 
 class DensePoseRCNN(nn.Module):
@@ -503,6 +589,9 @@ class DensePoseRCNN(nn.Module):
                              persistent=False)
         # channels-last input (set with the channels-last weights by fast.prepare)
         self.channels_last = False
+        # the RPN's NMS in the static part (`level_nms`; fast.prepare sets it on a GPU,
+        # where torchvision's nms scans its mask in one thread)
+        self.graph_nms = False
 
     def preprocess(self, image_bgr: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """(3, H, W) float BGR 0-255 → normalised, resized (detectron2's float path: bilinear,
@@ -534,8 +623,14 @@ class DensePoseRCNN(nn.Module):
                                          self.cfg)
             fpn = [feats[f"p{lv}"] for lv in FPN_LEVELS]
             decoded = self.densepose.decoder(fpn)
+        nms = None
+        if self.graph_nms:
+            sizes = tuple(min(len(ANCHOR_RATIOS) * f.shape[-2] * f.shape[-1],
+                              self.cfg.rpn_pre_nms_topk)
+                          for f in (feats[f"p{lv}"] for lv in RPN_LEVELS))
+            nms = level_nms(*rpn, sizes, self.cfg.rpn_nms_thresh)
         # roi_align makes its input contiguous: once here rather than on every call
-        return Static([f.contiguous() for f in fpn], decoded.contiguous(), *rpn, size)
+        return Static([f.contiguous() for f in fpn], decoded.contiguous(), *rpn, size, nms)
 
     @torch.no_grad()
     def forward(self, image_bgr: Tensor, autocast_dtype: Optional[torch.dtype] = None,
@@ -556,7 +651,10 @@ class DensePoseRCNN(nn.Module):
         size = st.size
         with torch.autocast(image_bgr.device.type, dtype=autocast_dtype or torch.float16,
                             enabled=autocast_dtype is not None):
-            proposals = select_proposals(st.boxes, st.scores, st.levels, st.keep, self.cfg)
+            if st.nms is not None:
+                proposals = finish_level_nms(st.boxes, st.scores, st.nms, self.cfg)
+            else:
+                proposals = select_proposals(st.boxes, st.scores, st.levels, st.keep, self.cfg)
             boxes, scores = self.box_head(st.fpn, proposals, size, self.cfg, min_score)
             if boxes.shape[0]:
                 dp = self.densepose.from_decoded(st.decoded, boxes)
