@@ -90,15 +90,14 @@ class GraphCache:
                cfg.rpn_nms_thresh, net.channels_last, net.graph_nms, _precision_key())
         entry = self.graphs.get(key)
         if entry is None:
-            stream = torch.cuda.current_stream(image.device)
             try:
                 entry = self._capture(net, image, autocast_dtype)
+            except torch.cuda.OutOfMemoryError:
+                self.graphs.clear()  # the server's out-of-memory recovery takes it from here
+                raise
             except Exception as exc:  # capture unsupported here: stay eager from now on
-                self.error = f"{type(exc).__name__}: {exc}"[:500]
+                self.error = str(exc)[:1000]
                 self.graphs.clear()
-                # a failed capture_end leaves torch.cuda.graph's capture stream current
-                torch.cuda.set_stream(stream)
-                torch.cuda.synchronize(image.device)
                 return net.static_part(image, autocast_dtype)
             self.graphs[key] = entry
             while len(self.graphs) > self.size:
@@ -112,27 +111,42 @@ class GraphCache:
     @staticmethod
     def _capture(net: DensePoseRCNN, image: torch.Tensor, autocast_dtype: Optional[torch.dtype]
                  ) -> Tuple[torch.Tensor, Any, Static, Tuple[torch.Tensor, ...]]:
+        """Capture with the kernels cuDNN's autotuner chose in the warm-up (when
+        cudnn.benchmark is on); if that fails (a tuning-cache miss would time kernels
+        inside the capture), again with cuDNN's heuristics. RuntimeError with both
+        reasons when neither works."""
+        device = image.device
         static_image = image.clone(memory_format=torch.contiguous_format)
-        side = torch.cuda.Stream(image.device)
-        side.wait_stream(torch.cuda.current_stream(image.device))
-        # cuDNN's autotuner must not run inside a capture (its cache key includes the
-        # buffers' alignment, which differs in the graph's memory pool): heuristics here
-        benchmark = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = False
-        try:
-            with torch.cuda.stream(side):  # warm-up: lazy loading, plans, the anchors
-                for _ in range(2):
-                    net.static_part(static_image, autocast_dtype)
-            torch.cuda.current_stream(image.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = net.static_part(static_image, autocast_dtype)
-        finally:
-            torch.backends.cudnn.benchmark = benchmark
-        # the graph reads the RPN's cached anchors (made in the warm-up): they must live
-        # as long as the graph, whatever the cache drops
-        anchors = tuple(net.rpn._anchors.values())
-        return static_image, graph, out, anchors
+        stream = torch.cuda.current_stream(device)
+        errors = []
+        for autotune in dict.fromkeys((torch.backends.cudnn.benchmark, False)):
+            benchmark = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = autotune
+            try:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(stream)
+                with torch.cuda.stream(side):  # warm-up: lazy loading, autotuning, anchors
+                    for _ in range(2):
+                        net.static_part(static_image, autocast_dtype)
+                stream.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    out = net.static_part(static_image, autocast_dtype)
+                # the graph reads the RPN's cached anchors (made in the warm-up): they
+                # must live as long as the graph, whatever the cache drops
+                return static_image, graph, out, tuple(net.rpn._anchors.values())
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.set_stream(stream)
+                raise
+            except Exception as exc:
+                errors.append(f"{'autotuned' if autotune else 'heuristics'}: "
+                              f"{type(exc).__name__}: {exc}"[:480])
+                # a failed capture_end leaves torch.cuda.graph's capture stream current
+                torch.cuda.set_stream(stream)
+                torch.cuda.synchronize(device)
+            finally:
+                torch.backends.cudnn.benchmark = benchmark
+        raise RuntimeError(" / ".join(errors))
 
     def clear(self) -> None:
         self.graphs.clear()

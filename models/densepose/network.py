@@ -311,7 +311,7 @@ class LevelNms(NamedTuple):
     """`level_nms`'s result (graph buffers when replayed: read before the next replay)."""
 
     order: Tensor        # (K,) kept boxes first, by decreasing score (stable), then the rest
-    count: Tensor        # () how many are kept
+    n_kept: Tensor       # () how many are kept
     converged: Tensor    # () whether the fixed point was reached
     state: Tuple[Tensor, Tensor, Tensor]  # per-level blocks (keep, suppression, valid)
     sizes: Tuple[int, ...]                # boxes per level
@@ -375,7 +375,7 @@ def finish_level_nms(boxes: Tensor, score: Tensor, nms: LevelNms, cfg: Config) -
     """The proposals after `level_nms`: one host sync (count and convergence), more
     fixed-point steps eagerly when a chain of suppressions was longer than the graph's,
     the `rpn_post_nms_topk` best."""
-    count, converged = torch.stack([nms.count, nms.converged.long()]).tolist()
+    count, converged = torch.stack([nms.n_kept, nms.converged.long()]).tolist()
     order = nms.order
     if not converged:
         kept, sup, valid = nms.state
