@@ -165,12 +165,14 @@ def mask_rcnn(size: str, repeat: int, graphs: bool, tmp: str, profile_it: bool) 
     m.unload()
 
 
-def densepose(size: str, repeat: int, people: int, tmp: str, profile_it: bool) -> None:
+def densepose(size: str, repeat: int, people: int, graphs: bool, tmp: str,
+              profile_it: bool) -> None:
     import torch
 
     M = load_model_module("densepose")
     network = importlib.import_module("_bench_models.densepose.network")
     render = importlib.import_module("_bench_models.densepose.render")
+    M.DensePose.cuda_graphs = graphs
     path = densepose_weights(tmp)
     h, w = SIZES[size]
     src = frame(h, w, seed=3)
@@ -179,14 +181,15 @@ def densepose(size: str, repeat: int, people: int, tmp: str, profile_it: bool) -
     opts = m.resolve_options({"weights": path, "threshold": 0.05, "max_instances": people,
                               "network_size": NETWORK_SIZE[size], "output_mode": "matte"})
     net = m.network(path)
-    net.cfg.detections_per_image = people
     m.infer({"src": src}, opts)
+    cache = m._graphs if graphs else None
     whole = []
     for _ in range(repeat):
         sync()
         t = time.perf_counter()
         m.infer({"src": src}, opts)
         whole.append((time.perf_counter() - t) * 1000)
+    cfg = net.cfg
     st = Stages()
     for _ in range(repeat + 2):
         st.start()
@@ -195,29 +198,30 @@ def densepose(size: str, repeat: int, people: int, tmp: str, profile_it: bool) -
         bgr = frame_t[..., :3].permute(2, 0, 1).contiguous().flip(0) * 255.0
         st.mark("upload")
         with torch.no_grad():
-            x, sz = net.preprocess(bgr)
-            st.mark("preprocess")
-            feats = net.backbone(x)
-            st.mark("backbone")
-            props = net.rpn([feats[f"p{lv}"] for lv in network.RPN_LEVELS], sz, net.cfg)
-            st.mark("rpn")
-            fpn = [feats[f"p{lv}"] for lv in network.FPN_LEVELS]
-            boxes, scores = net.box_head(fpn, props, sz, net.cfg)
+            # the stages of DensePoseRCNN.forward
+            s = (cache.run(net, bgr, None) if cache is not None
+                 else net.static_part(bgr, None))
+            st.mark("static part (graph)" if cache is not None else "static part (eager)")
+            if s.nms is not None:
+                props = network.finish_level_nms(s.boxes, s.scores, s.nms, cfg)
+            else:
+                props = network.select_proposals(s.boxes, s.scores, s.levels, s.keep, cfg)
+            st.mark("rpn nms finish")
+            boxes, scores = net.box_head(s.fpn, props, s.size, cfg, 0.05)
             st.mark("box_head")
-            dec = net.densepose.decoder(fpn)
-            st.mark("decoder")
-            pooled = network.multilevel_roi_align([dec], boxes, 28, 2)
-            dp = net.densepose.head(pooled)
+            dp = net.densepose.from_decoded(s.decoded, boxes)
             st.mark("dp_head")
-            out = net(bgr, None, min_score=0.05)
+            out = net(bgr, None, min_score=0.05, graphs=cache)
             st.mark("(whole net again)")
             network.paste_iuv(out, h, w)
             st.mark("paste_iuv")
             with torch.inference_mode():
                 render.result(src, out, opts, tuple(range(1, 25)), frame_t)
             st.mark("result (paste again + layers + download)")
-    st.report(f"densepose {size} {people} people matte fp32 (whole infer median "
-              f"{statistics.median(whole):.2f} ms; {int(out['boxes'].shape[0])} kept)")
+    st.report(f"densepose {size} {people} people matte fp32 graphs={graphs} (whole infer "
+              f"median {statistics.median(whole):.2f} ms; {int(out['boxes'].shape[0])} kept)")
+    if cache is not None and cache.error:
+        print("    graphs error:", cache.error, flush=True)
     if profile_it:
         launches(lambda: m.infer({"src": src}, opts))
     del dp
@@ -246,7 +250,8 @@ def main() -> None:
                     mask_rcnn(size, a.repeat, g, tmp, a.profile)
             if "densepose" in a.models:
                 for n in a.people:
-                    densepose(size, a.repeat, n, tmp, a.profile)
+                    for g in {"on": [True], "off": [False], "both": [False, True]}[a.graphs]:
+                        densepose(size, a.repeat, n, g and DEVICE == "cuda", tmp, a.profile)
 
 
 if __name__ == "__main__":
