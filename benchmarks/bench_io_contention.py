@@ -15,8 +15,9 @@ for an sRGB model with one RGBA output (Mask R-CNN's matte mode). Each stage is 
 The busy thread's own rate (loops/s) is reported alone and beside the I/O: how much the
 I/O slows the model. Two implementations of the colour and finiteness helpers run in the
 same process: `bands` (the 1 MB row bands on a thread pool used before, kept here as the
-baseline), `current` (dlserver.frames as it is) and `1thread` (the same without the
-colour thread pool); `--switch` tries GIL switch intervals.
+baseline), `current` (dlserver.frames as it is), `1thread` (the same without the colour
+thread pool) and `device` (a model with `converts_color`: no conversion in the server);
+`--switch` tries GIL switch intervals.
 Figures are printed, never asserted.
 """
 
@@ -58,6 +59,13 @@ class SrgbMatte(Model):
     uses_torch = False
     inputs = {"src": Layer(("R", "G", "B", "A"))}
     outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+
+
+class SrgbOnDevice(SrgbMatte):
+    """The same model converting colour on its device (Model.converts_color)."""
+
+    name = "bench_device"
+    converts_color = True
 
 
 # --- the baseline: the helpers as they were before this benchmark (1 MB row bands) ---------
@@ -119,17 +127,21 @@ IMPLS: Dict[str, Dict[str, Callable[..., Any]]] = {
     "bands": {"convert_color": bands_convert_color, "all_finite": bands_all_finite},
     "current": {"convert_color": frames.convert_color, "all_finite": frames.all_finite},
     "1thread": {"convert_color": frames.convert_color, "all_finite": frames.all_finite},
+    "device": {"convert_color": frames.convert_color, "all_finite": frames.all_finite},
 }
 COLOR_THREADS = frames.COLOR_THREADS
+MODEL = [SrgbMatte.name]  # the model the stages run for
 
 
 def use(impl: str) -> None:
     """Point the server's stages at one implementation of the helpers ("1thread": the
-    current one without the colour thread pool)."""
+    current one without the colour thread pool; "device": a model that converts colour
+    on its device, so the server converts nothing)."""
     fns = IMPLS[impl]
     inference.convert_color = fns["convert_color"]  # type: ignore[attr-defined]
     frames.all_finite = fns["all_finite"]  # type: ignore[assignment]
     frames.COLOR_THREADS = 1 if impl == "1thread" else COLOR_THREADS
+    MODEL[0] = SrgbOnDevice.name if impl == "device" else SrgbMatte.name
 
 
 # --- busy model threads --------------------------------------------------------------------
@@ -182,7 +194,8 @@ def busy_rate(kind: str, seconds: float) -> float:
 
 def make_session(folder: str) -> Any:
     registry = Registry([])
-    registry.entries[SrgbMatte.name] = Entry(SrgbMatte, "benchmark")
+    for cls in (SrgbMatte, SrgbOnDevice):
+        registry.entries[cls.name] = Entry(cls, "benchmark")
     server = SimpleNamespace(registry=registry, limits=Limits())
     return SimpleNamespace(server=server, shm=ShmCache(), exchange=ExchangeDir(folder))
 
@@ -197,7 +210,7 @@ def write_plate(path: str, h: int, w: int) -> None:
 
 def one_frame(session: Any, src: str, out: str) -> Tuple[float, float]:
     """The read stage and the write stage of one frame, as the server runs them."""
-    msg = Message({"type": "infer", "model": SrgbMatte.name,
+    msg = Message({"type": "infer", "model": MODEL[0],
                    "inputs": {"src": {"kind": "file", "format": "exr", "path": src}},
                    "output_exr": {"kind": "file", "path": out}}, [])
     t0 = time.perf_counter()

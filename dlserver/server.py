@@ -504,6 +504,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     level = args.log_level or ("WARNING" if args.stdio else "INFO")
     logging.basicConfig(stream=sys.stderr, level=level.upper(),
                         format="dlserver %(levelname)s: %(message)s")
+    set_switch_interval(os.environ.get("DLSERVER_SWITCH_INTERVAL_MS"))
     remote = not args.stdio and not args.unix
     if remote and not is_loopback(args.host) and not args.token and not args.insecure:
         print(f"dlserver: refusing to listen on {args.host} without a token: anyone who can "
@@ -552,6 +553,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.flush()
         os._exit(0)  # don't wait on a worker still inside a model: the client is gone
     return 0
+
+
+def set_switch_interval(ms: Optional[str]) -> None:
+    """The GIL switch interval: how long a thread that wants the GIL waits for one that
+    holds it in Python before forcing a switch. Python's 5 ms is kept by default: on
+    the 2-core development machine (benchmarks/bench_io_contention.py, docs/performance.md)
+    1 ms changed nothing for the I/O stages beside a torch-like model thread (whose ops
+    release the GIL anyway), and beside a pure-Python thread it shortened them by 10-15 %
+    but slowed that thread by 15-25 %. DLSERVER_SWITCH_INTERVAL_MS lets a GPU machine
+    try another value."""
+    if not ms:
+        return
+    try:
+        value = float(ms)
+    except ValueError:
+        value = 0.0
+    if not 0.01 <= value <= 100:
+        log.warning("DLSERVER_SWITCH_INTERVAL_MS=%r is not 0.01-100 (ms): ignored", ms)
+        return
+    sys.setswitchinterval(value / 1000)
 
 
 def cleanup(server: Server) -> None:

@@ -370,3 +370,21 @@ def test_allowed_dirs_are_read_and_written_by_reference_and_nothing_else(
         reply = client.infer_exr("identity", {"src": str(allowed / "a.exr")},
                                  str(allowed / "c.exr"))
         assert reply.buffers == [] and (allowed / "c.exr").exists()
+
+
+def test_switch_interval_from_the_environment_and_bad_values_ignored() -> None:
+    import sys
+
+    from dlserver.server import set_switch_interval
+
+    before = sys.getswitchinterval()
+    try:
+        set_switch_interval("1")
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+        for bad in ("fast", "0", "1e9", "nan"):
+            set_switch_interval(bad)
+            assert sys.getswitchinterval() == pytest.approx(0.001)
+        set_switch_interval(None)  # unset: left as it is
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+    finally:
+        sys.setswitchinterval(before)
