@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
@@ -160,6 +161,7 @@ class MaskRCNN(Model):
         self._categories: List[str] = []
         self._graphs: Any = None
         self._backbone_half: Any = None
+        self._streams: Any = None  # (upload stream, download stream, upload thread)
 
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
@@ -179,6 +181,9 @@ class MaskRCNN(Model):
         self._net = None
         self._net_key = None
         self._graphs = self._backbone_half = None
+        if self._streams is not None:
+            self._streams[2].shutdown()
+            self._streams = None
         if self.device.startswith("cuda"):
             import torch
 
@@ -295,7 +300,9 @@ class MaskRCNN(Model):
         return self.infer_batch([inputs], options)[0]
 
     def infer_batch(self, batch: List[Dict[str, Any]], options: Dict[str, Any]) -> List[Result]:
-        """Several frames (any sizes) in one forward pass; one Result per frame."""
+        """Several frames (any sizes), one Result per frame. On a GPU the frames overlap:
+        frame i+1 is uploaded and frame i-1's outputs come down while frame i is
+        computed, so a sequence costs about max(transfers, compute) per frame."""
         import numpy as np
         import torch
 
@@ -313,14 +320,64 @@ class MaskRCNN(Model):
         # more (the mask head's cost grows with the count).
         net.roi_heads.detections_per_img = o["max_instances"] if o["class_filter"] == ALL else 100
         srcs = [np.asarray(frame["src"], dtype=np.float32) for frame in batch]
-        # the whole RGBA frame goes up as it is (one copy, through pinned memory on a
-        # GPU); channels are picked on the device, not by a strided copy on the CPU
-        frames = [self._upload(s) for s in srcs]
-        images = [linear_to_srgb_torch(f.permute(2, 0, 1)[:3]).nan_to_num_(0.0, 1.0, 0.0)
-                  .clamp_(0.0, 1.0).contiguous() for f in frames]
-        dets = self._detect(net, images, o["half_precision"])
+        if self._cuda() and len(srcs) > 1:
+            return self._pipelined(net, srcs, o)
+        results = []
         with torch.inference_mode():
-            return [self._render(s, f, d, o) for s, f, d in zip(srcs, frames, dets)]
+            for src in srcs:
+                frame = self._upload(src)
+                det = self._detect(net, [self._network_image(frame)], o["half_precision"])[0]
+                results.append(self._render(src, frame, det, o))
+        return results
+
+    def _network_image(self, frame: Any) -> Any:
+        """The uploaded linear RGBA frame (H, W, 4) → the network's (3, H, W) sRGB 0-1."""
+        return (linear_to_srgb_torch(frame.permute(2, 0, 1)[:3]).nan_to_num_(0.0, 1.0, 0.0)
+                .clamp_(0.0, 1.0).contiguous())
+
+    def _pipelined(self, net: Any, srcs: List[Any], o: Dict[str, Any]) -> List[Result]:
+        """infer_batch on a GPU: uploads on one side stream (staged by a helper thread),
+        downloads on another, the network on the current stream, ordered by events."""
+        import torch
+
+        dev = torch.device(self.device)
+        compute = torch.cuda.current_stream(dev)
+        if self._streams is None:
+            self._streams = (torch.cuda.Stream(dev), torch.cuda.Stream(dev),
+                             ThreadPoolExecutor(1, thread_name_prefix="mask_rcnn-upload"))
+        up, down, uploader = self._streams
+
+        def stage(src: Any) -> Any:
+            with torch.cuda.stream(up):
+                frame = self._upload(src)
+                ready = torch.cuda.Event()
+                ready.record(up)
+            return frame, ready
+
+        futures = [uploader.submit(stage, src) for src in srcs]
+        pending = []
+        try:
+            with torch.inference_mode():
+                for src, future in zip(srcs, futures):
+                    frame, ready = future.result()
+                    compute.wait_event(ready)
+                    frame.record_stream(compute)
+                    det = self._detect(net, [self._network_image(frame)],
+                                       o["half_precision"])[0]
+                    layers, detections = self._compose(src.shape[:2], frame, det, o)
+                    done = torch.cuda.Event()
+                    done.record(compute)
+                    with torch.cuda.stream(down):
+                        down.wait_event(done)
+                        host = {name: _to_host(t) for name, t in layers.items()}
+                        for t in layers.values():
+                            t.record_stream(down)
+                    pending.append((host, detections, src.shape[:2]))
+            down.synchronize()  # every frame's host copies are done
+        finally:
+            for future in futures:  # no upload left running when this returns
+                future.exception()
+        return [self._result(host, dets, o, hw) for host, dets, hw in pending]
 
     def _upload(self, src: Any) -> Any:
         """(H, W, C) float32 array → tensor on the model's device."""
@@ -353,12 +410,22 @@ class MaskRCNN(Model):
     def _render(self, src: Any, frame: Any, det: Dict[str, Any], o: Dict[str, Any]) -> Result:
         """The output layers of one frame, composed on the model's device and brought to
         the host once (page-locked buffers on a GPU). `frame`: the input on the device."""
-        import numpy as np
+        import torch
+
+        layers, detections = self._compose(src.shape[:2], frame, det, o)
+        host = {name: _to_host(t) for name, t in layers.items()}
+        if frame.is_cuda:
+            torch.cuda.current_stream(frame.device).synchronize()  # the host copies are done
+        return self._result(host, detections, o, src.shape[:2])
+
+    def _compose(self, size: Tuple[int, int], frame: Any, det: Dict[str, Any],
+                 o: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+        """The output layers on the model's device, and the detections as data."""
         import torch
 
         from . import render
 
-        h, w = src.shape[:2]
+        h, w = size
         dev = frame.device
         idx = self._select(det, o)
         boxes, labels, scores = det["boxes"][idx], det["labels"][idx], det["scores"][idx]
@@ -386,28 +453,34 @@ class MaskRCNN(Model):
             changed = (drawn != srgb).any(-1, keepdim=True)
             rgba[..., :3] = torch.where(changed, srgb_to_linear_torch(drawn), frame[..., :3])
         rgba[..., 3] = union
-        host = {"rgba": _to_host(rgba)}
+        layers = {"rgba": rgba}
         if mode == "instances" and k:
             n = min(k, MAX_INSTANCE_LAYERS)
-            layers = torch.zeros((h, w, MAX_INSTANCE_LAYERS), device=dev)
-            layers[..., :n] = mattes[:n].permute(1, 2, 0)
-            host["instances"] = _to_host(layers)
+            inst = torch.zeros((h, w, MAX_INSTANCE_LAYERS), device=dev)
+            inst[..., :n] = mattes[:n].permute(1, 2, 0)
+            layers["instances"] = inst
             best_p, best = mattes.max(0)
             inside = best_p >= 0.5
             ids = torch.stack([best.float() + 1.0, labels[best].float(), scores[best]], -1)
-            host["instance_id"] = _to_host(ids * inside[..., None])
-        if dev.type == "cuda":
-            torch.cuda.current_stream(dev).synchronize()  # the host copies are done
+            layers["instance_id"] = ids * inside[..., None]
         box_list = boxes.cpu().numpy().astype(float).round(2).tolist()
-        outputs = {name: t.numpy() for name, t in host.items()}
-        if mode == "instances":  # other modes leave the optional layers out of the result
-            outputs.setdefault("instances", np.zeros((h, w, MAX_INSTANCE_LAYERS), np.float32))
-            outputs.setdefault("instance_id", np.zeros((h, w, 3), np.float32))
         detections = [
             {"id": i + 1, "class": name, "class_index": int(c), "score": round(float(s), 4),
              "box": b, "box_nuke": [b[0], round(h - b[3], 2), b[2], round(h - b[1], 2)]}
             for i, (name, c, s, b) in enumerate(zip(names, labels.tolist(), scores.tolist(),
                                                     box_list))]
+        return layers, detections
+
+    def _result(self, host: Dict[str, Any], detections: List[Dict[str, Any]],
+                o: Dict[str, Any], size: Tuple[int, int]) -> Result:
+        """The Result from the layers' finished host copies."""
+        import numpy as np
+
+        h, w = size
+        outputs = {name: t.numpy() for name, t in host.items()}
+        if o["output_mode"] == "instances":  # other modes leave the optional layers out
+            outputs.setdefault("instances", np.zeros((h, w, MAX_INSTANCE_LAYERS), np.float32))
+            outputs.setdefault("instance_id", np.zeros((h, w, 3), np.float32))
         # data keys become EXR attributes "dlserver/<key>" in files the CLI writes
         return Result(outputs, data={"detections": detections})
 
