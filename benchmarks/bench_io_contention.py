@@ -15,8 +15,9 @@ for an sRGB model with one RGBA output (Mask R-CNN's matte mode). Each stage is 
 The busy thread's own rate (loops/s) is reported alone and beside the I/O: how much the
 I/O slows the model. Two implementations of the colour and finiteness helpers run in the
 same process: `bands` (the 1 MB row bands on a thread pool used before, kept here as the
-baseline), `current` (dlserver.frames as it is), `1thread` (the same without the colour
-thread pool) and `device` (a model with `converts_color`: no conversion in the server);
+baseline), `current` (dlserver.frames as it is), `pool` and `1thread` (the same with
+and without the colour thread pool: `current` is one of them, by the core count) and
+`device` (a model with `converts_color`: no conversion in the server);
 `--switch` tries GIL switch intervals.
 Figures are printed, never asserted.
 """
@@ -126,21 +127,23 @@ def bands_all_finite(arr: np.ndarray) -> bool:
 IMPLS: Dict[str, Dict[str, Callable[..., Any]]] = {
     "bands": {"convert_color": bands_convert_color, "all_finite": bands_all_finite},
     "current": {"convert_color": frames.convert_color, "all_finite": frames.all_finite},
+    "pool": {"convert_color": frames.convert_color, "all_finite": frames.all_finite},
     "1thread": {"convert_color": frames.convert_color, "all_finite": frames.all_finite},
     "device": {"convert_color": frames.convert_color, "all_finite": frames.all_finite},
 }
-COLOR_THREADS = frames.COLOR_THREADS
+THREADS = {"current": frames.COLOR_THREADS, "pool": max(2, min(8, os.cpu_count() or 1)),
+           "1thread": 1}
 MODEL = [SrgbMatte.name]  # the model the stages run for
 
 
 def use(impl: str) -> None:
-    """Point the server's stages at one implementation of the helpers ("1thread": the
-    current one without the colour thread pool; "device": a model that converts colour
-    on its device, so the server converts nothing)."""
+    """Point the server's stages at one implementation of the helpers ("pool" and
+    "1thread": the current one with and without the colour thread pool; "device": a
+    model that converts colour on its device, so the server converts nothing)."""
     fns = IMPLS[impl]
     inference.convert_color = fns["convert_color"]  # type: ignore[attr-defined]
     frames.all_finite = fns["all_finite"]  # type: ignore[assignment]
-    frames.COLOR_THREADS = 1 if impl == "1thread" else COLOR_THREADS
+    frames.COLOR_THREADS = THREADS.get(impl, THREADS["current"])
     MODEL[0] = SrgbOnDevice.name if impl == "device" else SrgbMatte.name
 
 
@@ -255,7 +258,8 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=3, help="timed frames per round")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds; in each, every configuration runs once (load drifts)")
-    p.add_argument("--impl", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    p.add_argument("--impl", nargs="+", default=["bands", "pool", "1thread", "device"],
+                   choices=list(IMPLS))
     p.add_argument("--busy", nargs="+", default=list(BUSY), choices=list(BUSY))
     p.add_argument("--switch", nargs="+", type=float, default=[sys.getswitchinterval()],
                    metavar="SECONDS", help="GIL switch intervals to try (sys.setswitchinterval)")

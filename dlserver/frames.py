@@ -25,7 +25,10 @@ from .shm import SharedBlock
 # --- colour ----------------------------------------------------------------------------------
 
 _pool: Optional[ThreadPoolExecutor] = None
-COLOR_THREADS = min(8, os.cpu_count() or 1)
+# Threads one conversion uses. Not on 2 cores: there the server's I/O threads and the
+# model's thread already fill the cores, and beside a host-bound model thread the pool
+# made a frame's I/O 0-13 % faster but the model thread 25 % slower (bench_io_contention.py).
+COLOR_THREADS = min(8, os.cpu_count() or 1) if (os.cpu_count() or 1) >= 4 else 1
 
 
 def _threads() -> ThreadPoolExecutor:

@@ -66,7 +66,10 @@ def test_frames_keeps_the_old_import_path() -> None:
 @pytest.mark.parametrize("channels", [("R", "G", "B", "A"), ("A", "R", "G", "B"),
                                       ("R", "A", "B"), ("x.R", "x.G", "x.B")])
 @pytest.mark.parametrize("height", [1, 7, 300])
-def test_convert_color_converts_colour_channels_only(channels, height: int) -> None:
+@pytest.mark.parametrize("threads", [1, 3])
+def test_convert_color_converts_colour_channels_only(channels, height: int, threads: int,
+                                                     monkeypatch) -> None:
+    monkeypatch.setattr("dlserver.frames.COLOR_THREADS", threads)  # bands on 3 threads too
     rng = np.random.default_rng(height)
     pixels = rng.normal(0.2, 1.0, (height, 13, len(channels))).astype(np.float32)
     layer = Layer(channels)
