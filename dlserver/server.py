@@ -560,7 +560,7 @@ def set_switch_interval(ms: Optional[str]) -> None:
     holds it in Python before forcing a switch. Python's 5 ms is kept by default: on
     the 2-core development machine (benchmarks/bench_io_contention.py, docs/performance.md)
     1 ms changed nothing for the I/O stages beside a torch-like model thread (whose ops
-    release the GIL anyway), and beside a pure-Python thread it shortened them by 10-15 %
+    release the GIL anyway), and beside a pure-Python thread it shortened them by 13-24 %
     but slowed that thread by 15-25 %. DLSERVER_SWITCH_INTERVAL_MS lets a GPU machine
     try another value."""
     if not ms:
