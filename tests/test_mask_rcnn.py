@@ -280,7 +280,7 @@ def fixed():
            "masks": _blob()[None, None].repeat(3, 1, 1, 1)}
     net = types.SimpleNamespace(transform=types.SimpleNamespace(),
                                 roi_heads=types.SimpleNamespace())
-    m._network = lambda variant, weights: net
+    m._network = lambda variant, weights, half=False: net
     m._detect = lambda net, images, half: [{k: v.clone() for k, v in det.items()}
                                            for _ in images]
     return m

@@ -162,6 +162,7 @@ class MaskRCNN(Model):
         self._graphs: Any = None
         self._backbone_half: Any = None
         self._streams: Any = None  # (upload stream, download stream, upload thread)
+        self._warmed: set = set()  # precisions the current network was warmed up in
 
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
@@ -193,9 +194,10 @@ class MaskRCNN(Model):
     def options_by_name(cls) -> Dict[str, Any]:
         return {o.name: o for o in cls.options}
 
-    def _network(self, variant: str, weights_option: str) -> Any:
+    def _network(self, variant: str, weights_option: str, half: bool = False) -> Any:
         """The network for (variant, weights), built on first use and kept (one at a
-        time: switching variant frees the previous one)."""
+        time: switching variant frees the previous one), warmed up in the precision
+        asked for (`half`) on a GPU."""
         import torch
         import torchvision.models.detection as det
 
@@ -204,7 +206,7 @@ class MaskRCNN(Model):
         st = os.stat(path)
         key = (variant, str(path), st.st_size, st.st_mtime_ns, self.device)
         if self._net is not None and self._net_key == key:
-            return self._net
+            return self._warmed_up(self._net, half)
         self._net = self._net_key = self._graphs = None
         # weights=None, weights_backbone=None: never download from inside the builder.
         net = getattr(det, builder_name)(weights=None, weights_backbone=None)
@@ -231,17 +233,22 @@ class MaskRCNN(Model):
                 self._graphs = fast.GraphCache()
         self._net = net
         self._net_key = key
-        if self._cuda() and self.warm_up:
-            self._warm_up(net)
-        return self._net
+        self._warmed = set()
+        return self._warmed_up(net, half)
+
+    def _warmed_up(self, net: Any, half: bool) -> Any:
+        if self._cuda() and self.warm_up and half not in self._warmed:
+            self._warm_up(net, half)
+            self._warmed.add(half)
+        return net
 
     def _cuda(self) -> bool:
         return str(self.device).startswith("cuda")
 
-    def _warm_up(self, net: Any) -> None:
-        """One 1080p frame through the network (float32 and float16 backbones) when it is
-        built, so that cuDNN's autotuning and CUDA's lazy loading are not paid by the
-        first real frame (ten times slower otherwise)."""
+    def _warm_up(self, net: Any, half: bool) -> None:
+        """One 1080p frame through the network in the precision asked for, the first time
+        it is asked for, so that cuDNN's autotuning, CUDA's lazy loading and the graph
+        captures are not paid by the first real frame (ten times slower otherwise)."""
         import torch
 
         saved = (net.roi_heads.score_thresh, net.roi_heads.detections_per_img)
@@ -252,8 +259,7 @@ class MaskRCNN(Model):
         try:
             image = torch.rand((3, 1080, 1920), device=self.device,
                                generator=torch.Generator(self.device).manual_seed(0))
-            for half in (False, True):
-                self._detect(net, [image], half)
+            self._detect(net, [image], half)
             torch.cuda.synchronize(self.device)
         finally:
             net.roi_heads.score_thresh, net.roi_heads.detections_per_img = saved
@@ -309,7 +315,7 @@ class MaskRCNN(Model):
         o = self.resolve_options(options)
         if not self._categories:
             self.load(self.device)
-        net = self._network(o["variant"], o["weights"].strip())
+        net = self._network(o["variant"], o["weights"].strip(), o["half_precision"])
         size = o["network_size"]
         net.transform.min_size = (size,)
         net.transform.max_size = int(round(size * 1333 / 800))
