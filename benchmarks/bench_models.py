@@ -430,7 +430,8 @@ def bench_densepose(args: argparse.Namespace, size: str, tmp: str) -> None:
     dev = args.device
     h, w = SIZES[size]
     path = densepose_weights(tmp)
-    src = frame(h, w, seed=3)
+    src = srgb_to_linear(frame(h, w, seed=3))  # the model takes scene-linear frames
+    src.flags.writeable = False
     timer = Timer(dev, args.repeat)
     m = M.DensePose()
     m.load(dev)

@@ -26,6 +26,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
 from dlserver import weights as W  # noqa: E402
+from dlserver.color import srgb_to_linear  # noqa: E402
 from dlserver.model import Result  # noqa: E402
 from dlserver.registry import import_model_folder  # noqa: E402
 
@@ -188,8 +189,10 @@ def _frame(h: int = 61, w: int = 83, seed: int = 1) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def results(model, pkl_path):
-    """One inference per output mode on the same frame (the costly part, done once)."""
-    src = _frame()
+    """One inference per output mode on the same frame (the costly part, done once).
+    The model takes scene-linear frames (it converts colour itself): `src` is the
+    linear frame whose sRGB picture detectron2's reference run saw."""
+    src = srgb_to_linear(_frame())
     out = {}
     for mode in ("overlay", "iuv", "matte"):
         out[mode] = model.infer({"src": src}, {**FAST, "weights": str(pkl_path),
@@ -349,8 +352,9 @@ def test_modes_agree_and_matte_passes_rgb(results):
     assert np.array_equal(base["rgba"][..., :3], src[..., :3])
     iuv = base["iuv"]
     prev = res["iuv"].outputs["rgba"]
-    assert np.allclose(prev[..., 0], iuv[..., 0] / 24) and np.array_equal(prev[..., 1:3],
-                                                                          iuv[..., 1:3])
+    # the preview is an sRGB picture of I/24, U, V, returned scene-linear
+    assert np.allclose(prev[..., 0], srgb_to_linear(iuv[..., 0] / 24), atol=1e-6)
+    assert np.allclose(prev[..., 1:3], srgb_to_linear(iuv[..., 1:3]), atol=1e-6)
 
 
 def test_matte_parts_selects_parts(model, pkl_path, results):
@@ -362,7 +366,7 @@ def test_matte_parts_selects_parts(model, pkl_path, results):
 
 
 def test_overlay_alpha_zero_equals_input(model, pkl_path):
-    src = _frame()
+    src = srgb_to_linear(_frame())
     r = model.infer({"src": src}, {**FAST, "weights": str(pkl_path), "alpha": 0.0,
                                    "show_grid": True, "show_border": True})
     assert np.array_equal(r.outputs["rgba"][..., :3], src[..., :3])
@@ -401,7 +405,7 @@ def test_resized_shape_is_detectron2s():
 def test_full_network_size(model, pkl_path):
     """detectron2's own test size (800/1333) on an odd-sized frame (padding to a multiple
     of 32, boxes scaled back to the frame), against detectron2's recorded output."""
-    src = _frame(333, 517, seed=3)
+    src = srgb_to_linear(_frame(333, 517, seed=3))
     r = model.infer({"src": src}, {"weights": str(pkl_path), "threshold": 0.05,
                                    "max_instances": 2, "output_mode": "iuv"})
     assert r.outputs["iuv"].shape == (333, 517, 3)

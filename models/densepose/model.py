@@ -11,6 +11,7 @@ import os
 import warnings
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
+from dlserver.color import linear_to_srgb_torch
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
 from dlserver.weights import WeightsError, WeightsFile, load_state_dict, resolve
 
@@ -47,6 +48,7 @@ class DensePose(Model):
     label = "DensePose (dense human pose, IUV)"
     version = "1"
     colorspace = "srgb"  # trained on 8-bit sRGB photos (fed as BGR 0-255 inside)
+    converts_color = True  # on the model's device: the frame stays linear until uploaded
     help = (
         "Dense human pose with detectron2's DensePose R-CNN (R50-FPN s1x): for every "
         "pixel of each person found, the body part (I: 1-24, 0 = background) and the "
@@ -179,9 +181,9 @@ class DensePose(Model):
             frame = staging.to(self.device, non_blocking=True)
         else:
             frame = host.clone()
-        # RGB 0-1 (sRGB) → BGR 0-255, as detectron2's predictor feeds it
-        rgb = frame[..., :3].permute(2, 0, 1).contiguous()
-        bgr = rgb.nan_to_num(0.0, 1.0, 0.0).clamp_(0.0, 1.0).flip(0) * 255.0
+        # linear RGB → sRGB 0-1 → BGR 0-255, as detectron2's predictor feeds it
+        rgb = linear_to_srgb_torch(frame[..., :3].permute(2, 0, 1))
+        bgr = rgb.nan_to_num_(0.0, 1.0, 0.0).clamp_(0.0, 1.0).flip(0) * 255.0
         half = o["half_precision"] and cuda
         out = net(bgr, torch.float16 if half else None, min_score=o["threshold"],
                   graphs=self._graphs if self.cuda_graphs else None)

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import torch
 
+from dlserver.color import linear_to_srgb_torch, srgb_to_linear_torch
 from dlserver.model import Result
 
 from .network import NUM_PARTS, paste_iuv
@@ -41,7 +42,7 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 
 def result(src: np.ndarray, out: Dict[str, torch.Tensor], o: Dict[str, Any],
            matte_parts: Sequence[int], frame: torch.Tensor | None = None) -> Result:
-    """Build every output layer for one frame. `src`: HxWx4 float32 (sRGB 0-1);
+    """Build every output layer for one frame. `src`: HxWx4 float32 (scene-linear);
     `out`: the network's kept detections (sorted by score); `frame`: `src` on the
     network's device when it is already there. The layers are composed on that device
     and brought to the host once each."""
@@ -59,11 +60,16 @@ def result(src: np.ndarray, out: Dict[str, torch.Tensor], o: Dict[str, Any],
     rgba = torch.empty((h, w, 4), dtype=torch.float32, device=dev)
     mode = o["output_mode"]
     boxes_np = out["boxes"].cpu().numpy()
+    # `frame` is scene-linear (the model converts colour itself): the matte mode passes it
+    # through untouched; the drawing and the IUV preview are sRGB pictures, converted
     if mode == "overlay":
-        rgba[..., :3] = overlay_t(frame[..., :3], iuv, human_t, boxes_np, o)
+        srgb = linear_to_srgb_torch(frame[..., :3])
+        drawn = overlay_t(srgb, iuv, human_t, boxes_np, o)
+        changed = (drawn != srgb).any(-1, keepdim=True)  # untouched pixels stay exact
+        rgba[..., :3] = torch.where(changed, srgb_to_linear_torch(drawn), frame[..., :3])
     elif mode == "iuv":
-        rgba[..., 0] = iuv[..., 0] / NUM_PARTS
-        rgba[..., 1:3] = iuv[..., 1:3]
+        preview = torch.stack([iuv[..., 0] / NUM_PARTS, iuv[..., 1], iuv[..., 2]], -1)
+        rgba[..., :3] = srgb_to_linear_torch(preview)
     else:
         rgba[..., :3] = frame[..., :3]
     rgba[..., 3] = matte
