@@ -661,8 +661,8 @@ def test_cuda(pkl_path, half):
         saved = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = False
         try:
-            r = m.infer({"src": _frame()}, {**FAST, "weights": str(pkl_path),
-                                            "output_mode": "iuv"})
+            r = m.infer({"src": srgb_to_linear(_frame())}, {**FAST, "weights": str(pkl_path),
+                                                            "output_mode": "iuv"})
         finally:
             torch.backends.cudnn.allow_tf32 = saved
         assert_matches_d2(r, D2_REFERENCE["small"])
