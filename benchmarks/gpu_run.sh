@@ -55,8 +55,8 @@ else
     step bench_models 270 python3 benchmarks/bench_models.py --device cuda --profile \
         --json "$OUT/bench_models.json"
 fi
-[ "$QUICK" = io ] || step pytest_cuda 100 python3 -m pytest -m cuda tests/test_mask_rcnn.py tests/test_densepose.py \
+[ "$QUICK" = io ] || step pytest_cuda 160 python3 -m pytest -m cuda tests/test_mask_rcnn.py tests/test_densepose.py \
     -s -rs -p no:cacheprovider
-step bench_end_to_end 130 python3 benchmarks/bench_end_to_end.py --device cuda \
+step bench_end_to_end 200 python3 benchmarks/bench_end_to_end.py --device cuda --nuke \
     --json "$OUT/bench_end_to_end.json"
 step bench_transport 70 python3 benchmarks/bench_transport.py --repeat 10
