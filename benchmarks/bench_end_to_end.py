@@ -212,6 +212,8 @@ def main() -> None:
                    help="also through the Nuke plug-in's Process range (stand-in Nuke)")
     p.add_argument("--nuke-frames", type=int, default=10,
                    help="frames for --nuke (its stand-in's pure-Python EXR I/O is slow)")
+    p.add_argument("--pipeline", type=int, default=None,
+                   help="frames in flight for `dlserver infer` (default: the CLI's)")
     p.add_argument("--json")
     args = p.parse_args()
     h, w = SIZES[args.size]
@@ -248,12 +250,15 @@ def main() -> None:
 
         # baseline: the same sequence through the identity model (EXR I/O alone)
         base = run_cli(args, "identity", [], src, os.path.join(out_dir, "id.####.exr"), frames,
-                       ["--models-dir", TEST_MODELS])
+                       ["--models-dir", TEST_MODELS,
+                        *(["--pipeline", str(args.pipeline)] if args.pipeline else [])])
         shutil.rmtree(out_dir)
         os.makedirs(out_dir)
         log(f"identity (I/O only)  {frames} frames {args.size}: {base['fps_overall']:.1f} "
             f"frames/s overall, {base['fps_steady']:.1f} steady")
-        res = run_cli(args, args.model, sets, src, os.path.join(out_dir, "r.####.exr"), frames, [])
+        depth = ["--pipeline", str(args.pipeline)] if args.pipeline else []
+        res = run_cli(args, args.model, sets, src, os.path.join(out_dir, "r.####.exr"), frames,
+                      depth)
         shutil.rmtree(out_dir)
         os.makedirs(out_dir)
         log(f"{args.model:<20} {frames} frames {args.size}: {res['fps_overall']:.1f} frames/s "
