@@ -3,7 +3,8 @@
 # CUDA box): model benchmarks, the CUDA tests of the model authors, the end-to-end
 # sequence and the transport figures. Logs go to $OUT (default ./perf_out).
 #
-#   bash benchmarks/gpu_run.sh [quick|io]     (io: end to end and transport only)
+#   bash benchmarks/gpu_run.sh [quick|io|models]
+#       io: end to end and transport only; models: model benchmarks and CUDA tests only
 #
 # Needs torch/torchvision with CUDA, numpy, opencv, pytest; OpenEXR is installed from
 # wheels in .whl/ when it is missing (the device machine has no network: carry .whl).
@@ -57,6 +58,7 @@ else
 fi
 [ "$QUICK" = io ] || step pytest_cuda 160 python3 -m pytest -m cuda tests/test_mask_rcnn.py tests/test_densepose.py \
     -s -rs -p no:cacheprovider
+[ "$QUICK" = models ] && exit 0
 step bench_end_to_end 200 python3 benchmarks/bench_end_to_end.py --device cuda --nuke \
     --json "$OUT/bench_end_to_end.json"
 step bench_transport 70 python3 benchmarks/bench_transport.py --repeat 10
