@@ -56,7 +56,7 @@ else
     step bench_models 270 python3 benchmarks/bench_models.py --device cuda --profile \
         --json "$OUT/bench_models.json"
 fi
-[ "$QUICK" = io ] || step pytest_cuda 160 python3 -m pytest -m cuda tests/test_mask_rcnn.py tests/test_densepose.py \
+[ "$QUICK" = io ] || step pytest_cuda 160 python3 -m pytest -m cuda tests/test_mask_rcnn.py tests/test_densepose.py tests/test_gpu_io.py \
     -s -rs -p no:cacheprovider
 [ "$QUICK" = models ] && exit 0
 step bench_end_to_end 200 python3 benchmarks/bench_end_to_end.py --device cuda --nuke \

@@ -8,10 +8,10 @@ the network (network.py) and the drawing (render.py) are imported when used.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
 from dlserver.color import linear_to_srgb_torch
+from dlserver.gpu import upload
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
 from dlserver.weights import WeightsError, WeightsFile, load_state_dict, resolve
 
@@ -171,16 +171,8 @@ class DensePose(Model):
         src = np.asarray(inputs["src"], dtype=np.float32)
         # the whole RGBA frame goes up as it is (through page-locked memory on a GPU);
         # channels are picked on the device
-        with warnings.catch_warnings():  # read-only arrays: torch warns, nothing writes
-            warnings.simplefilter("ignore", UserWarning)
-            host = torch.from_numpy(np.ascontiguousarray(src))
         cuda = self.device.startswith("cuda")
-        if cuda:
-            staging = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-            staging.copy_(host)
-            frame = staging.to(self.device, non_blocking=True)
-        else:
-            frame = host.clone()
+        frame = upload(src, self.device)
         # linear RGB → sRGB 0-1 → BGR 0-255, as detectron2's predictor feeds it
         rgb = linear_to_srgb_torch(frame[..., :3].permute(2, 0, 1))
         bgr = rgb.nan_to_num_(0.0, 1.0, 0.0).clamp_(0.0, 1.0).flip(0) * 255.0

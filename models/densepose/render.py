@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from dlserver.color import linear_to_srgb_torch, srgb_to_linear_torch
+from dlserver.gpu import to_host
 from dlserver.model import Result
 
 from .network import NUM_PARTS, paste_iuv
@@ -28,16 +29,6 @@ _HUES = (np.arange(64) * 0.618033988749895 % 1.0 * 180).astype(np.uint8)
 HUMAN_COLOURS = cv2.cvtColor(np.stack([_HUES, np.full(64, 200, np.uint8),
                                        np.full(64, 255, np.uint8)], -1)[None],
                              cv2.COLOR_HSV2RGB)[0].astype(np.float32) / 255.0
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """Start copying a tensor to the host (page-locked memory from a GPU); read it after
-    a synchronisation."""
-    if not t.is_cuda:
-        return t.contiguous()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t, non_blocking=True)
-    return out
 
 
 def result(src: np.ndarray, out: Dict[str, torch.Tensor], o: Dict[str, Any],
@@ -73,8 +64,8 @@ def result(src: np.ndarray, out: Dict[str, torch.Tensor], o: Dict[str, Any],
     else:
         rgba[..., :3] = frame[..., :3]
     rgba[..., 3] = matte
-    host = {"rgba": _to_host(rgba), "iuv": _to_host(iuv), "parts": _to_host(matte[..., None]),
-            "human": _to_host(human_t[..., None].float())}
+    host = {"rgba": to_host(rgba), "iuv": to_host(iuv), "parts": to_host(matte[..., None]),
+            "human": to_host(human_t[..., None].float())}
     if dev.type == "cuda":
         torch.cuda.current_stream(dev).synchronize()
     outputs = {k: v.numpy() for k, v in host.items()}

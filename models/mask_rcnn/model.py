@@ -11,12 +11,12 @@ import contextlib
 import copy
 import importlib.util
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 from dlserver.color import linear_to_srgb_torch, srgb_to_linear_torch
+from dlserver.gpu import to_host, upload
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
 from dlserver.weights import WeightsError, WeightsFile, load_state_dict, resolve
 
@@ -375,7 +375,7 @@ class MaskRCNN(Model):
                     done.record(compute)
                     with torch.cuda.stream(down):
                         down.wait_event(done)
-                        host = {name: _to_host(t) for name, t in layers.items()}
+                        host = {name: to_host(t) for name, t in layers.items()}
                         for t in layers.values():
                             t.record_stream(down)
                     pending.append((host, detections, src.shape[:2]))
@@ -386,18 +386,8 @@ class MaskRCNN(Model):
         return [self._result(host, dets, o, hw) for host, dets, hw in pending]
 
     def _upload(self, src: Any) -> Any:
-        """(H, W, C) float32 array → tensor on the model's device."""
-        import numpy as np
-        import torch
-
-        with warnings.catch_warnings():  # read-only arrays: torch warns, nothing writes
-            warnings.simplefilter("ignore", UserWarning)
-            host = torch.from_numpy(np.ascontiguousarray(src))
-        if not self._cuda():
-            return host.clone()
-        staging = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-        staging.copy_(host)  # multi-threaded copy into page-locked memory
-        return staging.to(self.device, non_blocking=True)
+        """(H, W, C) float32 array → tensor on the model's device (current stream)."""
+        return upload(src, self.device)
 
     def _select(self, det: Dict[str, Any], o: Dict[str, Any]) -> Any:
         """Indices of the kept detections, by decreasing score."""
@@ -419,7 +409,7 @@ class MaskRCNN(Model):
         import torch
 
         layers, detections = self._compose(src.shape[:2], frame, det, o)
-        host = {name: _to_host(t) for name, t in layers.items()}
+        host = {name: to_host(t) for name, t in layers.items()}
         if frame.is_cuda:
             torch.cuda.current_stream(frame.device).synchronize()  # the host copies are done
         return self._result(host, detections, o, src.shape[:2])
@@ -529,16 +519,3 @@ class MaskRCNN(Model):
                 o["show_class_names"], o["box_thickness"], o["font_scale"])
             out = render.composite_boxes_and_names(out, green, text)
         return out
-
-
-def _to_host(t: Any) -> Any:
-    """A device tensor's copy on the host, started now: page-locked (pinned) memory for
-    CUDA tensors, so the copy runs at the bus's speed. Read it after a synchronising
-    call (e.g. `.cpu()` of another tensor on the same stream)."""
-    import torch
-
-    if not t.is_cuda:
-        return t.contiguous()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t, non_blocking=True)
-    return out
