@@ -129,3 +129,16 @@ def test_finiteness_of_integers_and_of_casts_that_overflow() -> None:
     assert all_finite(np.zeros((0, 4, 4), np.float32))
     dst = np.empty((1, 2, 1), np.float16)
     assert not copy_finite(dst, np.array([[[1.0], [1e6]]], np.float32)), "1e6 -> inf in float16"
+
+
+@pytest.mark.parametrize("where", [(0, 0, 0), (700, 5, 2), (1079, 1919, 3)])
+def test_copy_finite_in_bands(where, monkeypatch) -> None:
+    """Large frames are copied and checked in one band per colour thread (4+ cores):
+    every band's copy lands and a bad value in any band is found."""
+    monkeypatch.setattr("dlserver.frames.COLOR_THREADS", 3)
+    src = np.random.default_rng(1).random((1080, 1920, 4), dtype=np.float32)
+    dst = np.empty_like(src)
+    assert copy_finite(dst, src) and np.array_equal(dst, src)
+    src[where] = np.nan
+    assert not copy_finite(dst, src)
+    assert np.array_equal(dst, src, equal_nan=True)
