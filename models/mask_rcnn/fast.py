@@ -108,18 +108,20 @@ def pool(pooler: Any, features: Dict[str, torch.Tensor], boxes: List[torch.Tenso
 
 
 def box_candidates(rh: Any, features: Dict[str, torch.Tensor], proposals: List[torch.Tensor],
-                   image_shapes: List[Tuple[int, int]]
+                   image_shapes: List[Tuple[int, int]], pooled: torch.Tensor | None = None
                    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor],
                               List[torch.Tensor]]:
     """The box branch of `RoIHeads` up to its score threshold, for every proposal and
-    class (torchvision's code, in its order): pooling, box head, class softmax, box
-    decoding and clipping. Per image: boxes (P*C, 4), scores, labels, and `ok`, True
-    where the box is at least 1e-2 wide and high (`remove_small_boxes`). The shapes
-    depend only on the inputs' shapes: a CUDA graph can replay it."""
-    cuda = next(iter(features.values())).is_cuda
-    # on a GPU, pooling every box on every level costs less than four host syncs
-    pooled = (pool(rh.box_roi_pool, features, proposals, image_shapes) if cuda
-              else rh.box_roi_pool(features, proposals, image_shapes))
+    class (torchvision's code, in its order): pooling (unless `pooled` is given), box
+    head, class softmax, box decoding and clipping. Per image: boxes (P*C, 4), scores,
+    labels, and `ok`, True where the box is at least 1e-2 wide and high
+    (`remove_small_boxes`). The shapes depend only on the inputs' shapes: a CUDA graph
+    can replay it."""
+    if pooled is None:
+        cuda = next(iter(features.values())).is_cuda
+        # on a GPU, pooling every box on every level costs less than four host syncs
+        pooled = (pool(rh.box_roi_pool, features, proposals, image_shapes) if cuda
+                  else rh.box_roi_pool(features, proposals, image_shapes))
     class_logits, box_regression = rh.box_predictor(rh.box_head(pooled))
     device = class_logits.device
     num_classes = class_logits.shape[-1]
@@ -409,6 +411,43 @@ def rpn_top(clipped: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor, cou
     return boxes * real[..., None], real
 
 
+def level_order(pooler: Any, features: Dict[str, torch.Tensor], boxes: List[torch.Tensor],
+                image_shapes: List[Tuple[int, int]]
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For pooling each box on its own FPN level only: the boxes as rois (image index,
+    x0, y0, x1, y1) sorted by level, that order, and the count per level. No host sync
+    (graph-safe); reading the counts is the one sync `pool_sorted` needs."""
+    from torchvision.ops import poolers
+
+    x = [features[k] for k in pooler.featmap_names]
+    if pooler.scales is None or pooler.map_levels is None:
+        pooler.scales, pooler.map_levels = poolers._setup_scales(
+            x, image_shapes, pooler.canonical_scale, pooler.canonical_level)
+    rois = poolers._convert_to_roi_format(boxes)
+    levels = pooler.map_levels(boxes)
+    order = torch.argsort(levels, stable=True)
+    return rois[order], order, torch.bincount(levels, minlength=len(x))
+
+
+def pool_sorted(pooler: Any, features: Dict[str, torch.Tensor], rois: torch.Tensor,
+                order: torch.Tensor, counts: List[int], out: torch.Tensor) -> torch.Tensor:
+    """`MultiScaleRoIAlign.forward` from `level_order`'s sorted rois: one roi_align per
+    level over that level's boxes only (a quarter of the work of pooling every box on
+    every level), written into `out` in the boxes' original order."""
+    from torchvision.ops import roi_align
+
+    x = [features[k] for k in pooler.featmap_names]
+    pooled = torch.empty_like(out)
+    start = 0
+    for feature, scale, count in zip(x, pooler.scales, counts):
+        if count:
+            pooled[start:start + count] = roi_align(
+                feature, rois[start:start + count], output_size=pooler.output_size,
+                spatial_scale=scale, sampling_ratio=pooler.sampling_ratio)
+        start += count
+    return out.index_copy_(0, order, pooled)
+
+
 class GraphCache:
     """CUDA graphs of the parts of a pass whose shapes depend only on the input's shape:
     the static part (backbone to per-level top-k), the box branch over proposals padded
@@ -445,33 +484,48 @@ class GraphCache:
         rh = net.roi_heads
         count = net.rpn.post_nms_top_n()
 
+        box_pool = rh.box_roi_pool
+
         def static_fn(t: torch.Tensor) -> Any:
             features, proposals, scores, levels = static_part(net, t, n, half, backbone_half)
             clipped, for_nms = rpn_prepare(net.rpn, proposals, scores, levels, image_sizes)
             keep, converged, state = level_nms(for_nms, level_sizes(net.rpn, features),
                                                net.rpn.nms_thresh)
             padded, real = rpn_top(clipped, scores, keep, count)
-            return features, padded, real, converged, (clipped, scores, state)
+            rois, order, per_level = level_order(box_pool, features, list(padded.unbind(0)),
+                                                 image_sizes)
+            status = torch.cat([per_level, converged.all().view(1).long()])
+            return features, padded, real, rois, order, status, (clipped, scores, state)
 
-        features, padded, real, converged, rest = self._run(group, "static", static_fn, (),
-                                                            (x,))
+        features, padded, real, rois, order, status, rest = self._run(
+            group, "static", static_fn, (), (x,))
         names = list(features)
         feats = tuple(features.values())
-
-        def boxes_fn(*t: torch.Tensor) -> Any:
-            fmap = OrderedDict(zip(names, t[:-2]))
-            b, s, lab, ok = box_candidates(rh, fmap, list(t[-2].unbind(0)), image_sizes)
-            # candidates of padding proposals are never selected
-            real_c = t[-1].repeat_interleave(s[0].shape[0] // t[-1].shape[1], dim=1)
-            return torch.stack(b), torch.stack(s), torch.stack(lab), torch.stack(ok) & real_c
-
-        cand = self._run(group, "boxes", boxes_fn, (*feats, padded, real), ())
-        if not bool(converged.all()):  # a long chain of suppressions: finish NMS eagerly
+        # the one sync between the graphs: per-level counts (and whether NMS converged)
+        *per_level, converged = status.tolist()
+        if not converged:  # a long chain of suppressions: finish NMS eagerly
             clipped, scores, state = rest
             top = rpn_top(clipped, scores, nms_continue(state), count)
             padded.copy_(top[0])
             real.copy_(top[1])
-            cand = self._run(group, "boxes", boxes_fn, (*feats, padded, real), ())
+            sorted_rois, new_order, counts = level_order(box_pool, features,
+                                                         list(padded.unbind(0)), image_sizes)
+            rois, order, per_level = sorted_rois, new_order, counts.tolist()
+        if "pooled" not in group:
+            out_size = box_pool.output_size
+            group["pooled"] = torch.empty((n * count, feats[0].shape[1], *out_size),
+                                          device=x.device)
+        pooled = pool_sorted(box_pool, features, rois, order, per_level, group["pooled"])
+
+        def boxes_fn(*t: torch.Tensor) -> Any:
+            fmap = OrderedDict(zip(names, t[:-3]))
+            b, s, lab, ok = box_candidates(rh, fmap, list(t[-2].unbind(0)), image_sizes,
+                                           pooled=t[-3])
+            # candidates of padding proposals are never selected
+            real_c = t[-1].repeat_interleave(s[0].shape[0] // t[-1].shape[1], dim=1)
+            return torch.stack(b), torch.stack(s), torch.stack(lab), torch.stack(ok) & real_c
+
+        cand = self._run(group, "boxes", boxes_fn, (*feats, pooled, padded, real), ())
         result = []
         for i in range(n):
             b, s, lab = select_detections(rh, cand[0][i], cand[1][i], cand[2][i], cand[3][i])
