@@ -426,7 +426,9 @@ def level_order(pooler: Any, features: Dict[str, torch.Tensor], boxes: List[torc
     rois = poolers._convert_to_roi_format(boxes)
     levels = pooler.map_levels(boxes)
     order = torch.argsort(levels, stable=True)
-    return rois[order], order, torch.bincount(levels, minlength=len(x))
+    # counted by comparison, not torch.bincount (which reads its maximum on the host)
+    counts = (levels[None, :] == torch.arange(len(x), device=levels.device)[:, None]).sum(1)
+    return rois[order], order, counts
 
 
 def pool_sorted(pooler: Any, features: Dict[str, torch.Tensor], rois: torch.Tensor,
