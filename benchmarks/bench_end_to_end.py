@@ -61,20 +61,28 @@ def server_start_to_model_list(device: str, repeat: int) -> Dict[str, Any]:
             "torch_imported": torch_imported}
 
 
-def write_sequence(folder: str, h: int, w: int, frames: int) -> str:
+def write_sequence(folder: str, h: int, w: int, frames: int, distinct: bool = False,
+                   name: str = "in") -> str:
+    """An RGBA float32 uncompressed EXR sequence: one random plate linked as every frame,
+    or (`distinct`) a different plate per frame, for a reader that caches by content
+    (the Nuke plug-in's cache key is a hash of the input pixels)."""
     import OpenEXR
 
     rng = np.random.default_rng(0)
-    rgba = rng.random((h, w, 4), dtype=np.float32)
-    rgba[..., 3] = 1.0
-    first = os.path.join(folder, "plate.exr")
-    channels = {c: np.ascontiguousarray(rgba[..., i]) for i, c in enumerate("RGBA")}
-    with OpenEXR.File({"compression": OpenEXR.NO_COMPRESSION,
-                       "type": OpenEXR.scanlineimage}, channels) as exr:
-        exr.write(first)
+    first = ""
     for f in range(1, frames + 1):
-        os.link(first, os.path.join(folder, f"in.{f:04d}.exr"))
-    return os.path.join(folder, "in.####.exr")
+        path = os.path.join(folder, f"{name}.{f:04d}.exr")
+        if first and not distinct:
+            os.link(first, path)
+            continue
+        rgba = rng.random((h, w, 4), dtype=np.float32)
+        rgba[..., 3] = 1.0
+        channels = {c: np.ascontiguousarray(rgba[..., i]) for i, c in enumerate("RGBA")}
+        with OpenEXR.File({"compression": OpenEXR.NO_COMPRESSION,
+                           "type": OpenEXR.scanlineimage}, channels) as exr:
+            exr.write(path)
+        first = first or path
+    return os.path.join(folder, f"{name}.####.exr")
 
 
 def run_cli(args: argparse.Namespace, model: str, sets: List[str], src: str, out: str,
@@ -278,6 +286,8 @@ def main() -> None:
             f"{k[:-2]} {v * 1000:.1f}" for k, v in parts.items()))
         if args.nuke:
             n = min(frames, args.nuke_frames)
+            # distinct frames: the plug-in caches results by a hash of the input pixels
+            src = write_sequence(work, h, w, n, distinct=True, name="distinct")
             results["nuke"] = {}
             for name, model_opts, dirs in (("identity", {}, [TEST_MODELS]),
                                            (args.model, opts, [])):
