@@ -40,6 +40,19 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def call_ms(fn: Callable[[], Any], repeat: int) -> List[float]:
+    """ms of `repeat` calls of fn, after one untimed call (warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
 class Stages:
     def __init__(self) -> None:
         self.times: Dict[str, List[float]] = defaultdict(list)
@@ -104,13 +117,7 @@ def mask_rcnn(size: str, repeat: int, graphs: bool, tmp: str, profile_it: bool) 
         m._graphs = fast.GraphCache(capture=False)
     for half in (False, True):
         opts["half_precision"] = half
-        m.infer({"src": src}, opts)
-        whole = []
-        for _ in range(repeat):
-            sync()
-            t = time.perf_counter()
-            m.infer({"src": src}, opts)
-            whole.append((time.perf_counter() - t) * 1000)
+        whole = call_ms(lambda: m.infer({"src": src}, opts), repeat)
         net = m._net
         st = Stages()
         for _ in range(repeat + 2):
@@ -181,14 +188,8 @@ def densepose(size: str, repeat: int, people: int, graphs: bool, tmp: str,
     opts = m.resolve_options({"weights": path, "threshold": 0.05, "max_instances": people,
                               "network_size": NETWORK_SIZE[size], "output_mode": "matte"})
     net = m.network(path)
-    m.infer({"src": src}, opts)
+    whole = call_ms(lambda: m.infer({"src": src}, opts), repeat)
     cache = m._graphs if graphs else None
-    whole = []
-    for _ in range(repeat):
-        sync()
-        t = time.perf_counter()
-        m.infer({"src": src}, opts)
-        whole.append((time.perf_counter() - t) * 1000)
     cfg = net.cfg
     st = Stages()
     for _ in range(repeat + 2):
