@@ -47,3 +47,25 @@ def test_cuda_upload_in_chunks_and_back(shape, monkeypatch):
     host = gpu.to_host(t * 2.0)
     torch.cuda.current_stream().synchronize()
     assert np.array_equal(host.numpy(), src * 2.0)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_replays_and_failure_keeps_the_stream():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    from dlserver import cuda_graphs
+
+    x = torch.ones(1000, device="cuda")
+    graph, out, why = cuda_graphs.capture(lambda: (x * 2).sum(), x.device)
+    x.fill_(3.0)
+    graph.replay()
+    assert float(out) == 6000.0 and why == ""
+
+    def syncs() -> torch.Tensor:
+        return x * float(x.sum())  # a device-to-host copy: not allowed in a capture
+
+    before = torch.cuda.current_stream()
+    with pytest.raises(cuda_graphs.CaptureFailed) as err:
+        cuda_graphs.capture(syncs, x.device)
+    assert "heuristics" in str(err.value)
+    assert torch.cuda.current_stream() == before

@@ -16,6 +16,8 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 
+from dlserver import cuda_graphs
+
 from .network import DensePoseRCNN, FrozenBatchNorm2d, Static
 
 
@@ -111,42 +113,14 @@ class GraphCache:
     @staticmethod
     def _capture(net: DensePoseRCNN, image: torch.Tensor, autocast_dtype: Optional[torch.dtype]
                  ) -> Tuple[torch.Tensor, Any, Static, Tuple[torch.Tensor, ...]]:
-        """Capture with the kernels cuDNN's autotuner chose in the warm-up (when
-        cudnn.benchmark is on); if that fails (a tuning-cache miss would time kernels
-        inside the capture), again with cuDNN's heuristics. RuntimeError with both
-        reasons when neither works."""
-        device = image.device
+        """dlserver.cuda_graphs.capture of the static part (autotuned kernels, else
+        cuDNN's heuristics); CaptureFailed with both reasons when neither works."""
         static_image = image.clone(memory_format=torch.contiguous_format)
-        stream = torch.cuda.current_stream(device)
-        errors = []
-        for autotune in dict.fromkeys((torch.backends.cudnn.benchmark, False)):
-            benchmark = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = autotune
-            try:
-                side = torch.cuda.Stream(device)
-                side.wait_stream(stream)
-                with torch.cuda.stream(side):  # warm-up: lazy loading, autotuning, anchors
-                    for _ in range(2):
-                        net.static_part(static_image, autocast_dtype)
-                stream.wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    out = net.static_part(static_image, autocast_dtype)
-                # the graph reads the RPN's cached anchors (made in the warm-up): they
-                # must live as long as the graph, whatever the cache drops
-                return static_image, graph, out, tuple(net.rpn._anchors.values())
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.set_stream(stream)
-                raise
-            except Exception as exc:
-                errors.append(f"{'autotuned' if autotune else 'heuristics'}: "
-                              f"{type(exc).__name__}: {exc}"[:480])
-                # a failed capture_end leaves torch.cuda.graph's capture stream current
-                torch.cuda.set_stream(stream)
-                torch.cuda.synchronize(device)
-            finally:
-                torch.backends.cudnn.benchmark = benchmark
-        raise RuntimeError(" / ".join(errors))
+        graph, out, _ = cuda_graphs.capture(
+            lambda: net.static_part(static_image, autocast_dtype), image.device)
+        # the graph reads the RPN's cached anchors (made in the warm-up): they must live
+        # as long as the graph, whatever the cache drops
+        return static_image, graph, out, tuple(net.rpn._anchors.values())
 
     def clear(self) -> None:
         self.graphs.clear()

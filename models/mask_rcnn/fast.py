@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import boxes as box_ops
 
+from dlserver import cuda_graphs
+
 MAX_PREFIX = 4096  # a T x T suppression matrix: 16 M entries at most
 
 
@@ -573,39 +575,18 @@ class GraphCache:
 
     def _capture(self, fn: Any, fixed: Tuple[torch.Tensor, ...],
                  inputs: Tuple[torch.Tensor, ...]) -> Any:
-        """Capture with the kernels cuDNN's autotuner chose in the warm-up; if the
-        capture fails (a tuning cache miss would time kernels inside it), capture again
-        with cuDNN's heuristics; if that fails too, turn graphs off."""
-        device = (inputs or fixed)[0].device
         static_in = tuple(t.clone() for t in inputs)
-        errors = []
-        for autotune in (torch.backends.cudnn.benchmark, False):
-            benchmark = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = autotune
-            try:
-                side = torch.cuda.Stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):  # warm-up: lazy loading, autotuning
-                    for _ in range(2):
-                        fn(*fixed, *static_in)
-                torch.cuda.current_stream(device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    out = fn(*fixed, *static_in)
-                return [t.data_ptr() for t in fixed], static_in, graph, out
-            except torch.cuda.OutOfMemoryError:
-                self.clear()  # the server's out-of-memory recovery takes it from here
-                raise
-            except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}"[:300])
-                self.autotune_error = errors[0]  # kept for the benchmarks to print
-                torch.cuda.synchronize(device)
-            finally:
-                torch.backends.cudnn.benchmark = benchmark
-        # capture unsupported here: eager from now on
-        self.error = " / ".join(errors)
-        self.clear()
-        raise GraphCaptureFailed(self.error)
+        try:
+            graph, out, self.autotune_error = cuda_graphs.capture(
+                lambda: fn(*fixed, *static_in), (inputs or fixed)[0].device)
+        except torch.cuda.OutOfMemoryError:
+            self.clear()  # the server's out-of-memory recovery takes it from here
+            raise
+        except cuda_graphs.CaptureFailed as exc:  # unsupported here: eager from now on
+            self.error = str(exc)
+            self.clear()
+            raise GraphCaptureFailed(self.error) from exc
+        return [t.data_ptr() for t in fixed], static_in, graph, out
 
 
 class GraphCaptureFailed(RuntimeError):
