@@ -80,7 +80,7 @@ def _instance_channels() -> Tuple[str, ...]:
 class MaskRCNN(Model):
     name = "mask_rcnn"
     label = "Mask R-CNN (objects, COCO)"
-    version = "1"
+    version = "2"  # 2: colour converted on the device (pixels differ by rounding)
     colorspace = "srgb"  # torchvision's detectors were trained on sRGB 0-1 images
     converts_color = True  # on the model's device: the frame stays linear until uploaded
     help = (
