@@ -521,18 +521,41 @@ class GraphCache:
                                           device=x.device)
         pooled = pool_sorted(box_pool, features, rois, order, per_level, group["pooled"])
 
+        thresh, limit = rh.score_thresh, rh.detections_per_img
+        prefix = max(256, 4 * limit)  # top_nms's first prefix of the score order
+
         def boxes_fn(*t: torch.Tensor) -> Any:
             fmap = OrderedDict(zip(names, t[:-3]))
             b, s, lab, ok = box_candidates(rh, fmap, list(t[-2].unbind(0)), image_sizes,
                                            pooled=t[-3])
+            b, s, lab = torch.stack(b), torch.stack(s), torch.stack(lab)
             # candidates of padding proposals are never selected
-            real_c = t[-1].repeat_interleave(s[0].shape[0] // t[-1].shape[1], dim=1)
-            return torch.stack(b), torch.stack(s), torch.stack(lab), torch.stack(ok) & real_c
+            real_c = t[-1].repeat_interleave(s.shape[1] // t[-1].shape[1], dim=1)
+            chosen = torch.stack(ok) & real_c & (s > thresh)
+            # top_nms's first step for every image: the best `prefix` candidates in score
+            # order (ties in candidate order) and their suppression matrix
+            masked = torch.where(chosen, s, torch.full_like(s, -1.0))  # scores are >= 0
+            top = torch.sort(masked, dim=1, descending=True, stable=True).indices
+            top = top[:, :prefix]
+            tb = torch.gather(b, 1, top[..., None].expand(-1, -1, 4))
+            tl = torch.gather(lab, 1, top)
+            sup = torch.stack([_iou_suppression(tb[i], tl[i], rh.nms_thresh)
+                               for i in range(tb.shape[0])])
+            return (b, s, lab, chosen), (tb, torch.gather(s, 1, top), tl, sup, chosen.sum(1))
 
-        cand = self._run(group, "boxes", boxes_fn, (*feats, pooled, padded, real), ())
+        name = f"boxes {thresh} {limit}"
+        cand, tops = self._run(group, name, boxes_fn, (*feats, pooled, padded, real), ())
         result = []
+        sup_host, chosen_count = tops[3].cpu().numpy(), tops[4].tolist()  # the one sync
         for i in range(n):
-            b, s, lab = select_detections(rh, cand[0][i], cand[1][i], cand[2][i], cand[3][i])
+            t = min(tops[0].shape[1], chosen_count[i])
+            kept = _greedy(sup_host[i, :t, :t], limit)
+            if len(kept) >= limit or chosen_count[i] <= t:
+                idx = torch.as_tensor(kept, dtype=torch.int64, device=x.device)
+                b, s, lab = tops[0][i][idx], tops[1][i][idx], tops[2][i][idx]
+            else:  # too few survivors in the prefix: top_nms goes on with a longer one
+                b, s, lab = select_detections(rh, cand[0][i], cand[1][i], cand[2][i],
+                                              cand[3][i])
             result.append({"boxes": b, "labels": lab, "scores": s})
         counts = [r["boxes"].shape[0] for r in result]
         k = max([rh.detections_per_img, *counts])
