@@ -371,6 +371,22 @@ def test_overlay_in_bands_equals_whole(fixed, monkeypatch):
     np.testing.assert_array_equal(banded, whole)
 
 
+@pytest.mark.parametrize("soft", [True, False])
+def test_matte_in_bands_equals_whole(fixed, monkeypatch, soft):
+    """Matte mode makes (and downloads) the union in row bands: the same alpha as the
+    union of the whole pasted mattes."""
+    src = _image(H, W_)
+    monkeypatch.setattr(M, "MATTE_BAND_ROWS", 16)  # 4 bands of 16 rows across the objects
+    alpha = fixed.infer({"src": src}, {"output_mode": "matte", "threshold": 0.2,
+                                       "soft_mattes": soft}).outputs["rgba"][..., 3]
+    det = fixed._detect(None, [None], False)[0]
+    whole = render.paste_masks(det["masks"][:, 0], det["boxes"], H, W_)
+    if not soft:
+        whole = (whole >= 0.5).float()
+    np.testing.assert_allclose(alpha, whole.amax(0).numpy(), rtol=0, atol=1e-6)
+    assert alpha.max() > 0.99 and (alpha[:16] > 0).any() and (alpha[48:] > 0).any()
+
+
 def test_no_detections(fixed):
     src = _image(H, W_)
     res = fixed.infer({"src": src}, {"threshold": 1.0, "output_mode": "instances"})

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 from dlserver.color import linear_to_srgb_torch, srgb_to_linear_torch
-from dlserver.gpu import to_host, upload
+from dlserver.gpu import upload
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
 from dlserver.weights import WeightsError, WeightsFile, load_state_dict, resolve
 
 MAX_INSTANCE_LAYERS = 32
+MATTE_BANDS = 4  # matte mode: row bands composed and downloaded one after the other
+MATTE_BAND_ROWS = 256  # ... of at least this many rows
 BAND_ELEMENTS = 1 << 26  # overlay temporaries per band of rows: K x rows x W elements
 ALL = "all"
 ALL_PEOPLE = "all people"
@@ -346,12 +348,8 @@ class MaskRCNN(Model):
         downloads on another, the network on the current stream, ordered by events."""
         import torch
 
-        dev = torch.device(self.device)
-        compute = torch.cuda.current_stream(dev)
-        if self._streams is None:
-            self._streams = (torch.cuda.Stream(dev), torch.cuda.Stream(dev),
-                             ThreadPoolExecutor(1, thread_name_prefix="mask_rcnn-upload"))
-        up, down, uploader = self._streams
+        compute = torch.cuda.current_stream(torch.device(self.device))
+        up, down, uploader = self._side_streams()
 
         def stage(src: Any) -> Any:
             with torch.cuda.stream(up):
@@ -370,14 +368,8 @@ class MaskRCNN(Model):
                     frame.record_stream(compute)
                     det = self._detect(net, [self._network_image(frame)],
                                        o["half_precision"])[0]
-                    layers, detections = self._compose(src.shape[:2], frame, det, o)
-                    done = torch.cuda.Event()
-                    done.record(compute)
-                    with torch.cuda.stream(down):
-                        down.wait_event(done)
-                        host = {name: to_host(t) for name, t in layers.items()}
-                        for t in layers.values():
-                            t.record_stream(down)
+                    layers, parts, detections = self._compose(src.shape[:2], frame, det, o)
+                    host = self._download(layers, parts, down)
                     pending.append((host, detections, src.shape[:2]))
             down.synchronize()  # every frame's host copies are done
         finally:
@@ -406,17 +398,47 @@ class MaskRCNN(Model):
     def _render(self, src: Any, frame: Any, det: Dict[str, Any], o: Dict[str, Any]) -> Result:
         """The output layers of one frame, composed on the model's device and brought to
         the host once (page-locked buffers on a GPU). `frame`: the input on the device."""
-        import torch
 
-        layers, detections = self._compose(src.shape[:2], frame, det, o)
-        host = {name: to_host(t) for name, t in layers.items()}
-        if frame.is_cuda:
-            torch.cuda.current_stream(frame.device).synchronize()  # the host copies are done
+        layers, parts, detections = self._compose(src.shape[:2], frame, det, o)
+        if not frame.is_cuda:
+            return self._result(layers, detections, o, src.shape[:2])
+        down = self._side_streams()[1]
+        host = self._download(layers, parts, down)
+        down.synchronize()  # the host copies are done
         return self._result(host, detections, o, src.shape[:2])
 
+    def _side_streams(self) -> Any:
+        """(upload stream, download stream, upload thread), made on first use."""
+        import torch
+
+        if self._streams is None:
+            dev = torch.device(self.device)
+            self._streams = (torch.cuda.Stream(dev), torch.cuda.Stream(dev),
+                             ThreadPoolExecutor(1, thread_name_prefix="mask_rcnn-upload"))
+        return self._streams
+
+    @staticmethod
+    def _download(layers: Dict[str, Any], parts: List[Any], stream: Any) -> Dict[str, Any]:
+        """Start copying the layers into page-locked host memory on `stream`, each part
+        (layer, rows) as soon as the compute stream has made it (its event): the first
+        rows of a frame travel while later ones are still being composed."""
+        import torch
+
+        host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                for name, t in layers.items()}
+        with torch.cuda.stream(stream):
+            for name, rows, made in parts:
+                stream.wait_event(made)
+                host[name][rows].copy_(layers[name][rows], non_blocking=True)
+            for t in layers.values():
+                t.record_stream(stream)
+        return host
+
     def _compose(self, size: Tuple[int, int], frame: Any, det: Dict[str, Any],
-                 o: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-        """The output layers on the model's device, and the detections as data."""
+                 o: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Any], List[Dict[str, Any]]]:
+        """The output layers on the model's device; the parts of them (layer, rows, CUDA
+        event when made) in the order they are made, for `_download`; the detections
+        as data."""
         import torch
 
         from . import render
@@ -427,20 +449,29 @@ class MaskRCNN(Model):
         boxes, labels, scores = det["boxes"][idx], det["labels"][idx], det["scores"][idx]
         k = int(idx.numel())
         mode = o["output_mode"]
-        # matte mode needs only the union: clamp that (max and clamp commute)
-        only_union = mode == "matte" and o["soft_mattes"]
-        mattes = render.paste_masks(det["masks"][idx, 0], boxes, h, w,
-                                    clamp=not only_union)  # (K, H, W)
-        if not o["soft_mattes"]:
-            mattes = (mattes >= 0.5).float()
-        union = mattes.amax(0) if k else torch.zeros((h, w), device=dev)
-        if only_union:
-            union = union.clamp_(0.0, 1.0)
-
         names = [self._categories[int(c)] for c in labels.tolist()]
         # linear in, linear out: the input's RGB needs no conversion at all (a whole-frame
         # copy is one fast contiguous kernel; then only alpha is written)
         rgba = frame.to(torch.float32, copy=True)
+        if mode == "matte":
+            # Only the union of the mattes is needed: made in bands of rows, each band
+            # going to the host while the next is made (max and clamp commute).
+            parts = []
+            step = -(-h // max(1, min(MATTE_BANDS, h // MATTE_BAND_ROWS)))
+            for a in range(0, h, step):
+                b = min(h, a + step)
+                band = render.paste_masks(det["masks"][idx, 0], boxes, h, w,
+                                          clamp=not o["soft_mattes"], rows=(a, b))
+                if not o["soft_mattes"]:
+                    band = (band >= 0.5).float()
+                rgba[a:b, :, 3] = band.amax(0).clamp_(0.0, 1.0) if k else 0.0
+                parts.append(("rgba", slice(a, b), _made(dev)))
+            return {"rgba": rgba}, parts, self._detections(names, labels, scores, boxes, h)
+
+        mattes = render.paste_masks(det["masks"][idx, 0], boxes, h, w)  # (K, H, W)
+        if not o["soft_mattes"]:
+            mattes = (mattes >= 0.5).float()
+        union = mattes.amax(0) if k else torch.zeros((h, w), device=dev)
         if mode == "overlay" and k:
             # drawn in sRGB over the sRGB picture; pixels the drawing left alone keep
             # their linear values exactly
@@ -459,13 +490,19 @@ class MaskRCNN(Model):
             inside = best_p >= 0.5
             ids = torch.stack([best.float() + 1.0, labels[best].float(), scores[best]], -1)
             layers["instance_id"] = ids * inside[..., None]
+        made = _made(dev)
+        parts = [(name, slice(None), made) for name in layers]
+        return layers, parts, self._detections(names, labels, scores, boxes, h)
+
+    @staticmethod
+    def _detections(names: List[str], labels: Any, scores: Any, boxes: Any,
+                    h: int) -> List[Dict[str, Any]]:
         box_list = boxes.cpu().numpy().astype(float).round(2).tolist()
-        detections = [
+        return [
             {"id": i + 1, "class": name, "class_index": int(c), "score": round(float(s), 4),
              "box": b, "box_nuke": [b[0], round(h - b[3], 2), b[2], round(h - b[1], 2)]}
             for i, (name, c, s, b) in enumerate(zip(names, labels.tolist(), scores.tolist(),
                                                     box_list))]
-        return layers, detections
 
     def _result(self, host: Dict[str, Any], detections: List[Dict[str, Any]],
                 o: Dict[str, Any], size: Tuple[int, int]) -> Result:
@@ -519,3 +556,14 @@ class MaskRCNN(Model):
                 o["show_class_names"], o["box_thickness"], o["font_scale"])
             out = render.composite_boxes_and_names(out, green, text)
         return out
+
+
+def _made(device: Any) -> Any:
+    """A CUDA event recorded now on the device's current stream (None on a CPU)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event

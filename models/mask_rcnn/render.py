@@ -19,31 +19,33 @@ GRAY = (218, 227, 218)
 
 
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
-                clamp: bool = True) -> torch.Tensor:
+                clamp: bool = True, rows: tuple | None = None) -> torch.Tensor:
     """Soft masks (N, M, M) predicted inside `boxes` (N, 4, x0 y0 x1 y1, pixel-edge
-    coordinates) → (N, height, width) in [0, 1].
+    coordinates) → (N, height, width) in [0, 1]; with `rows` = (start, stop), only those
+    rows of the frame: (N, stop - start, width).
 
     The same sampling as detectron2's grid_sample paste (pixel centres at i + 0.5,
     bilinear, zero outside the box's mask grid) without its per-instance loop or
     torchvision's integer box rounding: bilinear sampling is separable, so each mask
     is R_y @ mask @ R_x^T where R holds the hat-function weights (two batched matmuls).
     """
+    start, stop = rows if rows is not None else (0, height)
     n, m = masks.shape[0], masks.shape[-1]
     if n == 0:
-        return masks.new_zeros((0, height, width))
+        return masks.new_zeros((0, stop - start, width))
     masks = masks.reshape(n, m, m).float()
     boxes = boxes.float()
     cells = torch.arange(m, device=masks.device, dtype=torch.float32)
 
-    def weights(lo: torch.Tensor, hi: torch.Tensor, size: int) -> torch.Tensor:
-        centres = torch.arange(size, device=masks.device, dtype=torch.float32) + 0.5
+    def weights(lo: torch.Tensor, hi: torch.Tensor, first: int, end: int) -> torch.Tensor:
+        centres = torch.arange(first, end, device=masks.device, dtype=torch.float32) + 0.5
         extent = (hi - lo).clamp(min=1e-6)
         # position of each pixel centre in mask cells (cell centres at 0 .. m-1)
         u = (centres[None, :] - lo[:, None]) / extent[:, None] * m - 0.5
         return (1.0 - (u[:, :, None] - cells[None, None, :]).abs()).clamp(min=0.0)
 
-    ry = weights(boxes[:, 1], boxes[:, 3], height)  # (N, H, M)
-    rx = weights(boxes[:, 0], boxes[:, 2], width)   # (N, W, M)
+    ry = weights(boxes[:, 1], boxes[:, 3], start, stop)  # (N, rows, M)
+    rx = weights(boxes[:, 0], boxes[:, 2], 0, width)     # (N, W, M)
     out = torch.bmm(torch.bmm(ry, masks), rx.transpose(1, 2))
     return out.clamp_(0.0, 1.0) if clamp else out  # unclamped: may exceed 1 by rounding
 
