@@ -11,10 +11,9 @@ import contextlib
 import copy
 import importlib.util
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 from dlserver.color import linear_to_srgb_torch, srgb_to_linear_torch
 from dlserver.gpu import upload
@@ -335,13 +334,8 @@ class MaskRCNN(Model):
         with torch.inference_mode():
             for src in srcs:
                 frame = self._upload(src)
-                rgb = None
-                if self._cuda() and o["output_mode"] == "matte":
-                    # the result's RGB is the input's: copied on the host while the
-                    # network runs, so only alpha comes down from the GPU
-                    rgb = self._side_streams()[2].submit(_host_rgb, src).result
                 det = self._detect(net, [self._network_image(frame)], o["half_precision"])[0]
-                results.append(self._render(src, frame, det, o, rgb))
+                results.append(self._render(src, frame, det, o))
         return results
 
     def _network_image(self, frame: Any) -> Any:
@@ -362,28 +356,26 @@ class MaskRCNN(Model):
                 frame = self._upload(src)
                 ready = torch.cuda.Event()
                 ready.record(up)
-            rgb = _host_rgb(src) if o["output_mode"] == "matte" else None
-            return frame, ready, rgb
+            return frame, ready
 
         futures = [uploader.submit(stage, src) for src in srcs]
         pending = []
         try:
             with torch.inference_mode():
                 for src, future in zip(srcs, futures):
-                    frame, ready, rgb = future.result()
+                    frame, ready = future.result()
                     compute.wait_event(ready)
                     frame.record_stream(compute)
                     det = self._detect(net, [self._network_image(frame)],
                                        o["half_precision"])[0]
                     layers, parts, detections = self._compose(src.shape[:2], frame, det, o)
                     host = self._download(layers, parts, down)
-                    pending.append((host, detections, src.shape[:2], rgb))
+                    pending.append((host, detections, src.shape[:2]))
             down.synchronize()  # every frame's host copies are done
         finally:
             for future in futures:  # no upload left running when this returns
                 future.exception()
-        return [self._result(host, dets, o, hw, lambda rgb=rgb: rgb)
-                for host, dets, hw, rgb in pending]
+        return [self._result(host, dets, o, hw) for host, dets, hw in pending]
 
     def _upload(self, src: Any) -> Any:
         """(H, W, C) float32 array → tensor on the model's device (current stream)."""
@@ -403,20 +395,17 @@ class MaskRCNN(Model):
         idx = idx[torch.argsort(scores[idx], descending=True, stable=True)]
         return idx[: o["max_instances"]]
 
-    def _render(self, src: Any, frame: Any, det: Dict[str, Any], o: Dict[str, Any],
-                rgb: Optional[Callable[[], Any]] = None) -> Result:
+    def _render(self, src: Any, frame: Any, det: Dict[str, Any], o: Dict[str, Any]) -> Result:
         """The output layers of one frame, composed on the model's device and brought to
-        the host once (page-locked buffers on a GPU). `frame`: the input on the device;
-        `rgb`: gives the host RGBA buffer holding the input's RGB (matte mode on a GPU;
-        made here when not given)."""
+        the host once (page-locked buffers on a GPU). `frame`: the input on the device."""
+
         layers, parts, detections = self._compose(src.shape[:2], frame, det, o)
         if not frame.is_cuda:
             return self._result(layers, detections, o, src.shape[:2])
         down = self._side_streams()[1]
         host = self._download(layers, parts, down)
         down.synchronize()  # the host copies are done
-        return self._result(host, detections, o, src.shape[:2],
-                            rgb or (lambda: _host_rgb(src)))
+        return self._result(host, detections, o, src.shape[:2])
 
     def _side_streams(self) -> Any:
         """(upload stream, download stream, upload thread), made on first use."""
@@ -461,12 +450,12 @@ class MaskRCNN(Model):
         k = int(idx.numel())
         mode = o["output_mode"]
         names = [self._categories[int(c)] for c in labels.tolist()]
+        # linear in, linear out: the input's RGB needs no conversion at all (a whole-frame
+        # copy is one fast contiguous kernel; then only alpha is written)
+        rgba = frame.to(torch.float32, copy=True)
         if mode == "matte":
             # Only the union of the mattes is needed: made in bands of rows, each band
-            # going to the host while the next is made (max and clamp commute). On a GPU
-            # only alpha comes down: the RGB of the result is the input's, already on
-            # the host (`_result`).
-            alpha = torch.empty((h, w), dtype=torch.float32, device=dev)
+            # going to the host while the next is made (max and clamp commute).
             parts = []
             step = -(-h // max(1, min(MATTE_BANDS, h // MATTE_BAND_ROWS)))
             for a in range(0, h, step):
@@ -475,18 +464,9 @@ class MaskRCNN(Model):
                                           clamp=not o["soft_mattes"], rows=(a, b))
                 if not o["soft_mattes"]:
                     band = (band >= 0.5).float()
-                alpha[a:b] = band.amax(0).clamp_(0.0, 1.0) if k else 0.0
-                parts.append(("alpha", slice(a, b), _made(dev)))
-            detections = self._detections(names, labels, scores, boxes, h)
-            if dev.type == "cuda":
-                return {"alpha": alpha}, parts, detections
-            rgba = frame.to(torch.float32, copy=True)  # linear in, linear out
-            rgba[..., 3] = alpha
-            return {"rgba": rgba}, [], detections
-
-        # linear in, linear out: the input's RGB needs no conversion at all (a whole-frame
-        # copy is one fast contiguous kernel; then only alpha is written)
-        rgba = frame.to(torch.float32, copy=True)
+                rgba[a:b, :, 3] = band.amax(0).clamp_(0.0, 1.0) if k else 0.0
+                parts.append(("rgba", slice(a, b), _made(dev)))
+            return {"rgba": rgba}, parts, self._detections(names, labels, scores, boxes, h)
 
         mattes = render.paste_masks(det["masks"][idx, 0], boxes, h, w)  # (K, H, W)
         if not o["soft_mattes"]:
@@ -525,18 +505,11 @@ class MaskRCNN(Model):
                                                     box_list))]
 
     def _result(self, host: Dict[str, Any], detections: List[Dict[str, Any]],
-                o: Dict[str, Any], size: Tuple[int, int],
-                rgb: Optional[Callable[[], Any]] = None) -> Result:
-        """The Result from the layers' finished host copies; an "alpha" layer (matte
-        mode on a GPU) goes into the host RGBA buffer `rgb()` gives."""
+                o: Dict[str, Any], size: Tuple[int, int]) -> Result:
+        """The Result from the layers' finished host copies."""
         import numpy as np
 
         h, w = size
-        if "alpha" in host:
-            assert rgb is not None
-            rgba = rgb()
-            rgba[..., 3].copy_(host.pop("alpha"))  # multi-threaded strided copy
-            host["rgba"] = rgba
         outputs = {name: t.numpy() for name, t in host.items()}
         if o["output_mode"] == "instances":  # other modes leave the optional layers out
             outputs.setdefault("instances", np.zeros((h, w, MAX_INSTANCE_LAYERS), np.float32))
@@ -594,15 +567,3 @@ def _made(device: Any) -> Any:
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(device))
     return event
-
-
-def _host_rgb(src: Any) -> Any:
-    """A host (H, W, 4) float32 tensor whose RGB is `src`'s (alpha left to fill)."""
-    import numpy as np
-    import torch
-
-    out = torch.empty((*src.shape[:2], 4), dtype=torch.float32)
-    with warnings.catch_warnings():  # read-only arrays: torch warns, nothing writes
-        warnings.simplefilter("ignore", UserWarning)
-        out[..., :3].copy_(torch.from_numpy(np.asarray(src, np.float32))[..., :3])
-    return out
