@@ -222,7 +222,7 @@ def check_mask_rcnn(m: Any, net: Any, src: np.ndarray, lin: np.ndarray, dev: str
         c_tv = compare_matched(ours_soft, tv_masks, pairs)
         res = m.infer({"src": lin}, opts)
         alpha_ref = ref_soft.amax(0).cpu().numpy() if len(ref_soft) else np.zeros((h, w))
-        alpha_diff = np.abs(res.outputs["rgba"][..., 3] - alpha_ref)
+        alpha_diff = np.abs(res.outputs["rgba"][..., -1] - alpha_ref)  # matte: alpha only
     return c, c_tv, idx, alpha_diff
 
 

@@ -212,6 +212,45 @@ def select_channels(pixels: np.ndarray, names: Sequence[str], layer: Layer) -> n
 
 # --- writing outputs -------------------------------------------------------------------------
 
+def fill_from_input(model_name: str, declared: Dict[str, Layer], outputs: Dict[str, Any],
+                    from_input: Any, source_layer: Layer, source: np.ndarray
+                    ) -> Dict[str, Any]:
+    """The outputs with the channels a model took from its first input
+    (`Result.from_input`) filled in from that input's pixels `source` (as the model was
+    given them): full arrays for `check_outputs`. BadFrame when the spec does not fit
+    the declaration or an array does not hold exactly the other channels."""
+    if not isinstance(from_input, dict):
+        raise BadFrame(f"model {model_name!r}: Result.from_input must be a dict")
+    height, width = source.shape[:2]
+    filled = dict(outputs)
+    for name, channels in from_input.items():
+        layer = declared.get(name)
+        if layer is None or name not in outputs:
+            raise BadFrame(f"model {model_name!r}: Result.from_input names output {name!r}, "
+                           f"which it does not return (declared: {sorted(declared)})")
+        if (not isinstance(channels, (tuple, list)) or len(set(channels)) != len(channels)
+                or not all(isinstance(c, str) and c in layer.channels
+                           and c in source_layer.channels for c in channels)):
+            raise BadFrame(f"model {model_name!r}: Result.from_input[{name!r}] must list "
+                           f"distinct channels of both the output {layer.channels} and the "
+                           f"first input {source_layer.channels}; got {channels!r}")
+        rest = [i for i, c in enumerate(layer.channels) if c not in channels]
+        part = outputs[name]
+        want = (height, width, len(rest))
+        if not isinstance(part, np.ndarray) or part.shape != want:
+            got = getattr(part, "shape", type(part).__name__)
+            raise BadFrame(f"model {model_name!r} returned output {name!r} of shape {got}; "
+                           f"with {list(channels)} from the input it holds the other "
+                           f"channels: {want}")
+        full = np.empty((height, width, len(layer.channels)), np.float32)
+        for i, c in enumerate(layer.channels):
+            j = source_layer.channels.index(c) if c in channels else None
+            np.copyto(full[..., i], source[..., j] if j is not None
+                      else part[..., rest.index(i)], casting="unsafe")
+        filled[name] = full
+    return filled
+
+
 def check_outputs(model_name: str, declared: Dict[str, Layer], outputs: Any,
                   height: int, width: int) -> Dict[str, np.ndarray]:
     """A model's return value against its declaration: names (optional outputs may be

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Tuple, Type
 import numpy as np
 
 from .errors import BadFrame, BadRequest, OutOfMemory
-from .frames import FrameReader, FrameWriter, check_outputs, convert_color
+from .frames import FrameReader, FrameWriter, check_outputs, convert_color, fill_from_input
 from .model import Model, Result
 from .protocol import Message
 from .registry import Entry
@@ -43,6 +43,14 @@ class Job:
     size: Tuple[int, int]  # height, width of every input and output
     timing: Dict[str, float] = field(default_factory=dict)
     result: Any = None
+    source: Any = None  # the first input, kept for a result's `from_input` channels
+
+    def keep_source(self) -> None:
+        """After the model ran: drop the views of the inputs (the client's shared memory),
+        except the first input when the result takes channels from it."""
+        if isinstance(self.result, Result) and self.result.from_input:
+            self.source = self.arrays[next(iter(self.entry.cls.inputs))]
+        self.arrays = {}
 
     def batch_key(self) -> Any:
         """Jobs with equal keys may share one forward pass (Model.infer_batch)."""
@@ -112,13 +120,13 @@ def execute(session: Session, jobs: List[Job]) -> None:
             for job, result in zip(jobs, results):
                 job.result = result
                 job.timing.update(load_s=0.0, infer_s=share, batch=len(jobs))
-                job.arrays = {}  # drop views of the client's shared memory
+                job.keep_source()
             return
     for job in jobs:
         t0 = time.perf_counter()
         job.result = run_model(session, job.entry, job.arrays, job.options, job.tile, job.timing)
         job.timing["infer_s"] = time.perf_counter() - t0 - job.timing["load_s"]
-        job.arrays = {}
+        job.keep_source()
 
 
 def finish(session: Session, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
@@ -127,7 +135,13 @@ def finish(session: Session, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
     cls = job.entry.cls
     result = job.result if isinstance(job.result, Result) else Result(job.result)
     height, width = job.size
-    outputs = check_outputs(cls.name, dict(cls.outputs), result.outputs, height, width)
+    returned = result.outputs
+    if result.from_input and isinstance(returned, dict):
+        layer = next(iter(cls.inputs.values()))
+        returned = fill_from_input(cls.name, dict(cls.outputs), returned, result.from_input,
+                                   layer, job.source)
+    job.source = None
+    outputs = check_outputs(cls.name, dict(cls.outputs), returned, height, width)
     if server_converts(cls):
         outputs = {n: convert_color(a, cls.outputs[n], to_srgb=False) for n, a in outputs.items()}
     try:
@@ -156,6 +170,17 @@ def finish(session: Session, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
     return reply, writer.buffers
 
 
+def filled(cls: Any, result: Any, inputs: Dict[str, np.ndarray]) -> Any:
+    """A result with its `from_input` channels filled in from `inputs` (for tiles, whose
+    inputs are gone once the tiles are assembled)."""
+    if not isinstance(result, Result) or not result.from_input:
+        return result
+    name, layer = next(iter(cls.inputs.items()))
+    outputs = fill_from_input(cls.name, dict(cls.outputs), result.outputs, result.from_input,
+                              layer, inputs[name])
+    return Result(outputs, result.message, result.data)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """torch.cuda.OutOfMemoryError, or an allocator failure reported as RuntimeError."""
     return type(exc).__name__ == "OutOfMemoryError" or (
@@ -177,7 +202,8 @@ def run_model(session: Session, entry: Entry, arrays: Dict[str, np.ndarray],
     def attempt(model: Model, tile: int) -> Any:
         with entry.lock:
             if tile and margin is not None:
-                return run_tiled(lambda part: model.infer(part, options), arrays, tile, margin)
+                return run_tiled(lambda part: filled(entry.cls, model.infer(part, options), part),
+                                 arrays, tile, margin)
             return model.infer(arrays, options)
 
     try:

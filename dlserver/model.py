@@ -202,11 +202,18 @@ class Result:
     `message`: text for the artist (a button press); `data`: JSON-serialisable
     per-frame data (e.g. detections), returned in the reply and written as EXR
     metadata by the CLI. Both are data only, never code.
+
+    `from_input`: {output name: channels of that output that are the first input's
+    same-named channels, unchanged}, e.g. {"rgba": ("R", "G", "B")} for a matte model.
+    The output's array then holds only its other channels, in declared order, and the
+    server fills these from the request's own pixels: nothing to send back from a GPU,
+    and the input's values exactly.
     """
 
     outputs: Dict[str, Any]
     message: str = ""
     data: Dict[str, Any] = field(default_factory=dict)
+    from_input: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
 
 
 class Model:

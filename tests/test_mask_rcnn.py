@@ -24,6 +24,7 @@ pytest.importorskip("torchvision")
 
 from dlserver import weights as W  # noqa: E402
 from dlserver.color import srgb_to_linear  # noqa: E402
+from dlserver.frames import fill_from_input  # noqa: E402
 from dlserver.registry import import_model_folder  # noqa: E402
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "mask_rcnn"
@@ -74,19 +75,33 @@ def _image(h: int = 64, w: int = 96, seed: int = 0) -> np.ndarray:
     return img
 
 
+def _full(result, src: np.ndarray) -> dict:
+    """The outputs as the server completes them: matte mode returns alpha only, its RGB
+    being the input's (`Result.from_input`)."""
+    if not result.from_input:
+        return result.outputs
+    return fill_from_input("mask_rcnn", dict(MaskRCNN.outputs), result.outputs,
+                           result.from_input, MaskRCNN.inputs["src"], src)
+
+
 def _check_outputs(result, h: int, w: int, mode: str = "instances") -> None:
     assert isinstance(result, M.Result)
     # the optional instance layers are in the result in instances mode only
     expected = set(MaskRCNN.outputs) if mode == "instances" else {"rgba"}
     assert set(result.outputs) == expected
+    assert result.from_input == ({"rgba": ("R", "G", "B")} if mode == "matte" else {})
+    if mode == "matte":  # alpha only
+        assert result.outputs["rgba"].shape == (h, w, 1)
+        assert result.outputs["rgba"].dtype == np.float32
     for name, layer in MaskRCNN.outputs.items():
-        if name not in result.outputs:
+        if name not in result.outputs or name in result.from_input:
             continue
         arr = result.outputs[name]
         assert arr.dtype == np.float32 and arr.shape == (h, w, len(layer.channels)), name
         assert np.isfinite(arr).all()
     json.dumps(result.data)  # plain data
-    assert 0.0 <= result.outputs["rgba"][..., 3].min() <= result.outputs["rgba"][..., 3].max() <= 1
+    alpha = result.outputs["rgba"][..., -1]
+    assert 0.0 <= alpha.min() <= alpha.max() <= 1
 
 
 # --- declaration ---------------------------------------------------------------------------
@@ -310,19 +325,20 @@ def test_class_filter_drops_other_classes(fixed):
     assert set(np.unique(ids[..., 1])) == {0.0, float(PERSON)}
     res = _run(fixed, class_filter="car", output_mode="matte")
     assert [d["class"] for d in res.data["detections"]] == ["car"]
-    assert not res.outputs["rgba"][:, :40, 3].any()
+    assert not res.outputs["rgba"][:, :40, -1].any()
 
 
 def test_matte_mode_passes_rgb_and_is_soft(fixed):
     src = _image(H, W_)
     res = fixed.infer({"src": src}, {"output_mode": "matte"})
-    rgba = res.outputs["rgba"]
+    assert res.from_input == {"rgba": ("R", "G", "B")}  # the RGB is the input's, exactly
+    rgba = _full(res, src)["rgba"]
     assert np.array_equal(rgba[..., :3], src[..., :3])
     a = rgba[..., 3]
     assert a.min() >= 0 and a.max() <= 1 and a.max() > 0.99
     assert ((a > 0.05) & (a < 0.95)).any()  # soft edges
     hard = fixed.infer({"src": src}, {"output_mode": "matte", "soft_mattes": False})
-    assert set(np.unique(hard.outputs["rgba"][..., 3])) == {0.0, 1.0}
+    assert set(np.unique(hard.outputs["rgba"][..., -1])) == {0.0, 1.0}
 
 
 def test_instances_layers_and_ids(fixed):
@@ -378,7 +394,7 @@ def test_matte_in_bands_equals_whole(fixed, monkeypatch, soft):
     src = _image(H, W_)
     monkeypatch.setattr(M, "MATTE_BAND_ROWS", 16)  # 4 bands of 16 rows across the objects
     alpha = fixed.infer({"src": src}, {"output_mode": "matte", "threshold": 0.2,
-                                       "soft_mattes": soft}).outputs["rgba"][..., 3]
+                                       "soft_mattes": soft}).outputs["rgba"][..., -1]
     det = fixed._detect(None, [None], False)[0]
     whole = render.paste_masks(det["masks"][:, 0], det["boxes"], H, W_)
     if not soft:
@@ -573,7 +589,7 @@ def test_cuda_graphs_equal_eager(tv_and_ours):
             assert len(da) == len(db) == 50
             same = sum(x["class_index"] == y["class_index"] and
                        np.abs(np.subtract(x["box"], y["box"])).max() < 0.5 for x, y in zip(da, db))
-            alpha_a, alpha_b = a.outputs["rgba"][..., 3], b.outputs["rgba"][..., 3]
+            alpha_a, alpha_b = a.outputs["rgba"][..., -1], b.outputs["rgba"][..., -1]
             agree = float(((alpha_a >= 0.5) == (alpha_b >= 0.5)).mean())
             print(f"\ngraphs vs eager {w}x{h}: {same}/50 detections equal, thresholded alpha "
                   f"equal on {agree:.6f}, max diff {np.abs(alpha_a - alpha_b).max():.2e}")

@@ -450,12 +450,12 @@ class MaskRCNN(Model):
         k = int(idx.numel())
         mode = o["output_mode"]
         names = [self._categories[int(c)] for c in labels.tolist()]
-        # linear in, linear out: the input's RGB needs no conversion at all (a whole-frame
-        # copy is one fast contiguous kernel; then only alpha is written)
-        rgba = frame.to(torch.float32, copy=True)
         if mode == "matte":
-            # Only the union of the mattes is needed: made in bands of rows, each band
-            # going to the host while the next is made (max and clamp commute).
+            # Only the union of the mattes is made, in bands of rows, each band going to
+            # the host while the next is made (max and clamp commute). RGB is the
+            # input's: the server fills it in (`Result.from_input`), nothing of it comes
+            # back from the GPU.
+            alpha = torch.empty((h, w, 1), dtype=torch.float32, device=dev)
             parts = []
             step = -(-h // max(1, min(MATTE_BANDS, h // MATTE_BAND_ROWS)))
             for a in range(0, h, step):
@@ -464,10 +464,13 @@ class MaskRCNN(Model):
                                           clamp=not o["soft_mattes"], rows=(a, b))
                 if not o["soft_mattes"]:
                     band = (band >= 0.5).float()
-                rgba[a:b, :, 3] = band.amax(0).clamp_(0.0, 1.0) if k else 0.0
+                alpha[a:b, :, 0] = band.amax(0).clamp_(0.0, 1.0) if k else 0.0
                 parts.append(("rgba", slice(a, b), _made(dev)))
-            return {"rgba": rgba}, parts, self._detections(names, labels, scores, boxes, h)
+            return {"rgba": alpha}, parts, self._detections(names, labels, scores, boxes, h)
 
+        # linear in, linear out: the input's RGB needs no conversion at all (a whole-frame
+        # copy is one fast contiguous kernel; then only alpha is written)
+        rgba = frame.to(torch.float32, copy=True)
         mattes = render.paste_masks(det["masks"][idx, 0], boxes, h, w)  # (K, H, W)
         if not o["soft_mattes"]:
             mattes = (mattes >= 0.5).float()
@@ -514,8 +517,10 @@ class MaskRCNN(Model):
         if o["output_mode"] == "instances":  # other modes leave the optional layers out
             outputs.setdefault("instances", np.zeros((h, w, MAX_INSTANCE_LAYERS), np.float32))
             outputs.setdefault("instance_id", np.zeros((h, w, 3), np.float32))
-        # data keys become EXR attributes "dlserver/<key>" in files the CLI writes
-        return Result(outputs, data={"detections": detections})
+        # data keys become EXR attributes "dlserver/<key>" in files the CLI writes;
+        # matte mode returns alpha only: its RGB is the input's
+        from_input = {"rgba": ("R", "G", "B")} if o["output_mode"] == "matte" else {}
+        return Result(outputs, data={"detections": detections}, from_input=from_input)
 
     def _overlay(self, rgb: Any, mattes: Any, boxes: Any, scores: Any, names: List[str],
                  o: Dict[str, Any]) -> Any:
