@@ -635,3 +635,22 @@ def test_level_nms_equals_torchvision_nms(iterations):
         got = set(torch.nonzero(keep[0, start:start + len(boxes)]).flatten().tolist())
         assert got == want
         start += len(boxes)
+
+
+def test_pasted_masks_are_zero_outside_their_support():
+    """Matte mode pastes each band only with the masks whose support reaches it: a mask
+    with no zero cell (the worst case) must be exactly 0 outside `mask_support`."""
+    gen = torch.Generator().manual_seed(2)
+    masks = 0.05 + torch.rand((40, 28, 28), generator=gen)
+    xy = torch.rand((40, 2), generator=gen) * torch.tensor([90.0, 60.0])
+    wh = 0.3 + torch.rand((40, 2), generator=gen) * 40
+    boxes = torch.cat([xy, xy + wh], 1)
+    pasted = render.paste_masks(masks, boxes, 80, 120)
+    support = render.mask_support(boxes, 28)
+    ys = torch.arange(80, dtype=torch.float32)[:, None] + 0.5
+    xs = torch.arange(120, dtype=torch.float32)[None, :] + 0.5
+    for i in range(40):
+        inside = ((ys > support[i, 1]) & (ys < support[i, 3])
+                  & (xs > support[i, 0]) & (xs < support[i, 2]))
+        assert not pasted[i][~inside].any(), i
+        assert pasted[i][inside].any()

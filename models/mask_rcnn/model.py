@@ -455,16 +455,27 @@ class MaskRCNN(Model):
             # the host while the next is made (max and clamp commute). RGB is the
             # input's: the server fills it in (`Result.from_input`), nothing of it comes
             # back from the GPU.
-            alpha = torch.empty((h, w, 1), dtype=torch.float32, device=dev)
+            # Each band pastes only the masks that reach it, over the columns they reach
+            # (a pasted mask is exactly 0 outside `mask_support`).
+            alpha = torch.zeros((h, w, 1), dtype=torch.float32, device=dev)
+            masks = det["masks"][idx, 0]
+            support = render.mask_support(boxes, masks.shape[-1]).cpu()
             parts = []
             step = -(-h // max(1, min(MATTE_BANDS, h // MATTE_BAND_ROWS)))
             for a in range(0, h, step):
                 b = min(h, a + step)
-                band = render.paste_masks(det["masks"][idx, 0], boxes, h, w,
-                                          clamp=not o["soft_mattes"], rows=(a, b))
-                if not o["soft_mattes"]:
-                    band = (band >= 0.5).float()
-                alpha[a:b, :, 0] = band.amax(0).clamp_(0.0, 1.0) if k else 0.0
+                near = torch.nonzero((support[:, 3] > a) & (support[:, 1] < b)).flatten()
+                if near.numel():
+                    x0 = max(0, int(support[near, 0].min().floor()))
+                    x1 = min(w, int(support[near, 2].max().ceil()))
+                    sel = near.to(dev)
+                    if x1 > x0:
+                        band = render.paste_masks(masks[sel], boxes[sel], h, w,
+                                                  clamp=not o["soft_mattes"], rows=(a, b),
+                                                  cols=(x0, x1))
+                        if not o["soft_mattes"]:
+                            band = (band >= 0.5).float()
+                        alpha[a:b, x0:x1, 0] = band.amax(0).clamp_(0.0, 1.0)
                 parts.append(("rgba", slice(a, b), _made(dev)))
             return {"rgba": alpha}, parts, self._detections(names, labels, scores, boxes, h)
 

@@ -19,10 +19,11 @@ GRAY = (218, 227, 218)
 
 
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
-                clamp: bool = True, rows: tuple | None = None) -> torch.Tensor:
+                clamp: bool = True, rows: tuple | None = None,
+                cols: tuple | None = None) -> torch.Tensor:
     """Soft masks (N, M, M) predicted inside `boxes` (N, 4, x0 y0 x1 y1, pixel-edge
-    coordinates) → (N, height, width) in [0, 1]; with `rows` = (start, stop), only those
-    rows of the frame: (N, stop - start, width).
+    coordinates) → (N, height, width) in [0, 1]; with `rows` / `cols` = (start, stop),
+    only those rows / columns of the frame.
 
     The same sampling as detectron2's grid_sample paste (pixel centres at i + 0.5,
     bilinear, zero outside the box's mask grid) without its per-instance loop or
@@ -30,9 +31,10 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
     is R_y @ mask @ R_x^T where R holds the hat-function weights (two batched matmuls).
     """
     start, stop = rows if rows is not None else (0, height)
+    left, right = cols if cols is not None else (0, width)
     n, m = masks.shape[0], masks.shape[-1]
     if n == 0:
-        return masks.new_zeros((0, stop - start, width))
+        return masks.new_zeros((0, stop - start, right - left))
     masks = masks.reshape(n, m, m).float()
     boxes = boxes.float()
     cells = torch.arange(m, device=masks.device, dtype=torch.float32)
@@ -45,9 +47,20 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
         return (1.0 - (u[:, :, None] - cells[None, None, :]).abs()).clamp(min=0.0)
 
     ry = weights(boxes[:, 1], boxes[:, 3], start, stop)  # (N, rows, M)
-    rx = weights(boxes[:, 0], boxes[:, 2], 0, width)     # (N, W, M)
+    rx = weights(boxes[:, 0], boxes[:, 2], left, right)  # (N, cols, M)
     out = torch.bmm(torch.bmm(ry, masks), rx.transpose(1, 2))
     return out.clamp_(0.0, 1.0) if clamp else out  # unclamped: may exceed 1 by rounding
+
+
+def mask_support(boxes: torch.Tensor, m: int) -> torch.Tensor:
+    """(N, 4) bounds x0, y0, x1, y1 (pixel-edge coordinates) outside which a box's
+    pasted mask is exactly 0: the hat weights reach half a mask cell past the box;
+    one cell plus a pixel is kept for safety."""
+    boxes = boxes.float()
+    pad_x = (boxes[:, 2] - boxes[:, 0]).clamp(min=1e-6) / m + 1.0
+    pad_y = (boxes[:, 3] - boxes[:, 1]).clamp(min=1e-6) / m + 1.0
+    return torch.stack([boxes[:, 0] - pad_x, boxes[:, 1] - pad_y,
+                        boxes[:, 2] + pad_x, boxes[:, 3] + pad_y], 1)
 
 
 def palette(n: int) -> np.ndarray:
