@@ -212,41 +212,61 @@ def select_channels(pixels: np.ndarray, names: Sequence[str], layer: Layer) -> n
 
 # --- writing outputs -------------------------------------------------------------------------
 
-def fill_from_input(model_name: str, declared: Dict[str, Layer], outputs: Dict[str, Any],
-                    from_input: Any, source_layer: Layer, source: np.ndarray
-                    ) -> Dict[str, Any]:
-    """The outputs with the channels a model took from its first input
-    (`Result.from_input`) filled in from that input's pixels `source` (as the model was
-    given them): full arrays for `check_outputs`. BadFrame when the spec does not fit
-    the declaration or an array does not hold exactly the other channels."""
+def from_input_plan(model_name: str, declared: Dict[str, Layer], outputs: Dict[str, Any],
+                    from_input: Any, source_layer: Layer, height: int, width: int
+                    ) -> Dict[str, Tuple[Tuple[str, ...], Layer]]:
+    """`Result.from_input` checked against the declaration and the returned arrays:
+    {output name: (the channels taken from the input, a Layer of the channels the
+    array holds)}. BadFrame when the spec does not fit or an array does not hold
+    exactly the other channels (float data)."""
     if not isinstance(from_input, dict):
         raise BadFrame(f"model {model_name!r}: Result.from_input must be a dict")
-    height, width = source.shape[:2]
-    filled = dict(outputs)
+    plan = {}
     for name, channels in from_input.items():
         layer = declared.get(name)
         if layer is None or name not in outputs:
             raise BadFrame(f"model {model_name!r}: Result.from_input names output {name!r}, "
                            f"which it does not return (declared: {sorted(declared)})")
         if (not isinstance(channels, (tuple, list)) or len(set(channels)) != len(channels)
+                or not 0 < len(channels) < len(layer.channels)
                 or not all(isinstance(c, str) and c in layer.channels
                            and c in source_layer.channels for c in channels)):
             raise BadFrame(f"model {model_name!r}: Result.from_input[{name!r}] must list "
                            f"distinct channels of both the output {layer.channels} and the "
-                           f"first input {source_layer.channels}; got {channels!r}")
-        rest = [i for i, c in enumerate(layer.channels) if c not in channels]
+                           f"first input {source_layer.channels}, leaving the model at least "
+                           f"one; got {channels!r}")
+        rest = Layer(tuple(c for c in layer.channels if c not in channels), color=layer.color)
         part = outputs[name]
-        want = (height, width, len(rest))
-        if not isinstance(part, np.ndarray) or part.shape != want:
+        want = (height, width, len(rest.channels))
+        if (not isinstance(part, np.ndarray) or part.shape != want
+                or part.dtype.kind not in "fiu"):
             got = getattr(part, "shape", type(part).__name__)
             raise BadFrame(f"model {model_name!r} returned output {name!r} of shape {got}; "
                            f"with {list(channels)} from the input it holds the other "
-                           f"channels: {want}")
+                           f"channels: {want}, float")
+        plan[name] = (tuple(channels), rest)
+    return plan
+
+
+def fill_from_input(model_name: str, declared: Dict[str, Layer], outputs: Dict[str, Any],
+                    from_input: Any, source_layer: Layer, source: np.ndarray
+                    ) -> Dict[str, Any]:
+    """The outputs with the channels a model took from its first input
+    (`Result.from_input`) filled in from that input's pixels `source` (as the model was
+    given them): full arrays for `check_outputs`. BadFrame as `from_input_plan`."""
+    height, width = source.shape[:2]
+    plan = from_input_plan(model_name, declared, outputs, from_input, source_layer,
+                           height, width)
+    filled = dict(outputs)
+    for name, (channels, rest) in plan.items():
+        layer = declared[name]
         full = np.empty((height, width, len(layer.channels)), np.float32)
         for i, c in enumerate(layer.channels):
-            j = source_layer.channels.index(c) if c in channels else None
-            np.copyto(full[..., i], source[..., j] if j is not None
-                      else part[..., rest.index(i)], casting="unsafe")
+            if c in channels:
+                src = source[..., source_layer.channels.index(c)]
+            else:
+                src = outputs[name][..., rest.channels.index(c)]
+            np.copyto(full[..., i], src, casting="unsafe")
         filled[name] = full
     return filled
 

@@ -15,9 +15,17 @@ from typing import TYPE_CHECKING, Any, Dict, List, Tuple, Type
 
 import numpy as np
 
+from . import exr as exrio
 from .errors import BadFrame, BadRequest, OutOfMemory
-from .frames import FrameReader, FrameWriter, check_outputs, convert_color, fill_from_input
-from .model import Model, Result
+from .frames import (
+    FrameReader,
+    FrameWriter,
+    check_outputs,
+    convert_color,
+    fill_from_input,
+    from_input_plan,
+)
+from .model import Layer, Model, Result
 from .protocol import Message
 from .registry import Entry
 from .tiling import run_tiled
@@ -136,12 +144,28 @@ def finish(session: Session, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
     result = job.result if isinstance(job.result, Result) else Result(job.result)
     height, width = job.size
     returned = result.outputs
+    # outputs written as only the channels the model made, over an EXR base that holds
+    # the ones it took from the input: {name: (Layer of the model's channels, pixels)}
+    partial: Dict[str, Tuple[Layer, np.ndarray]] = {}
     if result.from_input and isinstance(returned, dict):
-        layer = next(iter(cls.inputs.values()))
-        returned = fill_from_input(cls.name, dict(cls.outputs), returned, result.from_input,
-                                   layer, job.source)
+        first, layer = next(iter(cls.inputs.items()))
+        base = job.reader.exr_images.get(first)
+        if (job.exr_spec is not None and not job.out_specs and base is not None
+                and not server_converts(cls)
+                and all(exrio.find_channel(base, c) is not None
+                        for chans in result.from_input.values() for c in chans)):
+            # nothing to copy: the result EXR is written over the input's, which holds them
+            plan = from_input_plan(cls.name, dict(cls.outputs), returned, result.from_input,
+                                   layer, height, width)
+            partial = {n: (rest, np.asarray(returned[n], np.float32))
+                       for n, (_, rest) in plan.items()}
+            returned = {n: a for n, a in returned.items() if n not in partial}
+        else:
+            returned = fill_from_input(cls.name, dict(cls.outputs), returned,
+                                       result.from_input, layer, job.source)
     job.source = None
-    outputs = check_outputs(cls.name, dict(cls.outputs), returned, height, width)
+    declared = {n: lay for n, lay in cls.outputs.items() if n not in partial}
+    outputs = check_outputs(cls.name, declared, returned, height, width)
     if server_converts(cls):
         outputs = {n: convert_color(a, cls.outputs[n], to_srgb=False) for n, a in outputs.items()}
     try:
@@ -164,7 +188,7 @@ def finish(session: Session, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
             attributes[f"dlserver/{key}"] = json.dumps(value)
         reply["output_exr"] = writer.write_exr(
             job.exr_spec, job.reader.exr_images.get(first_input),
-            {n: (cls.outputs[n], a) for n, a in outputs.items()}, attributes)
+            {**{n: (cls.outputs[n], a) for n, a in outputs.items()}, **partial}, attributes)
     job.timing["write_s"] = time.perf_counter() - t0
     reply["timing"] = {k: round(v, 6) for k, v in job.timing.items()}
     return reply, writer.buffers

@@ -40,9 +40,21 @@ def test_exr_output_keeps_the_input_channels(embedded: Client, tmp_path: Path) -
     out = tmp_path / "out.exr"
     embedded.infer_exr("matte_from_input", {"src": str(src)}, str(out))
     result = exr.read_exr(str(out))
+    # R, G, B stay the input EXR's own channels (nothing copied); A is the model's
+    np.testing.assert_array_equal(exr.gather(result, "RGB"), plate[..., :3])
     np.testing.assert_allclose(exr.gather(result, "RGBA"), _expected(plate), rtol=1e-6)
     assert (result.channels["depth.Z"] == 7).all()
     os.remove(src)
+
+
+def test_exr_output_from_inline_input_is_filled(embedded: Client, tmp_path: Path) -> None:
+    """An inline raw input has no EXR base: the server fills R, G, B itself."""
+    plate = make_plate()
+    reply = embedded.infer("matte_from_input", {"src": raw_inline(plate)}, {}, [plate.data],
+                           output_exr={"kind": "inline"})
+    ref = reply.header["output_exr"]
+    result = exr.read_exr(bytes(reply.buffers[ref["buffer"]]))
+    np.testing.assert_allclose(exr.gather(result, "RGBA"), _expected(plate), rtol=1e-6)
 
 
 def test_tiles_fill_each_tile_from_its_own_input(embedded: Client) -> None:
@@ -57,7 +69,8 @@ def test_tiles_fill_each_tile_from_its_own_input(embedded: Client) -> None:
 @pytest.mark.parametrize("mistake, says", [
     ("channel", "must list distinct channels"),
     ("shape", "holds the other channels"),
-    ("output", "does not return")])
+    ("output", "does not return"),
+    ("all", "leaving the model at least one")])
 def test_a_spec_that_does_not_fit_is_a_clear_error(embedded: Client, mistake: str,
                                                    says: str) -> None:
     plate = make_plate()

@@ -10,7 +10,7 @@ class MatteFromInput(Model):
     uses_torch = False
     inputs = {"src": Layer(("R", "G", "B", "A"))}
     outputs = {"rgba": Layer(("R", "G", "B", "A"))}
-    options = (Choice("mistake", choices=("none", "channel", "shape", "output"),
+    options = (Choice("mistake", choices=("none", "channel", "shape", "output", "all"),
                       help="return a from_input spec that does not fit"),)
 
     def tile_margin(self, options):
@@ -26,4 +26,6 @@ class MatteFromInput(Model):
             alpha = src[..., :2]
         elif options["mistake"] == "output":
             spec = {"mask": ("R",)}
+        elif options["mistake"] == "all":
+            spec = {"rgba": ("R", "G", "B", "A")}
         return Result({"rgba": alpha}, from_input=spec)
