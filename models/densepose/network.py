@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, roi_align  # type: ignore[import-untyped]
 
+from dlserver import nms as dlnms
+
 # detectron2 MODEL.PIXEL_MEAN / PIXEL_STD (BGR, 0-255 input)
 PIXEL_MEAN_BGR = (103.530, 116.280, 123.675)
 PIXEL_STD_BGR = (1.0, 1.0, 1.0)
@@ -313,15 +315,8 @@ class LevelNms(NamedTuple):
     order: Tensor        # (K,) kept boxes first, by decreasing score (stable), then the rest
     n_kept: Tensor       # () how many are kept
     converged: Tensor    # () whether the fixed point was reached
-    state: Tuple[Tensor, Tensor, Tensor]  # per-level blocks (keep, suppression, valid)
+    state: Tuple[Tensor, Tensor, Tensor]  # dlserver.nms.blocked_nms's, for `finish`
     sizes: Tuple[int, ...]                # boxes per level
-
-
-def _nms_step(keep: Tensor, sup: Tensor, valid: Tensor) -> Tensor:
-    # how many kept boxes suppress each box; only "none" matters, so rounding cannot
-    # change the answer (0/1 products)
-    hits = torch.matmul(keep.to(sup.dtype)[:, None, :], sup)[:, 0, :]
-    return valid & (hits == 0)
 
 
 def _kept_order(blocks: Tensor, sizes: Tuple[int, ...], score: Tensor) -> Tuple[Tensor, Tensor]:
@@ -338,10 +333,8 @@ def level_nms(boxes: Tensor, score: Tensor, lvl: Tensor, keep: Tensor, sizes: Tu
     + 1); intersection over union in float32, suppressed when > thresh).
 
     Each level's boxes come from a top-k: already in NMS order (decreasing score, ties by
-    position), and levels never suppress each other. Greedy NMS keeps a box when no kept
-    box before it in its level suppresses it: that recursion has one solution, the fixed
-    point of K <- valid & not(any_i K[i] & S[i, j]), reached from K = valid in as many
-    steps as the longest chain of suppressions (`steps` here, more eagerly if needed)."""
+    position), and levels never suppress each other: `dlserver.nms.blocked_nms` over the
+    levels, `steps` fixed-point steps here, more eagerly if needed."""
     # torchvision: boxes.max() over the kept boxes (clipped, so >= 0: zeros elsewhere
     # leave it as it is)
     top = torch.where(keep[:, None], boxes, torch.zeros_like(boxes)).amax()
@@ -352,23 +345,10 @@ def level_nms(boxes: Tensor, score: Tensor, lvl: Tensor, keep: Tensor, sizes: Tu
         blocks.append(F.pad(shifted[start:start + n], (0, 0, 0, k - n)))
         valid_blocks.append(F.pad(keep[start:start + n].to(torch.uint8), (0, k - n)))
         start += n
-    b = torch.stack(blocks)
-    valid = torch.stack(valid_blocks) > 0
-    p, q = b[:, :, None, :], b[:, None, :, :]
-    width = torch.minimum(p[..., 2], q[..., 2]) - torch.maximum(p[..., 0], q[..., 0])
-    height = torch.minimum(p[..., 3], q[..., 3]) - torch.maximum(p[..., 1], q[..., 1])
-    width, height = width.clamp(min=0), height.clamp(min=0)
-    inter = width * height
-    area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    iou = inter / (area[:, :, None] + area[:, None, :] - inter)
-    later = torch.ones((k, k), dtype=torch.bool, device=boxes.device).triu_(1)
-    sup = ((iou > thresh) & later).to(torch.float16 if boxes.is_cuda else torch.float32)
-    kept = valid
-    for _ in range(steps):
-        kept = _nms_step(kept, sup, valid)
-    converged = (_nms_step(kept, sup, valid) == kept).all()
+    kept, converged, state = dlnms.blocked_nms(torch.stack(blocks),
+                                               torch.stack(valid_blocks) > 0, thresh, steps)
     order, count = _kept_order(kept, sizes, score)
-    return LevelNms(order, count, converged, (kept, sup, valid), tuple(sizes))
+    return LevelNms(order, count, converged, state, tuple(sizes))
 
 
 def finish_level_nms(boxes: Tensor, score: Tensor, nms: LevelNms, cfg: Config) -> Tensor:
@@ -378,13 +358,7 @@ def finish_level_nms(boxes: Tensor, score: Tensor, nms: LevelNms, cfg: Config) -
     count, converged = torch.stack([nms.n_kept, nms.converged.long()]).tolist()
     order = nms.order
     if not converged:
-        kept, sup, valid = nms.state
-        while True:
-            after = _nms_step(kept, sup, valid)
-            if bool((after == kept).all()):
-                break
-            kept = after
-        order, n = _kept_order(kept, nms.sizes, score)
+        order, n = _kept_order(dlnms.finish(nms.state), nms.sizes, score)
         count = int(n)
     return boxes[order[: min(count, cfg.rpn_post_nms_topk)]]
 

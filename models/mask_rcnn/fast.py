@@ -25,28 +25,15 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import boxes as box_ops
 
-from dlserver import cuda_graphs
+from dlserver import cuda_graphs, nms
 
 MAX_PREFIX = 4096  # a T x T suppression matrix: 16 M entries at most
 
 
 def _iou_suppression(boxes: torch.Tensor, labels: torch.Tensor, thresh: float) -> torch.Tensor:
-    """(T, T) bool: row i suppresses column j (j after i in score order, same label,
+    """(..., T, T) bool: row i suppresses column j (j after i in score order, same label,
     IoU > thresh), computed as torchvision's nms kernel computes it."""
-    a = boxes[:, None, :]
-    b = boxes[None, :, :]
-    left = torch.maximum(a[..., 0], b[..., 0])
-    right = torch.minimum(a[..., 2], b[..., 2])
-    top = torch.maximum(a[..., 1], b[..., 1])
-    bottom = torch.minimum(a[..., 3], b[..., 3])
-    width = (right - left).clamp(min=0)
-    height = (bottom - top).clamp(min=0)
-    inter = width * height
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    iou = inter / (area[:, None] + area[None, :] - inter)
-    n = boxes.shape[0]
-    later = torch.ones((n, n), dtype=torch.bool, device=boxes.device).triu_(1)
-    return (iou > thresh) & (labels[:, None] == labels[None, :]) & later
+    return nms.suppression(boxes, thresh) & (labels[..., :, None] == labels[..., None, :])
 
 
 def _greedy(sup: np.ndarray, limit: int) -> List[int]:
@@ -336,15 +323,11 @@ def level_sizes(rpn: Any, features: Dict[str, torch.Tensor]) -> List[int]:
 
 def level_nms(for_nms: torch.Tensor, sizes: List[int], thresh: float,
               iterations: int = NMS_ITERATIONS) -> Tuple[Any, ...]:
-    """torchvision's greedy NMS per level, as tensor operations of fixed shapes (a CUDA
-    graph can hold them), for the RPN's proposals: each level's boxes come from a top-k,
-    so they are already in decreasing score order, and levels never suppress each other.
-
-    Greedy NMS keeps box j when no kept box before it suppresses it. That recursion has
-    one solution, the fixed point of K <- valid & not(any_i K[i] & S[i, j]), reached from
-    K = valid after as many steps as the longest chain of suppressions (a few). The
-    suppression test is the CUDA kernel's, on the same shifted boxes.
-    Returns (keep (N, T), converged (N,), and the state `nms_continue` needs)."""
+    """torchvision's NMS per level for the RPN's proposals, in fixed shapes (a CUDA graph
+    can hold it: `dlserver.nms`): each level's boxes come from a top-k, so they are
+    already in NMS order, and levels never suppress each other; the boxes are the same
+    shifted ones as torchvision's coordinate trick. Returns keep (N, T), converged (N,)
+    and the state `nms_continue` needs."""
     k = max(sizes)
     dev = for_nms.device
     # (L, k) positions of each level's boxes in the T axis; padding points at box 0
@@ -357,39 +340,15 @@ def level_nms(for_nms: torch.Tensor, sizes: List[int], thresh: float,
         start += size
     blocks = for_nms[:, index]                              # (N, L, k, 5)
     valid = (blocks[..., 4] > 0) & real                     # (N, L, k)
-    b = blocks[..., :4]
-    p, q = b[..., :, None, :], b[..., None, :, :]
-    width = torch.minimum(p[..., 2], q[..., 2]) - torch.maximum(p[..., 0], q[..., 0])
-    height = torch.minimum(p[..., 3], q[..., 3]) - torch.maximum(p[..., 1], q[..., 1])
-    width, height = width.clamp(min=0), height.clamp(min=0)
-    inter = width * height
-    area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    iou = inter / (area[..., :, None] + area[..., None, :] - inter)
-    later = torch.ones((k, k), dtype=torch.bool, device=dev).triu_(1)
-    sup = ((iou > thresh) & later & valid[..., :, None]).to(torch.float16)  # (N, L, k, k)
-    keep = valid
-    for _ in range(iterations):
-        keep = _nms_step(keep, sup, valid)
-    after = _nms_step(keep, sup, valid)
-    converged = (after == keep).flatten(1).all(1)
-    return _flatten(keep, sizes), converged, (keep, sup, valid, sizes)
-
-
-def _nms_step(keep: torch.Tensor, sup: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    # how many kept boxes suppress each box (exact: 0/1 products, sums below 2048)
-    hits = torch.matmul(keep.to(sup.dtype)[..., None, :], sup)[..., 0, :]
-    return valid & (hits == 0)
+    keep, converged, state = nms.blocked_nms(blocks[..., :4], valid, thresh, iterations)
+    return _flatten(keep, sizes), converged, (state, sizes)
 
 
 def nms_continue(state: Tuple[Any, ...]) -> torch.Tensor:
-    """More fixed-point steps, eagerly, until the keep mask stops changing (rare: a chain
-    of suppressions longer than NMS_ITERATIONS). Returns keep (N, T)."""
-    keep, sup, valid, sizes = state
-    while True:
-        after = _nms_step(keep, sup, valid)
-        if bool((after == keep).all()):
-            return _flatten(keep, sizes)
-        keep = after
+    """`level_nms` finished eagerly (rare: a chain of suppressions longer than its
+    steps). Returns keep (N, T)."""
+    blocks_state, sizes = state
+    return _flatten(nms.finish(blocks_state), sizes)
 
 
 def _flatten(blocks: torch.Tensor, sizes: List[int]) -> torch.Tensor:
@@ -539,8 +498,7 @@ class GraphCache:
             top = top[:, :prefix]
             tb = torch.gather(b, 1, top[..., None].expand(-1, -1, 4))
             tl = torch.gather(lab, 1, top)
-            sup = torch.stack([_iou_suppression(tb[i], tl[i], rh.nms_thresh)
-                               for i in range(tb.shape[0])])
+            sup = _iou_suppression(tb, tl, rh.nms_thresh)
             return (b, s, lab, chosen), (tb, torch.gather(s, 1, top), tl, sup, chosen.sum(1))
 
         name = f"boxes {thresh} {limit}"
