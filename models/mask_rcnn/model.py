@@ -450,6 +450,7 @@ class MaskRCNN(Model):
         k = int(idx.numel())
         mode = o["output_mode"]
         names = [self._categories[int(c)] for c in labels.tolist()]
+        boxes_host = boxes.float().cpu()  # for the detections' data and the matte bands
         if mode == "matte":
             # Only the union of the mattes is made, in bands of rows, each band going to
             # the host while the next is made (max and clamp commute). RGB is the
@@ -459,7 +460,7 @@ class MaskRCNN(Model):
             # (a pasted mask is exactly 0 outside `mask_support`).
             alpha = torch.zeros((h, w, 1), dtype=torch.float32, device=dev)
             masks = det["masks"][idx, 0]
-            support = render.mask_support(boxes, masks.shape[-1]).cpu()
+            support = render.mask_support(boxes_host, masks.shape[-1])
             parts = []
             step = -(-h // max(1, min(MATTE_BANDS, h // MATTE_BAND_ROWS)))
             for a in range(0, h, step):
@@ -477,7 +478,7 @@ class MaskRCNN(Model):
                             band = (band >= 0.5).float()
                         alpha[a:b, x0:x1, 0] = band.amax(0).clamp_(0.0, 1.0)
                 parts.append(("rgba", slice(a, b), _made(dev)))
-            return {"rgba": alpha}, parts, self._detections(names, labels, scores, boxes, h)
+            return {"rgba": alpha}, parts, self._detections(names, labels, scores, boxes_host, h)
 
         # linear in, linear out: the input's RGB needs no conversion at all (a whole-frame
         # copy is one fast contiguous kernel; then only alpha is written)
@@ -506,12 +507,12 @@ class MaskRCNN(Model):
             layers["instance_id"] = ids * inside[..., None]
         made = _made(dev)
         parts = [(name, slice(None), made) for name in layers]
-        return layers, parts, self._detections(names, labels, scores, boxes, h)
+        return layers, parts, self._detections(names, labels, scores, boxes_host, h)
 
     @staticmethod
-    def _detections(names: List[str], labels: Any, scores: Any, boxes: Any,
+    def _detections(names: List[str], labels: Any, scores: Any, boxes_host: Any,
                     h: int) -> List[Dict[str, Any]]:
-        box_list = boxes.cpu().numpy().astype(float).round(2).tolist()
+        box_list = boxes_host.numpy().astype(float).round(2).tolist()
         return [
             {"id": i + 1, "class": name, "class_index": int(c), "score": round(float(s), 4),
              "box": b, "box_nuke": [b[0], round(h - b[3], 2), b[2], round(h - b[1], 2)]}
