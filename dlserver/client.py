@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Dict, List, Optional, Sequence
+from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 from .files import write_atomic
 from .protocol import (
@@ -60,9 +60,33 @@ class DLServerError(Exception):
 
 @dataclass
 class InferReply:
+    """An `infer` reply. `written_to`: where the client put the result EXR itself
+    (`infer_exr`); `output_path` is that, else the file the server wrote."""
+
     header: Dict[str, Any]
     buffers: List[memoryview] = field(default_factory=list)
-    output_path: Optional[str] = None
+    written_to: Optional[str] = None
+
+    @property
+    def output_path(self) -> Optional[str]:
+        """The result EXR's path: where `infer_exr` wrote it, else the server's file
+        (`output_exr` of kind "file" or "cache"); None for inline results."""
+        if self.written_to is not None:
+            return self.written_to
+        where = self.header.get("output_exr")
+        if isinstance(where, dict) and where.get("kind") == "file":
+            return where.get("path")
+        return None
+
+    @property
+    def content_hash(self) -> Optional[str]:
+        """The inputs' content hash, when the request asked for it (or used a cache)."""
+        return self.header.get("content_hash")
+
+    @property
+    def cached(self) -> bool:
+        """True when the result was already in the cache folder: the model did not run."""
+        return bool(self.header.get("cached", False))
 
     @property
     def outputs(self) -> Dict[str, Any]:
@@ -82,14 +106,28 @@ class InferReply:
 
 
 class PendingExr:
-    """A submitted `infer_exr`: `result()` waits for it and writes the output file."""
+    """A submitted `infer_exr` (or `submit_exr_to_cache`): `result()` waits for it and
+    writes the output file. `output_path` is None for a cache result until `result()`
+    (the file is named by the content hash the server computes)."""
 
-    def __init__(self, client: Client, rid: int, output_path: str, tmp: Optional[str]) -> None:
+    def __init__(self, client: Client, rid: Optional[int], output_path: Optional[str],
+                 tmp: Optional[str], cache_dir: Optional[str] = None,
+                 ready: Optional[Dict[str, Any]] = None) -> None:
         self.client, self.rid, self.output_path, self.tmp = client, rid, output_path, tmp
+        self.cache_dir = cache_dir  # the client writes <cache_dir>/<hash>.exr itself
+        self.ready = ready  # a reply known without asking the server (a local cache hit)
 
     def result(self, timeout: Optional[float] = None) -> InferReply:
         try:
+            if self.ready is not None:
+                return InferReply(self.ready)
+            assert self.rid is not None
             msg = self.client.receive(self.rid, timeout)
+            if self.cache_dir is not None:
+                self.output_path = os.path.join(self.cache_dir,
+                                                f"{msg.header['content_hash']}.exr")
+            if self.output_path is None:  # the server wrote the cache file itself
+                return InferReply(msg.header, msg.buffers)
             reply = InferReply(msg.header, msg.buffers, self.output_path)
             where = reply.header["output_exr"]
             if self.tmp:
@@ -350,55 +388,120 @@ class Client:
     def infer(self, model: str, inputs: Dict[str, Dict[str, Any]],
               options: Optional[Dict[str, Any]] = None, buffers: Sequence[Any] = (),
               outputs: Optional[Dict[str, Any]] = None, output_exr: Optional[Dict[str, Any]] = None,
-              timeout: Optional[float] = None) -> InferReply:
-        """Run `model` on frame references (see docs/protocol.md)."""
+              timeout: Optional[float] = None, version: Optional[str] = None,
+              content_hash: bool = False) -> InferReply:
+        """Run `model` on frame references (see docs/protocol.md). `version`: the model
+        version the caller expects (refused with "version_mismatch" when the server's
+        differs); `content_hash`: ask for the EXR inputs' content hash."""
         fields: Dict[str, Any] = {"model": model, "inputs": inputs, "options": options or {}}
         if outputs is not None:
             fields["outputs"] = outputs
         if output_exr is not None:
             fields["output_exr"] = output_exr
+        if version is not None:
+            fields["version"] = version
+        if content_hash:
+            fields["content_hash"] = True
         msg = self.receive(self.send("infer", buffers, **fields), timeout)
         return InferReply(msg.header, msg.buffers)
 
     def infer_exr(self, model: str, inputs: Dict[str, str], output_path: str,
                   options: Optional[Dict[str, Any]] = None,
-                  timeout: Optional[float] = None) -> InferReply:
+                  timeout: Optional[float] = None, version: Optional[str] = None,
+                  content_hash: bool = False) -> InferReply:
         """EXR files in, one EXR out (the model's outputs over the first input's layers),
         written atomically at `output_path`. Files inside the exchange dir go by
         reference; others travel as bytes."""
-        return self.submit_exr(model, inputs, output_path, options).result(timeout)
+        return self.submit_exr(model, inputs, output_path, options, version,
+                               content_hash).result(timeout)
 
-    def submit_exr(self, model: str, inputs: Dict[str, str], output_path: str,
-                   options: Optional[Dict[str, Any]] = None) -> PendingExr:
-        """`infer_exr` without waiting: submit the next frames of a range while the
-        server works on this one (the server reads, runs and writes them in parallel)."""
+    def _exr_refs(self, inputs: Dict[str, str]) -> Tuple[Dict[str, Dict[str, Any]], List[bytes]]:
+        """Frame references for EXR files: by reference where the server can see them,
+        else their bytes inline."""
         refs: Dict[str, Dict[str, Any]] = {}
         buffers: List[bytes] = []
         for name, path in inputs.items():
-            if self._server_can_see(path):
+            if self.can_write(path):
                 refs[name] = {"kind": "file", "format": "exr", "path": os.path.abspath(path)}
             else:
                 with open(path, "rb") as f:
                     buffers.append(f.read())
                 refs[name] = {"kind": "inline", "format": "exr", "buffer": len(buffers) - 1}
-        os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-        tmp = None
-        if self._server_can_see(output_path):  # written in place, atomically, by the server
-            output_exr: Dict[str, Any] = {"kind": "file", "path": os.path.abspath(output_path)}
-        elif self.exchange_dir:  # the server writes the result next to it, in RAM
+        return refs, buffers
+
+    def _result_exr(self) -> Tuple[Dict[str, Any], Optional[str]]:
+        """An `output_exr` the client moves into place itself: a file in the exchange
+        dir (in RAM) on a local session, else inline bytes. (destination, temp file)"""
+        if self.exchange_dir:
             fd, tmp = tempfile.mkstemp(prefix="result-", suffix=".exr", dir=self.exchange_dir)
             os.close(fd)
-            output_exr = {"kind": "file", "path": tmp}
-        else:
-            output_exr = {"kind": "inline"}
+            return {"kind": "file", "path": tmp}, tmp
+        return {"kind": "inline"}, None
+
+    def _send_exr(self, model: str, refs: Dict[str, Any], buffers: Sequence[Any],
+                  options: Optional[Dict[str, Any]], output_exr: Dict[str, Any],
+                  tmp: Optional[str], version: Optional[str], content_hash: bool) -> int:
+        fields: Dict[str, Any] = {"model": model, "inputs": refs, "options": options or {},
+                                  "output_exr": output_exr}
+        if version is not None:
+            fields["version"] = version
+        if content_hash:
+            fields["content_hash"] = True
         try:
-            rid = self.send("infer", buffers, model=model, inputs=refs, options=options or {},
-                            output_exr=output_exr)
+            return self.send("infer", buffers, **fields)
         except BaseException:
             if tmp:
                 os.unlink(tmp)
             raise
+
+    def submit_exr(self, model: str, inputs: Dict[str, str], output_path: str,
+                   options: Optional[Dict[str, Any]] = None, version: Optional[str] = None,
+                   content_hash: bool = False) -> PendingExr:
+        """`infer_exr` without waiting: submit the next frames of a range while the
+        server works on this one (the server reads, runs and writes them in parallel)."""
+        refs, buffers = self._exr_refs(inputs)
+        os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+        tmp = None
+        if self.can_write(output_path):  # written in place, atomically, by the server
+            output_exr: Dict[str, Any] = {"kind": "file", "path": os.path.abspath(output_path)}
+        else:  # the server writes the result next to it, in RAM, or sends it
+            output_exr, tmp = self._result_exr()
+        rid = self._send_exr(model, refs, buffers, options, output_exr, tmp, version,
+                             content_hash)
         return PendingExr(self, rid, output_path, tmp)
+
+    def submit_exr_to_cache(self, model: str, inputs: Dict[str, str], cache_dir: str,
+                            options: Optional[Dict[str, Any]] = None,
+                            version: Optional[str] = None) -> PendingExr:
+        """Like `submit_exr`, into a content-addressed folder: the result is
+        `<cache_dir>/<content hash of the inputs>.exr`, and when that file exists the
+        model does not run. The reply's `content_hash`, `cached` and `output_path` say
+        which. A server that can write `cache_dir` (embedded, started with
+        `allow_dirs=[cache_dir or a folder above]`) hashes the inputs while it reads them
+        and writes the file in place; otherwise the client hashes the inputs, looks in
+        the folder itself and writes the result there."""
+        cache_dir = os.path.abspath(cache_dir)
+        os.makedirs(cache_dir, exist_ok=True)
+        refs, buffers = self._exr_refs(inputs)
+        if self.can_write(os.path.join(cache_dir, "0" * 32 + ".exr")):
+            rid = self._send_exr(model, refs, buffers, options,
+                                 {"kind": "cache", "dir": cache_dir}, None, version, True)
+            return PendingExr(self, rid, None, None)
+        # The server can't see the folder: the same hash, computed here.
+        from .content_hash import combine_hashes, exr_content_hash
+        decl = self.model(model)
+        order = [n for n in decl.get("inputs", {}) if n in inputs] or list(inputs)
+        digest = combine_hashes([exr_content_hash(inputs[n]) for n in order])
+        path = os.path.join(cache_dir, f"{digest}.exr")
+        # (a version that differs goes to the server, which refuses it with its message)
+        if (version is None or str(decl.get("version")) == version) and os.path.isfile(path):
+            return PendingExr(self, None, path, None, ready={
+                "ok": True, "model": model, "version": decl.get("version"), "message": "",
+                "data": {}, "content_hash": digest, "cached": True,
+                "output_exr": {"kind": "file", "format": "exr", "path": path}, "timing": {}})
+        output_exr, tmp = self._result_exr()
+        rid = self._send_exr(model, refs, buffers, options, output_exr, tmp, version, True)
+        return PendingExr(self, rid, None, tmp, cache_dir=cache_dir)
 
     def cancel(self, request_id: Any = "all") -> None:
         """Drop queued requests (a request id, or "all"); a running frame finishes."""
@@ -426,15 +529,18 @@ class Client:
     def alive(self) -> bool:
         return self._conn.gone is None
 
-    def _server_can_see(self, path: str) -> bool:
-        """Whether a local server accepts `path` by reference: inside its exchange dir or
-        a folder its command line allowed (the server checks again)."""
+    def can_write(self, path: str) -> bool:
+        """Whether a local server accepts `path` by reference, to read or write: inside
+        its exchange dir or a folder its command line allowed (`Client.spawn(allow_dirs=)`,
+        `--allow-dir`; symlinks resolved). The server checks again."""
         if not self.exchange_dir:
             return False
         real = os.path.realpath(path)
         roots = [self.exchange_dir, *self.server_info.get("allowed_dirs", [])]
         return any(real != root and os.path.commonpath([real, root]) == root
                    for root in map(os.path.realpath, roots))
+
+    _server_can_see = can_write  # the earlier, private name
 
     @property
     def can_restart(self) -> bool:

@@ -38,3 +38,7 @@ class Cancelled(DLError):
 
 class OutOfMemory(DLError):
     code = "out_of_memory"
+
+
+class VersionMismatch(DLError):
+    code = "version_mismatch"

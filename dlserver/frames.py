@@ -17,7 +17,8 @@ import numpy as np
 
 from . import exr as exrio
 from .color import linear_to_srgb, srgb_to_linear  # noqa: F401 - also imported from here
-from .errors import BadFrame, PathRefused
+from .content_hash import exr_content_hash
+from .errors import BadFrame, BadRequest, PathRefused
 from .model import Layer
 from .protocol import DTYPES, FrameRef, Limits, parse_frame_ref
 from .shm import SharedBlock
@@ -162,6 +163,23 @@ class FrameReader:
         self.exchange = exchange
         self.limits = limits
         self.exr_images: Dict[str, exrio.ExrImage] = {}
+
+    def content_hash(self, input_name: str, raw_ref: Any) -> str:
+        """The content hash of an EXR input (dlserver.content_hash), from the file (mapped,
+        not read: the decode that follows finds it in the page cache) or the inline bytes."""
+        ref = parse_frame_ref(raw_ref, len(self.buffers), self.limits, f"input {input_name!r}")
+        if ref.format != "exr" or ref.kind not in ("file", "inline"):
+            raise BadRequest(f"input {input_name!r}: a content hash is computed from EXR "
+                             f"frames only (kind 'file' or 'inline', format 'exr'); this one "
+                             f"is kind {ref.kind!r}, format {ref.format!r}")
+        if ref.kind == "inline":
+            return exr_content_hash(self.buffers[ref.buffer])  # type: ignore[index]
+        real = self.exchange.check(ref.path)  # type: ignore[arg-type]
+        try:
+            return exr_content_hash(real)
+        except OSError as exc:
+            raise BadFrame(f"input {input_name!r}: cannot read {ref.path!r}: "
+                           f"{exc.strerror or exc}") from None
 
     def read(self, input_name: str, raw_ref: Any, layer: Layer) -> np.ndarray:
         ref = parse_frame_ref(raw_ref, len(self.buffers), self.limits, f"input {input_name!r}")

@@ -2,21 +2,25 @@
 
 Request fields (docs/protocol.md): model, options, inputs {name: frame ref},
 outputs {name: destination} (raw results; inline float32 when absent) and/or
-output_exr (one EXR with every output, over the first input's layers).
+output_exr (one EXR with every output, over the first input's layers; kind "cache":
+`<dir>/<content hash>.exr`, and the model does not run when that file exists),
+version (the model version the client expects), content_hash (hash the EXR inputs).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Type
 
 import numpy as np
 
 from . import exr as exrio
-from .errors import BadFrame, BadRequest, OutOfMemory
+from .content_hash import combine_hashes
+from .errors import BadFrame, BadRequest, OutOfMemory, PathRefused, VersionMismatch
 from .frames import (
     FrameReader,
     FrameWriter,
@@ -35,6 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dlserver")
 
+MAX_VERSION_CHARS = 256  # a model version is a short label ("3", "2024.1")
+MAX_PATH_CHARS = 4096
+
 
 @dataclass
 class Job:
@@ -52,6 +59,9 @@ class Job:
     timing: Dict[str, float] = field(default_factory=dict)
     result: Any = None
     source: Any = None  # the first input, kept for a result's `from_input` channels
+    content_hash: Optional[str] = None  # asked for (content_hash, or output_exr kind cache)
+    cache: bool = False  # output_exr kind cache (exr_spec is then its file)
+    ready: Optional[Dict[str, Any]] = None  # the whole reply, when nothing is left to do
 
     def keep_source(self) -> None:
         """After the model ran: drop the views of the inputs (the client's shared memory),
@@ -78,6 +88,7 @@ def prepare(session: Session, msg: Message) -> Job:
     header = msg.header
     entry = session.server.registry.get(header.get("model"))
     cls = entry.cls
+    check_version(cls, header)
     options = cls.resolve_options(header.get("options"))
     refs = header.get("inputs")
     if not isinstance(refs, dict) or set(refs) != set(cls.inputs):
@@ -89,9 +100,34 @@ def prepare(session: Session, msg: Message) -> Job:
     tile = header.get("tile", 0)
     if not isinstance(tile, int) or isinstance(tile, bool) or not (tile == 0 or 32 <= tile):
         raise BadRequest("'tile' must be 0 (whole frame) or a tile size of at least 32 pixels")
+    want_hash = header.get("content_hash", False)
+    if not isinstance(want_hash, bool):
+        raise BadRequest("'content_hash' must be true or false")
+    exr_spec = header.get("output_exr")
+    cache_dir = None
+    if isinstance(exr_spec, dict) and exr_spec.get("kind") == "cache":
+        cache_dir = check_cache_dir(session, exr_spec, out_specs, header)
+        want_hash = True
 
     t0 = time.perf_counter()
     reader = FrameReader(msg.buffers, session.shm, session.exchange, session.server.limits)
+    content_hash = None
+    if want_hash:  # in the model's declared input order
+        content_hash = combine_hashes([reader.content_hash(name, refs[name])
+                                       for name in cls.inputs])
+    if cache_dir is not None:
+        path = os.path.join(cache_dir, f"{content_hash}.exr")
+        real = session.exchange.check(path)  # the file itself may be a link elsewhere
+        exr_spec = {"kind": "file", "path": path}
+        if os.path.isfile(real):  # computed before: the model does not run
+            job = Job(entry, options, {}, reader, out_specs, exr_spec, tile, (0, 0),
+                      content_hash=content_hash, cache=True)
+            job.timing["read_s"] = time.perf_counter() - t0
+            job.ready = {"model": cls.name, "version": str(cls.version), "message": "",
+                         "data": {}, "content_hash": content_hash, "cached": True,
+                         "output_exr": {"kind": "file", "format": "exr", "path": path},
+                         "timing": {k: round(v, 6) for k, v in job.timing.items()}}
+            return job
     arrays: Dict[str, np.ndarray] = {}
     for name, layer in cls.inputs.items():
         pixels = reader.read(name, refs[name], layer)
@@ -102,10 +138,56 @@ def prepare(session: Session, msg: Message) -> Job:
             pixels = convert_color(pixels, layer, to_srgb=True)
         arrays[name] = pixels
     height, width = next(iter(arrays.values())).shape[:2]
-    job = Job(entry, options, arrays, reader, out_specs, header.get("output_exr"), tile,
-              (height, width))
+    job = Job(entry, options, arrays, reader, out_specs, exr_spec, tile, (height, width),
+              content_hash=content_hash, cache=cache_dir is not None)
     job.timing["read_s"] = time.perf_counter() - t0
     return job
+
+
+def check_version(cls: Type[Model], header: Dict[str, Any]) -> None:
+    """`version`, when the request names one, must be the served model's."""
+    if "version" not in header:
+        return
+    want = header["version"]
+    if not isinstance(want, str) or len(want) > MAX_VERSION_CHARS:
+        raise BadRequest(f"'version' must be the model version the client expects: a string "
+                         f"of at most {MAX_VERSION_CHARS} characters")
+    have = str(cls.version)
+    if want != have:
+        raise VersionMismatch(
+            f"model {cls.name} is version {have} on this server; this request expects "
+            f"version {want}: press Connect to update the node (results of version {want} "
+            f"stay in the cache)")
+
+
+def check_cache_dir(session: Session, spec: Dict[str, Any], out_specs: Any,
+                    header: Dict[str, Any]) -> str:
+    """The folder of an `output_exr` of kind "cache": absolute, existing, and inside the
+    exchange dir or an --allow-dir folder of a local session. Returns it as given."""
+    if header.get("content_hash", True) is not True:
+        raise BadRequest("output_exr kind 'cache' names its file by the content hash: "
+                         "leave 'content_hash' out or set it to true")
+    if out_specs:
+        raise BadRequest("output_exr kind 'cache' can't be combined with 'outputs': a "
+                         "cache hit runs no model and has no raw outputs to send")
+    folder = spec.get("dir")
+    if (not isinstance(folder, str) or not folder or "\0" in folder
+            or len(folder) > MAX_PATH_CHARS or not os.path.isabs(folder)):
+        raise BadRequest("output_exr kind 'cache' needs 'dir': an absolute folder path")
+    if session.exchange.path is None:
+        raise PathRefused("output_exr kind 'cache' names a folder on the server: only a "
+                          "local (embedded) session may use it; a remote client asks for "
+                          "'content_hash' with an inline result and caches it on its side")
+    try:
+        session.exchange.check(os.path.join(folder, "0" * 32 + ".exr"))
+    except PathRefused:
+        raise PathRefused(f"output_exr: cache folder {folder!r} is outside this session's "
+                          f"exchange dir and the folders the server was started with "
+                          f"(--allow-dir); start the server with --allow-dir for the cache "
+                          f"(Client.spawn(allow_dirs=[...]))") from None
+    if not os.path.isdir(folder):
+        raise BadFrame(f"output_exr: cache folder {folder!r} does not exist; create it first")
+    return folder
 
 
 def execute(session: Session, jobs: List[Job]) -> None:
@@ -189,6 +271,10 @@ def finish(session: Session, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
         reply["output_exr"] = writer.write_exr(
             job.exr_spec, job.reader.exr_images.get(first_input),
             {**{n: (cls.outputs[n], a) for n, a in outputs.items()}, **partial}, attributes)
+    if job.content_hash is not None:
+        reply["content_hash"] = job.content_hash
+    if job.cache:
+        reply["cached"] = False
     job.timing["write_s"] = time.perf_counter() - t0
     reply["timing"] = {k: round(v, 6) for k, v in job.timing.items()}
     return reply, writer.buffers

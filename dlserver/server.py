@@ -78,7 +78,7 @@ class Server:
         self.started = time.time()
         self.stop_event = threading.Event()
         self.counters = {"requests": 0, "frames": 0, "errors": 0, "sessions": 0,
-                         "oom_recoveries": 0}
+                         "oom_recoveries": 0, "cache_hits": 0}
         self.cpu_fallback = False
         self.tls: Optional[ssl.SSLContext] = None
         # Frames are read (EXR decode, colour) and written on these threads, several at
@@ -277,6 +277,10 @@ class Session:
         if item is not None and item.work is not None:
             try:
                 item.job = item.work.result()
+                if item.job.ready is not None:  # a cache hit: nothing to run or write
+                    item.reply = ok_reply(item.msg.header.get("id"), **item.job.ready), []
+                    item.job = None
+                    self.server.count("cache_hits")
             except Exception as exc:
                 item.reply = self._error(item.msg, exc)
             item.work = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import threading
 
@@ -148,8 +149,13 @@ requests = st.fixed_dictionaries(
               "inputs": st.dictionaries(st.sampled_from(["src", "x"]), frame_refs, max_size=2),
               "outputs": st.dictionaries(st.sampled_from(["rgba", "x"]), json_values,
                                          max_size=2),
-              "output_exr": json_values,
+              "output_exr": json_values | st.fixed_dictionaries(
+                  {"kind": st.just("cache")},
+                  optional={"dir": st.sampled_from(["/", "/etc", "..", "", "/tmp/../etc",
+                                                    "a/b", "/dev/shm"]) | json_values}),
               "tile": json_values,
+              "version": json_values | st.text(max_size=300),
+              "content_hash": json_values,
               "target": json_values})
 
 
@@ -189,3 +195,127 @@ def test_non_utf8_and_deep_json_over_the_wire(server: Server) -> None:
         check_replies(replies)
         assert replies[-1]["error"]["code"] == code
     assert_still_serving(server)
+
+
+# --- the fields of version pinning, content hashes and the cache folder ----------------------
+
+@pytest.fixture(scope="module")
+def cache_server(tmp_path_factory) -> tuple:
+    """A server whose command line allowed `<tmp>/allowed-root`, beside folders it did not
+    allow (a sibling sharing its prefix, a private folder, a link out of the root)."""
+    from support import make_plate, write_plate_exr
+
+    base = tmp_path_factory.mktemp("cache")
+    (base / "exchange").mkdir()
+    for name in ("allowed-root", "allowed-root-x", "private"):
+        (base / name).mkdir()
+    (base / "allowed-root" / "link").symlink_to(base / "private")
+    write_plate_exr(base / "in.exr", make_plate(16, 16))
+    server = Server(Registry([TEST_MODELS]), LIMITS, token=None,
+                    exchange_dir=str(base / "exchange"))
+    server.allowed_dirs = [str(base / "allowed-root")]
+    return server, base
+
+
+def ask(server: Server, payload: bytes, local: bool = True) -> list:
+    """Send `payload` (hello and one request) and read the three replies (welcome, hello,
+    the request's) before closing: a session drops the replies of a client that left."""
+    ours, theirs = socket.socketpair()
+
+    def serve() -> None:
+        with theirs:
+            server.serve_stream(theirs.makefile("rb"), theirs.makefile("wb"), local, "raw")
+            theirs.shutdown(socket.SHUT_RDWR)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    ours.sendall(payload)
+    stream = ours.makefile("rb")
+    replies = [read_message(stream, Limits(max_body=1 << 30)).header for _ in range(3)]
+    ours.shutdown(socket.SHUT_WR)
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the session did not end after the client left"
+    stream.close()
+    ours.close()
+    return replies
+
+
+def infer_request(base, **fields) -> bytes:
+    data = (base / "in.exr").read_bytes()
+    header = {"type": "infer", "id": 1, "model": "identity",
+              "inputs": {"src": {"kind": "inline", "format": "exr", "buffer": 0}}, **fields}
+    return hello() + b"".join(bytes(p) for p in encode_message(header, [data]))
+
+
+HOSTILE = [
+    ({"version": 1}, "bad_request"),
+    ({"version": None}, "bad_request"),
+    ({"version": ["1"]}, "bad_request"),
+    ({"version": "1" * 50_000}, "bad_request"),
+    ({"version": "2"}, "version_mismatch"),
+    ({"content_hash": "true"}, "bad_request"),
+    ({"content_hash": 1}, "bad_request"),
+    ({"content_hash": None}, "bad_request"),
+    ({"content_hash": {"a": 1}}, "bad_request"),
+    ({"output_exr": {"kind": "cache", "dir": "{base}/private"}}, "forbidden_path"),
+    ({"output_exr": {"kind": "cache", "dir": "{base}/allowed-root-x"}}, "forbidden_path"),
+    ({"output_exr": {"kind": "cache", "dir": "{base}/allowed-root/../private"}},
+     "forbidden_path"),
+    ({"output_exr": {"kind": "cache", "dir": "{base}/allowed-root/link"}}, "forbidden_path"),
+    ({"output_exr": {"kind": "cache", "dir": "/"}}, "forbidden_path"),
+    ({"output_exr": {"kind": "cache", "dir": "../allowed-root"}}, "bad_request"),
+    ({"output_exr": {"kind": "cache", "dir": ["/tmp"]}}, "bad_request"),
+    ({"output_exr": {"kind": "cache", "dir": "/tmp/\0x"}}, "bad_request"),
+    ({"output_exr": {"kind": "cache", "dir": "/" + "a" * 50_000}}, "bad_request"),
+    ({"output_exr": {"kind": "cache"}}, "bad_request"),
+    ({"output_exr": {"kind": "cache", "dir": "{base}/allowed-root"}, "content_hash": False},
+     "bad_request"),
+    ({"output_exr": {"kind": "cache", "dir": "{base}/allowed-root"},
+      "outputs": {"rgba": {"kind": "inline"}}}, "bad_request"),
+]
+
+
+@pytest.mark.parametrize("fields, code", HOSTILE)
+def test_hostile_new_fields_get_error_replies(cache_server, fields, code) -> None:
+    server, base = cache_server
+    fields = json.loads(json.dumps(fields).replace("{base}", str(base)))
+    replies = ask(server, infer_request(base, **fields))
+    check_replies(replies)
+    assert replies[-1]["ok"] is False and replies[-1]["error"]["code"] == code, replies[-1]
+    for folder in ("private", "allowed-root-x"):
+        assert os.listdir(base / folder) == [], "nothing written outside the allowed root"
+    assert sorted(os.listdir(base / "allowed-root")) == ["link"]
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("folder", ["allowed-root", "exchange", "private"])
+def test_no_cache_folder_over_tcp(cache_server, folder: str) -> None:
+    server, base = cache_server
+    replies = ask(server, infer_request(
+        base, output_exr={"kind": "cache", "dir": str(base / folder)}), local=False)
+    check_replies(replies)
+    assert replies[-1]["error"]["code"] == "forbidden_path"
+    assert "local" in replies[-1]["error"]["message"]
+    assert sorted(os.listdir(base / "allowed-root")) == ["link"]
+    replies = ask(server, infer_request(base, content_hash=True,
+                                             output_exr={"kind": "inline"}), local=False)
+    assert replies[-1]["ok"] and len(replies[-1]["content_hash"]) == 32
+    assert_still_serving(server)
+
+
+def test_the_cache_folder_over_a_local_session(cache_server) -> None:
+    server, base = cache_server
+    target = base / "allowed-root" / "key"
+    target.mkdir(exist_ok=True)
+    try:
+        spec = {"kind": "cache", "dir": str(target)}
+        first = ask(server, infer_request(base, output_exr=spec))[-1]
+        again = ask(server, infer_request(base, output_exr=spec))[-1]
+        assert (first["cached"], again["cached"]) == (False, True)
+        assert first["output_exr"] == again["output_exr"] == {
+            "kind": "file", "format": "exr", "path": str(target / f"{first['content_hash']}.exr")}
+        assert os.listdir(target) == [f"{first['content_hash']}.exr"]
+    finally:
+        for name in os.listdir(target):
+            os.unlink(target / name)
+        target.rmdir()
