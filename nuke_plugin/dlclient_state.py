@@ -18,15 +18,17 @@ import json
 import math
 import os
 import re
-import struct
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
+
+# One content hash for the plug-in and the server (stdlib only; the repository root is
+# on sys.path: nuke_plugin/init.py puts it there).
+from dlserver.content_hash import combine_hashes, exr_content_hash  # noqa: F401 - re-exported
 
 SCHEMA = 1
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")  # model, input and option names
 OPTION_TYPES = ("bool", "int", "float", "string", "choice", "button")
 KNOB_PREFIX = "dlopt_"  # option knobs are named dlopt_<option name>
-MISSING = "-"  # placeholder in the per-frame input hash list
 
 
 class StateError(ValueError):
@@ -201,50 +203,6 @@ def result_key(model: str, version: str, options: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
-def combine_hashes(hashes: Sequence[str]) -> str:
-    """One input hash for a frame from the content hashes of each of its inputs."""
-    if len(hashes) == 1:
-        return hashes[0]
-    return hashlib.sha256("+".join(hashes).encode("ascii")).hexdigest()[:32]
-
-
-def exr_content_hash(path: str) -> str:
-    """Hash of an EXR's pixels, channel list and windows, not its metadata (a Write may
-    stamp times or paths into the header, which must not defeat the cache)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        attrs, end = _exr_header(data)
-        for name in ("channels", "compression", "dataWindow", "displayWindow",
-                     "pixelAspectRatio", "lineOrder"):
-            digest.update(name.encode() + b"=" + attrs.get(name, b"") + b";")
-        digest.update(data[end:])
-    except ValueError:
-        digest.update(data)
-    return digest.hexdigest()[:32]
-
-
-def _exr_header(data: bytes) -> Tuple[Dict[str, bytes], int]:
-    """Attributes (raw values) of a single-part EXR header and where the header ends."""
-    if data[:4] != b"\x76\x2f\x31\x01":
-        raise ValueError("not an EXR file")
-    pos = 8
-    attrs: Dict[str, bytes] = {}
-    while True:
-        end = data.index(b"\0", pos)
-        name = data[pos:end].decode("latin-1")
-        pos = end + 1
-        if not name:
-            return attrs, pos
-        end = data.index(b"\0", pos)
-        pos = end + 1
-        (size,) = struct.unpack_from("<i", data, pos)
-        pos += 4
-        attrs[name] = data[pos:pos + size]
-        pos += size
-
-
 def default_cache_root() -> str:
     """$DLSERVER_CACHE_DIR, else the user's cache dir + dlserver/results."""
     env = os.environ.get("DLSERVER_CACHE_DIR")
@@ -267,29 +225,3 @@ def cache_root(knob_value: str) -> str:
 
 def result_path(root: str, key: str, input_hash: str) -> str:
     return os.path.join(root, key, input_hash + ".exr")
-
-
-# --- the per-frame input hash list -------------------------------------------------------
-# Kept in the node's hidden `input_hashes` knob as a Tcl list (space separated) of one
-# hash per frame from `hashes_first`, "-" where the frame was never processed, so the
-# internal Read's file knob can pick its frame's hash with Tcl alone.
-def set_frame_hash(first: int, hashes: str, frame: int, value: str) -> Tuple[int, str]:
-    items = hashes.split() if hashes.strip() else []
-    if not items:
-        first = frame
-    if frame < first:
-        items = [MISSING] * (first - frame) + items
-        first = frame
-    index = frame - first
-    if index >= len(items):
-        items += [MISSING] * (index + 1 - len(items))
-    items[index] = value
-    return first, " ".join(items)
-
-
-def frame_hash(first: int, hashes: str, frame: int) -> Optional[str]:
-    items = hashes.split()
-    index = frame - first
-    if 0 <= index < len(items) and items[index] != MISSING:
-        return items[index]
-    return None

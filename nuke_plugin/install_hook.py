@@ -14,7 +14,7 @@ Both functions are idempotent and touch no other line of the file.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 MARKER = "# dlserver"
 PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -83,3 +83,16 @@ def _write(path: str, text: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def legacy_class_wanted(plugin_path: Sequence[str], environ: Mapping[str, str]) -> bool:
+    """Whether to offer the old class name DLClient (scripts saved before the rename):
+    not when DLSERVER_LEGACY_CLASS=0, nor when a compiled DLClient plug-in (the seed's
+    nuke-ML-server node) is on Nuke's plug-in path, which owns that name."""
+    if environ.get("DLSERVER_LEGACY_CLASS", "1") == "0":
+        return False
+    for folder in plugin_path:
+        for ext in (".so", ".dll", ".dylib"):
+            if os.path.isfile(os.path.join(folder, "DLClient" + ext)):
+                return False
+    return True

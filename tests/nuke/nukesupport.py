@@ -33,18 +33,30 @@ from nuke import exrio  # noqa: E402
 
 from dlserver.client import DLServerError  # noqa: E402 - stdlib only
 
+NODE_CLASS = "DLServerClient"
+
 
 def start_nuke(gui: bool = True) -> Any:
-    """A fresh session; returns the plug-in module (dlclient_nuke)."""
+    """A fresh session; returns the plug-in's callbacks module (dlclient_nuke)."""
     nuke._reset()
     nuke.env["gui"] = gui
     nuke.pluginAddPath(PLUGIN)
     import dlclient_nuke
+    from dlclient import frames, knobs, threads
     dlclient_nuke.shutdown_clients()
-    dlclient_nuke._busy.clear()
-    dlclient_nuke._updating.clear()
-    dlclient_nuke._pending[0] = 0
+    frames.reset()
+    knobs._updating.clear()
+    threads.reset()
     return dlclient_nuke
+
+
+def use_client(client_class: Any) -> Any:
+    """Make the plug-in use `client_class` instead of dlserver.client.Client; returns the
+    class it used before."""
+    from dlclient import connections
+    before = connections.Client
+    connections.Client = client_class
+    return before
 
 
 def run_menu() -> None:
@@ -117,24 +129,42 @@ def blur_decl(size_max: Optional[float] = None) -> Dict[str, Any]:
 
 
 class Reply:
-    def __init__(self, message: str = "", output_path: Optional[str] = None) -> None:
+    def __init__(self, message: str = "", output_path: Optional[str] = None,
+                 content_hash: str = "", cached: bool = False) -> None:
         self.outputs: Dict[str, Any] = {}
         self.message = message
         self.data: Dict[str, Any] = {}
         self.output_path = output_path
+        self.content_hash = content_hash
+        self.cached = cached
+
+
+class Done:
+    """A finished PendingExr."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+    def result(self, timeout: Optional[float] = None) -> Reply:
+        return self.reply
 
 
 class StubClient:
-    """Client.spawn/connect/models/infer_exr/close as in dlserver.client, in-process."""
+    """Client.spawn/connect/models/submit_exr/submit_exr_to_cache/can_write/close as in
+    dlserver.client, in-process. An embedded stub may write into the folders it was
+    spawned with (allow_dirs), like the real server with --allow-dir; then it hashes the
+    input itself (the server-side cache path)."""
 
     decls: List[Dict[str, Any]] = [blur_decl()]
     token = "right-token"
     spawned = 0
     calls: List[Dict[str, Any]] = []
     before_infer: Optional[Any] = None  # test hook: called with the request
+    spawn_threads: List[str] = []
 
-    def __init__(self, exchange_dir: Optional[str]) -> None:
+    def __init__(self, exchange_dir: Optional[str], allow_dirs: Any = ()) -> None:
         self.exchange_dir = exchange_dir
+        self.allow_dirs = [os.path.realpath(d) for d in allow_dirs]
         self.server_info = {"version": "stub"}
         self._alive = True
 
@@ -144,12 +174,38 @@ class StubClient:
         cls.spawned = 0
         cls.calls = []
         cls.before_infer = None
+        cls.spawn_threads = []
 
     @classmethod
     def spawn(cls, python: Optional[str] = None, models_dirs: Any = (), device: Any = None,
-              timeout: float = 60.0) -> StubClient:
+              timeout: float = 60.0, extra_args: Any = (), allow_dirs: Any = ()) -> StubClient:
+        import threading
         cls.spawned += 1
-        return cls(tempfile.mkdtemp(prefix="stub-exchange-"))
+        cls.spawn_threads.append(threading.current_thread().name)
+        return cls(tempfile.mkdtemp(prefix="stub-exchange-"), allow_dirs)
+
+    def can_write(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return any(real != root and os.path.commonpath([real, root]) == root
+                   for root in self.allow_dirs)
+
+    def submit_exr(self, model: str, inputs: Dict[str, str], output_path: str,
+                   options: Optional[Dict[str, Any]] = None,
+                   version: Optional[str] = None) -> Done:
+        return Done(self.infer_exr(model, inputs, output_path, options, version=version))
+
+    def submit_exr_to_cache(self, model: str, inputs: Dict[str, str], cache_dir: str,
+                            options: Optional[Dict[str, Any]] = None,
+                            version: Optional[str] = None) -> Done:
+        # (the real client hashes here, or has the server hash: the same hash either way)
+        from dlclient_state import combine_hashes, exr_content_hash
+        digest = combine_hashes([exr_content_hash(inputs[n]) for n in inputs])
+        out = os.path.join(cache_dir, digest + ".exr")
+        if os.path.exists(out):
+            return Done(Reply("", out, digest, cached=True))
+        reply = self.infer_exr(model, inputs, out, options, version=version)
+        reply.content_hash = digest
+        return Done(reply)
 
     @classmethod
     def connect(cls, host: str, port: int, token: Optional[str] = None,
@@ -167,13 +223,17 @@ class StubClient:
 
     def infer_exr(self, model: str, inputs: Dict[str, str], output_path: str,
                   options: Optional[Dict[str, Any]] = None,
-                  timeout: Optional[float] = None) -> Reply:
+                  timeout: Optional[float] = None, version: Optional[str] = None) -> Reply:
         request = {"model": model, "inputs": dict(inputs), "options": dict(options or {}),
-                   "output_path": output_path}
+                   "output_path": output_path, "version": version}
         if StubClient.before_infer is not None:
             StubClient.before_infer(request)
         StubClient.calls.append(request)
         decl = next(d for d in self.decls if d["name"] == model)
+        if version is not None and version != decl["version"]:
+            raise DLServerError("version_mismatch", f"model {model} is version "
+                                f"{decl['version']} on this server; this request expects "
+                                f"version {version}: press Connect to update the node")
         declared = {o["name"] for o in decl["options"]}
         unknown = set(request["options"]) - declared
         if unknown:

@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # nukesupport
 
 from nukesupport import PLUGIN, REPO  # noqa: E402
 
-GIZMO = os.path.join(REPO, "gizmos", "DLClient.gizmo")
+GIZMO = os.path.join(REPO, "gizmos", "DLServerClient.gizmo")
+LEGACY_GIZMO = os.path.join(REPO, "gizmos", "legacy", "DLClient.gizmo")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -30,9 +31,10 @@ def test_mypy_against_types_nuke():
 
 
 def test_no_unexplained_type_ignore_on_nuke_calls():
-    for name in os.listdir(PLUGIN):
-        if not name.endswith(".py"):
-            continue
+    names = [n for n in os.listdir(PLUGIN) if n.endswith(".py")]
+    names += [os.path.join("dlclient", n) for n in os.listdir(os.path.join(PLUGIN, "dlclient"))
+              if n.endswith(".py")]
+    for name in names:
         with open(os.path.join(PLUGIN, name), encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if "type: ignore" in line and "nuke." in line:
@@ -71,7 +73,8 @@ def test_gizmo_knobs_and_internal_nodes_found_by_nkparser():
         "status", "model_section", "model", "model_info", "processing_section",
         "process_frame", "process_range", "range_from_input", "first_frame", "last_frame",
         "live", "clear_cache", "cache_dir", "result_key", "state_json", "cache_path",
-        "input_hashes", "hashes_first", "hashes_last", "error_flag", "options_section"]
+        "node_id", "input_names", "frames_first", "frames_last", "error_flag",
+        "options_section"]
     kinds = dict((name, kind) for kind, name in user_knobs)
     assert kinds["state_json"] == "1" and "+INVISIBLE" in gizmo.knobs_named("addUserKnob")[
         [n for _, n in user_knobs].index("state_json")].value.raw
@@ -88,11 +91,21 @@ def test_gizmo_knobs_and_internal_nodes_found_by_nkparser():
             write.get("channels"), write.get("raw")) == ("true", "32 bit float", "none", "all",
                                                         "true")
     read, assert_node, output = internal[2:]
-    assert "[value parent.result_key]" in read.get("file")
-    assert "[value parent.input_hashes]" in read.get("file")
+    assert read.get("file").strip("{}") == (
+        "[value parent.cache_path]/nodes/[value parent.node_id]/[value parent.result_key]/"
+        "####.exr")
     assert read.get("raw") == "true" and read.get("on_error") == "error"
+    assert (read.get("before"), read.get("after")) == ("error", "error")
+    assert assert_node.get("expression") == "{{parent.error_flag == 0}}"  # numeric, not Tcl
+    model_knob = gizmo.knobs_named("addUserKnob")[[n for _, n in user_knobs].index("model")]
+    assert "+DO_NOT_WRITE" in model_knob.value.raw
     assert [n.name for n in assert_node.inputs] == ["DLRead"]
     assert [n.name for n in output.inputs] == ["DLAssert"]
+
+
+def test_the_legacy_gizmo_is_the_same_node():
+    with open(GIZMO, "rb") as a, open(LEGACY_GIZMO, "rb") as b:
+        assert a.read() == b.read()
 
 
 INTERPRETERS = {
@@ -125,8 +138,8 @@ def test_stdlib_tests_on_nukes_python(version):
         pytest.skip(f"no Python {version} from pyenv here")
     # -S: no site-packages at all (only the stdlib), -E: ignore PYTHON* variables.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    result = run([python, "-S", "-E", "-m", "unittest", "-q", "test_stdlib_plugin"],
-                 cwd=HERE, env=env)
+    result = run([python, "-S", "-E", "-m", "unittest", "-q", "test_stdlib_plugin",
+                  "test_nuke_behaviour"], cwd=HERE, env=env)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert re.search(r"Ran \d+ tests", output) and "OK" in output

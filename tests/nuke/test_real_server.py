@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # nukesupport
 
 import nukesupport as ns  # noqa: E402
+from dlclient import connections  # noqa: E402 - the plug-in's package (nukesupport's path)
 from nukesupport import nuke  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -37,8 +38,8 @@ def make_dlclient(tmp_path, frames=range(1, 6)):
     read = ns.upstream_read(pattern, frames[0], frames[-1])
     read.setSelected(True)
     ns.run_menu()
-    nuke.menu("Nodes").findItem("DL/DLClient").invoke()
-    node = nuke.toNode("DLClient1")
+    nuke.menu("Nodes").findItem("DL/DLServerClient").invoke()
+    node = nuke.toNode("DLServerClient1")
     assert node.input(0) is read
     return node, pattern
 
@@ -105,7 +106,7 @@ def test_embedded_end_to_end_matches_dlserver_infer(session, tmp_path):
     plugin.shutdown_clients()
     plugin = ns.start_nuke(gui=True)
     nuke.scriptOpen(script)
-    node = nuke.toNode("DLClient1")
+    node = nuke.toNode("DLServerClient1")
     assert (node["model"].value(), node["dlopt_size"].value(),
             node["dlopt_channels"].value()) == ("blur", 3.0, "rgb")
     connect(plugin, node)
@@ -113,7 +114,7 @@ def test_embedded_end_to_end_matches_dlserver_infer(session, tmp_path):
             node["dlopt_channels"].value()) == ("blur", 3.0, "rgb")
 
 
-def test_terminal_render_processes_missing_frames_with_the_real_server(session, tmp_path):
+def test_farm_prepass_then_render_with_the_real_server(session, tmp_path):
     plugin = session
     node, pattern = make_dlclient(tmp_path)
     connect(plugin, node)
@@ -128,10 +129,12 @@ def test_terminal_render_processes_missing_frames_with_the_real_server(session, 
     nuke.root()["last_frame"].setValue(5)
     nuke.scriptSaveAs(script)
     plugin.shutdown_clients()
-    # nuke -x farm.nk: a terminal session loads the script and renders the Write.
+    # nuke -t prepass.py farm.nk -F 1-5, then nuke -x -F 1-5 farm.nk: new sessions each.
+    import prepass
     plugin = ns.start_nuke(gui=False)
-    nuke.scriptOpen(script)
-    nuke.execute("Write1", 1, 5)
+    assert prepass.main([script, "-F", "1-5"]) == 0
+    plugin = ns.start_nuke(gui=False)
+    assert nuke._render_script(script, 1, 5) == ["Write1"]
     cli = cli_infer(tmp_path, pattern, 1.5)
     rendered = sorted(ns.files_under(str(tmp_path / "render")))
     assert len(rendered) == 5
@@ -193,23 +196,25 @@ def test_a_lost_embedded_server_is_restarted_transparently(session, tmp_path):
     connect(plugin, node)
     ns.press(node, "process_frame")
     ns.wait_idle(plugin)
-    server = plugin._clients[("embedded",)].process
+    server = connections._clients[("embedded",)].process
     server.kill()
     server.wait()
     nuke.frame(2)
     ns.press(node, "process_frame")
     ns.wait_idle(plugin)
     assert "processed 1 of 1" in node["status"].value(), node["status"].value()
-    assert plugin._clients[("embedded",)].process.pid != server.pid
+    assert connections._clients[("embedded",)].process.pid != server.pid
     cli = cli_infer(tmp_path, pattern, 4.0, "2")  # blur's default size
     assert_same_image(node._image(2), ns.exrio.read_exr(cli.replace("####", "0002")))
 
 
 def test_cancel_with_the_real_server_keeps_finished_frames_and_no_temp_files(session, tmp_path):
     plugin = session
-    node, pattern = make_dlclient(tmp_path)
+    from dlclient.frames import CHUNK
+    frames = 2 * CHUNK
+    node, pattern = make_dlclient(tmp_path, range(1, frames + 1))
     connect(plugin, node)
-    exchange = plugin._clients[("embedded",)].exchange_dir
+    exchange = connections._clients[("embedded",)].exchange_dir
     before = set(ns.files_under(exchange))
 
     def cancel_at_frame_2(task):
@@ -219,9 +224,13 @@ def test_cancel_with_the_real_server_keeps_finished_frames_and_no_temp_files(ses
     nuke._progress_hook[0] = cancel_at_frame_2
     ns.press(node, "process_range")
     ns.wait_idle(plugin)
-    assert "cancelled: processed 2 of 5" in node["status"].value()
-    results = ns.files_under(str(tmp_path / "cache"))
-    assert len(results) == 2 and all(p.endswith(".exr") for p in results)
+    # the first chunk was at the server when cancel came: it finishes; no more is sent
+    assert f"cancelled: processed {CHUNK} of {frames}" in node["status"].value()
+    cache = str(tmp_path / "cache")
+    results = [p for p in ns.files_under(cache) if os.sep + "nodes" + os.sep not in p]
+    assert len(results) == CHUNK and all(p.endswith(".exr") for p in ns.files_under(cache))
     assert set(ns.files_under(exchange)) == before  # no input or result left behind
-    for f in (1, 2):
+    for f in range(1, CHUNK + 1):
         node._image(f)
+    with pytest.raises(RuntimeError):
+        node._image(CHUNK + 1)

@@ -30,12 +30,11 @@ class PluginTest(unittest.TestCase):
         os.environ.pop("DLSERVER_TOKEN", None)
         self.plugin = ns.start_nuke(gui=self.gui)
         StubClient.reset()
-        self._client_class = self.plugin.Client
-        self.plugin.Client = StubClient
+        self._client_class = ns.use_client(StubClient)
 
     def tearDown(self) -> None:
         self.plugin.shutdown_clients()
-        self.plugin.Client = self._client_class
+        ns.use_client(self._client_class)
         os.environ.clear()
         os.environ.update(self._env)
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -45,7 +44,7 @@ class PluginTest(unittest.TestCase):
         pattern = ns.write_sequence(os.path.join(self.tmp, "plate"), frames)
         self.read = ns.upstream_read(pattern, frames[0], frames[-1])
         self.read.setSelected(True)
-        node = nuke.createNode("DLClient")
+        node = nuke.createNode(ns.NODE_CLASS)
         self.assertIs(node.input(0), self.read)
         return node
 
@@ -118,15 +117,6 @@ class StateTest(unittest.TestCase):
         self.assertEqual(state["model"], "")
         self.assertTrue(warnings)
 
-    def test_frame_hash_list(self) -> None:
-        import dlclient_state as st
-        first, hashes = st.set_frame_hash(0, "", 5, "a")
-        first, hashes = st.set_frame_hash(first, hashes, 3, "b")
-        first, hashes = st.set_frame_hash(first, hashes, 7, "c")
-        self.assertEqual((first, hashes), (3, "b - a - c"))
-        self.assertEqual(st.frame_hash(first, hashes, 4), None)
-        self.assertEqual(st.frame_hash(first, hashes, 7), "c")
-
     def test_invalid_names_from_a_server_are_refused(self) -> None:
         import dlclient_state as st
         decl = ns.blur_decl()
@@ -138,13 +128,13 @@ class StateTest(unittest.TestCase):
 class MenuAndGizmoTest(PluginTest):
     def test_menu_creates_a_dlclient_without_starting_a_server(self) -> None:
         ns.run_menu()
-        item = nuke.menu("Nodes").findItem("DL/DLClient")
+        item = nuke.menu("Nodes").findItem("DL/DLServerClient")
         self.assertIsNotNone(item)
         self.assertTrue(os.path.isfile(item.icon()))
         self.assertTrue(os.path.isfile(nuke.menu("Nodes").findItem("DL").icon()))
         item.invoke()
-        node = nuke.toNode("DLClient1")
-        self.assertEqual(node.Class(), "DLClient")
+        node = nuke.toNode("DLServerClient1")
+        self.assertEqual(node.Class(), "DLServerClient")
         for knob in ("server_mode", "host", "port", "token", "connect", "status", "model",
                      "process_frame", "process_range", "first_frame", "last_frame", "live",
                      "clear_cache", "cache_dir", "state_json"):
@@ -216,8 +206,8 @@ class ProcessingTest(PluginTest):
         node = self.make_node(range(1, 2))
         self.connect(node)
         seen = []
-        StubClient.before_infer = lambda request: seen.append(
-            node.node("DLWrite0")["disable"].value())
+        StubClient.before_infer = lambda request: nuke.executeInMainThreadWithResult(
+            lambda: seen.append(node.node("DLWrite0")["disable"].value()))
         ns.press(node, "process_frame")
         ns.wait_idle(self.plugin)
         self.assertEqual(seen, [True])
@@ -226,7 +216,8 @@ class ProcessingTest(PluginTest):
     def test_cancel_stops_after_the_current_frame_and_leaves_no_temp_files(self) -> None:
         node = self.make_node(range(1, 11))
         self.connect(node)
-        exchange = self.plugin._clients[("embedded",)].exchange_dir
+        from dlclient import connections
+        exchange = connections._clients[("embedded",)].exchange_dir
 
         def cancel_when_frame_3_starts(task: nuke.ProgressTask) -> None:
             if task.messages and task.messages[-1].startswith("frame 3 "):
@@ -234,13 +225,17 @@ class ProcessingTest(PluginTest):
 
         nuke._progress_hook[0] = cancel_when_frame_3_starts
         self.process_range(node)
-        self.assertIn("cancelled: processed 3 of 10", node["status"].value())
-        key = node["result_key"].value()
-        self.assertEqual(len(ns.files_under(os.path.join(self.cache, key))), 3)
+        # The frames already at the server when cancel was pressed finish (one chunk);
+        # nothing more is submitted.
+        from dlclient.frames import CHUNK
+        self.assertIn(f"cancelled: processed {CHUNK} of 10", node["status"].value())
+        self.assertEqual(len(StubClient.calls), CHUNK)
         self.assertEqual(ns.files_under(exchange), [])
         self.assertEqual([p for p in ns.files_under(self.cache) if not p.endswith(".exr")], [])
-        for f in (1, 2, 3):
+        for f in range(1, CHUNK + 1):
             self.result_frame(node, f)
+        with self.assertRaises(RuntimeError):
+            self.result_frame(node, CHUNK + 1)
 
     def test_a_server_lost_mid_frame_is_restarted_once_and_the_frame_redone(self) -> None:
         node = self.make_node(range(1, 2))
@@ -294,9 +289,9 @@ class ProcessingTest(PluginTest):
         nuke.scriptSaveAs(path)
         # A new session: nothing of the old one survives but the file.
         self.plugin = ns.start_nuke(gui=True)
-        self.plugin.Client = StubClient
+        ns.use_client(StubClient)
         nuke.scriptOpen(path)
-        node = nuke.toNode("DLClient1")
+        node = nuke.toNode("DLServerClient1")
         self.assertEqual(node["model"].value(), "blur")
         self.assertEqual(node["dlopt_size"].value(), 3.5)  # rebuilt by onCreate, offline
         self.assertEqual(node["result_key"].value(), key)
@@ -398,7 +393,8 @@ class RemoteTest(PluginTest):
         status = node["status"].value()
         self.assertTrue(status.startswith("ERROR: cannot connect to gpu-box:5555"), status)
         self.assertIn("token", status)
-        self.assertTrue(nuke._messages)
+        self.assertEqual(nuke._messages, [])  # errors show on the node, never in a dialog
+        self.assertEqual(node["tile_color"].value(), 0xCC3333FF)
         with self.assertRaises(RuntimeError) as caught:  # the node errors in the DAG
             node._image(1)
         self.assertIn("token", str(caught.exception))
@@ -406,56 +402,6 @@ class RemoteTest(PluginTest):
         self.connect(node)
         self.assertIn("connected to gpu-box:5555", node["status"].value())
         self.assertFalse(node["error_flag"].value())  # the node's error is gone
-
-
-class TerminalRenderTest(PluginTest):
-    gui = False
-
-    def build(self) -> nuke.Node:
-        node = self.make_node()
-        # Connect and pick settings (in a GUI session, then saved; here in line).
-        ns.press(node, "connect")
-        node["dlopt_size"].setValue(1.0)
-        out = nuke.nodes.Write(file=os.path.join(self.tmp, "out", "comp.####.exr"))
-        out["file_type"].setValue("exr")
-        out["datatype"].setValue("32 bit float")
-        out["compression"].setValue("none")
-        out["channels"].setValue("rgba")
-        out["create_directories"].setValue(True)
-        out.setInput(0, node)
-        nuke.root()["first_frame"].setValue(1)
-        nuke.root()["last_frame"].setValue(5)
-        return out
-
-    def test_render_processes_missing_frames_first(self) -> None:
-        out = self.build()
-        nuke.execute(out, 1, 5)
-        written = ns.files_under(os.path.join(self.tmp, "out"))
-        self.assertEqual(len(written), 5)
-        image = ns.exrio.read_exr(written[2])
-        src = ns.pattern_image(3)
-        self.assertEqual(image.channels["G"], array("f", [v * 2.0 for v in src.channels["G"]]))
-        self.assertEqual(len(StubClient.calls), 5)
-        self.assertEqual(nuke.ProgressTask.instances, [])  # no UI in terminal mode
-
-    def test_frames_outside_the_script_range_are_processed_per_frame(self) -> None:
-        out = self.build()
-        nuke.root()["last_frame"].setValue(2)  # like nuke -F 1-5 on a 1-2 script
-        nuke.execute(out, 1, 5)
-        self.assertEqual(len(ns.files_under(os.path.join(self.tmp, "out"))), 5)
-        self.assertEqual(len(StubClient.calls), 5)
-
-    def test_a_server_failure_fails_the_render_with_a_clear_message(self) -> None:
-        out = self.build()
-
-        def fail(request: dict) -> None:
-            raise ns.DLServerError("model_error", "CUDA out of memory on frame 2")
-
-        StubClient.before_infer = fail
-        with self.assertRaises(RuntimeError) as caught:
-            nuke.execute(out, 1, 5)
-        self.assertIn("CUDA out of memory", str(caught.exception))
-        self.assertEqual(ns.files_under(os.path.join(self.tmp, "out")), [])
 
 
 if __name__ == "__main__":

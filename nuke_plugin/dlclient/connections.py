@@ -1,0 +1,151 @@
+"""Connections to servers: one shared client per server (embedded or remote), started
+or connected on first use from a worker thread (never Nuke's main thread: the embedded
+server's start and handshake can take seconds), and a lost embedded server restarted
+once. Stdlib and dlserver.client only; no Nuke API here."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import threading
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+try:  # the repo root is put on sys.path by init.py
+    from dlserver.client import Client, DLServerError
+except ImportError:  # pragma: no cover - shown on the node when it is used
+    Client = None  # type: ignore[assignment,misc]  # reported by client_for
+    DLServerError = RuntimeError  # type: ignore[assignment,misc]
+
+ServerKey = Tuple[Any, ...]
+
+_clients: Dict[ServerKey, Any] = {}
+_models: Dict[ServerKey, List[Dict[str, Any]]] = {}
+_lock = threading.Lock()
+_private_dir: List[str] = []
+
+
+def describe_server(key: ServerKey) -> str:
+    return "the embedded server" if key[0] == "embedded" else f"{key[1]}:{key[2]}"
+
+
+def is_server_gone(exc: BaseException) -> bool:
+    return isinstance(exc, DLServerError) and getattr(exc, "code", "") == "server_gone"
+
+
+def client_for(key: ServerKey, cache_root: str = "") -> Any:
+    """The shared client for a server, connecting when needed. Any thread but the main
+    one in the GUI. An embedded server is started with `cache_root` allowed, so it
+    writes results into the cache in place."""
+    if Client is None:
+        raise RuntimeError("dlserver.client can't be imported: is the repository root on "
+                           "sys.path (nuke_plugin/init.py puts it there)?")
+    with _lock:
+        client = _clients.get(key)
+        if client is not None and client.alive():
+            return client
+        stale = _clients.pop(key, None)
+    if stale is not None:
+        _close_quietly(stale)
+    if key[0] == "embedded":
+        allowed = [cache_root] if cache_root else []
+        for folder in allowed:
+            os.makedirs(folder, exist_ok=True)
+        fresh = Client.spawn(allow_dirs=allowed)
+    else:
+        fresh = Client.connect(key[1], key[2], token=key[3] or None)
+    with _lock:
+        current = _clients.get(key)
+        if current is not None and current.alive():  # another thread was quicker
+            keep, drop = current, fresh
+        else:
+            keep, drop = fresh, None
+            _clients[key] = fresh
+    if drop is not None:
+        _close_quietly(drop)
+    return keep
+
+
+def forget(key: ServerKey) -> None:
+    """Drop a lost server's client; closing it removes what the dead server left (its
+    exchange dir and shared memory)."""
+    with _lock:
+        lost = _clients.pop(key, None)
+    if lost is not None:
+        _close_quietly(lost)
+
+
+def call_with_restart(key: ServerKey, call: Callable[[Any], Any], cache_root: str = "") -> Any:
+    """call(client); a lost embedded server is restarted once, transparently."""
+    try:
+        return call(client_for(key, cache_root))
+    except DLServerError as exc:
+        if key[0] != "embedded" or not is_server_gone(exc):
+            raise
+        forget(key)
+        print("DLClient: the embedded server was lost; restarting it once", file=sys.stderr)
+        return call(client_for(key, cache_root))
+
+
+def list_models(key: ServerKey, cache_root: str = "") -> List[Dict[str, Any]]:
+    models = call_with_restart(key, lambda c: c.models(refresh=True), cache_root)
+    with _lock:
+        _models[key] = models
+    return models
+
+
+def known_models(key: ServerKey) -> List[Dict[str, Any]]:
+    with _lock:
+        return list(_models.get(key) or [])
+
+
+def remember_models(key: ServerKey, decls: Sequence[Dict[str, Any]]) -> None:
+    with _lock:
+        _models[key] = list(decls)
+
+
+def shutdown() -> None:
+    """Close every connection (the embedded server exits)."""
+    with _lock:
+        clients = list(_clients.values())
+        _clients.clear()
+        _models.clear()
+    for client in clients:
+        _close_quietly(client)
+
+
+def _close_quietly(client: Any) -> None:
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - best effort: the server may be gone already
+        pass
+
+
+def exchange_dir(client: Any) -> str:
+    """Where the internal Write renders: the embedded server's (RAM-backed) exchange
+    dir, else a private folder of this process (mkdtemp: 0700, unpredictable name) on a
+    RAM-backed filesystem when the OS has one, removed when Nuke exits."""
+    if getattr(client, "exchange_dir", None):
+        return str(client.exchange_dir)
+    with _lock:
+        if _private_dir and _owned_private(_private_dir[0]):
+            return _private_dir[0]
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        path = tempfile.mkdtemp(prefix="dlclient-", dir=base)
+        if not _private_dir:
+            atexit.register(lambda: shutil.rmtree(_private_dir[0], True))
+        _private_dir[:] = [path]
+        return path
+
+
+def _owned_private(path: str) -> bool:
+    """The folder is still ours: a directory (not a link), owned by us, mode 0700."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    owner_ok = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+    return stat.S_ISDIR(info.st_mode) and owner_ok and stat.S_IMODE(info.st_mode) == 0o700

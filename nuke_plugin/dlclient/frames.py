@@ -1,0 +1,444 @@
+"""Frames: render the node's input with its internal Write, have the server run the
+model, and point the internal Read at the result.
+
+    render (main thread: one nuke.execute per run of frames, Nuke's own writer)
+      -> submit (worker: several frames in flight, so the server's read/infer/write
+         pipeline and infer_batch engage)
+      -> link (worker: <cache>/nodes/<node id>/<settings key>/<frame>.exr, a hard link
+         to the content-addressed result <cache>/<frame key>/<input hash>.exr)
+      -> reload (main thread: the internal Read shows it)
+
+The internal Read's file is `[cache_path]/nodes/[node_id]/[result_key]/####.exr`, so
+looking a frame up is O(1) whatever the shot's length, and any knob change (a new
+settings key) points it at a folder without stale results.
+
+The input hash: an embedded server that may write into the cache hashes the input
+while it reads it and skips the model when the result exists (a server-side cache
+hit); otherwise (remote server, or a cache folder the server may not write) the
+plug-in hashes the rendered EXR before deciding to send it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import dlclient_state as st
+import nuke
+
+from . import connections, threads
+from . import knobs as kn
+from .connections import DLServerError, ServerKey
+
+CHUNK = 8  # frames rendered per nuke.execute and in flight at the server at once
+_busy: Dict[str, Job] = {}  # node full name -> running job
+_internal_render = [False]  # our own Write is executing: render callbacks ignore it
+_live_seen: Dict[str, Tuple[Any, ...]] = {}  # node -> the last live submission
+_live_backoff: Dict[str, Tuple[float, float]] = {}  # node -> (failed at, wait seconds)
+
+
+@dataclass
+class Job:
+    """What a processing run needs, read from the node on the main thread."""
+
+    node: str
+    server: ServerKey
+    model: str
+    decl: Dict[str, Any]
+    cache: str
+    link_dir: str
+    frames: List[int]
+    options: Dict[int, Dict[str, Any]]  # frame -> option values at that frame
+    gui: bool
+    buttons: Dict[str, bool] = field(default_factory=dict)
+    live: bool = False
+    done: List[int] = field(default_factory=list)
+    cancelled: bool = False
+    message: str = ""
+    files: List[str] = field(default_factory=list)  # rendered inputs not yet removed
+
+    @property
+    def inputs(self) -> List[str]:
+        return list(self.decl["inputs"])
+
+    def frame_key(self, frame: int) -> str:
+        return kn.frame_key(self.model, self.decl, self.options[frame])
+
+
+def busy(node: nuke.Node) -> bool:
+    return node.fullName() in _busy
+
+
+def server_key(node: nuke.Node) -> ServerKey:
+    if kn.knob(node, "server_mode").value() == "remote":
+        token = kn.text(node, "token") or os.environ.get("DLSERVER_TOKEN", "")
+        return ("remote", kn.text(node, "host").strip(), int(kn.knob(node, "port").value()),
+                token)
+    return ("embedded",)
+
+
+def error_text(exc: BaseException) -> str:
+    if isinstance(exc, DLServerError):
+        return str(exc)
+    if isinstance(exc, (RuntimeError, OSError, ValueError)):
+        return str(exc) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+# ============================================================================ jobs
+def make_job(node: nuke.Node, frames: Sequence[int]) -> Job:
+    """Main thread: everything a run needs, including each frame's option values
+    (animated and expression-driven options are read at their frame)."""
+    state, _ = kn.load_state(node)
+    if not state["model"] or state["decl"] is None:
+        raise RuntimeError("no model chosen: press Connect and pick a model")
+    decl = state["decl"]
+    problem = kn.input_count_ok(node, decl)
+    if problem:
+        raise RuntimeError(problem)
+    kn.store_state(node, state["model"], decl, kn.read_options(node, decl))
+    cache = kn.sync_cache_path(node)
+    kn.remember_inputs(node)
+    return Job(node=node.fullName(), server=server_key(node), model=state["model"],
+               decl=decl, cache=cache, link_dir=kn.link_root(node), frames=list(frames),
+               options={f: kn.read_options(node, decl, f) for f in frames},
+               gui=bool(nuke.env["gui"]))
+
+
+def process(node: nuke.Node, frames: Sequence[int], live: bool = False) -> Optional[Job]:
+    """Process `frames` (those whose input and settings have a result only cost an input
+    render). GUI: in a worker thread with a progress bar that can cancel (none in live
+    mode); terminal: in line, raising on failure."""
+    if busy(node):
+        kn.set_status(node, "already processing; wait or cancel the progress bar")
+        return None
+    try:
+        job = make_job(node, frames)
+    except RuntimeError as exc:
+        kn.set_error(node, str(exc))
+        if not nuke.env["gui"]:
+            raise
+        return None
+    job.live = live
+    _busy[job.node] = job
+    kn.set_status(node, f"processing {len(job.frames)} frame(s) ...")
+
+    def done(result: Any, error: Optional[BaseException]) -> None:
+        _busy.pop(job.node, None)
+        target = nuke.toNode(job.node)
+        if target is None:
+            return
+        if error is not None:
+            if job.live:
+                _live_failed(job.node)
+            kn.set_error(target, f"frame processing failed: {error_text(error)}")
+            if not job.gui:
+                raise RuntimeError(f"{job.node}: {error_text(error)}") from error
+            return
+        _live_backoff.pop(job.node, None)
+        summary = f"processed {len(job.done)} of {len(job.frames)} frame(s) with {job.model}"
+        if job.cancelled:
+            summary = "cancelled: " + summary
+        if job.message:
+            summary += " | " + job.message
+        kn.set_status(target, summary)
+
+    threads.run(lambda: run_job(job), done, background=job.gui,
+                quiet=lambda exc: isinstance(exc, DLServerError))
+    return job
+
+
+def run_job(job: Job) -> Job:
+    """The frames of a job, pipelined; a lost embedded server is restarted once and the
+    frames not done yet are done again (its exchange dir went with it). Worker thread
+    (GUI) or in line (terminal)."""
+    task = nuke.ProgressTask(f"DLClient {job.model}") if job.gui and not job.live else None
+    try:
+        try:
+            _pipeline(job, task)
+        except DLServerError as exc:
+            if job.server[0] != "embedded" or not connections.is_server_gone(exc):
+                raise
+            connections.forget(job.server)
+            print(f"DLClient: {exc}; restarting the embedded server once", file=sys.stderr)
+            _pipeline(job, task)
+        if task is not None and not job.cancelled:
+            task.setProgress(100)
+    finally:
+        _remove(job)
+        del task  # ends the progress bar
+    return job
+
+
+def _pipeline(job: Job, task: Any) -> None:
+    """Nuke renders chunk k+1 while the server works on chunk k; a cancel stops before
+    the next chunk is submitted (frames at the server finish and are kept)."""
+    client = connections.client_for(job.server, job.cache)
+    exchange = connections.exchange_dir(client)
+    todo = [f for f in job.frames if f not in job.done]
+    submitted: List[Tuple[int, Any]] = []
+    for start in range(0, len(todo), CHUNK):
+        chunk = todo[start:start + CHUNK]
+        rendered = threads.in_main(render_inputs, job, chunk, exchange)
+        _collect(job, submitted, task)
+        submitted = []
+        if rendered is None:  # the artist cancelled Nuke's own render
+            job.cancelled = True
+        if _cancelled(job, task):
+            break
+        submitted = [(f, _submit(job, client, f, rendered[f], exchange)) for f in chunk]
+    _collect(job, submitted, task)
+
+
+def _cancelled(job: Job, task: Any) -> bool:
+    if task is not None and task.isCancelled():
+        job.cancelled = True
+    return job.cancelled
+
+
+def _submit(job: Job, client: Any, frame: int, paths: List[str], exchange: str) -> Any:
+    """Send one frame; returns (kind, pending reply). A button press answers with a
+    message and its pixels are not kept."""
+    inputs = dict(zip(job.inputs, paths))
+    options = {**job.options[frame], **job.buttons}
+    version = job.decl["version"]
+    folder = os.path.join(job.cache, job.frame_key(frame))
+    if job.buttons:
+        target = os.path.join(exchange, f"press-{uuid.uuid4().hex}.exr")
+        job.files.append(target)
+        return ("press", client.submit_exr(job.model, inputs, target, options, version=version))
+    # <folder>/<input hash>.exr; when it exists, the model does not run. An embedded
+    # server allowed to write the cache hashes the input while it reads it; otherwise
+    # the client hashes it first (and sends nothing when the result exists).
+    return ("result", client.submit_exr_to_cache(job.model, inputs, folder, options,
+                                                 version=version))
+
+
+def _collect(job: Job, submitted: List[Tuple[int, Any]], task: Any) -> None:
+    for frame, (kind, pending) in submitted:
+        reply = pending.result()
+        if reply.message:
+            job.message = str(reply.message)
+        _remove(job, frame)
+        if kind == "result":
+            link_result(job.link_dir, frame, reply.output_path)
+            threads.in_main(frame_done, job, frame)
+        job.done.append(frame)
+        _progress(job, task, frame)
+
+
+def _progress(job: Job, task: Any, frame: int) -> None:
+    count, total = len(job.done), len(job.frames)
+    if task is not None:
+        task.setMessage(f"frame {frame} ({count} of {total})")
+        task.setProgress(int(100 * count / max(1, total)))
+    elif not job.gui:
+        print(f"DLClient {job.node}: frame {frame} ({count}/{total})")
+
+
+def _remove(job: Job, frame: Optional[int] = None) -> None:
+    """Remove the job's temporary files: those of `frame` (its rendered inputs, a button
+    press's result), or all of them."""
+    for path in list(job.files):
+        if frame is None or path.endswith(f".{frame:04d}.exr") \
+                or os.path.basename(path).startswith("press-"):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            job.files.remove(path)
+
+
+def link_result(link_dir: str, frame: int, result: str) -> None:
+    """<link_dir>/<frame>.exr becomes the result (a hard link: no copy; a copy where the
+    filesystem has none), replaced atomically."""
+    os.makedirs(link_dir, exist_ok=True)
+    link = frame_link(link_dir, frame)
+    tmp = f"{link}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        os.link(result, tmp)
+    except OSError:
+        shutil.copyfile(result, tmp)
+    os.replace(tmp, link)
+
+
+def frame_link(link_dir: str, frame: int) -> str:
+    """Frame numbers as the Read's #### writes them (4 digits, zero-padded)."""
+    return os.path.join(link_dir, f"{frame:04d}.exr")
+
+
+# ============================================================================ main thread
+def render_inputs(job: Job, frames: List[int], exchange: str) -> Optional[Dict[int, List[str]]]:
+    """Main thread: render every model input of `frames` to EXRs in `exchange` with the
+    node's internal Writes (disabled except while executing), one nuke.execute per run
+    of consecutive frames. None when the artist cancelled Nuke's progress meter.
+    nuke.execute: https://learn.foundry.com/nuke/developers/132/pythondevguide/_autosummary/nuke.execute.html"""
+    node = nuke.toNode(job.node)
+    if node is None:
+        raise RuntimeError(f"node {job.node} was deleted")
+    assert isinstance(node, nuke.Group)
+    stem = os.path.join(exchange, f"in-{uuid.uuid4().hex}").replace("\\", "/")
+    paths: Dict[int, List[str]] = {f: [] for f in frames}
+    with node:
+        for index in range(len(job.inputs)):
+            write = node.node(f"{kn.WRITE_PREFIX}{index}")
+            if write is None:
+                raise RuntimeError(f"{job.node} lost its internal {kn.WRITE_PREFIX}{index}")
+            write["file"].setValue(f"{stem}_{index}.####.exr")
+            for frame in frames:
+                paths[frame].append(f"{stem}_{index}.{frame:04d}.exr")
+                job.files.append(paths[frame][-1])
+            write["disable"].setValue(False)
+            _internal_render[0] = True
+            try:
+                for first, last in _runs(frames):
+                    nuke.execute(write, first, last)
+            except RuntimeError as exc:
+                if "cancel" in str(exc).lower():
+                    return None
+                raise
+            finally:
+                _internal_render[0] = False
+                write["disable"].setValue(True)
+    return paths
+
+
+def _runs(frames: List[int]) -> List[Tuple[int, int]]:
+    """Consecutive runs of a sorted frame list: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: List[Tuple[int, int]] = []
+    for frame in sorted(frames):
+        if runs and frame == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], frame)
+        else:
+            runs.append((frame, frame))
+    return runs
+
+
+def internal_render() -> bool:
+    return _internal_render[0]
+
+
+def frame_done(job: Job, frame: int) -> None:
+    """Main thread: widen the node's processed range and reload the internal Read."""
+    node = nuke.toNode(job.node)
+    if node is None:
+        return
+    first, last = int(kn.knob(node, "frames_first").value()), \
+        int(kn.knob(node, "frames_last").value())
+    if last < first:
+        first = last = frame
+    with kn.Updating(node):
+        kn.knob(node, "frames_first").setValue(min(first, frame))
+        kn.knob(node, "frames_last").setValue(max(last, frame))
+    reload_read(node)
+
+
+def reload_read(node: nuke.Node) -> None:
+    """Press the internal Read's reload button after its file changed on disk."""
+    assert isinstance(node, nuke.Group)
+    read = node.node(kn.READ_NAME)
+    if read is not None:
+        button = read["reload"]
+        if isinstance(button, nuke.Script_Knob):
+            button.execute()
+
+
+def missing_frames(node: nuke.Node, frames: Sequence[int]) -> List[int]:
+    """Frames without a result for the node's current settings."""
+    if not kn.text(node, "result_key") or not kn.text(node, "node_id"):
+        return list(frames)
+    link_dir = kn.link_root(node)
+    return [f for f in frames if not os.path.exists(frame_link(link_dir, f))]
+
+
+# ============================================================================ buttons, live
+def press_button(node: nuke.Node, knob_name: str) -> None:
+    """A button option: one request with the button True for the current frame; the
+    reply's message is shown in status."""
+    if busy(node):
+        kn.set_status(node, "busy; press again when processing is done")
+        return
+    try:
+        job = make_job(node, [int(nuke.frame())])
+    except RuntimeError as exc:
+        kn.set_error(node, str(exc))
+        return
+    job.buttons = {knob_name[len(st.KNOB_PREFIX):]: True}
+    _busy[job.node] = job
+
+    def done(result: Any, error: Optional[BaseException]) -> None:
+        _busy.pop(job.node, None)
+        target = nuke.toNode(job.node)
+        if target is None:
+            return
+        if error is not None:
+            kn.set_error(target, error_text(error))
+            return
+        kn.set_status(target, job.message or "done")
+        if job.message and job.gui:  # the answer the artist asked for (errors never pop up)
+            nuke.message(f"{target.name()}: {st.plain_text(job.message)}")
+
+    threads.run(lambda: run_job(job), done, background=job.gui,
+                quiet=lambda exc: isinstance(exc, DLServerError))
+
+
+def start_live(node: nuke.Node) -> None:
+    """Live mode: process the viewed frame in the background when it has no result for
+    the current settings. updateUI runs for every node on idle (NUKE_NOTES.md), so this
+    is cheap and never loops: no dialogs, a frame whose settings and inputs were
+    already submitted is not submitted again, and after a failure it waits (doubling,
+    up to a minute) before trying again."""
+    if busy(node):
+        return
+    frame = int(nuke.frame())
+    seen = (frame, kn.text(node, "result_key"), kn.text(node, "node_id"),
+            tuple(kn.input_names(node)))
+    if _live_seen.get(node.fullName()) == seen or not missing_frames(node, [frame]):
+        return
+    failed = _live_backoff.get(node.fullName())
+    if failed is not None and time.monotonic() - failed[0] < failed[1]:
+        return
+    _live_seen[node.fullName()] = seen
+    process(node, [frame], live=True)
+
+
+def _live_failed(name: str) -> None:
+    previous = _live_backoff.get(name, (0.0, 1.0))[1]
+    _live_backoff[name] = (time.monotonic(), min(60.0, previous * 2))
+
+
+def forget_live(node: nuke.Node) -> None:
+    _live_seen.pop(node.fullName(), None)
+    _live_backoff.pop(node.fullName(), None)
+
+
+def clear_cache(node: nuke.Node) -> None:
+    """Delete the results of the current settings over the node's processed range (other
+    settings' results stay) and the node's links to them."""
+    state, _ = kn.load_state(node)
+    if state["decl"] is None:
+        return
+    decl = state["decl"]
+    cache = kn.sync_cache_path(node)
+    first, last = int(kn.knob(node, "frames_first").value()), \
+        int(kn.knob(node, "frames_last").value())
+    frames = range(first, last + 1) if last >= first else [int(nuke.frame())]
+    keys = {kn.frame_key(state["model"], decl, kn.read_options(node, decl, f)) for f in frames}
+    for key in keys:
+        shutil.rmtree(os.path.join(cache, key), ignore_errors=True)
+    shutil.rmtree(kn.link_root(node), ignore_errors=True)
+    forget_live(node)
+    reload_read(node)
+    kn.set_status(node, f"cleared cached results of {kn.text(node, 'result_key')}")
+
+
+def reset() -> None:
+    _busy.clear()
+    _live_seen.clear()
+    _live_backoff.clear()
+    _internal_render[0] = False
