@@ -147,5 +147,8 @@ def _owned_private(path: str) -> bool:
         info = os.lstat(path)
     except OSError:
         return False
-    owner_ok = not hasattr(os, "getuid") or info.st_uid == os.getuid()
-    return stat.S_ISDIR(info.st_mode) and owner_ok and stat.S_IMODE(info.st_mode) == 0o700
+    if not stat.S_ISDIR(info.st_mode):
+        return False
+    if os.name == "nt":  # no POSIX owner or mode bits: mkdtemp's folder is the user's
+        return True
+    return info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o700

@@ -391,6 +391,21 @@ class TclPathTest(PluginTest):
         node._image(1)
 
 
+class RemoteExchangeTest(PluginTest):
+    def test_remote_frames_go_through_a_private_folder_that_is_checked(self) -> None:
+        import stat
+        from dlclient import connections
+        path = connections.exchange_dir(StubClient(None))
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700)
+        self.assertNotIn(str(os.getpid()), os.path.basename(path))  # not predictable
+        self.assertEqual(connections.exchange_dir(StubClient(None)), path)
+        os.chmod(path, 0o777)  # opened up meanwhile: not used again
+        other = connections.exchange_dir(StubClient(None))
+        self.assertNotEqual(other, path)
+        self.assertEqual(stat.S_IMODE(os.stat(other).st_mode), 0o700)
+        os.rmdir(path)
+
+
 class LegacyClassTest(PluginTest):
     def test_scripts_with_the_old_class_name_still_load(self) -> None:
         node = nuke.createNode("DLClient")

@@ -117,6 +117,18 @@ class StateTest(unittest.TestCase):
         self.assertEqual(state["model"], "")
         self.assertTrue(warnings)
 
+    def test_the_result_key_changes_with_each_of_its_components(self) -> None:
+        import dlclient_state as st
+        base = ("blur", "1", {"size": 1.0, "channels": "rgb"})
+        variants = [("pair", "1", base[2]), ("blur", "2", base[2]),
+                    ("blur", "1", {"size": 2.0, "channels": "rgb"}),
+                    ("blur", "1", {"size": 1.0, "channels": "rgba"}),
+                    ("blur", "1", {"size": 1.0})]
+        keys = {st.result_key(*base)} | {st.result_key(*v) for v in variants}
+        self.assertEqual(len(keys), 1 + len(variants))
+        self.assertEqual(st.result_key(*base), st.result_key("blur", "1", {
+            "channels": "rgb", "size": 1.0}))  # the options' order does not matter
+
     def test_invalid_names_from_a_server_are_refused(self) -> None:
         import dlclient_state as st
         decl = ns.blur_decl()
