@@ -120,7 +120,6 @@ def restore(node: nuke.Node) -> None:
         rebuilt = kn.apply_model(node, decl, values, keep_values=True)
         warnings += more + _rebuilt_warning(rebuilt)
         kn.scan_linked_frames(node)
-    kn.reconnect_inputs(node)
     if warnings:
         with kn.Updating(node):
             kn.knob(node, "status").setValue(st.plain_text("; ".join(warnings)))

@@ -40,6 +40,7 @@ _busy: Dict[str, Job] = {}  # node full name -> running job
 _internal_render = [False]  # our own Write is executing: render callbacks ignore it
 _live_seen: Dict[str, Tuple[Any, ...]] = {}  # node -> the last live submission
 _live_backoff: Dict[str, Tuple[float, float]] = {}  # node -> (failed at, wait seconds)
+_clock = time.monotonic  # the back-off's clock
 
 
 @dataclass
@@ -401,7 +402,7 @@ def start_live(node: nuke.Node) -> None:
     if _live_seen.get(node.fullName()) == seen or not missing_frames(node, [frame]):
         return
     failed = _live_backoff.get(node.fullName())
-    if failed is not None and time.monotonic() - failed[0] < failed[1]:
+    if failed is not None and _clock() - failed[0] < failed[1]:
         return
     _live_seen[node.fullName()] = seen
     process(node, [frame], live=True)
@@ -409,7 +410,7 @@ def start_live(node: nuke.Node) -> None:
 
 def _live_failed(name: str) -> None:
     previous = _live_backoff.get(name, (0.0, 1.0))[1]
-    _live_backoff[name] = (time.monotonic(), min(60.0, previous * 2))
+    _live_backoff[name] = (_clock(), min(60.0, previous * 2))
 
 
 def forget_live(node: nuke.Node) -> None:

@@ -50,8 +50,10 @@ class SavedScriptTest(PluginTest):
     def test_expressions_and_animation_on_options_survive_reopen_and_go_per_frame(self) -> None:
         node = self.make_node(range(1, 5))
         self.connect(node)
+        node["dlopt_size"].setExpression("frame*0.5 + (frame - 1)")
         key_before = node["result_key"].value()
-        node["dlopt_size"].setExpression("frame*0.5")
+        node["dlopt_size"].setExpression("frame*0.5")  # the same value at this frame
+        self.assertEqual(node["dlopt_size"].value(), 0.5)
         self.process_range(node)
         self.assertNotEqual(node["result_key"].value(), key_before)
         sizes = {c["inputs"]["src"][-8:-4]: c["options"]["size"] for c in StubClient.calls}
@@ -308,16 +310,39 @@ class GuiRenderAndLiveTest(PluginTest):
         node = self.make_node()
         self.connect(node)
 
+        attempts = []
+
         def fail(request: dict) -> None:
+            attempts.append(request["inputs"]["src"][-8:-4])
             raise ns.DLServerError("model_error", "CUDA out of memory")
 
         StubClient.before_infer = fail
-        node["live"].setValue(True)
-        ns.wait_idle(self.plugin)
-        for _ in range(20):  # Nuke runs updateUI on every idle pass
+        from dlclient import frames
+        now = [1000.0]
+        real_clock, frames._clock = frames._clock, lambda: now[0]
+        try:
+            node["live"].setValue(True)
+            ns.wait_idle(self.plugin)
+            for _ in range(20):  # Nuke runs updateUI on every idle pass
+                nuke._idle()
+                ns.wait_idle(self.plugin)
+            self.assertEqual(attempts, ["0001"])
+            now[0] += 3600.0  # long after the back-off: still the same frame and settings
+            nuke._idle(5)
+            ns.wait_idle(self.plugin)
+            self.assertEqual(attempts, ["0001"])
+            now[0] += 3600.0
+            nuke.frame(2)  # another frame after a failure: tried, then backing off
+            ns.wait_idle(self.plugin)
+            nuke.frame(3)  # within the back-off: not yet
+            ns.wait_idle(self.plugin)
+            self.assertEqual(attempts, ["0001", "0002"])
+            now[0] += 3600.0
             nuke._idle()
             ns.wait_idle(self.plugin)
-        self.assertEqual(len(StubClient.calls), 0)
+            self.assertEqual(attempts, ["0001", "0002", "0003"])
+        finally:
+            frames._clock = real_clock
         self.assertEqual(nuke._messages, [])
         self.assertIn("CUDA out of memory", node["status"].value())
         self.assertEqual(node["tile_color"].value(), 0xCC3333FF)
@@ -394,6 +419,7 @@ class TclPathTest(PluginTest):
 class RemoteExchangeTest(PluginTest):
     def test_remote_frames_go_through_a_private_folder_that_is_checked(self) -> None:
         import stat
+
         from dlclient import connections
         path = connections.exchange_dir(StubClient(None))
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o700)
