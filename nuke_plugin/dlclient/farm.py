@@ -2,7 +2,9 @@
 
 A render never nests an execute: Nuke runs beforeRender/beforeFrameRender inside its
 own execute, and starting another one there is reported to fail ("I'm already
-executing something else"; NUKE_NOTES.md, "Nested execute in render callbacks"). So:
+executing something else"; a nested execute in a Write's beforeRender ran the whole
+range on every farm chunk: https://russell-vfx.com/blog/2015/8/15/executing-the-curvetool).
+So:
 
 * the pre-pass (`nuke -t nuke_plugin/prepass.py script.nk -F a-b`) processes every
   DLClient feeding the chosen Writes for the range, outside any render; the render

@@ -390,8 +390,9 @@ def press_button(node: nuke.Node, knob_name: str) -> None:
 
 def start_live(node: nuke.Node) -> None:
     """Live mode: process the viewed frame in the background when it has no result for
-    the current settings. updateUI runs for every node on idle (NUKE_NOTES.md), so this
-    is cheap and never loops: no dialogs, a frame whose settings and inputs were
+    the current settings. updateUI runs for every node on idle
+    (https://learn.foundry.com/nuke/developers/130/pythondevguide/_autosummary/nuke.addUpdateUI.html),
+    so this is cheap and never loops: no dialogs, a frame whose settings and inputs were
     already submitted is not submitted again, and after a failure it waits (doubling,
     up to a minute) before trying again."""
     if busy(node):

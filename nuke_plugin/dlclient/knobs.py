@@ -2,12 +2,14 @@
 values), option knobs derived from a model's declaration, the node's inputs and its
 identity. Main thread only (Nuke's API).
 
-What survives save and reopen (NUKE_NOTES.md, "A gizmo instance saves only its knob
-values"; user knobs added at run time ARE saved with their values, expressions and
-animation):
+What survives save and reopen (a gizmo instance saves only its knob values; user
+knobs added at run time ARE saved, as addUserKnob lines with their values, expressions
+and animation:
+https://learn.foundry.com/nuke/content/comp_environment/configuring_nuke/creating_sourcing_gizmos.html):
 * `state_json` (declared in the gizmo): model, its declaration, option values. The model
   menu itself is `+DO_NOT_WRITE`: Nuke restores an Enumeration's value before onCreate
-  fills a dynamic menu and drops it (OpenImageIO issue #1455; WriteTank.gizmo keeps its
+  fills a dynamic menu and drops it (https://github.com/AcademySoftwareFoundation/OpenImageIO/issues/1455;
+  ShotGrid's WriteTank.gizmo, github.com/shotgunsoftware/tk-nuke-writenode, keeps its
   choice in a hidden knob the same way).
 * the option knobs `dlopt_<name>`: kept as they are on reopen and paste when they still
   match the declaration, so an artist's expressions, animation and links survive.
@@ -386,8 +388,8 @@ def sync_inputs(node: nuke.Node, names: Sequence[str]) -> None:
 
 def configure_write(write: nuke.Node) -> None:
     """EXR, 32-bit float, no compression, every channel, raw, disabled. file_type first:
-    it creates the EXR knobs (NUKE_NOTES.md, "Moving pixels with the internal Write and
-    Read")."""
+    it creates the EXR knobs
+    (https://learn.foundry.com/nuke/content/reference_guide/image_nodes/write.html)."""
     write["file_type"].setValue("exr")
     write["datatype"].setValue("32 bit float")
     write["compression"].setValue("none")
