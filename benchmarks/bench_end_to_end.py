@@ -5,17 +5,22 @@ time goes (EXR read, transfer, inference, EXR write); plus server start → mode
     .venv/bin/python benchmarks/bench_end_to_end.py --device cpu --size small --frames 3
     .venv/bin/python benchmarks/bench_end_to_end.py --device cpu --size small --frames 3 --nuke
 
-The input is one random RGBA float32 uncompressed EXR (as Nuke's exchange files are)
-linked as every frame of the sequence; the model gets random-init weights (no
-download) and, for mask_rcnn, a score threshold of 0 and 100 detections per frame.
-Figures are printed, never asserted. Baseline in the same run: the same sequence
-through the identity test model (the server's I/O alone).
+The input is a sequence of distinct random RGBA float32 uncompressed EXRs (as Nuke's
+exchange files are); the model gets random-init weights (no download) and, for
+mask_rcnn, a score threshold of 0 and 100 detections per frame. Figures are printed,
+never asserted. Baseline in the same run: the same sequence through the identity test
+model (the server's I/O alone).
 
-`--nuke` also renders the sequence through the Nuke plug-in's Process range in the
-stand-in Nuke (tests/fake_nuke), as tests/nuke/ drive it: a DLClient node under a Read,
-an embedded server, one frame at a time (the plug-in's loop). The stand-in's Read and
-Write are pure Python (struct per pixel), far slower than Nuke's, so besides frames/s
-the time inside its internal Write (rendering the input EXR) is given apart.
+`--nuke` also drives the Nuke plug-in (a DLServerClient node under a Read, embedded
+server) in the stand-in Nuke (tests/fake_nuke), as tests/nuke/ do: the first result
+after pressing Process on a restored node with no server running (cold), Process on
+one frame of a warm server, Process range over the whole sequence (the plug-in renders
+chunks of frames with one nuke.execute each and keeps several frames in flight), and
+the same range with the identity model. The stand-in's Read and Write are pure Python
+(about 0.8 s a 1080p frame), where Nuke's are C++: for these figures the internal
+Write is replaced by a C++-speed stand-in, a copy of the upstream Read's EXR for that
+frame (what a Write of the unchanged RGBA float plate, uncompressed, writes), and the
+copies are timed apart; the real stand-in Write is timed on a few frames after.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -139,71 +144,289 @@ def breakdown(args: argparse.Namespace, model: str, options: Dict[str, Any], src
     return med
 
 
-def through_nuke(args: argparse.Namespace, model: str, options: Dict[str, Any], src: str,
-                 frames: int, work: str, models_dirs: List[str]) -> Dict[str, Any]:
-    """Process range of a DLClient node in the stand-in Nuke: frames/s, and where the
-    time goes (the stand-in's input render, the server round trip, the rest). One frame
-    is processed first and its result cleared: model load and warm-up are not timed."""
-    sys.path.insert(0, str(ROOT / "tests" / "nuke"))
-    import nukesupport as ns  # the stand-in Nuke on sys.path, the plug-in's path set up
+def _upstream_source(write: Any, frame: int) -> str:
+    """The file of the Read that a Write renders unchanged (Input nodes followed out of
+    their group), for that frame; '' when anything else is in between."""
+    node = write.input(0)
+    while node is not None:
+        cls = node.Class()
+        if cls == "Read":
+            first, last = int(node["first"].value()), int(node["last"].value())
+            if not first <= frame <= last or node["colorspace"].value() not in (
+                    "default", "linear") and not node["raw"].value():
+                return ""
+            return str(node._read_path(frame, frame))
+        if cls == "Input":
+            group = node._parent
+            node = group.input(int(node["number"].value())) if group is not None else None
+        elif cls in ("Dot",):
+            node = node.input(0)
+        else:
+            return ""
+    return ""
 
-    from dlserver.client import Client
 
-    spent = {"render_inputs_s": 0.0, "infer_s": 0.0}
+class NukeProbe:
+    """The stand-in Nuke with the plug-in, timed: the internal Write (real, or the
+    C++-speed stand-in: a copy of the upstream Read's EXR), the main-thread render per
+    chunk, each frame's result link, the server's own timing per reply."""
 
-    class TimedClient(Client):
-        @classmethod
-        def spawn(cls, *a: Any, **kw: Any) -> Any:  # the benchmark's device and models
-            return super().spawn(*a, **{**kw, "device": args.device,
-                                        "models_dirs": models_dirs})
+    def __init__(self, args: argparse.Namespace, models_dirs: List[str], cache: str) -> None:
+        sys.path.insert(0, str(ROOT / "tests" / "nuke"))
+        import nukesupport as ns  # the stand-in Nuke on sys.path, the plug-in's path set up
+        from dlclient import frames as plugin_frames
 
-        def infer_exr(self, *a: Any, **kw: Any) -> Any:
+        from dlserver import client as dlclient
+
+        self.ns, self.nuke, self.frames = ns, ns.nuke, plugin_frames
+        self.fast_write = True
+        self.copies: List[float] = []  # seconds per C++-speed Write (copy)
+        self.renders: List[Tuple[int, float]] = []  # (frames, seconds) per render_inputs
+        self.linked: Dict[int, float] = {}  # frame -> perf_counter when its result showed
+        self.replies: List[Dict[str, float]] = []  # the server's timing + client wait
+        self.done_s: List[float] = []  # main thread: each frame's link shown (Read reload)
+        self.spawns: List[float] = []
+        os.environ["DLSERVER_CACHE_DIR"] = cache
+        probe = self
+
+        class BenchClient(dlclient.Client):
+            @classmethod
+            def spawn(cls, *a: Any, **kw: Any) -> Any:  # the benchmark's device and models
+                t = time.perf_counter()
+                try:
+                    return super().spawn(*a, **{**kw, "device": args.device,
+                                                "models_dirs": models_dirs})
+                finally:
+                    probe.spawns.append(time.perf_counter() - t)
+
+        self._saved: List[Tuple[Any, str, Any]] = []
+
+        def patch(owner: Any, name: str, new: Any) -> None:
+            self._saved.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, new)
+
+        self.plugin = ns.start_nuke(gui=True)
+        patch(sys.modules["dlclient.connections"], "Client", BenchClient)
+        real_write = ns.nuke.Node._write
+
+        def write(node: Any, frame: int) -> None:
+            if not (probe.fast_write and node.name().startswith("DLWrite")):
+                return real_write(node, frame)
+            src = _upstream_source(node, frame)
+            if not src:
+                raise RuntimeError(f"{node.fullName()}: no plain Read upstream to copy")
+            path = ns.nuke._frame_path(ns.nuke._tcl_subst(node["file"].getText(), node,
+                                                          frame), frame)
+            t = time.perf_counter()
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            shutil.copyfile(src, path)  # what a C++ Write of this unchanged plate writes
+            probe.copies.append(time.perf_counter() - t)
+
+        patch(ns.nuke.Node, "_write", write)
+        render_inputs = plugin_frames.render_inputs
+
+        def timed_render(job: Any, chunk: List[int], exchange: str) -> Any:
             t = time.perf_counter()
             try:
-                return super().infer_exr(*a, **kw)
+                return render_inputs(job, chunk, exchange)
             finally:
-                spent["infer_s"] += time.perf_counter() - t
+                probe.renders.append((len(chunk), time.perf_counter() - t))
 
-    os.environ["DLSERVER_CACHE_DIR"] = os.path.join(work, f"nuke-cache-{model}")
-    plugin = ns.start_nuke(gui=True)
-    plugin.Client = TimedClient
-    render_inputs = plugin._render_inputs
+        patch(plugin_frames, "render_inputs", timed_render)
+        frame_done = plugin_frames.frame_done
 
-    def timed_render_inputs(*a: Any) -> Any:
+        def timed_done(job: Any, frame: int) -> None:
+            t = time.perf_counter()
+            frame_done(job, frame)
+            probe.linked[frame] = time.perf_counter()
+            probe.done_s.append(probe.linked[frame] - t)
+
+        patch(plugin_frames, "frame_done", timed_done)
+        result = dlclient.PendingExr.result
+
+        def timed_result(pending: Any, timeout: Optional[float] = None) -> Any:
+            t = time.perf_counter()
+            reply = result(pending, timeout)
+            probe.replies.append({**reply.timing, "wait_s": time.perf_counter() - t,
+                                  "cached": float(bool(reply.cached))})
+            return reply
+
+        patch(dlclient.PendingExr, "result", timed_result)
+
+    def reset(self) -> None:
+        self.copies, self.renders, self.replies, self.done_s = [], [], [], []
+        self.linked = {}
+
+    def restart(self) -> None:
+        """A new stand-in session (the plug-in's connections closed: servers exit)."""
+        self.plugin.shutdown_clients()
+        self.plugin = self.ns.start_nuke(gui=True)
+
+    def press(self, node: Any, knob: str, timeout: float = 3600) -> float:
         t = time.perf_counter()
-        try:
-            return render_inputs(*a)
-        finally:
-            spent["render_inputs_s"] += time.perf_counter() - t
+        self.ns.press(node, knob)
+        self.ns.wait_idle(self.plugin, timeout=timeout)
+        return t
 
-    plugin._render_inputs = timed_render_inputs
+    def close(self) -> None:
+        try:
+            self.plugin.shutdown_clients()
+        finally:
+            for owner, name, old in reversed(self._saved):
+                setattr(owner, name, old)
+
+
+def io_stages(src: str, frames: int, work: str) -> Dict[str, float]:
+    """The per-frame I/O steps of the Nuke path, one at a time on an idle process (ms,
+    median over up to 5 frames of the sequence): the C++-speed Write's copy, the
+    server's content hash and its EXR decode + RGBA gather (its `read` is the two)."""
+    from dlserver import exr
+    from dlserver.cli import frame_path
+    from dlserver.content_hash import exr_content_hash
+
+    rows = []
+    for f in range(1, min(frames, 5) + 1):
+        path, copy = frame_path(src, f), os.path.join(work, "stage-copy.exr")
+        t0 = time.perf_counter()
+        shutil.copyfile(path, copy)
+        t1 = time.perf_counter()
+        exr_content_hash(path)
+        t2 = time.perf_counter()
+        exr.gather(exr.read_exr(path), ["R", "G", "B", "A"])
+        t3 = time.perf_counter()
+        os.unlink(copy)
+        rows.append({"copy_ms": (t1 - t0) * 1000, "hash_ms": (t2 - t1) * 1000,
+                     "decode_gather_ms": (t3 - t2) * 1000})
+    got = _medians(rows)
+    log("I/O steps alone (median ms a frame): " + ", ".join(
+        f"{k[:-3]} {v:.1f}" for k, v in got.items()))
+    return got
+
+
+def _medians(rows: List[Dict[str, float]]) -> Dict[str, float]:
+    keys = sorted({k for r in rows for k in r})
+    return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys} if rows else {}
+
+
+def through_nuke(args: argparse.Namespace, model: str, options: Dict[str, Any], src: str,
+                 frames: int, work: str) -> Dict[str, Any]:
+    """The plug-in (DLServerClient) in the stand-in Nuke with an embedded server:
+    1. cold: a node restored from a saved script, Process pressed with no server
+       running: press -> result linked (server start, model load, warm-up);
+    2. warm: Process (one frame) on `single` distinct frames without a result;
+    3. Process range over every frame (results cleared first): frames/s;
+    4. the stand-in's real (pure-Python) Write, per frame, on a few frames;
+    5. the identity model through the same path (the plug-in's and server's I/O alone).
+    All but 4 use the C++-speed Write stand-in (a copy of the upstream Read's EXR: what Nuke's
+    Write of the unchanged RGBA float plate writes); its copies are timed apart."""
+    probe = NukeProbe(args, [TEST_MODELS], os.path.join(work, "nuke-cache"))
+    ns, nuke = probe.ns, probe.nuke
+    out: Dict[str, Any] = {"frames": frames}
     try:
         read = ns.upstream_read(src, 1, frames)
         read.setSelected(True)
-        node = ns.nuke.createNode("DLClient")
-        ns.press(node, "connect")
-        ns.wait_idle(plugin)
+        node = nuke.createNode(ns.NODE_CLASS)
+        probe.press(node, "connect")
         node["model"].setValue(model)
         for name, value in options.items():
             node[f"dlopt_{name}"].setValue(value)
-        ns.press(node, "process_frame")  # warm-up: the model loads; then forget the result
-        ns.wait_idle(plugin, timeout=3600)
-        ns.press(node, "clear_cache")
-        spent.update(render_inputs_s=0.0, infer_s=0.0)
-        t = time.perf_counter()
-        ns.press(node, "process_range")
-        ns.wait_idle(plugin, timeout=3600)
-        total = time.perf_counter() - t
-        status = node["status"].value()
-        if f"processed {frames} of {frames}" not in status:
-            raise RuntimeError(f"Process range in the stand-in Nuke: {status}")
+        script = os.path.join(work, "bench.nk")
+        nuke.scriptSaveAs(script)
+
+        # 1. cold: a new session, the script opened, Process pressed (the server starts)
+        probe.restart()
+        nuke.scriptOpen(script)
+        node = nuke.toNode(node.name())
+        nuke.frame(1)
+        probe.reset()
+        t = probe.press(node, "process_frame")
+        if 1 not in probe.linked:
+            raise RuntimeError(f"cold Process in the stand-in Nuke: {node['status'].value()}")
+        out["cold"] = {"press_to_result_s": probe.linked[1] - t,
+                       "server_spawn_s": probe.spawns[-1],
+                       "server": probe.replies[-1] if probe.replies else {}}
+        log(f"Nuke stand-in, cold Process ({model}): press -> result linked "
+            f"{out['cold']['press_to_result_s']:.2f} s (server spawn "
+            f"{out['cold']['server_spawn_s']:.2f} s; the server's timing "
+            + ", ".join(f"{k} {v:.2f}" for k, v in out["cold"]["server"].items()) + ")")
+
+        # 2. warm single frames
+        single = min(frames - 1, 10)
+        rows = []
+        for f in range(2, 2 + single):
+            nuke.frame(f)
+            probe.reset()
+            t = probe.press(node, "process_frame")
+            if f not in probe.linked:
+                raise RuntimeError(f"Process frame {f}: {node['status'].value()}")
+            rows.append({"round_trip_s": probe.linked[f] - t,
+                         "until_idle_s": time.perf_counter() - t,
+                         "write_copy_s": sum(probe.copies),
+                         "render_inputs_s": sum(s for _, s in probe.renders),
+                         **{f"server_{k}": v for k, v in probe.replies[-1].items()}})
+        single_med = _medians(rows)
+        single_med["round_trip_without_write_s"] = statistics.median(
+            r["round_trip_s"] - r["write_copy_s"] for r in rows)
+        out["single"] = {"frames": single, **single_med}
+        log(f"Nuke stand-in, Process one frame ({model}), median of {single} distinct frames: "
+            f"press -> result linked {single_med['round_trip_s'] * 1000:.1f} ms "
+            f"({single_med['round_trip_without_write_s'] * 1000:.1f} ms without the Write's "
+            f"copy of {single_med['write_copy_s'] * 1000:.1f} ms); " + ", ".join(
+                f"{k} {v * 1000:.1f}" for k, v in single_med.items() if k.endswith("_s")))
+
+        # 3. Process range over every frame, nothing cached
+        probe.press(node, "clear_cache")
+        out["range"] = _range(probe, node, model, frames)
+        # 4. the stand-in's real Write, per frame (results exist: a server cache hit)
+        probe.fast_write = False
+        real = []
+        for f in range(1, 1 + min(3, frames)):
+            nuke.frame(f)
+            probe.reset()
+            probe.press(node, "process_frame")
+            real.append(sum(s for _, s in probe.renders))
+        out["stand_in_write_s"] = statistics.median(real)
+        probe.fast_write = True
+        log(f"Nuke stand-in: its pure-Python Write (Read decode + EXR encode) "
+            f"{out['stand_in_write_s'] * 1000:.0f} ms a frame (median of {len(real)})")
+        # 5. the identity model, the same path
+        probe.press(node, "connect")  # the restored node's menu holds its own model only
+        node["model"].setValue("identity")
+        out["range_identity"] = _range(probe, node, "identity", frames)
+
     finally:
-        plugin.shutdown_clients()
-        plugin._render_inputs = render_inputs
-    rest = total - spent["render_inputs_s"] - spent["infer_s"]
-    return {"frames": frames, "total_s": total, "fps": frames / total,
-            "fps_without_stand_in_write": frames / (total - spent["render_inputs_s"]),
-            **spent, "rest_s": rest}
+        probe.close()
+    return out
+
+
+def _range(probe: NukeProbe, node: Any, model: str, frames: int) -> Dict[str, Any]:
+    probe.reset()
+    t = probe.press(node, "process_range")
+    total = time.perf_counter() - t
+    status = node["status"].value()
+    if f"processed {frames} of {frames}" not in status or len(probe.linked) != frames:
+        raise RuntimeError(f"Process range in the stand-in Nuke: {status}")
+    stamps = sorted(probe.linked.values())
+    skip = min(8, max(0, frames - 2))  # steady: after the first chunk
+    steady = ((frames - 1 - skip) / (stamps[-1] - stamps[skip])
+              if frames - 1 > skip else float("nan"))
+    renders = sum(s for _, s in probe.renders)
+    copies = sum(probe.copies)
+    server = _medians([r for r in probe.replies if not r.get("cached")])
+    got = {"total_s": total, "last_linked_s": stamps[-1] - t, "fps": frames / total,
+           "fps_steady": steady, "write_copies_s": copies, "render_inputs_s": renders,
+           "frame_done_s": sum(probe.done_s), "server_median": server,
+           "cached_replies": sum(1 for r in probe.replies if r.get("cached")),
+           "linked_at_s": [s - t for s in stamps], "renders": probe.renders,
+           "replies": probe.replies}
+    log(f"Nuke stand-in, Process range ({model}), {frames} distinct frames: "
+        f"{got['fps']:.1f} frames/s overall ({total:.2f} s), {steady:.1f} steady; main "
+        f"thread rendering {renders / frames * 1000:.1f} ms a frame, of which the Write's "
+        f"copy {copies / frames * 1000:.1f} ms, showing results "
+        f"{got['frame_done_s'] / frames * 1000:.1f} ms; the server's timing per frame "
+        f"(median, ms): "
+        + ", ".join(f"{k[:-2]} {v * 1000:.1f}" for k, v in server.items() if k.endswith("_s")))
+    return got
 
 
 def main() -> None:
@@ -218,8 +441,6 @@ def main() -> None:
                    help="where the sequence and the results go (RAM disk by default)")
     p.add_argument("--nuke", action="store_true",
                    help="also through the Nuke plug-in's Process range (stand-in Nuke)")
-    p.add_argument("--nuke-frames", type=int, default=10,
-                   help="frames for --nuke (its stand-in's pure-Python EXR I/O is slow)")
     p.add_argument("--pipeline", type=int, default=None,
                    help="frames in flight for `dlserver infer` (default: the CLI's)")
     p.add_argument("--json")
@@ -240,7 +461,11 @@ def main() -> None:
         if frames < args.frames:
             log(f"(only {free / 2**30:.1f} GiB free in {work}: {frames} frames, not "
                 f"{args.frames})")
-        src = write_sequence(work, h, w, frames)
+        t = time.perf_counter()
+        # distinct frames: the plug-in's results cache is keyed by a hash of the input
+        # pixels (and the same sequence for `dlserver infer`, for the same I/O)
+        src = write_sequence(work, h, w, frames, distinct=True)
+        log(f"{frames} distinct {args.size} frames written in {time.perf_counter() - t:.1f} s")
         out_dir = os.path.join(work, "out")
         os.makedirs(out_dir)
         sets = []
@@ -285,20 +510,8 @@ def main() -> None:
         log(f"where the time goes (server's timing, median of frames 3-{n}, ms): " + ", ".join(
             f"{k[:-2]} {v * 1000:.1f}" for k, v in parts.items()))
         if args.nuke:
-            n = min(frames, args.nuke_frames)
-            # distinct frames: the plug-in caches results by a hash of the input pixels
-            src = write_sequence(work, h, w, n, distinct=True, name="distinct")
-            results["nuke"] = {}
-            for name, model_opts, dirs in (("identity", {}, [TEST_MODELS]),
-                                           (args.model, opts, [])):
-                got = through_nuke(args, name, model_opts, src, n, work, dirs)
-                results["nuke"][name] = got
-                log(f"Nuke stand-in, Process range, {name:<12} {n} frames {args.size}: "
-                    f"{got['fps']:.2f} frames/s ({got['fps_without_stand_in_write']:.2f} "
-                    f"without the stand-in's input render); per frame: stand-in Write "
-                    f"{got['render_inputs_s'] / n * 1000:.0f} ms, infer_exr "
-                    f"{got['infer_s'] / n * 1000:.0f} ms, rest (hash, cache, Read reload) "
-                    f"{got['rest_s'] / n * 1000:.0f} ms")
+            results["io_stages"] = io_stages(src, frames, work)
+            results["nuke"] = through_nuke(args, args.model, opts, src, frames, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

@@ -3,8 +3,9 @@
 # CUDA box): model benchmarks, the CUDA tests of the model authors, the end-to-end
 # sequence and the transport figures. Logs go to $OUT (default ./perf_out).
 #
-#   bash benchmarks/gpu_run.sh [quick|io|models]
-#       io: end to end and transport only; models: model benchmarks and CUDA tests only
+#   bash benchmarks/gpu_run.sh [quick|io|e2e|models]
+#       io: end to end and transport only; e2e: end to end (with --nuke) only;
+#       models: model benchmarks and CUDA tests only
 #
 # Needs torch/torchvision with CUDA, numpy, opencv, pytest; OpenEXR is installed from
 # wheels in .whl/ when it is missing (the device machine has no network: carry .whl).
@@ -47,7 +48,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     tail -n 40 "$OUT/$name.log"
 }
 
-if [ "$QUICK" = io ]; then
+if [ "$QUICK" = io ] || [ "$QUICK" = e2e ]; then
     :  # the server's I/O path only: end to end and transport, below
 elif [ "$QUICK" = quick ]; then
     step bench_models 240 python3 benchmarks/bench_models.py --device cuda --sizes 1080p \
@@ -56,9 +57,10 @@ else
     step bench_models 270 python3 benchmarks/bench_models.py --device cuda --profile \
         --json "$OUT/bench_models.json"
 fi
-[ "$QUICK" = io ] || step pytest_cuda 160 python3 -m pytest -m cuda tests/test_mask_rcnn.py tests/test_densepose.py tests/test_gpu_io.py \
+[ "$QUICK" = io ] || [ "$QUICK" = e2e ] || step pytest_cuda 160 python3 -m pytest -m cuda tests/test_mask_rcnn.py tests/test_densepose.py tests/test_gpu_io.py \
     -s -rs -p no:cacheprovider
 [ "$QUICK" = models ] && exit 0
-step bench_end_to_end 200 python3 benchmarks/bench_end_to_end.py --device cuda --nuke \
+step bench_end_to_end 480 python3 benchmarks/bench_end_to_end.py --device cuda --nuke \
     --json "$OUT/bench_end_to_end.json"
+[ "$QUICK" = e2e ] && exit 0
 step bench_transport 70 python3 benchmarks/bench_transport.py --repeat 10
