@@ -177,23 +177,29 @@ def run_job(job: Job) -> Job:
 
 
 def _pipeline(job: Job, task: Any) -> None:
-    """Nuke renders chunk k+1 while the server works on chunk k; a cancel stops before
-    the next chunk is submitted (frames at the server finish and are kept)."""
+    """Nuke renders chunk k+1 while the server works on chunk k, and chunk k+1 is
+    submitted before chunk k is collected, so the server reads ahead (two chunks in
+    flight). A cancel stops before the next chunk is rendered; the frames already at
+    the server finish and are kept."""
     client = connections.client_for(job.server, job.cache)
     exchange = connections.exchange_dir(client)
     todo = [f for f in job.frames if f not in job.done]
-    submitted: List[Tuple[int, Any]] = []
+    in_flight: List[List[Tuple[int, Any]]] = []
     for start in range(0, len(todo), CHUNK):
-        chunk = todo[start:start + CHUNK]
-        rendered = threads.in_main(render_inputs, job, chunk, exchange)
-        _collect(job, submitted, task)
-        submitted = []
-        if rendered is None:  # the artist cancelled Nuke's own render
-            job.cancelled = True
         if _cancelled(job, task):
             break
-        submitted = [(f, _submit(job, client, f, rendered[f], exchange)) for f in chunk]
-    _collect(job, submitted, task)
+        chunk = todo[start:start + CHUNK]
+        rendered = threads.in_main(render_inputs, job, chunk, exchange)
+        if rendered is None:  # the artist cancelled Nuke's own render
+            job.cancelled = True
+            break
+        in_flight.append([(f, _submit(job, client, f, rendered[f], exchange))
+                          for f in chunk])
+        if len(in_flight) > 1:
+            _collect(job, in_flight.pop(0), task)
+    while in_flight:
+        _collect(job, in_flight.pop(0), task)
+    _cancelled(job, task)
 
 
 def _cancelled(job: Job, task: Any) -> bool:

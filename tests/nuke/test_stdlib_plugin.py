@@ -226,9 +226,11 @@ class ProcessingTest(PluginTest):
         self.assertTrue(node.node("DLWrite0")["disable"].value())
 
     def test_cancel_stops_after_the_current_frame_and_leaves_no_temp_files(self) -> None:
-        node = self.make_node(range(1, 11))
-        self.connect(node)
         from dlclient import connections
+        from dlclient.frames import CHUNK
+        frames = 3 * CHUNK
+        node = self.make_node(range(1, frames + 1))
+        self.connect(node)
         exchange = connections._clients[("embedded",)].exchange_dir
 
         def cancel_when_frame_3_starts(task: nuke.ProgressTask) -> None:
@@ -237,17 +239,17 @@ class ProcessingTest(PluginTest):
 
         nuke._progress_hook[0] = cancel_when_frame_3_starts
         self.process_range(node)
-        # The frames already at the server when cancel was pressed finish (one chunk);
-        # nothing more is submitted.
-        from dlclient.frames import CHUNK
-        self.assertIn(f"cancelled: processed {CHUNK} of 10", node["status"].value())
-        self.assertEqual(len(StubClient.calls), CHUNK)
+        # Cancel came while chunk 1 was collected and chunk 2 already at the server (two
+        # chunks in flight): both finish; nothing more is rendered or submitted.
+        done = 2 * CHUNK
+        self.assertIn(f"cancelled: processed {done} of {frames}", node["status"].value())
+        self.assertEqual(len(StubClient.calls), done)
         self.assertEqual(ns.files_under(exchange), [])
         self.assertEqual([p for p in ns.files_under(self.cache) if not p.endswith(".exr")], [])
-        for f in range(1, CHUNK + 1):
+        for f in range(1, done + 1):
             self.result_frame(node, f)
         with self.assertRaises(RuntimeError):
-            self.result_frame(node, CHUNK + 1)
+            self.result_frame(node, done + 1)
 
     def test_a_server_lost_mid_frame_is_restarted_once_and_the_frame_redone(self) -> None:
         node = self.make_node(range(1, 2))
