@@ -1,16 +1,17 @@
 """The content hash of EXR frames: what a result cache is keyed on. Stdlib only (the Nuke
 plug-in imports it; the server computes the same hash while it reads a frame).
 
-`exr_content_hash` hashes an EXR's pixels (the chunks after the offset table), its
-channel list, compression, windows, pixel aspect and line order, and nothing else of
-its header: a Write may stamp times or paths into the metadata, which must not defeat
-the cache, and the offset table's absolute positions move with the header's length.
-`combine_hashes` makes one hash of a frame's inputs. A file whose header can't be
-parsed (not an EXR, truncated, a negative attribute size) is hashed whole.
+`exr_content_hash` hashes an EXR's pixels (the chunks after the offset table, as the
+SHA-256 digests of their 4 MiB segments, computed in parallel), its channel list,
+compression, windows, pixel aspect and line order, and nothing else of its header: a
+Write may stamp times or paths into the metadata, which must not defeat the cache, and
+the offset table's absolute positions move with the header's length. `combine_hashes`
+makes one hash of a frame's inputs. A file whose header can't be parsed (not an EXR,
+truncated, a negative attribute size) is hashed whole.
 
-Speed: a file is mapped (mmap), not read, and the bytes after the header are hashed
-as one memoryview: no copy, and hashlib releases the GIL while it hashes a big buffer,
-so the server's other threads run meanwhile.
+Speed: a file is mapped (mmap), not read, and the segments are hashed as memoryview
+slices: no copy, and hashlib releases the GIL while it hashes a big buffer, so the
+segments hash on several cores and the server's other threads run meanwhile.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ import mmap
 import os
 import stat
 import struct
-from typing import Dict, Sequence, Tuple, Union
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Sequence, Tuple, Union
 
 MAGIC = b"\x76\x2f\x31\x01"
 # The header attributes that decide the pixels (the rest is metadata).
 HASHED_ATTRIBUTES = ("channels", "compression", "dataWindow", "displayWindow",
                      "pixelAspectRatio", "lineOrder")
 HEX_DIGITS = 32  # a hash is the first 32 hex digits (128 bits) of a SHA-256
+SEGMENT = 4 << 20  # the pixel data is hashed in pieces of this size (see segment_digests)
 
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
@@ -88,8 +92,32 @@ def _hash_view(view: memoryview) -> str:
         return digest.hexdigest()[:HEX_DIGITS]
     for name in HASHED_ATTRIBUTES:
         digest.update(name.encode() + b"=" + attrs.get(name, b"") + b";")
-    digest.update(view[chunks_start(view, end):])
+    for part in segment_digests(view[chunks_start(view, end):]):
+        digest.update(part)
     return digest.hexdigest()[:HEX_DIGITS]
+
+
+def segment_digests(body: memoryview) -> List[bytes]:
+    """SHA-256 of each SEGMENT-sized piece of `body`, hashed on several threads at once
+    (hashlib releases the GIL while it hashes a big buffer): a 1080p RGBA float frame
+    (33 MB, 8 segments) costs about the time of one segment on a many-core machine.
+    The segment size is fixed, so the hash doesn't depend on the number of threads."""
+    pieces = [body[i:i + SEGMENT] for i in range(0, len(body), SEGMENT)] or [body]
+    if len(pieces) == 1:
+        return [hashlib.sha256(pieces[0]).digest()]
+    return list(_pool().map(lambda piece: hashlib.sha256(piece).digest(), pieces))
+
+
+_pool_lock = threading.Lock()
+_pools: List[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    with _pool_lock:
+        if not _pools:
+            workers = max(1, min(8, os.cpu_count() or 1))
+            _pools.append(ThreadPoolExecutor(workers, thread_name_prefix="content-hash"))
+        return _pools[0]
 
 
 def chunks_start(view: memoryview, table: int) -> int:

@@ -16,12 +16,14 @@ from support import ROOT, make_plate, oracle_combine, oracle_exr_hash, write_pla
 from dlserver.content_hash import combine_hashes, exr_content_hash
 
 
-def test_hash_of_a_file_and_of_its_bytes_matches_the_oracle(tmp_path: Path) -> None:
-    plate = make_plate(48, 64)
+@pytest.mark.parametrize("height, width", [(48, 64), (1100, 1000)])  # 1 and 5 segments
+def test_hash_of_a_file_and_of_its_bytes_matches_the_oracle(tmp_path: Path, height: int,
+                                                            width: int) -> None:
+    plate = make_plate(height, width)
     path = tmp_path / "a.exr"
-    write_plate_exr(path, plate, {"depth.Z": np.full((48, 64), 3, np.float32)})
+    write_plate_exr(path, plate, {"depth.Z": np.full((height, width), 3, np.float32)})
     data = path.read_bytes()
-    want = oracle_exr_hash(data, 48, 64, ["R", "G", "B", "A", "depth.Z"])
+    want = oracle_exr_hash(data, height, width, ["R", "G", "B", "A", "depth.Z"])
     assert exr_content_hash(str(path)) == want
     assert exr_content_hash(path) == want
     assert exr_content_hash(data) == want
