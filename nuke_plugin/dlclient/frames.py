@@ -111,10 +111,12 @@ def make_job(node: nuke.Node, frames: Sequence[int]) -> Job:
                gui=bool(nuke.env["gui"]))
 
 
-def process(node: nuke.Node, frames: Sequence[int], live: bool = False) -> Optional[Job]:
+def process(node: nuke.Node, frames: Sequence[int], live: bool = False,
+            buttons: Optional[Dict[str, bool]] = None) -> Optional[Job]:
     """Process `frames` (those whose input and settings have a result only cost an input
     render). GUI: in a worker thread with a progress bar that can cancel (none in live
-    mode); terminal: in line, raising on failure."""
+    mode); terminal: in line, raising on failure. `buttons`: a button option pressed
+    (its answer is a message; its pixels are not kept)."""
     if busy(node):
         kn.set_status(node, "already processing; wait or cancel the progress bar")
         return None
@@ -126,6 +128,7 @@ def process(node: nuke.Node, frames: Sequence[int], live: bool = False) -> Optio
             raise
         return None
     job.live = live
+    job.buttons = dict(buttons or {})
     _busy[job.node] = job
     kn.set_status(node, f"processing {len(job.frames)} frame(s) ...")
 
@@ -142,6 +145,11 @@ def process(node: nuke.Node, frames: Sequence[int], live: bool = False) -> Optio
                 raise RuntimeError(f"{job.node}: {error_text(error)}") from error
             return
         _live_backoff.pop(job.node, None)
+        if job.buttons:
+            kn.set_status(target, job.message or "done")
+            if job.message and job.gui:  # the answer the artist asked for (errors don't pop up)
+                nuke.message(f"{target.name()}: {st.plain_text(job.message)}")
+            return
         summary = f"processed {len(job.done)} of {len(job.frames)} frame(s) with {job.model}"
         if job.cancelled:
             summary = "cancelled: " + summary
@@ -366,32 +374,8 @@ def missing_frames(node: nuke.Node, frames: Sequence[int]) -> List[int]:
 # ============================================================================ buttons, live
 def press_button(node: nuke.Node, knob_name: str) -> None:
     """A button option: one request with the button True for the current frame; the
-    reply's message is shown in status."""
-    if busy(node):
-        kn.set_status(node, "busy; press again when processing is done")
-        return
-    try:
-        job = make_job(node, [int(nuke.frame())])
-    except RuntimeError as exc:
-        kn.set_error(node, str(exc))
-        return
-    job.buttons = {knob_name[len(st.KNOB_PREFIX):]: True}
-    _busy[job.node] = job
-
-    def done(result: Any, error: Optional[BaseException]) -> None:
-        _busy.pop(job.node, None)
-        target = nuke.toNode(job.node)
-        if target is None:
-            return
-        if error is not None:
-            kn.set_error(target, error_text(error))
-            return
-        kn.set_status(target, job.message or "done")
-        if job.message and job.gui:  # the answer the artist asked for (errors never pop up)
-            nuke.message(f"{target.name()}: {st.plain_text(job.message)}")
-
-    threads.run(lambda: run_job(job), done, background=job.gui,
-                quiet=lambda exc: isinstance(exc, DLServerError))
+    reply's message is shown in status (and, in the GUI, a dialog: the artist asked)."""
+    process(node, [int(nuke.frame())], buttons={knob_name[len(st.KNOB_PREFIX):]: True})
 
 
 def start_live(node: nuke.Node) -> None:

@@ -350,13 +350,16 @@ class GuiRenderAndLiveTest(PluginTest):
         self.assertIn("ERROR", knobs.autolabel(node))
         self.assertIn("blur", knobs.autolabel(node))
 
+    def process_frames(self, node: nuke.Node, first: int, last: int) -> None:
+        node["range_from_input"].setValue(False)
+        node["first_frame"].setValue(first)
+        node["last_frame"].setValue(last)
+        self.process_range(node)
+
     def test_frames_outside_the_processed_range_error_instead_of_black(self) -> None:
         node = self.make_node(range(1, 6))
         self.connect(node)
-        node["range_from_input"].setValue(False)
-        node["first_frame"].setValue(2)
-        node["last_frame"].setValue(3)
-        self.process_range(node)
+        self.process_frames(node, 2, 3)
         self.result_frame(node, 2)
         for frame in (1, 4, 5):
             with self.assertRaises(RuntimeError):
@@ -365,13 +368,9 @@ class GuiRenderAndLiveTest(PluginTest):
     def test_no_knob_grows_with_the_number_of_frames(self) -> None:
         node = self.make_node(range(1, 21))
         self.connect(node)
-        node["range_from_input"].setValue(False)
-        node["last_frame"].setValue(2)
-        node["first_frame"].setValue(1)
-        self.process_range(node)
+        self.process_frames(node, 1, 2)
         sizes = {k: len(str(v.toScript())) for k, v in node.knobs().items()}
-        node["last_frame"].setValue(20)
-        self.process_range(node)
+        self.process_frames(node, 1, 20)
         after = {k: len(str(v.toScript())) for k, v in node.knobs().items()}
         grown = {k for k in sizes if after[k] > sizes[k] + 2 and k not in ("status",)}
         self.assertEqual(grown, set())
