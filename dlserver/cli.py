@@ -2,7 +2,8 @@
 
     dlserver models                                   table of models and options
     dlserver infer --model blur --set size=4 in.####.exr out.####.exr --frames 1-10
-    dlserver serve --host 0.0.0.0 --port 55555 --token T   (= python -m dlserver ...)
+    dlserver serve --host 0.0.0.0 --port 55555             (= python -m dlserver ...;
+                                                      token from DLSERVER_TOKEN)
     dlserver weights [--fetch MODEL]                  where each model's weight files are
 
 `infer` starts the embedded server (or uses `--server HOST:PORT`), sends each frame's
@@ -112,6 +113,35 @@ class Progress:
 
 # --- commands ------------------------------------------------------------------------------------
 
+TOKEN_HOW = ("give --token-file FILE (a file holding the token, readable only by you) or "
+             "set DLSERVER_TOKEN (--token TOKEN works too, but every user of this machine "
+             "sees it in ps)")
+
+
+def token_for(args: argparse.Namespace, stderr: Any = None) -> Optional[str]:
+    """The remote token: --token-file, else --token (with a warning: the command line is
+    world-readable in ps), else $DLSERVER_TOKEN; None when there is none."""
+    stderr = stderr or sys.stderr
+    token_file = getattr(args, "token_file", None)
+    if token_file and args.token is not None:
+        raise ValueError("give the token once: --token-file or --token, not both")
+    if token_file:
+        try:
+            with open(os.path.expanduser(token_file), encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise ValueError(f"--token-file {token_file!r}: {exc.strerror or exc}") from None
+        if not token:
+            raise ValueError(f"--token-file {token_file!r} is empty")
+        return token
+    if args.token is not None:
+        print("dlserver: warning: --token on the command line is visible to every user of "
+              "this machine (ps, /proc); use --token-file FILE or DLSERVER_TOKEN instead",
+              file=stderr)
+        return str(args.token)
+    return os.environ.get("DLSERVER_TOKEN") or None
+
+
 def open_client(args: argparse.Namespace, folders: Sequence[str] = ()) -> Client:
     """The remote server, or an embedded one allowed to read and write `folders`
     directly (frames by reference: no bytes through the pipe)."""
@@ -119,7 +149,19 @@ def open_client(args: argparse.Namespace, folders: Sequence[str] = ()) -> Client
         host, _, port = args.server.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--server {args.server!r}: use HOST:PORT")
-        return Client.connect(host, int(port), token=args.token)
+        token = token_for(args)
+        tls_ca = getattr(args, "tls_ca", None)
+        try:
+            return Client.connect(host, int(port), token=token or "",
+                                  tls=bool(getattr(args, "tls", False) or tls_ca),
+                                  cafile=os.path.expanduser(tls_ca) if tls_ca else None)
+        except DLServerError as exc:
+            if exc.code != "auth":
+                raise
+            what = ("needs a token" if not token else
+                    f"refused the token: {exc.message}")
+            raise DLServerError("auth", f"the server at {args.server} {what}; "
+                                        f"{TOKEN_HOW}") from None
     return Client.spawn(models_dirs=args.models_dir, device=args.device, allow_dirs=folders)
 
 
@@ -142,18 +184,85 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_extra_inputs(items: Sequence[str]) -> Dict[str, str]:
+    """`--input NAME=PATTERN` (repeatable) → {name: pattern}."""
+    extra: Dict[str, str] = {}
+    for item in items:
+        name, sep, pattern = item.partition("=")
+        if not sep or not name.strip() or not pattern:
+            raise ValueError(
+                f"--input {item!r}: use --input NAME=PATTERN, for a further input of a "
+                f"multi-input model (e.g. --input mask=matte.####.exr); the first input "
+                f"is the positional argument: dlserver infer --model M in.####.exr "
+                f"out.####.exr")
+        if name.strip() in extra:
+            raise ValueError(f"--input {name.strip()!r} is given twice")
+        extra[name.strip()] = pattern
+    return extra
+
+
+def missing_inputs(patterns: Sequence[str], frames: Sequence[Optional[int]]) -> List[str]:
+    """The input files that do not exist, each said as a person would look for it."""
+    missing = []
+    for frame in frames:
+        for pattern in patterns:
+            path = frame_path(pattern, frame) if frame is not None else pattern
+            if not os.path.isfile(path):
+                missing.append(f"frame {frame}: {path}" if frame is not None else path)
+    return missing
+
+
+def model_declaration(client: Client, name: str, where: str) -> Dict[str, Any]:
+    """The model's declaration; an unknown name is answered with the models there are."""
+    models = client.models()
+    for model in models:
+        if model["name"] == name:
+            return model
+    names = ", ".join(m["name"] for m in models) or "(none)"
+    raise ValueError(f"{where} has no model {name!r}; its models: {names} "
+                     f"(`dlserver models` lists them with their options)")
+
+
+def make_dirs(folder: str) -> List[str]:
+    """os.makedirs, returning the folders it created, deepest first."""
+    created = []
+    path = os.path.abspath(folder)
+    while not os.path.isdir(path):
+        created.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    os.makedirs(folder, exist_ok=True)
+    return created
+
+
+def remove_empty(folders: Sequence[str]) -> None:
+    """Remove the folders (deepest first) that are still empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return  # not empty (or gone): so are its parents
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     if is_sequence(args.input) != is_sequence(args.output):
         raise ValueError("give both paths as sequences (####) or both as single files")
     if is_sequence(args.input) and not args.frames:
         raise ValueError("the paths are sequences: say which frames with --frames 1-10")
     frames: List[Optional[int]] = list(parse_frames(args.frames)) if args.frames else [None]
-    extra = dict(item.split("=", 1) for item in args.extra_input)
+    extra = parse_extra_inputs(args.extra_input)
+    missing = missing_inputs([args.input, *extra.values()], frames)
+    if missing:  # before any work: a range never ends half done for a typo
+        if len(missing) == 1:
+            raise ValueError(f"input file missing: {missing[0]}")
+        raise ValueError(f"{len(missing)} input files missing, e.g. " + "; ".join(missing[:3]))
     folders = {os.path.dirname(os.path.abspath(p)) for p in (args.input, args.output,
                                                               *extra.values())}
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open_client(args, sorted(folders)) as client:
-        declaration = client.model(args.model)
+        where = f"the server at {args.server}" if args.server else "the embedded server"
+        declaration = model_declaration(client, args.model, where)
         options = parse_settings(args.set, declaration)
         input_names = list(declaration["inputs"])
         patterns = {input_names[0]: args.input, **extra}
@@ -165,13 +274,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
                   for n, p in patterns.items()},
                  frame_path(args.output, frame) if frame is not None else args.output, frame)
                 for frame in frames]
-        missing = [f"frame {frame}: {path}" for paths, _, frame in jobs
-                   for path in paths.values() if not os.path.isfile(path)]
-        if missing:  # before any work: a range never ends half done for a typo
-            raise ValueError(f"{len(missing)} input file(s) missing, e.g. "
-                             + "; ".join(missing[:3]))
         progress = Progress(len(frames))
-        run_range(client, args.model, options, jobs, args.pipeline, progress)
+        # The output folder exists only once a frame was written: not after a run
+        # that failed before any.
+        created = make_dirs(os.path.dirname(os.path.abspath(args.output)))
+        try:
+            run_range(client, args.model, options, jobs, args.pipeline, progress)
+        except BaseException:
+            if progress.done == 0:
+                remove_empty(created)
+            raise
     return 0
 
 
@@ -224,8 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
     def connection(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--server", metavar="HOST:PORT",
                         help="use a remote server instead of the embedded one")
-        sp.add_argument("--token", default=os.environ.get("DLSERVER_TOKEN"),
-                        help="the remote server's token (default $DLSERVER_TOKEN)")
+        sp.add_argument("--token-file", metavar="FILE",
+                        help="a file holding the remote server's token (default: "
+                             "$DLSERVER_TOKEN)")
+        sp.add_argument("--token", help="the remote server's token; visible to every user "
+                                        "in ps: prefer --token-file or DLSERVER_TOKEN")
+        sp.add_argument("--tls", action="store_true",
+                        help="connect to the remote server over TLS (a server started with "
+                             "--tls-cert/--tls-key); without it the login can be relayed on "
+                             "an untrusted network")
+        sp.add_argument("--tls-ca", metavar="FILE",
+                        help="PEM file of the authority (or the server's self-signed "
+                             "certificate) to trust; implies --tls (default: the system's "
+                             "authorities)")
         sp.add_argument("--models-dir", action="append", default=[],
                         help="extra models folder for the embedded server")
         sp.add_argument("--device", help="embedded server's device: cpu, cuda, cuda:N")
@@ -233,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("models", help="list the models and their options")
     connection(sp)
     sp = sub.add_parser("infer", help="run a model over an EXR sequence")
-    sp.add_argument("--model", required=True)
+    sp.add_argument("--model", required=True, metavar="NAME",
+                    help="the model to run, e.g. blur (`dlserver models` lists them and "
+                         "their options)")
     sp.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="an option value (repeatable)")
     sp.add_argument("--frames", help="1-10, 1-10x2 or 1,3,5 (needed for #### paths)")

@@ -38,8 +38,8 @@ Loaders (torch is imported inside them, never at module import):
   containers. Any other global (`os.system`, a class) → `UnsafePickleError`.
 
 CLI: `add_weights_parser(subparsers)` adds `weights` (list each model's files, the
-folders searched, found or not; `--fetch MODEL` downloads; `--verify` checks the
-sha256 of found files) and `weights_command(args)` runs it.
+folders searched, found (sha256 checked), damaged or missing; `--fetch MODEL`
+downloads; `--no-verify` skips reading the files) and `weights_command(args)` runs it.
 """
 
 from __future__ import annotations
@@ -269,7 +269,11 @@ def verify(weights: WeightsFile, path: PathLike) -> None:
         raise WeightsChecksumError(
             f"weights file {str(p)!r} is damaged or not the published one: its sha256 "
             f"starts with {digest[:len(weights.sha256)]}, the publisher's with "
-            f"{weights.sha256}. Delete it and download it again from {weights.url}")
+            f"{weights.sha256}. Delete it and download it again from {weights.url} (or "
+            f"run `dlserver weights --fetch MODEL`). To use weights of your own on "
+            f"purpose, save them under another file name than {weights.filename!r} and "
+            f"give that path in the model's weights option: a file under a name of its "
+            f"own is used as it is, without this check.")
     _verified[key] = digest
 
 
@@ -468,8 +472,11 @@ def add_weights_parser(subparsers: Any) -> Any:
                     "file was found. --fetch downloads a model's files (needs a network).")
     p.add_argument("--fetch", metavar="MODEL", action="append", default=[],
                    help="download the files of MODEL into the hub cache (repeatable; 'all')")
-    p.add_argument("--verify", action="store_true",
-                   help="also check the sha256 of the files found")
+    p.add_argument("--verify", action="store_true", default=True,
+                   help="check the sha256 of the files found (the default)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="only say where the files are; don't read them (a damaged file is "
+                        "then listed as found)")
     p.set_defaults(func=weights_command)
     return p
 
@@ -511,13 +518,15 @@ def weights_command(args: Any, models: Iterable[Any] | None = None,
                     lookup = locate(wf)
                 except WeightsError as exc:
                     state = f"MISSING ({exc})"
-            if lookup.found and getattr(args, "verify", False):
+            if lookup.found and getattr(args, "verify", True):
                 try:
                     verify(wf, lookup.path)  # type: ignore[arg-type]
                     state += "  (sha256 ok)" if wf.sha256 else "  (no published sha256)"
                 except WeightsChecksumError as exc:
-                    state = f"BAD: {exc}"
+                    state = f"DAMAGED: {exc}"
                     status = 1
+            elif lookup.found:
+                state += "  (sha256 not checked: --no-verify)"
             if not lookup.found:
                 status = 1
             print(f"  {wf.filename}  [{wf.description or wf.size_text()}]\n"

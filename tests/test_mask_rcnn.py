@@ -165,8 +165,42 @@ def test_checksum_mismatch_is_refused(tmp_path, monkeypatch, v1_weights):
 def test_wrong_network_for_file_is_a_clear_error(v1_weights):
     m = MaskRCNN()
     m.load("cpu")
-    with pytest.raises(W.WeightsError, match="does not fit"):
+    with pytest.raises(W.WeightsError, match="does not fit") as ei:
         m.infer({"src": _image()}, {"variant": "resnet50_fpn_v2", "weights": str(v1_weights)})
+    msg = str(ei.value)
+    assert "network option" not in msg  # the option is named variant
+    assert "set the variant option (the node's 'network' menu) to the network the file " \
+           "was made for (resnet50_fpn), or the weights option to a resnet50_fpn_v2 file" in msg
+
+
+def test_a_missing_v2_file_names_the_v1_file_that_is_present(tmp_path, monkeypatch,
+                                                             v1_weights):
+    v1 = M.VARIANTS["resnet50_fpn"][1]
+    d = tmp_path / "w"
+    d.mkdir()
+    os.symlink(v1_weights, d / v1.filename)
+    monkeypatch.setenv(W.ENV_WEIGHTS_DIR, str(d))
+    m = MaskRCNN()
+    m.load("cpu")
+    with pytest.raises(W.WeightsMissing) as ei:
+        m.infer({"src": _image()}, {"variant": "resnet50_fpn_v2"})
+    msg = str(ei.value)
+    v2 = M.VARIANTS["resnet50_fpn_v2"][1]
+    assert msg.startswith(f"weights file {v2.filename!r} not found.\n"
+                          f"(downloads are off: {W.ENV_OFFLINE} is set)\n"
+                          f"The resnet50_fpn network's file is present ({d / v1.filename}): "
+                          f"set the variant option (the node's 'network' menu) to "
+                          f"resnet50_fpn to use it now"), msg
+    assert v2.url in msg and str(d) in msg  # and still how to get the v2 file
+    # an explicit weights option that is missing is about that path, not the variants
+    with pytest.raises(W.WeightsMissing) as ei:
+        m.infer({"src": _image()}, {"variant": "resnet50_fpn_v2",
+                                    "weights": str(tmp_path / "nosuch.pth")})
+    assert "resnet50_fpn network's file" not in str(ei.value)
+    monkeypatch.delenv(W.ENV_WEIGHTS_DIR)  # nothing present: the plain message
+    with pytest.raises(W.WeightsMissing) as ei:
+        m.infer({"src": _image()}, {"variant": "resnet50_fpn_v2"})
+    assert "is present" not in str(ei.value)
 
 
 # --- the real network (random weights) --------------------------------------------------------

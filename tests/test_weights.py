@@ -111,6 +111,52 @@ def test_checksum_mismatch_is_refused(tmp_path):
         W.resolve(wf, hub / wf.filename)
 
 
+def test_checksum_refusal_says_how_to_use_ones_own_file(tmp_path):
+    wf = _wf(tmp_path, b"published")
+    hub = W.hub_checkpoints_dir()
+    hub.mkdir(parents=True)
+    (hub / wf.filename).write_bytes(b"my own fine-tuned weights")
+    with pytest.raises(W.WeightsChecksumError) as ei:
+        W.resolve(wf, allow_download=False)
+    msg = str(ei.value)
+    assert (f"To use weights of your own on purpose, save them under another file name "
+            f"than {wf.filename!r} and give that path in the model's weights option") in msg
+    assert "dlserver weights --fetch MODEL" in msg
+    # ... and doing what it says works: the renamed file is used as it is
+    own = tmp_path / "mine" / "my-finetune.pth"
+    own.parent.mkdir()
+    (hub / wf.filename).rename(own)
+    assert W.resolve(wf, own, allow_download=False) == own
+
+
+def test_weights_command_says_a_damaged_file_is_damaged(tmp_path):
+    from dlserver.model import Model
+
+    wf = _wf(tmp_path, b"published")
+    good = _wf(tmp_path, b"good", name="other")
+
+    class Fake(Model):
+        name = "fake"
+        weights_files = (wf, good)
+
+    hub = W.hub_checkpoints_dir()
+    hub.mkdir(parents=True)
+    (hub / wf.filename).write_bytes(b"publishe")  # a truncated download
+    (hub / good.filename).write_bytes(b"good")
+    parser = argparse.ArgumentParser()
+    W.add_weights_parser(parser.add_subparsers())
+    out = io.StringIO()
+    assert W.weights_command(parser.parse_args(["weights"]), models=[Fake], out=out) == 1
+    text = out.getvalue()
+    damaged = text.split(wf.filename + "  [", 1)[1].split("\n  other-", 1)[0]
+    assert "DAMAGED: weights file" in damaged and "found:" not in damaged, text
+    assert f"found: {hub / good.filename}  (sha256 ok)" in text
+    out = io.StringIO()  # --no-verify: where the files are, saying they were not read
+    args = parser.parse_args(["weights", "--no-verify"])
+    assert W.weights_command(args, models=[Fake], out=out) == 0
+    assert f"found: {hub / wf.filename}  (sha256 not checked: --no-verify)" in out.getvalue()
+
+
 def test_download_is_verified_and_atomic(tmp_path):
     wf = _wf(tmp_path, b"x" * 3000)
     path = W.resolve(wf)  # file:// URL stands in for the network

@@ -18,7 +18,14 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 from dlserver.color import linear_to_srgb_torch, srgb_to_linear_torch
 from dlserver.gpu import upload
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
-from dlserver.weights import WeightsError, WeightsFile, load_state_dict, resolve
+from dlserver.weights import (
+    WeightsError,
+    WeightsFile,
+    WeightsMissing,
+    load_state_dict,
+    locate,
+    resolve,
+)
 
 MAX_INSTANCE_LAYERS = 32
 MATTE_BANDS = 4  # matte mode: row bands composed and downloaded one after the other
@@ -196,6 +203,20 @@ class MaskRCNN(Model):
     def options_by_name(cls) -> Dict[str, Any]:
         return {o.name: o for o in cls.options}
 
+    @staticmethod
+    def _missing(variant: str, missing: WeightsMissing) -> WeightsMissing:
+        """`missing`, saying which other variant's file is present: that network works
+        now, by a change of the variant option."""
+        present = [(other, lookup.path) for other, (_, other_wf) in VARIANTS.items()
+                   if other != variant for lookup in [locate(other_wf)] if lookup.found]
+        if not present:
+            return missing
+        lines = [missing.reason] if missing.reason else []
+        lines += [f"The {other} network's file is present ({path}): set the variant option "
+                  f"(the node's 'network' menu) to {other} to use it now, or get the "
+                  f"{variant} file as follows." for other, path in present]
+        return WeightsMissing(missing.weights, missing.searched, reason="\n".join(lines))
+
     def _network(self, variant: str, weights_option: str, half: bool = False) -> Any:
         """The network for (variant, weights), built on first use and kept (one at a
         time: switching variant frees the previous one), warmed up in the precision
@@ -204,7 +225,10 @@ class MaskRCNN(Model):
         import torchvision.models.detection as det
 
         builder_name, wf = VARIANTS[variant]
-        path = resolve(wf, weights_option or None)
+        try:
+            path = resolve(wf, weights_option or None)
+        except WeightsMissing as exc:
+            raise self._missing(variant, exc) if not weights_option else exc from None
         st = os.stat(path)
         key = (variant, str(path), st.st_size, st.st_mtime_ns, self.device)
         if self._net is not None and self._net_key == key:
@@ -217,8 +241,10 @@ class MaskRCNN(Model):
             net.load_state_dict(state)
         except RuntimeError as exc:
             raise WeightsError(
-                f"weights file {str(path)!r} does not fit the {variant} network (choose the "
-                f"other network option or another file): {str(exc)[:500]}") from exc
+                f"weights file {str(path)!r} does not fit the {variant} network: set the "
+                f"variant option (the node's 'network' menu) to the network the file was "
+                f"made for ({', '.join(v for v in VARIANTS if v != variant)}), or the "
+                f"weights option to a {variant} file: {str(exc)[:500]}") from exc
         net = net.eval().to(self.device)
         self._graphs = self._backbone_half = None
         if self._cuda():

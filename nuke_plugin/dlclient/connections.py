@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import ssl
 import stat
 import sys
 import tempfile
@@ -29,7 +30,9 @@ _private_dir: List[str] = []
 
 
 def describe_server(key: ServerKey) -> str:
-    return "the embedded server" if key[0] == "embedded" else f"{key[1]}:{key[2]}"
+    if key[0] == "embedded":
+        return "the embedded server"
+    return f"{key[1]}:{key[2]}" + (" (TLS)" if key[4] else "")
 
 
 def is_server_gone(exc: BaseException) -> bool:
@@ -56,7 +59,7 @@ def client_for(key: ServerKey, cache_root: str = "") -> Any:
             os.makedirs(folder, exist_ok=True)
         fresh = Client.spawn(allow_dirs=allowed)
     else:
-        fresh = Client.connect(key[1], key[2], token=key[3] or None)
+        fresh = connect_remote(key)
     with _lock:
         current = _clients.get(key)
         if current is not None and current.alive():  # another thread was quicker
@@ -67,6 +70,27 @@ def client_for(key: ServerKey, cache_root: str = "") -> Any:
     if drop is not None:
         _close_quietly(drop)
     return keep
+
+
+def connect_remote(key: ServerKey) -> Any:
+    """Client.connect with the node's TLS settings; errors say which knob to change."""
+    _, host, port, token, tls, cafile = key
+    if tls and cafile and not os.path.isfile(cafile):
+        raise RuntimeError(f"the CA file {cafile!r} (the CA file knob) does not exist")
+    try:
+        return Client.connect(host, port, token=token or None, tls=tls, cafile=cafile or None)
+    except ssl.SSLError as exc:
+        if not tls:
+            raise
+        raise RuntimeError(
+            f"TLS with {host}:{port} failed ({exc}): check that the server runs with "
+            f"--tls-cert/--tls-key and that the CA file knob names its certificate or the "
+            f"authority that signed it") from None
+    except DLServerError as exc:
+        if tls or getattr(exc, "code", "") not in ("timeout", "bad_message", "server_gone"):
+            raise
+        raise DLServerError(exc.code, f"{exc}: if that server uses TLS (--tls-cert), turn "
+                                      f"on the node's TLS knob") from None
 
 
 def forget(key: ServerKey) -> None:

@@ -76,10 +76,15 @@ def busy(node: nuke.Node) -> bool:
 
 
 def server_key(node: nuke.Node) -> ServerKey:
+    """("embedded",) or ("remote", host, port, token, tls, CA file): every setting that
+    makes another connection (the CA path as typed, `~` expanded; empty: the system's
+    trusted authorities)."""
     if kn.knob(node, "server_mode").value() == "remote":
         token = kn.text(node, "token") or os.environ.get("DLSERVER_TOKEN", "")
+        cafile = kn.text(node, "tls_ca").strip()
         return ("remote", kn.text(node, "host").strip(), int(kn.knob(node, "port").value()),
-                token)
+                token, bool(kn.knob(node, "tls").value()),
+                os.path.expanduser(cafile) if cafile else "")
     return ("embedded",)
 
 

@@ -31,7 +31,7 @@ NODE_CLASS = "DLServerClient"
 NODE_CLASSES = (NODE_CLASS, "DLClient")
 WRITE_PREFIX = "DLWrite"
 READ_NAME = "DLRead"
-SERVER_KNOBS = ("server_mode", "host", "port", "token")
+SERVER_KNOBS = ("server_mode", "host", "port", "token", "tls", "tls_ca")
 ERROR_COLOR = 0xCC3333FF
 NODE_COLOR = 0x6F4FBFFF
 

@@ -161,6 +161,8 @@ class StubClient:
     calls: List[Dict[str, Any]] = []
     before_infer: Optional[Any] = None  # test hook: called with the request
     spawn_threads: List[str] = []
+    connects: List[Dict[str, Any]] = []  # Client.connect's arguments, in call order
+    tls_only = False  # a remote server started with --tls-cert
 
     def __init__(self, exchange_dir: Optional[str], allow_dirs: Any = ()) -> None:
         self.exchange_dir = exchange_dir
@@ -175,6 +177,8 @@ class StubClient:
         cls.calls = []
         cls.before_infer = None
         cls.spawn_threads = []
+        cls.connects = []
+        cls.tls_only = False
 
     @classmethod
     def spawn(cls, python: Optional[str] = None, models_dirs: Any = (), device: Any = None,
@@ -209,7 +213,12 @@ class StubClient:
 
     @classmethod
     def connect(cls, host: str, port: int, token: Optional[str] = None,
-                timeout: float = 30.0) -> StubClient:
+                timeout: float = 30.0, tls: bool = False,
+                cafile: Optional[str] = None) -> StubClient:
+        cls.connects.append({"host": host, "port": port, "token": token, "tls": tls,
+                             "cafile": cafile})
+        if cls.tls_only and not tls:  # what Client.connect says of a TLS server
+            raise DLServerError("timeout", "no answer to the server's welcome within 30s")
         if token != cls.token:
             raise DLServerError("auth", f"the token for {host}:{port} is wrong: set the "
                                         f"node's token knob or DLSERVER_TOKEN")

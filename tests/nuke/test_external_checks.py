@@ -69,7 +69,8 @@ def test_gizmo_knobs_and_internal_nodes_found_by_nkparser():
     user_knobs = [re.match(r"\{(\d+) (\w+)", k.value.raw).groups()
                   for k in gizmo.knobs_named("addUserKnob")]
     assert [name for _, name in user_knobs] == [
-        "dlclient", "server_section", "server_mode", "host", "port", "token", "connect",
+        "dlclient", "server_section", "server_mode", "host", "port", "token", "tls", "tls_ca",
+        "connect",
         "status", "model_section", "model", "model_info", "processing_section",
         "process_frame", "process_range", "range_from_input", "first_frame", "last_frame",
         "live", "clear_cache", "cache_dir", "result_key", "state_json", "cache_path",
@@ -79,6 +80,7 @@ def test_gizmo_knobs_and_internal_nodes_found_by_nkparser():
     assert kinds["state_json"] == "1" and "+INVISIBLE" in gizmo.knobs_named("addUserKnob")[
         [n for _, n in user_knobs].index("state_json")].value.raw
     assert (kinds["model"], kinds["connect"], kinds["live"], kinds["port"]) == ("4", "22", "6", "3")
+    assert (kinds["tls"], kinds["tls_ca"]) == ("6", "2")  # a checkbox and a file knob
     assert gizmo.get_string("onCreate") == "import dlclient_nuke; dlclient_nuke.on_create()"
     assert gizmo.get_string("knobChanged") == \
         "import dlclient_nuke; dlclient_nuke.knob_changed()"

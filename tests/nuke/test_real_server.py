@@ -190,6 +190,76 @@ def test_remote_server_works_like_embedded_and_a_wrong_token_errors(session, tmp
         assert_same_image(node._image(f), ns.exrio.read_exr(cli.replace("####", f"{f:04d}")))
 
 
+def self_signed_certificate(folder):
+    """cert.pem/key.pem for localhost by the openssl command, as tests/test_server.py's
+    test_tls makes them."""
+    import shutil
+    if not shutil.which("openssl"):
+        pytest.skip("openssl command not found: can't make a test certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    cert, key = self_signed_certificate(tmp_path)
+    proc = subprocess.Popen(SERVER_ARGS + ["--host", "127.0.0.1", "--port", "0",
+                                           "--token", "s3cret", "--tls-cert", str(cert),
+                                           "--tls-key", str(key)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in proc.stderr:
+            if line.startswith("{"):
+                port = json.loads(line)["listening"][1]
+                break
+        assert port, "the server did not start"
+        yield port, str(cert)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+
+
+def test_the_node_connects_over_tls_with_its_ca_file(session, tmp_path, tls_server):
+    plugin = session
+    port, cert = tls_server
+    node, pattern = make_dlclient(tmp_path, range(1, 2))
+    node["server_mode"].setValue("remote")
+    node["host"].setValue("localhost")
+    node["port"].setValue(port)
+    node["token"].setValue("s3cret")
+    node["tls"].setValue(True)  # no CA file: the system's authorities don't know it
+    ns.press(node, "connect")
+    ns.wait_idle(plugin)
+    status = node["status"].value()
+    assert status.startswith(f"ERROR: cannot connect to localhost:{port} (TLS)"), status
+    assert "CERTIFICATE_VERIFY_FAILED" in status and "CA file" in status, status
+
+    (tmp_path / "other").mkdir()
+    other_cert, _ = self_signed_certificate(tmp_path / "other")
+    node["tls_ca"].setValue(str(other_cert))  # a certificate, but not the server's
+    ns.press(node, "connect")
+    ns.wait_idle(plugin)
+    assert "CERTIFICATE_VERIFY_FAILED" in node["status"].value(), node["status"].value()
+
+    node["tls_ca"].setValue(cert)
+    connect(plugin, node)
+    import ssl
+    (client,) = connections._clients.values()
+    assert isinstance(client._conn.sock, ssl.SSLSocket)  # the frames travel encrypted
+    node["dlopt_size"].setValue(2.0)
+    ns.press(node, "process_frame")
+    ns.wait_idle(plugin)
+    assert "processed 1 of 1" in node["status"].value(), node["status"].value()
+    cli = cli_infer(tmp_path, pattern, 2.0, "1")
+    assert_same_image(node._image(1), ns.exrio.read_exr(cli.replace("####", "0001")))
+
+
 def test_a_lost_embedded_server_is_restarted_transparently(session, tmp_path):
     plugin = session
     node, pattern = make_dlclient(tmp_path, range(1, 3))

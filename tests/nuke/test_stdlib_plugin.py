@@ -417,6 +417,74 @@ class RemoteTest(PluginTest):
         self.assertIn("connected to gpu-box:5555", node["status"].value())
         self.assertFalse(node["error_flag"].value())  # the node's error is gone
 
+    def remote_node(self) -> nuke.Node:
+        node = self.make_node(range(1, 2))
+        node["server_mode"].setValue("remote")
+        node["host"].setValue("gpu-box")
+        node["port"].setValue(5555)
+        node["token"].setValue(StubClient.token)
+        return node
+
+    def test_tls_and_ca_file_knobs_reach_client_connect(self) -> None:
+        node = self.remote_node()
+        self.connect(node)  # TLS off by default (a plain server keeps working)
+        self.assertEqual(StubClient.connects[-1], {"host": "gpu-box", "port": 5555,
+                                                   "token": StubClient.token, "tls": False,
+                                                   "cafile": None})
+        ca = os.path.join(self.tmp, "ca.pem")
+        with open(ca, "w", encoding="ascii") as f:
+            f.write("-----BEGIN CERTIFICATE-----\n")
+        node["tls"].setValue(True)
+        self.assertIn("press Connect", node["status"].value())
+        node["tls_ca"].setValue(ca)
+        self.connect(node)  # a new connection: TLS settings are part of the server key
+        self.assertEqual(len(StubClient.connects), 2)
+        self.assertEqual(StubClient.connects[-1]["tls"], True)
+        self.assertEqual(StubClient.connects[-1]["cafile"], ca)
+        self.assertIn("connected to gpu-box:5555 (TLS)", node["status"].value())
+        node["tls_ca"].setValue("")  # empty: the system's authorities
+        self.connect(node)
+        self.assertEqual((StubClient.connects[-1]["tls"], StubClient.connects[-1]["cafile"]),
+                         (True, None))
+
+    def test_tls_settings_are_saved_with_the_script(self) -> None:
+        node = self.remote_node()
+        node["tls"].setValue(True)
+        node["tls_ca"].setValue("/studio/ca.pem")
+        script = os.path.join(self.tmp, "tls.nk")
+        nuke.scriptSaveAs(script)
+        name = node.name()
+        self.plugin = ns.start_nuke(gui=self.gui)
+        ns.use_client(StubClient)
+        nuke.scriptOpen(script)
+        node = nuke.toNode(name)
+        self.assertTrue(node["tls"].value())
+        self.assertEqual(node["tls_ca"].getText(), "/studio/ca.pem")
+
+    def test_a_missing_ca_file_is_named_on_the_node(self) -> None:
+        node = self.remote_node()
+        node["tls"].setValue(True)
+        missing = os.path.join(self.tmp, "nosuch-ca.pem")
+        node["tls_ca"].setValue(missing)
+        self.connect(node)
+        status = node["status"].value()
+        self.assertTrue(status.startswith("ERROR: cannot connect to gpu-box:5555 (TLS)"),
+                        status)
+        self.assertIn(missing, status)
+        self.assertIn("CA file", status)
+        self.assertEqual(StubClient.connects, [])
+
+    def test_a_plain_node_against_a_tls_server_is_told_to_turn_tls_on(self) -> None:
+        StubClient.tls_only = True
+        node = self.remote_node()
+        self.connect(node)
+        status = node["status"].value()
+        self.assertTrue(status.startswith("ERROR: cannot connect to gpu-box:5555:"), status)
+        self.assertIn("turn on the node's TLS knob", status)
+        node["tls"].setValue(True)
+        self.connect(node)
+        self.assertIn("connected to gpu-box:5555 (TLS)", node["status"].value())
+
 
 if __name__ == "__main__":
     unittest.main()
