@@ -62,10 +62,17 @@ def sweep_stale(folder: str = ".", dir_fd: Optional[int] = None,
     """Remove this host's temporary files in `folder` (or the folder open as `dir_fd`)
     whose process is gone, and those of `also_pids` (e.g. this process's own after an
     interrupt). Returns how many were removed. Never follows a link."""
-    target = dir_fd if dir_fd is not None else folder
     also = set(also_pids)
     try:
-        names = os.listdir(target)
+        if dir_fd is not None:  # an O_PATH folder fd can't be listed: open it for reading
+            listing = os.open(".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC,
+                              dir_fd=dir_fd)
+            try:
+                names = os.listdir(listing)
+            finally:
+                os.close(listing)
+        else:
+            names = os.listdir(folder)
     except OSError:
         return 0
     removed = 0

@@ -163,7 +163,10 @@ class ExchangeDir:
                               "session; send the frame inline instead")
         if not isinstance(path, str) or not path or "\0" in path:
             raise PathRefused(f"{path!r} is not a file path")
-        real = os.path.realpath(path)  # symlinks resolved: a link can't lead outside
+        try:
+            real = os.path.realpath(path)  # symlinks resolved: a link can't lead outside
+        except OSError:  # a link removed while realpath read it (its readlink races)
+            raise PathRefused(f"{path!r} changed while it was checked; refused") from None
         for root in self.roots:
             if inside(real, root):
                 return real
