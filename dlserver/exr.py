@@ -143,7 +143,7 @@ def _layout(attrs: Dict[str, Tuple[str, bytes]], flags: int) -> PartLayout:
     return PartLayout(name, kind, x1 - x0 + 1, y1 - y0 + 1, channels)
 
 
-def read_layouts(data: Union[bytes, BinaryIO]) -> List[PartLayout]:
+def read_layouts(data: Union[bytes, bytearray, memoryview, BinaryIO]) -> List[PartLayout]:
     """Every part's layout from an EXR's header (bytes, or a file open for reading at its
     start), reading no further than the headers. Raises ExrError."""
     if not isinstance(data, (bytes, bytearray, memoryview)):

@@ -117,8 +117,8 @@ def prepare(session: Session, msg: Message) -> Job:
                                        for name in cls.inputs])
     if cache_dir is not None:
         path = os.path.join(cache_dir, f"{content_hash}.exr")
-        exr_spec = {**{k: v for k, v in exr_spec.items() if k != "dir"},  # pixel_type kept
-                    "kind": "file", "path": path}
+        kept = {k: v for k, v in (exr_spec or {}).items() if k != "dir"}  # pixel_type
+        exr_spec = {**kept, "kind": "file", "path": path}
         # computed before: the model does not run (checked race-free: a link is no file)
         if session.exchange.is_file(path):
             job = Job(entry, options, {}, reader, out_specs, exr_spec, tile, (0, 0),
