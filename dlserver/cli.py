@@ -15,11 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from .client import Client, DLServerError
+from .files import sweep_stale
 
 # --- frame patterns ------------------------------------------------------------------------------
 
@@ -260,7 +264,47 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(missing)} input files missing, e.g. " + "; ".join(missing[:3]))
     folders = {os.path.dirname(os.path.abspath(p)) for p in (args.input, args.output,
                                                               *extra.values())}
-    with open_client(args, sorted(folders)) as client:
+    out_folder = os.path.dirname(os.path.abspath(args.output))
+    try:
+        with interrupt_on_sigterm():
+            return infer_range(args, frames, extra, sorted(folders))
+    except BaseException:
+        # Ctrl-C, SIGTERM or a failure: the embedded server has exited (the client's
+        # close waited for it), so its results cut short mid-write are temporary files
+        # of a dead process; this process's own are gone with their writes too.
+        swept = sweep_stale(out_folder, also_pids={os.getpid()}) \
+            if os.path.isdir(out_folder) else 0
+        if swept:
+            print(f"\ndlserver: removed {swept} unfinished result(s) from {out_folder}",
+                  file=sys.stderr)
+        raise
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+@contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a job system stopping the command) unwinds like Ctrl-C: results being
+    written are removed and the server is stopped, instead of the process vanishing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def infer_range(args: argparse.Namespace, frames: List[Optional[int]], extra: Dict[str, str],
+                folders: List[str]) -> int:
+    with open_client(args, folders) as client:
         where = f"the server at {args.server}" if args.server else "the embedded server"
         declaration = model_declaration(client, args.model, where)
         options = parse_settings(args.set, declaration)
@@ -394,3 +438,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ndlserver: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("\ndlserver: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM

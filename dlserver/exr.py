@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Dict, Sequence, Union
+from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import OpenEXR
@@ -30,14 +31,164 @@ class ExrError(ValueError):
 
 
 @dataclass
+class ExrPart:
+    """A part of a multi-part EXR other than the first, kept as it was read."""
+
+    name: str
+    header: Dict[str, Any]
+    channels: Dict[str, np.ndarray]
+
+
+@dataclass
 class ExrImage:
     channels: Dict[str, np.ndarray]          # name -> (height, width) pixels
     header: Dict[str, Any] = field(default_factory=dict)  # attributes, "channels" removed
+    parts: List[ExrPart] = field(default_factory=list)  # a multi-part file's other parts
 
     @property
     def size(self) -> tuple:
         first = next(iter(self.channels.values()))
         return first.shape  # (height, width)
+
+
+# --- the header, parsed before anything is decoded ------------------------------------------
+
+PIXEL_BYTES = {0: 4, 1: 2, 2: 4}  # UINT, HALF, FLOAT
+_TILED, _LONG_NAMES, _DEEP, _MULTIPART = 0x200, 0x400, 0x800, 0x1000
+
+
+@dataclass
+class PartLayout:
+    """What decoding one part will take: from its header alone."""
+
+    name: str
+    kind: str                       # scanlineimage, tiledimage, deepscanline, deeptile
+    width: int
+    height: int
+    channels: List[Tuple[str, int, int, int]]  # name, pixel type, xSampling, ySampling
+
+    @property
+    def decoded_bytes(self) -> int:
+        return sum(-(-self.width // max(xs, 1)) * -(-self.height // max(ys, 1))
+                   * PIXEL_BYTES.get(kind, 4) for _, kind, xs, ys in self.channels)
+
+
+class _Short(ValueError):
+    """The header runs past the bytes looked at."""
+
+
+def _cstring(data: bytes, pos: int) -> Tuple[str, int]:
+    end = data.find(b"\0", pos)
+    if end < 0:
+        raise _Short()
+    return data[pos:end].decode("latin-1"), end + 1
+
+
+def _parse_layouts(data: bytes) -> List[PartLayout]:
+    if len(data) < 8:
+        raise _Short()
+    if data[:4] != b"\x76\x2f\x31\x01":
+        raise ExrError("not an EXR file")
+    flags = struct.unpack_from("<I", data, 4)[0]
+    if flags & _DEEP and not flags & _MULTIPART:
+        raise ExrError("deep EXRs are not supported: flatten the image first (DeepToImage)")
+    pos, parts = 8, []
+    while True:
+        attrs: Dict[str, Tuple[str, bytes]] = {}
+        while True:
+            name, pos = _cstring(data, pos)
+            if not name:
+                break
+            kind, pos = _cstring(data, pos)
+            if pos + 4 > len(data):
+                raise _Short()
+            size = struct.unpack_from("<i", data, pos)[0]
+            pos += 4
+            if size < 0:
+                raise ExrError("bad EXR header: negative attribute size")
+            if pos + size > len(data):
+                raise _Short()
+            attrs[name] = (kind, data[pos:pos + size])
+            pos += size
+        if not attrs:  # the empty header that ends a multi-part file's list
+            break
+        parts.append(_layout(attrs, flags))
+        if not flags & _MULTIPART:
+            break
+    if not parts:
+        raise ExrError("bad EXR header: no parts")
+    return parts
+
+
+def _layout(attrs: Dict[str, Tuple[str, bytes]], flags: int) -> PartLayout:
+    try:
+        window = attrs["dataWindow"][1]
+        x0, y0, x1, y1 = struct.unpack_from("<4i", window)
+        raw = attrs["channels"][1]
+    except (KeyError, struct.error):
+        raise ExrError("bad EXR header: no dataWindow or channels") from None
+    channels, pos = [], 0
+    try:
+        while raw[pos:pos + 1] not in (b"\0", b""):
+            end = raw.index(b"\0", pos)
+            name = raw[pos:end].decode("latin-1")
+            kind, _, xs, ys = struct.unpack_from("<iB3xii", raw, end + 1)
+            channels.append((name, kind, xs, ys))
+            pos = end + 17
+    except (ValueError, struct.error):
+        raise ExrError("bad EXR header: a broken channel list") from None
+    default = "tiledimage" if flags & _TILED else "scanlineimage"
+    kind = attrs["type"][1].rstrip(b"\0").decode("latin-1") if "type" in attrs else default
+    name = attrs["name"][1].decode("latin-1") if "name" in attrs else ""
+    return PartLayout(name, kind, x1 - x0 + 1, y1 - y0 + 1, channels)
+
+
+def read_layouts(data: Union[bytes, bytearray, memoryview, BinaryIO]) -> List[PartLayout]:
+    """Every part's layout from an EXR's header (bytes, or a file open for reading at its
+    start), reading no further than the headers. Raises ExrError."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        f, chunk, head = data, 1 << 16, b""
+        while True:
+            more = f.read(chunk)
+            head += more
+            try:
+                return _parse_layouts(head)
+            except _Short:
+                if not more:
+                    raise ExrError("truncated EXR header") from None
+                chunk = min(len(head) * 2, 64 << 20)
+    try:
+        return _parse_layouts(bytes(data[:1 << 26]))
+    except _Short:
+        raise ExrError("truncated EXR header") from None
+
+
+def check_layouts(layouts: Sequence[PartLayout], max_pixels: int,
+                  max_bytes: Optional[int]) -> None:
+    """Refuse, before decoding, what the server won't hold: a data window over
+    `max_pixels`, decoded pixels (every channel of every part, at its pixel type) over
+    `max_bytes`, deep or subsampled data."""
+    for part in layouts:
+        label = f"part {part.name!r}: " if len(layouts) > 1 else ""
+        if part.kind.startswith("deep"):
+            raise ExrError(f"{label}deep EXRs are not supported: flatten the image first "
+                           f"(DeepToImage)")
+        if part.width < 1 or part.height < 1 or part.width * part.height > max_pixels:
+            raise ExrError(f"{label}EXR data window {part.width}x{part.height} is empty or "
+                           f"exceeds the server's limit of {max_pixels} pixels")
+        for name, kind, xs, ys in part.channels:
+            if (xs, ys) != (1, 1):
+                raise ExrError(f"{label}channel {name!r} is subsampled; only "
+                               f"full-resolution channels are supported")
+            if kind not in PIXEL_BYTES:
+                raise ExrError(f"{label}channel {name!r} has an unknown pixel type {kind}")
+    total = sum(part.decoded_bytes for part in layouts)
+    if max_bytes is not None and total > max_bytes:
+        count = sum(len(part.channels) for part in layouts)
+        raise ExrError(f"EXR would decode to {total / (1 << 20):.0f} MiB ({count} channels "
+                       f"of {layouts[0].width}x{layouts[0].height}), over the server's limit "
+                       f"of {max_bytes / (1 << 20):.0f} MiB for this frame: send fewer "
+                       f"layers, or the EXR uncompressed")
 
 
 def _open(source: Source, header_only: bool) -> OpenEXR.File:
@@ -46,28 +197,57 @@ def _open(source: Source, header_only: bool) -> OpenEXR.File:
     return OpenEXR.File(os.fspath(source), separate_channels=True, header_only=header_only)
 
 
-def read_exr(source: Source, max_pixels: int = 16384 * 16384) -> ExrImage:
-    """Read the first part of an EXR (path or bytes). Raises ExrError."""
+def read_exr(source: Source, max_pixels: int = 16384 * 16384,
+             max_bytes: Optional[int] = None) -> ExrImage:
+    """Read an EXR (path or bytes): its first part as the image, the parts after it kept
+    in `parts`. The headers are checked against `max_pixels` and `max_bytes` (decoded
+    size) before anything is decoded. A luminance-only image (Y, no R, G, B) is read as
+    R = G = B = Y, as OpenEXR's RgbaInputFile and compositing packages read it.
+    Raises ExrError."""
     try:
-        with _open(source, header_only=True) as probe:
-            (x0, y0), (x1, y1) = probe.header()["dataWindow"]
-        width, height = int(x1 - x0 + 1), int(y1 - y0 + 1)
-        if width < 1 or height < 1 or width * height > max_pixels:
-            raise ExrError(f"EXR data window {width}x{height} is empty or exceeds the "
-                           f"server's limit of {max_pixels} pixels")
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            layouts = read_layouts(source)
+        else:
+            with open(os.fspath(source), "rb") as f:
+                layouts = read_layouts(f)
+        check_layouts(layouts, max_pixels, max_bytes)
         with _open(source, header_only=False) as exr:
-            header = dict(exr.header())
-            channels = {name: ch.pixels for name, ch in exr.channels().items()}
+            parts = [(p.name(), dict(p.header),
+                      {name: ch.pixels for name, ch in p.channels.items()}) for p in exr.parts]
     except ExrError:
         raise
     except Exception as exc:  # the bindings raise RuntimeError/ValueError/OSError
         raise ExrError(f"cannot read EXR: {exc}") from None
+    _, header, channels = parts[0]
     header.pop("channels", None)
+    height, width = layouts[0].height, layouts[0].width
     for name, pixels in channels.items():
         if pixels.shape != (height, width):
             raise ExrError(f"channel {name!r} is subsampled; only full-resolution "
                            f"channels are supported")
-    return ExrImage(channels, header)
+    luminance_to_rgb(channels)
+    others = []
+    for name, part_header, part_channels in parts[1:]:
+        part_header.pop("channels", None)
+        others.append(ExrPart(name, part_header, part_channels))
+    return ExrImage(channels, header, others)
+
+
+def luminance_to_rgb(channels: Dict[str, np.ndarray]) -> None:
+    """A luminance-only image (Y, maybe A; no R, G, B) as R = G = B = Y, in Y's pixel
+    type (Y is replaced: a model's RGB result would leave it stale). With chroma (RY,
+    BY), refused: its conversion needs the file's chromaticities and, as written by
+    OpenEXR, its chroma is subsampled."""
+    lowered = {k.lower() for k in channels}
+    if "y" not in lowered or lowered & {"r", "g", "b"}:
+        return
+    if lowered & {"ry", "by"}:
+        raise ExrError("a luminance/chroma EXR (Y, RY, BY): convert it to RGB first "
+                       "(e.g. read and write it in Nuke)")
+    key = next(k for k in channels if k.lower() == "y")
+    luminance = channels.pop(key)
+    for name in "RGB":
+        channels[name] = luminance.copy()
 
 
 def _writable_header(header: Dict[str, Any], compression: Any) -> Dict[str, Any]:
@@ -83,15 +263,28 @@ def _writable_header(header: Dict[str, Any], compression: Any) -> Dict[str, Any]
 
 
 def write_exr(target: Union[str, os.PathLike, BinaryIO], image: ExrImage,
-              compression: Any = None) -> None:
-    """Write `image`. A path is written atomically (temp file + rename), so a reader
-    never sees half a frame. `compression` None keeps the header's."""
+              compression: Any = None, dir_fd: Optional[int] = None) -> None:
+    """Write `image` (and its other parts: a multi-part file stays one). A path is
+    written atomically (temp file + rename), so a reader never sees half a frame; with
+    `dir_fd`, `target` is a name inside that open folder (files.write_atomic).
+    `compression` None keeps the header's."""
     channels = {name: np.ascontiguousarray(px) for name, px in image.channels.items()}
-    exr = OpenEXR.File(_writable_header(image.header, compression), channels)
+    first = _writable_header(image.header, compression)
+    if image.parts:
+        name = str(first.pop("name", "") or "rgba")
+        parts = [OpenEXR.Part(first, channels, name)]
+        for part in image.parts:
+            header = _writable_header(part.header, None)
+            header.pop("name", None)
+            parts.append(OpenEXR.Part(header, {n: np.ascontiguousarray(px)
+                                               for n, px in part.channels.items()}, part.name))
+        exr = OpenEXR.File(parts)
+    else:
+        exr = OpenEXR.File(first, channels)
     if not isinstance(target, (str, os.PathLike)):
         exr.write(target)
         return
-    write_atomic(os.fspath(target), exr.write)
+    write_atomic(os.fspath(target), exr.write, dir_fd=dir_fd)
 
 
 def exr_bytes(image: ExrImage, compression: Any = None) -> bytes:
@@ -122,10 +315,31 @@ def gather(image: ExrImage, names: Sequence[str], fill: float = 0.0) -> np.ndarr
     return out
 
 
-def merge(image: ExrImage, names: Sequence[str], pixels: np.ndarray) -> None:
-    """Put (H, W, C) `pixels` into `image` as the named channels (replacing same names)."""
+PIXEL_TYPES = ("input", "float", "half")
+HALF_MAX = 65504.0
+
+
+def merge(image: ExrImage, names: Sequence[str], pixels: np.ndarray,
+          pixel_type: str = "input") -> None:
+    """Put (H, W, C) `pixels` into `image` as the named channels (replacing same names).
+    `pixel_type` "input": a channel that replaces a half-float one stays half, the others
+    are float; "float" or "half": every channel put in is that type. A value beyond
+    half float's range is an ExrError, never an infinity written."""
+    if pixel_type not in PIXEL_TYPES:
+        raise ExrError(f"pixel_type must be one of {', '.join(PIXEL_TYPES)}")
     for i, name in enumerate(names):
         existing = find_channel(image, name)
+        half = pixel_type == "half"
         if existing is not None:
+            half = half or (pixel_type == "input"
+                            and image.channels[existing].dtype == np.float16)
             del image.channels[existing]
-        image.channels[name] = np.ascontiguousarray(pixels[..., i], np.float32)
+        channel = pixels[..., i]
+        if half:
+            if channel.size and float(np.abs(channel).max()) > HALF_MAX:
+                raise ExrError(f"channel {name!r} holds values beyond half float's range "
+                               f"(+-{HALF_MAX:g}) and the file stores it as half: ask for "
+                               f"pixel_type 'float'")
+            image.channels[name] = np.ascontiguousarray(channel, np.float16)
+        else:
+            image.channels[name] = np.ascontiguousarray(channel, np.float32)

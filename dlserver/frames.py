@@ -7,11 +7,14 @@ blocks), so a frame costs one copy each way and no page faults after the first.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -19,6 +22,7 @@ from . import exr as exrio
 from .color import linear_to_srgb, srgb_to_linear  # noqa: F401 - also imported from here
 from .content_hash import exr_content_hash
 from .errors import BadFrame, BadRequest, PathRefused
+from .files import fd_path
 from .model import Layer
 from .protocol import DTYPES, FrameRef, Limits, parse_frame_ref
 from .shm import SharedBlock
@@ -128,11 +132,26 @@ def _still_named(name: str) -> bool:
 
 # --- the exchange dir ------------------------------------------------------------------------
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_PATH = getattr(os, "O_PATH", os.O_RDONLY)  # a folder fd needing only search permission
+# The race-free opens need openat (dir_fd) and O_NOFOLLOW: POSIX. Elsewhere (Windows)
+# paths are checked, then opened by name.
+RACE_FREE = os.open in os.supports_dir_fd and bool(_NOFOLLOW)
+
+
 class ExchangeDir:
     """The folders whose files a session may name: the exchange dir, plus the folders
     the server's own command line allowed (`--allow-dir`, given by the process that
     started an embedded server, e.g. `dlserver infer` for its input and output folders).
-    None: file references refused (remote sessions)."""
+    None: file references refused (remote sessions).
+
+    `check` resolves a path (symlinks followed) and refuses it unless it lies inside one
+    of those folders, component by component (``/x/shots-private`` is not inside
+    ``/x/shots``). Files are then opened race-free (`open_file`, `folder`, `is_file`):
+    the resolved path is walked from ``/`` one folder at a time relative to the folder
+    before (openat) with O_NOFOLLOW, so a folder swapped for a link after the check is
+    refused instead of followed."""
 
     def __init__(self, path: Optional[str], allowed: Sequence[str] = ()) -> None:
         self.path = os.path.realpath(path) if path else None
@@ -142,12 +161,107 @@ class ExchangeDir:
         if self.path is None:
             raise PathRefused("file references are accepted only from a local (embedded) "
                               "session; send the frame inline instead")
-        real = os.path.realpath(path)  # symlinks resolved: a link can't lead outside
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise PathRefused(f"{path!r} is not a file path")
+        try:
+            real = os.path.realpath(path)  # symlinks resolved: a link can't lead outside
+        except OSError:  # a link removed while realpath read it (its readlink races)
+            raise PathRefused(f"{path!r} changed while it was checked; refused") from None
         for root in self.roots:
-            if real != root and os.path.commonpath([real, root]) == root:
+            if inside(real, root):
                 return real
         raise PathRefused(f"{path!r} is outside this session's exchange dir "
                           f"{self.path!r}; write the frame there first")
+
+    def _walk(self, path: str) -> Tuple[int, str, str]:
+        """(an fd of the checked path's folder, the file's name, the checked path),
+        reached without following any link. The caller closes the fd."""
+        real = self.check(path)
+        folder, name = os.path.split(real)
+        fd = os.open("/", _PATH | os.O_DIRECTORY | _CLOEXEC)
+        try:
+            for part in folder.split(os.sep)[1:]:
+                if not part:
+                    continue
+                try:
+                    nfd = os.open(part, _PATH | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC,
+                                  dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise PathRefused(f"{path!r}: a folder on its way became a link or a "
+                                          f"file while it was opened; refused") from None
+                    raise
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, name, real
+
+    @contextmanager
+    def open_file(self, path: str) -> Iterator[str]:
+        """A checked file, opened for reading race-free: yields a path that opens that
+        very file (/proc/self/fd/N) for the length of the block. FileNotFoundError when
+        it does not exist; BadFrame when it is not a regular file (a FIFO never blocks)."""
+        if not RACE_FREE:
+            yield self.check(path)
+            return
+        dir_fd, name, _ = self._walk(path)
+        try:
+            try:
+                fd = os.open(name, os.O_RDONLY | _NOFOLLOW | os.O_NONBLOCK | _CLOEXEC,
+                             dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise PathRefused(f"{path!r} became a link while it was opened; "
+                                      f"refused") from None
+                raise
+        finally:
+            os.close(dir_fd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BadFrame(f"{path!r} is not a regular file")
+            yield fd_path(fd)
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def folder(self, path: str) -> Iterator[Tuple[Optional[int], str]]:
+        """For writing a checked path race-free: yields (an fd of its folder, the file's
+        name) for files.write_atomic(name, ..., dir_fd=fd). Without openat: (None, the
+        checked path). FileNotFoundError when the folder does not exist."""
+        if not RACE_FREE:
+            yield None, self.check(path)
+            return
+        dir_fd, name, _ = self._walk(path)
+        try:
+            yield dir_fd, name
+        finally:
+            os.close(dir_fd)
+
+    def is_file(self, path: str) -> bool:
+        """Whether a checked path is a regular file now (links not followed)."""
+        if not RACE_FREE:
+            return os.path.isfile(self.check(path))
+        try:
+            dir_fd, name, _ = self._walk(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        try:
+            return stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            return False
+        finally:
+            os.close(dir_fd)
+
+
+def inside(real: str, root: str) -> bool:
+    """Whether resolved path `real` lies strictly inside folder `root`, component by
+    component: not a string prefix (``/x/shots-private`` is outside ``/x/shots``), and
+    as the file system spells names (case-sensitive)."""
+    if real == root:
+        return False
+    return os.path.commonpath([real, root]) == root
 
 
 # --- reading inputs --------------------------------------------------------------------------
@@ -174,9 +288,9 @@ class FrameReader:
                              f"is kind {ref.kind!r}, format {ref.format!r}")
         if ref.kind == "inline":
             return exr_content_hash(self.buffers[ref.buffer])  # type: ignore[index]
-        real = self.exchange.check(ref.path)  # type: ignore[arg-type]
         try:
-            return exr_content_hash(real)
+            with self.exchange.open_file(ref.path) as real:  # type: ignore[arg-type]
+                return exr_content_hash(real)
         except OSError as exc:
             raise BadFrame(f"input {input_name!r}: cannot read {ref.path!r}: "
                            f"{exc.strerror or exc}") from None
@@ -196,18 +310,45 @@ class FrameReader:
         return select_channels(pixels, ref.channels, layer)
 
     def _read_exr(self, input_name: str, ref: FrameRef, layer: Layer) -> np.ndarray:
-        if ref.kind == "file":
-            source: Any = self.exchange.check(ref.path)  # type: ignore[arg-type]
-        elif ref.kind == "inline":
-            source = self.buffers[ref.buffer]  # type: ignore[index]
-        else:
-            raise BadFrame(f"input {input_name!r}: EXR frames come as files or inline bytes")
         try:
-            image = exrio.read_exr(source, self.limits.max_pixels)
+            if ref.kind == "file":
+                try:
+                    with self.exchange.open_file(ref.path) as real:  # type: ignore[arg-type]
+                        image = exrio.read_exr(real, self.limits.max_pixels,
+                                               decoded_limit(self.limits))
+                except OSError as exc:
+                    raise BadFrame(f"input {input_name!r}: cannot read {ref.path!r}: "
+                                   f"{exc.strerror or exc}") from None
+            elif ref.kind == "inline":
+                data = self.buffers[ref.buffer]  # type: ignore[index]
+                image = exrio.read_exr(data, self.limits.max_pixels,
+                                       decoded_limit(self.limits, data.nbytes))
+            else:
+                raise BadFrame(f"input {input_name!r}: EXR frames come as files or inline "
+                               f"bytes")
         except exrio.ExrError as exc:
             raise BadFrame(f"input {input_name!r}: {exc}") from None
         self.exr_images[input_name] = image
         return exrio.gather(image, layer.channels, layer.fill)
+
+
+# An EXR sent inline (a remote client) may decode to at most this many times its own
+# size, and at least INLINE_FLOOR: a ZIP file of empty channels would otherwise make a
+# 1 MiB message hold a GiB. Nuke's frames are sent uncompressed (about 1:1), real
+# compressed plates run 2-4:1.
+INLINE_EXPANSION = 64
+INLINE_FLOOR = 256 << 20
+
+
+def decoded_limit(limits: Limits, encoded: Optional[int] = None) -> int:
+    """The most bytes an EXR frame may decode to: never more than a raw frame could
+    carry in one message (`max_body`); an EXR sent inline (`encoded` bytes) also at most
+    max(INLINE_FLOOR, INLINE_EXPANSION x encoded), so a small compressed message can't
+    make the server hold gigabytes. Files come from the local user (an exchange dir or
+    an --allow-dir folder): only the first bound."""
+    if encoded is None:
+        return limits.max_body
+    return min(limits.max_body, max(INLINE_FLOOR, INLINE_EXPANSION * encoded))
 
 
 def select_channels(pixels: np.ndarray, names: Sequence[str], layer: Layer) -> np.ndarray:
@@ -405,21 +546,29 @@ class FrameWriter:
         (keeping its header, compression included: Nuke's exchange files use none)."""
         if not isinstance(spec, dict) or spec.get("kind") not in ("inline", "file"):
             raise BadFrame("output_exr: kind must be 'inline' or 'file'")
-        image = exrio.ExrImage(dict(base.channels), dict(base.header)) if base else \
-            exrio.ExrImage({}, {})
+        pixel_type = spec.get("pixel_type", "input")
+        if pixel_type not in exrio.PIXEL_TYPES:
+            raise BadRequest(f"output_exr: 'pixel_type' must be one of "
+                             f"{', '.join(map(repr, exrio.PIXEL_TYPES))}")
+        image = exrio.ExrImage(dict(base.channels), dict(base.header), list(base.parts)) \
+            if base else exrio.ExrImage({}, {})
         for name, (layer, pixels) in outputs.items():
             if not all_finite(pixels):
                 raise self._not_finite(name)
-            exrio.merge(image, layer.channels, pixels)
+            try:
+                exrio.merge(image, layer.channels, pixels, pixel_type)
+            except exrio.ExrError as exc:
+                raise BadFrame(f"model {self.model_name!r}: output {name!r}: {exc}") from None
         image.header.update(attributes)
         if spec["kind"] == "file":
             path = spec.get("path")
             if not isinstance(path, str) or not path:
                 raise BadFrame("output_exr: a file destination needs a 'path'")
-            real = self.exchange.check(path)
-            if not os.path.isdir(os.path.dirname(real)):
-                raise BadFrame(f"output_exr: folder of {path!r} does not exist")
-            exrio.write_exr(real, image)
+            try:
+                with self.exchange.folder(path) as (dir_fd, name):
+                    exrio.write_exr(name, image, dir_fd=dir_fd)
+            except (FileNotFoundError, NotADirectoryError):
+                raise BadFrame(f"output_exr: folder of {path!r} does not exist") from None
             return {"kind": "file", "format": "exr", "path": path}
         self.buffers.append(exrio.exr_bytes(image))
         return {"kind": "inline", "format": "exr", "buffer": len(self.buffers) - 1}

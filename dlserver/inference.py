@@ -117,9 +117,10 @@ def prepare(session: Session, msg: Message) -> Job:
                                        for name in cls.inputs])
     if cache_dir is not None:
         path = os.path.join(cache_dir, f"{content_hash}.exr")
-        real = session.exchange.check(path)  # the file itself may be a link elsewhere
-        exr_spec = {"kind": "file", "path": path}
-        if os.path.isfile(real):  # computed before: the model does not run
+        kept = {k: v for k, v in (exr_spec or {}).items() if k != "dir"}  # pixel_type
+        exr_spec = {**kept, "kind": "file", "path": path}
+        # computed before: the model does not run (checked race-free: a link is no file)
+        if session.exchange.is_file(path):
             job = Job(entry, options, {}, reader, out_specs, exr_spec, tile, (0, 0),
                       content_hash=content_hash, cache=True)
             job.timing["read_s"] = time.perf_counter() - t0
