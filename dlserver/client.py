@@ -425,10 +425,10 @@ class Client:
         if not raw_inline and not exr_inline:
             return 0
         refs = fields.get("inputs") or {}
-        shapes = [r.get("shape") for r in refs.values() if isinstance(r, dict)]
-        if out_channels is None or not shapes or not all(
-                isinstance(sh, list) and len(sh) == 3 and all(isinstance(v, int) for v in sh)
-                for sh in shapes):
+        shapes: List[List[int]] = [r["shape"] for r in refs.values() if isinstance(r, dict)
+                                   and isinstance(r.get("shape"), list)]
+        if out_channels is None or not shapes or len(shapes) != len(refs) or not all(
+                len(sh) == 3 and all(isinstance(v, int) for v in sh) for sh in shapes):
             return self.max_reply_bytes  # EXR inputs or an unknown model: the cap
         pixels = max(sh[0] * sh[1] for sh in shapes)
         channels = sum(out_channels.values())  # float32 at most
