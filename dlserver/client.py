@@ -44,8 +44,15 @@ LOCAL_CONFIG = os.path.join(REPO_ROOT, "dlserver.local.json")  # written by inst
 # Variables that would make the venv's interpreter load Nuke's modules or libraries.
 ENV_DROP = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE",
             "PYTHONUSERBASE", "PYTHONNOUSERSITE", "__PYVENV_LAUNCHER__")
-# Replies from the server can be as large as a frame; the client trusts its own server.
-CLIENT_LIMITS = Limits(max_body=1 << 40)
+# What the client reads from a server, checked before anything is allocated. Before
+# login: the welcome and the hello reply, small JSON without buffers. After: a reply's
+# header at most REPLY_HEADER_LIMIT; its body at most what the request asked for (nothing
+# for all but `infer`; an infer's inline results at most what its outputs need, or the
+# cap `max_reply_mb` when the client can't tell).
+LOGIN_LIMITS = Limits(max_header=64 << 10, max_body=0, max_buffers=0)
+REPLY_HEADER_LIMIT = 64 << 20
+MAX_REPLY_MB = 4096  # the server's default --max-message-mb
+REPLY_SLACK = 1 << 20  # EXR headers and offset tables beside the pixels
 
 
 class DLServerError(Exception):
@@ -186,6 +193,8 @@ class _Connection:
         self.cond = threading.Condition()
         self.replies: Dict[Any, Message] = {}
         self.gone: Optional[str] = None
+        self.logged_in = False  # login limits until the handshake is done
+        self.expected: Dict[Any, int] = {}  # request id: the largest body its reply may have
         self.thread = threading.Thread(target=self.read_loop, daemon=True,
                                        name="dlserver-client-reader")
         self.thread.start()
@@ -194,9 +203,15 @@ class _Connection:
         reason = "the server closed the connection"
         try:
             while True:
-                msg = read_message(self.reader, CLIENT_LIMITS)
+                msg = read_message(self.reader, self.limits)
+                rid = msg.header.get("id")
+                size = sum(b.nbytes for b in msg.buffers)
                 with self.cond:
-                    self.replies[msg.header.get("id")] = msg
+                    allowed = self.expected.pop(rid, 0) if isinstance(rid, (int, str)) else 0
+                    if size > allowed:
+                        raise ProtocolError("too_large", f"a reply of {size} bytes to request "
+                                            f"{rid!r}, which can need at most {allowed}")
+                    self.replies[rid] = msg
                     self.cond.notify_all()
         except ConnectionClosed:
             pass
@@ -212,6 +227,14 @@ class _Connection:
         with self.cond:
             self.gone = reason
             self.cond.notify_all()
+
+    def limits(self) -> Limits:
+        """The limits for the next message, once its prefix has arrived."""
+        with self.cond:
+            if not self.logged_in:
+                return LOGIN_LIMITS
+            body = max(self.expected.values(), default=0)
+        return Limits(max_header=REPLY_HEADER_LIMIT, max_body=body)
 
     def close(self) -> None:
         """The reader thread must see end-of-stream before its file closes."""
@@ -260,8 +283,13 @@ def start_server(python: Optional[str], models_dirs: Sequence[str], device: Opti
 
 class Client:
     def __init__(self, conn: _Connection, timeout: float, token: Optional[str] = None,
-                 spawn_args: Optional[Dict[str, Any]] = None) -> None:
+                 spawn_args: Optional[Dict[str, Any]] = None,
+                 max_reply_mb: Optional[int] = None) -> None:
         self.timeout = timeout
+        # the largest inline result the client accepts when it can't tell what a reply
+        # needs (an EXR input, a model it has not listed yet)
+        self.max_reply_bytes = (max_reply_mb if max_reply_mb is not None else int(
+            os.environ.get("DLSERVER_MAX_REPLY_MB", MAX_REPLY_MB))) << 20
         self._spawn_args = spawn_args
         self._ids = itertools.count(1)
         self._write_lock = threading.Lock()
@@ -302,7 +330,8 @@ class Client:
 
     @classmethod
     def connect(cls, host: str, port: int, token: Optional[str] = None, timeout: float = 30.0,
-                tls: bool = False, cafile: Optional[str] = None) -> Client:
+                tls: bool = False, cafile: Optional[str] = None,
+                max_reply_mb: Optional[int] = None) -> Client:
         """Connect to a remote server (`python -m dlserver --host H --port P --token T`)."""
         try:
             sock = socket.create_connection((host, int(port)), timeout=timeout)
@@ -316,11 +345,16 @@ class Client:
         sock.settimeout(None)  # the reader thread blocks; timeouts are kept per request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(_Connection(sock.makefile("rb"), sock.makefile("wb"), None, sock), timeout,
-                   token=token if token is not None else os.environ.get("DLSERVER_TOKEN"))
+                   token=token if token is not None else os.environ.get("DLSERVER_TOKEN"),
+                   max_reply_mb=max_reply_mb)
 
     def _handshake(self, token: Optional[str]) -> None:
         welcome = self._wait(None, self.timeout, what="the server's welcome")
-        if welcome.header.get("type") != "welcome":
+        if welcome.header.get("ok") is False and isinstance(welcome.header.get("error"), dict):
+            err = welcome.header["error"]  # e.g. "busy": too many connections
+            raise DLServerError(str(err.get("code", "error")), str(err.get("message", "")))
+        if welcome.header.get("type") != "welcome" or not isinstance(
+                welcome.header.get("nonce"), str):
             raise DLServerError("bad_message", "the other side is not a dlserver")
         fields: Dict[str, Any] = {"version": VERSION, "client": f"python {sys.version.split()[0]}"}
         if welcome.header.get("auth_required"):
@@ -329,6 +363,8 @@ class Client:
                                     "knob or DLSERVER_TOKEN")
             fields["auth"] = auth_proof(token, welcome.header["nonce"])
         self.server_info = self.request("hello", **fields)
+        with self._conn.cond:
+            self._conn.logged_in = True
 
     # --- replies -------------------------------------------------------------------------
     def _wait(self, rid: Any, timeout: Optional[float], what: str = "") -> Message:
@@ -353,13 +389,53 @@ class Client:
     def send(self, kind: str, buffers: Sequence[Any] = (), **fields: Any) -> int:
         """Send a request without waiting; returns its id for `receive`."""
         rid = next(self._ids)
+        conn = self._conn
+        with conn.cond:
+            conn.expected[rid] = self._reply_budget(kind, fields)
         try:
             with self._write_lock:
-                write_message(self._conn.writer, {"type": kind, "id": rid, **fields}, buffers)
+                write_message(conn.writer, {"type": kind, "id": rid, **fields}, buffers)
         except (OSError, ValueError) as exc:
+            with conn.cond:
+                conn.expected.pop(rid, None)
             raise DLServerError("server_gone", self._conn.gone or
                                 f"cannot send to the server: {exc}") from None
         return rid
+
+    def _reply_budget(self, kind: str, fields: Dict[str, Any]) -> int:
+        """The largest body the reply to this request may have: none but for an `infer`
+        with inline results, which need at most their pixels (and, for an EXR, the
+        first input's layers) when the client knows the sizes, else `max_reply_bytes`."""
+        if kind != "infer":
+            return 0
+        outputs = fields.get("outputs") or {}
+        output_exr = fields.get("output_exr")
+        exr_inline = isinstance(output_exr, dict) and output_exr.get("kind") == "inline"
+        decl = next((m for m in self._models or () if m.get("name") == fields.get("model")),
+                    None)
+        out_channels = None
+        if decl is not None:
+            out_channels = {n: len(o.get("channels", ())) for n, o in
+                            (decl.get("outputs") or {}).items() if isinstance(o, dict)}
+        raw_inline = output_exr is None or bool(outputs)
+        if raw_inline and out_channels is not None and all(
+                isinstance(outputs.get(n), dict) and outputs[n].get("kind") == "shm"
+                for n in out_channels):
+            raw_inline = False
+        if not raw_inline and not exr_inline:
+            return 0
+        refs = fields.get("inputs") or {}
+        shapes: List[List[int]] = [r["shape"] for r in refs.values() if isinstance(r, dict)
+                                   and isinstance(r.get("shape"), list)]
+        if out_channels is None or not shapes or len(shapes) != len(refs) or not all(
+                len(sh) == 3 and all(isinstance(v, int) for v in sh) for sh in shapes):
+            return self.max_reply_bytes  # EXR inputs or an unknown model: the cap
+        pixels = max(sh[0] * sh[1] for sh in shapes)
+        channels = sum(out_channels.values())  # float32 at most
+        need = pixels * 4 * channels if raw_inline else 0
+        if exr_inline:  # the outputs, over the first input's layers
+            need += pixels * 4 * (channels + shapes[0][2])
+        return min(self.max_reply_bytes, need + REPLY_SLACK)
 
     def receive(self, rid: int, timeout: Optional[float] = None) -> Message:
         """The reply to request `rid`; an error reply raises DLServerError."""

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Tuple
 
+from .errors import DLError
 
-class CaptureFailed(RuntimeError):
+
+class CaptureFailed(DLError, RuntimeError):
     """Neither capture worked; the message holds both reasons. Run the part eagerly."""
+
+    code = "capture_failed"
 
 
 def capture(fn: Callable[[], Any], device: Any) -> Tuple[Any, Any, str]:

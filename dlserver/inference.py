@@ -13,14 +13,25 @@ import json
 import logging
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import numpy as np
 
 from . import exr as exrio
 from .content_hash import combine_hashes
-from .errors import BadFrame, BadRequest, OutOfMemory, PathRefused, VersionMismatch
+from .context import SessionContext
+from .errors import (
+    BadFrame,
+    BadRequest,
+    DLError,
+    ModelFailed,
+    OutOfMemory,
+    PathRefused,
+    VersionMismatch,
+    io_failed,
+)
 from .frames import (
     FrameReader,
     FrameWriter,
@@ -30,12 +41,9 @@ from .frames import (
     from_input_plan,
 )
 from .model import Layer, Model, Result
-from .protocol import Message
+from .protocol import DTYPES, Message
 from .registry import Entry
 from .tiling import run_tiled
-
-if TYPE_CHECKING:
-    from .server import Session
 
 log = logging.getLogger("dlserver")
 
@@ -83,13 +91,14 @@ def server_converts(cls: Type[Model]) -> bool:
     return cls.colorspace == "srgb" and not cls.converts_color
 
 
-def prepare(session: Session, msg: Message) -> Job:
+def prepare(ctx: SessionContext, msg: Message) -> Job:
     """Validate the request and read its input frames (decoding EXRs, converting colour)."""
     header = msg.header
-    entry = session.server.registry.get(header.get("model"))
+    entry = ctx.registry.get(header.get("model"))
     cls = entry.cls
     check_version(cls, header)
     options = cls.resolve_options(header.get("options"))
+    ctx.check_path_options(cls, options)
     refs = header.get("inputs")
     if not isinstance(refs, dict) or set(refs) != set(cls.inputs):
         got = sorted(refs) if isinstance(refs, dict) else refs
@@ -97,6 +106,8 @@ def prepare(session: Session, msg: Message) -> Job:
     out_specs = header.get("outputs") or {}
     if not isinstance(out_specs, dict) or set(out_specs) - set(cls.outputs):
         raise BadRequest(f"'outputs' may name {sorted(cls.outputs)}")
+    for name, spec in out_specs.items():
+        check_output_spec(name, spec)
     tile = header.get("tile", 0)
     if not isinstance(tile, int) or isinstance(tile, bool) or not (tile == 0 or 32 <= tile):
         raise BadRequest("'tile' must be 0 (whole frame) or a tile size of at least 32 pixels")
@@ -106,11 +117,11 @@ def prepare(session: Session, msg: Message) -> Job:
     exr_spec = header.get("output_exr")
     cache_dir = None
     if isinstance(exr_spec, dict) and exr_spec.get("kind") == "cache":
-        cache_dir = check_cache_dir(session, exr_spec, out_specs, header)
+        cache_dir = check_cache_dir(ctx, exr_spec, out_specs, header)
         want_hash = True
 
     t0 = time.perf_counter()
-    reader = FrameReader(msg.buffers, session.shm, session.exchange, session.server.limits)
+    reader = FrameReader(msg.buffers, ctx.shm, ctx.exchange, ctx.limits)
     content_hash = None
     if want_hash:  # in the model's declared input order
         content_hash = combine_hashes([reader.content_hash(name, refs[name])
@@ -120,7 +131,7 @@ def prepare(session: Session, msg: Message) -> Job:
         kept = {k: v for k, v in (exr_spec or {}).items() if k != "dir"}  # pixel_type
         exr_spec = {**kept, "kind": "file", "path": path}
         # computed before: the model does not run (checked race-free: a link is no file)
-        if session.exchange.is_file(path):
+        if ctx.exchange.is_file(path):
             job = Job(entry, options, {}, reader, out_specs, exr_spec, tile, (0, 0),
                       content_hash=content_hash, cache=True)
             job.timing["read_s"] = time.perf_counter() - t0
@@ -161,7 +172,24 @@ def check_version(cls: Type[Model], header: Dict[str, Any]) -> None:
             f"stay in the cache)")
 
 
-def check_cache_dir(session: Session, spec: Dict[str, Any], out_specs: Any,
+def check_output_spec(name: str, spec: Any) -> None:
+    """A raw output's destination (`outputs[name]`), checked before the model runs."""
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        raise BadRequest(f"output {name!r}: a destination must be an object")
+    if spec.get("kind", "inline") not in ("inline", "shm"):
+        raise BadRequest(f"output {name!r}: kind must be 'inline' or 'shm', "
+                         f"not {spec.get('kind')!r}")
+    dtype = spec.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise BadRequest(f"output {name!r}: dtype must be one of {', '.join(DTYPES)}, "
+                         f"not {dtype!r}")
+    if spec.get("kind") == "shm" and not isinstance(spec.get("name"), str):
+        raise BadRequest(f"output {name!r}: a shm destination needs a block 'name' (a string)")
+
+
+def check_cache_dir(ctx: SessionContext, spec: Dict[str, Any], out_specs: Any,
                     header: Dict[str, Any]) -> str:
     """The folder of an `output_exr` of kind "cache": absolute, existing, and inside the
     exchange dir or an --allow-dir folder of a local session. Returns it as given."""
@@ -175,12 +203,12 @@ def check_cache_dir(session: Session, spec: Dict[str, Any], out_specs: Any,
     if (not isinstance(folder, str) or not folder or "\0" in folder
             or len(folder) > MAX_PATH_CHARS or not os.path.isabs(folder)):
         raise BadRequest("output_exr kind 'cache' needs 'dir': an absolute folder path")
-    if session.exchange.path is None:
+    if not ctx.names_server_paths:
         raise PathRefused("output_exr kind 'cache' names a folder on the server: only a "
                           "local (embedded) session may use it; a remote client asks for "
                           "'content_hash' with an inline result and caches it on its side")
     try:
-        session.exchange.check(os.path.join(folder, "0" * 32 + ".exr"))
+        ctx.exchange.check(os.path.join(folder, "0" * 32 + ".exr"))
     except PathRefused:
         raise PathRefused(f"output_exr: cache folder {folder!r} is outside this session's "
                           f"exchange dir and the folders the server was started with "
@@ -191,13 +219,34 @@ def check_cache_dir(session: Session, spec: Dict[str, Any], out_specs: Any,
     return folder
 
 
-def execute(session: Session, jobs: List[Job]) -> None:
+def model_failed(name: str, exc: BaseException) -> DLError:
+    """The error for an exception out of a model's own code (load, infer): the model
+    is named, the traceback logged; errors of the hierarchy keep their code."""
+    if isinstance(exc, DLError):
+        return exc
+    if is_out_of_memory(exc):
+        return OutOfMemory(f"model {name!r} ran out of GPU memory: close other GPU "
+                           f"programs, use a smaller frame, or run with --device cpu")
+    log.error("model %r failed:\n%s", name,
+              "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return ModelFailed(f"model {name!r} failed: {type(exc).__name__}: {exc}")
+
+
+def execute(ctx: SessionContext, jobs: List[Job]) -> None:
     """Run the model on each job, several frames in one `infer_batch` call when the
-    jobs share a batch key. Sets job.result; raises for a single job only."""
+    jobs share a batch key. Sets job.result; raises for a single job only: an error of
+    the hierarchy (ModelFailed for the model's own exceptions)."""
+    try:
+        _execute(ctx, jobs)
+    except Exception as exc:
+        raise model_failed(jobs[0].entry.cls.name, exc) from exc
+
+
+def _execute(ctx: SessionContext, jobs: List[Job]) -> None:
     started = time.perf_counter()
     if len(jobs) > 1:
         entry = jobs[0].entry
-        model = session.server.registry.instance(entry.cls.name)
+        model = ctx.registry.instance(entry.cls.name)
         try:
             with entry.lock:
                 results = model.infer_batch([j.arrays for j in jobs], jobs[0].options)
@@ -215,12 +264,12 @@ def execute(session: Session, jobs: List[Job]) -> None:
             return
     for job in jobs:
         t0 = time.perf_counter()
-        job.result = run_model(session, job.entry, job.arrays, job.options, job.tile, job.timing)
+        job.result = run_model(ctx, job.entry, job.arrays, job.options, job.tile, job.timing)
         job.timing["infer_s"] = time.perf_counter() - t0 - job.timing["load_s"]
         job.keep_source()
 
 
-def finish(session: Session, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
+def finish(ctx: SessionContext, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
     """Check the model's outputs against its declaration and write them where asked."""
     t0 = time.perf_counter()
     cls = job.entry.cls
@@ -256,7 +305,7 @@ def finish(session: Session, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
     except (TypeError, ValueError) as exc:
         raise BadFrame(f"model {cls.name!r} returned data that is not plain JSON: {exc}") from None
 
-    writer = FrameWriter(session.shm, session.exchange, cls.name)
+    writer = FrameWriter(ctx.shm, ctx.exchange, cls.name)
     reply: Dict[str, Any] = {"model": cls.name, "version": cls.version, "message": result.message,
                              "data": result.data}
     if job.exr_spec is None or job.out_specs:
@@ -269,9 +318,18 @@ def finish(session: Session, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
                       "dlserver/options": json.dumps(job.options, sort_keys=True)}
         for key, value in result.data.items():
             attributes[f"dlserver/{key}"] = json.dumps(value)
-        reply["output_exr"] = writer.write_exr(
-            job.exr_spec, job.reader.exr_images.get(first_input),
-            {**{n: (cls.outputs[n], a) for n, a in outputs.items()}, **partial}, attributes)
+        try:
+            reply["output_exr"] = writer.write_exr(
+                job.exr_spec, job.reader.exr_images.get(first_input),
+                {**{n: (cls.outputs[n], a) for n, a in outputs.items()}, **partial},
+                attributes)
+        except (OSError, RuntimeError) as exc:  # OpenEXR reports a failed write so
+            spec = job.exr_spec
+            path = spec.get("path") if isinstance(spec, dict) and spec.get("kind") == "file" \
+                else None
+            if path is None or isinstance(exc, DLError):
+                raise
+            raise io_failed(exc, path) from exc
     if job.content_hash is not None:
         reply["content_hash"] = job.content_hash
     if job.cache:
@@ -298,14 +356,14 @@ def is_out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
-def run_model(session: Session, entry: Entry, arrays: Dict[str, np.ndarray],
+def run_model(ctx: SessionContext, entry: Entry, arrays: Dict[str, np.ndarray],
               options: Dict[str, Any], tile: int, timing: Dict[str, float]) -> Any:
     """The model on one frame, whole or in tiles. On GPU out-of-memory: free what other
     models hold and retry once (in tiles when the model can be tiled), then on the CPU
     when the server allows it (--cpu-fallback); otherwise an error that says what to do."""
-    server, name = session.server, entry.cls.name
+    name = entry.cls.name
     started = time.perf_counter()
-    model = server.registry.instance(name)
+    model = ctx.registry.instance(name)
     timing["load_s"] = time.perf_counter() - started
     pressed = any(options.get(o.name) for o in entry.cls.options if o.kind == "button")
     margin = None if pressed else model.tile_margin(options)  # a press wants the whole frame
@@ -327,19 +385,19 @@ def run_model(session: Session, entry: Entry, arrays: Dict[str, np.ndarray],
                                          if margin is not None else 0)
     log.warning("%s ran out of GPU memory on a %dx%d frame: freeing memory, retrying%s",
                 name, width, height, f" in {retry_tile}px tiles" if retry_tile else "")
-    server.count("oom_recoveries")
-    server.registry.free_memory(keep=name)
+    ctx.count("oom_recoveries")
+    ctx.registry.free_memory(keep=name)
     try:
         return attempt(model, retry_tile)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
-    if server.cpu_fallback and model.device != "cpu":
+    if ctx.cpu_fallback and model.device != "cpu":
         log.warning("%s: out of GPU memory again, running this frame on the CPU", name)
         try:
-            return attempt(server.registry.instance(name, device="cpu"), tile)
+            return attempt(ctx.registry.instance(name, device="cpu"), tile)
         finally:
-            server.registry.unload(name)  # the next frame loads on the GPU again
+            ctx.registry.unload(name)  # the next frame loads on the GPU again
     raise OutOfMemory(
         f"model {name!r} ran out of GPU memory on a {width}x{height} frame, even after "
         f"freeing other models{' and in tiles' if retry_tile else ''}. Try a smaller frame or "

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
+from .errors import DLError
+
 if TYPE_CHECKING:
     from .weights import WeightsFile
 
@@ -21,8 +23,13 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 CHANNEL_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?$")
 
 
-class OptionError(ValueError):
+class OptionError(DLError, ValueError):
     """An option value that does not match the model's declaration."""
+
+    code = "bad_option"
+
+    def reply_message(self, model: Any) -> str:
+        return f"model {model!r}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,12 @@ class Float(_Number):
 
 @dataclass(frozen=True)
 class String(Option):
+    """`path=True`: the value names a file on the server (e.g. a weights file); only a
+    session allowed to name server paths (the embedded one) may set it."""
+
     default: str = ""
     max_length: int = 4096
+    path: bool = False
     kind: ClassVar[str] = "string"
 
     def validate(self, value: Any) -> str:

@@ -16,7 +16,9 @@ import hmac
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from .errors import DLError
 
 VERSION = 1
 MAGIC = b"DLSV"
@@ -40,13 +42,14 @@ class Limits:
     max_channels: int = 1024
 
 
-class ProtocolError(Exception):
+class ProtocolError(DLError):
     """A message that breaks the protocol. `fatal`: the stream can't be trusted after it."""
+
+    code = "bad_message"
 
     def __init__(self, code: str, message: str, fatal: bool = False) -> None:
         super().__init__(message)
         self.code = code
-        self.message = message
         self.fatal = fatal
 
 
@@ -83,14 +86,19 @@ def _drain(stream: BinaryIO, size: int) -> None:
         size -= len(chunk)
 
 
-def read_message(stream: BinaryIO, limits: Limits = Limits()) -> Message:
+def read_message(stream: BinaryIO,
+                 limits: Union[Limits, Callable[[], Limits]] = Limits()) -> Message:
     """Read one message. Raises ConnectionClosed at end of stream, ProtocolError when the
-    message is malformed (the body is skipped when its length can be trusted)."""
+    message is malformed (the body is skipped when its length can be trusted).
+    `limits` may be a function, called once the prefix has arrived: the limits that hold
+    for the message that comes (e.g. the replies to the requests sent meanwhile)."""
     prefix = stream.read(PREFIX.size)
     if not prefix:
         raise ConnectionClosed("stream closed")
     if len(prefix) < PREFIX.size:
         prefix += _read_exact(stream, PREFIX.size - len(prefix))
+    if callable(limits):
+        limits = limits()
     magic, header_len, body_len = PREFIX.unpack(prefix)
     if magic != MAGIC:
         raise ProtocolError("bad_message", "not a dlserver message (wrong magic bytes); "
@@ -159,7 +167,10 @@ def auth_proof(token: str, nonce: str) -> str:
 
 
 def check_auth(token: str, nonce: str, proof: Any) -> bool:
-    return isinstance(proof, str) and hmac.compare_digest(auth_proof(token, nonce), proof)
+    """Whether `proof` is the token's answer to `nonce`. Anything else (not a string,
+    non-ASCII text, which compare_digest refuses with TypeError) is a wrong proof."""
+    return isinstance(proof, str) and proof.isascii() and \
+        hmac.compare_digest(auth_proof(token, nonce), proof)
 
 
 # --- frame references ------------------------------------------------------------------------
@@ -232,7 +243,7 @@ def parse_frame_ref(ref: Any, n_buffers: int, limits: Limits = Limits(),
         if shape[0] * shape[1] > limits.max_pixels:
             raise ProtocolError("too_large", f"{what}: {shape[1]}x{shape[0]} exceeds the "
                                 f"server's limit of {limits.max_pixels} pixels")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise _bad(f"{what}: dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         if (not isinstance(channels, list) or len(channels) != shape[2]
                 or len(channels) > limits.max_channels

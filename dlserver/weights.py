@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from .errors import DLError
+
 log = logging.getLogger(__name__)
 
 ENV_WEIGHTS_DIR = "DLSERVER_WEIGHTS_DIR"
@@ -71,7 +73,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,64})\.")
 
 
-class WeightsError(Exception):
+class WeightsError(DLError):
     """Base of the weights errors: a message a person can act on. `code` is the
     error code the server replies with (docs/protocol.md)."""
 

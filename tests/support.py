@@ -31,9 +31,9 @@ class TcpServer:
         self.token = token
         command = [PYTHON, "-m", "dlserver", "--host", "127.0.0.1", "--port", "0",
                    "--models-dir", str(TEST_MODELS), *extra]
-        if token:
-            command += ["--token", token]
         env = {k: v for k, v in os.environ.items() if k != "DLSERVER_TOKEN"}
+        if token:
+            env["DLSERVER_TOKEN"] = token  # not --token: argv is world-readable
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env,
                                         cwd=ROOT)
         self.log: List[str] = []

@@ -27,7 +27,8 @@ from dlserver.protocol import (
     read_message,
 )
 from dlserver.registry import Registry
-from dlserver.server import Server
+from dlserver.state import ServerState as Server
+from dlserver.transport import serve_stream
 
 LIMITS = Limits(max_header=1 << 16, max_body=1 << 22, max_pixels=1 << 16)
 
@@ -56,7 +57,7 @@ def converse(server: Server, payload: bytes, local: bool = True) -> list:
 
     def serve() -> None:  # as the TCP transport does: the socket closes with the session
         with theirs:
-            server.serve_stream(theirs.makefile("rb"), theirs.makefile("wb"), local, "fuzz")
+            serve_stream(server, theirs.makefile("rb"), theirs.makefile("wb"), local, "fuzz")
             theirs.shutdown(socket.SHUT_RDWR)
 
     thread = threading.Thread(target=serve)
@@ -224,7 +225,7 @@ def ask(server: Server, payload: bytes, local: bool = True) -> list:
 
     def serve() -> None:
         with theirs:
-            server.serve_stream(theirs.makefile("rb"), theirs.makefile("wb"), local, "raw")
+            serve_stream(server, theirs.makefile("rb"), theirs.makefile("wb"), local, "raw")
             theirs.shutdown(socket.SHUT_RDWR)
 
     thread = threading.Thread(target=serve)

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import cv2
 import numpy as np
 import pytest
 from support import make_plate, raw_inline
 
 from dlserver.client import Client, DLServerError
+from dlserver.context import SessionContext
 from dlserver.errors import OutOfMemory
 from dlserver.inference import run_model
 from dlserver.model import Layer, Model
+from dlserver.protocol import Limits
 from dlserver.registry import Entry, Registry
-from dlserver.server import Server
 
 
 def infer(client: Client, model: str, plate: np.ndarray, options: dict, **fields):
@@ -98,9 +97,8 @@ def test_cpu_fallback_only_when_allowed(fallback: bool) -> None:
     registry = Registry([])
     registry.entries["gpu_oom"] = Entry(GpuOnlyOom, "test")
     registry._device = "cuda:0"  # pretend: the model never touches a real GPU
-    server = Server(registry)
-    server.cpu_fallback = fallback
-    session = SimpleNamespace(server=server)
+    session = SessionContext.for_login("test", False, registry, Limits(), None, [], "dls_",
+                                       fallback, lambda key, n=1: None)
     GpuOnlyOom.devices_seen = []
     plate = make_plate()
     if fallback:

@@ -3,7 +3,6 @@ replies keep the request order, a cancel reaches frames already prepared."""
 
 from __future__ import annotations
 
-import io
 import sys
 import threading
 
@@ -11,27 +10,31 @@ import numpy as np
 import pytest
 from support import TEST_MODELS, make_plate, raw_inline
 
+from dlserver.context import SessionContext
 from dlserver.inference import prepare
 from dlserver.protocol import Message
 from dlserver.registry import Registry
-from dlserver.server import Item, Server, Session
+from dlserver.scheduler import Item, Scheduler
+from dlserver.state import ServerState
 
 
 @pytest.fixture
-def session() -> Session:
-    server = Server(Registry([TEST_MODELS]))
-    return Session(server, io.BytesIO(), io.BytesIO(), local=False, peer="test")
+def session() -> Scheduler:
+    state = ServerState(Registry([TEST_MODELS]))
+    ctx = SessionContext.for_login("test", False, state.registry, state.limits, None, [],
+                                   state.shm_prefix, False, state.count)
+    return Scheduler(state, ctx, lambda header, buffers: None)
 
 
-def infer_item(session: Session, seq: int, plate: np.ndarray, gain: float = 2.0) -> Item:
+def infer_item(session: Scheduler, seq: int, plate: np.ndarray, gain: float = 2.0) -> Item:
     msg = Message({"type": "infer", "id": seq, "model": "batcher", "options": {"gain": gain},
                    "inputs": {"src": raw_inline(plate)}}, [memoryview(plate.data).cast("B")])
     item = Item(msg, seq)
-    item.job = prepare(session, msg)
+    item.job = prepare(session.ctx, msg)
     return item
 
 
-def run_stages(session: Session, items: list) -> list:
+def run_stages(session: Scheduler, items: list) -> list:
     """Queue prepared items, run the execute stage, collect what it hands on (in a thread:
     the queues are bounded)."""
     stage = threading.Thread(target=session._execute_stage)
@@ -48,7 +51,7 @@ def run_stages(session: Session, items: list) -> list:
     return done
 
 
-def test_queued_frames_with_equal_options_share_a_batch(session: Session) -> None:
+def test_queued_frames_with_equal_options_share_a_batch(session: Scheduler) -> None:
     batcher = sys.modules["dlserver_models.batcher.model"].Batcher
     batcher.batches = []
     plates = [make_plate(seed=i) for i in range(5)]
@@ -63,7 +66,7 @@ def test_queued_frames_with_equal_options_share_a_batch(session: Session) -> Non
         assert item.reply is None
 
 
-def test_cancel_all_reaches_prepared_frames(session: Session) -> None:
+def test_cancel_all_reaches_prepared_frames(session: Scheduler) -> None:
     items = [infer_item(session, i, make_plate()) for i in (1, 2, 3)]
     session.last_seq = 3
     session.cancel_upto = 3

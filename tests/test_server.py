@@ -160,7 +160,7 @@ def test_bad_requests(embedded: Client) -> None:
     assert err.value.code == "bad_frame"
     with pytest.raises(DLServerError) as err:
         embedded.infer("identity", {"src": {**raw_inline(plate), "kind": "shm",
-                                            "name": "dls_does_not_exist"}})
+                                            "name": embedded.shm_prefix + "does_not_exist"}})
     assert err.value.code == "bad_frame" and "does not exist" in err.value.message
 
 

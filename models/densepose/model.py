@@ -101,7 +101,7 @@ class DensePose(Model):
                  "at most 1333/800 of it); 800 is detectron2's test size for this model"),
         Bool("half_precision", False, label="half precision",
              help="run the network in float16 on a CUDA GPU (ignored on the CPU)"),
-        String("weights", "", label="weights file",
+        String("weights", "", label="weights file", path=True,
                help="a detectron2 .pkl/.pth file or a folder holding the published file; "
                     "empty: $DLSERVER_WEIGHTS_DIR, then the torch hub cache, then download"),
     )

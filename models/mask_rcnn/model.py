@@ -150,7 +150,7 @@ class MaskRCNN(Model):
         Bool("half_precision", False, label="half precision",
              help="run the backbone in float16 on a CUDA GPU (heads stay float32); "
                   "ignored on the CPU"),
-        String("weights", "", label="weights file",
+        String("weights", "", label="weights file", path=True,
                help="a .pth file or a folder holding the published file; empty: "
                     "$DLSERVER_WEIGHTS_DIR, then the torch hub cache, then download"),
     )

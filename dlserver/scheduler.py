@@ -1,0 +1,205 @@
+"""The requests of one logged-in session: a three-stage pipeline (read N+1 / infer N /
+write N-1) with bounded read-ahead. Reads and writes run on the server's I/O threads,
+replies leave in request order, and queued frames with the same model, options and size
+share one `Model.infer_batch` call. Sees the session context and the shared state it is
+handed; knows nothing of transports or login."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .context import SessionContext
+from .errors import BadRequest, Cancelled, describe_error
+from .inference import execute, finish, prepare
+from .protocol import REQUESTS, Message, error_reply, ok_reply
+from .state import ServerState
+
+log = logging.getLogger("dlserver")
+
+Reply = Tuple[Dict[str, Any], List[Any]]
+Send = Callable[[Dict[str, Any], Sequence[Any]], None]
+MAX_BATCH = 8  # frames of a range that may share one forward pass
+MAX_QUEUED = 4  # requests read ahead of the one being prepared, per session
+
+
+@dataclass
+class Item:
+    """A request on its way through a session's stages."""
+
+    msg: Message
+    seq: int
+    job: Any = None  # inference.Job once prepared
+    work: Optional[Future] = None  # reading (then writing) in progress on the I/O workers
+    reply: Optional[Reply] = None  # set once answered (result or error)
+
+
+class Scheduler:
+    """One session's requests after login. `submit` is called by the session's reader
+    (so `cancel` acts while a frame runs); three threads prepare, execute and finish."""
+
+    def __init__(self, state: ServerState, ctx: SessionContext, send: Send) -> None:
+        self.state = state
+        self.ctx = ctx
+        self.send = send
+        # Bounded: a client that sends frames faster than they are served is held back
+        # by the transport (the reader blocks) instead of filling the server's memory.
+        self.pending: queue.Queue[Optional[Item]] = queue.Queue(maxsize=MAX_QUEUED)
+        self.to_execute: queue.Queue[Optional[Item]] = queue.Queue(maxsize=MAX_QUEUED)
+        self.to_finish: queue.Queue[Optional[Item]] = queue.Queue(maxsize=MAX_QUEUED)
+        self.last_seq = 0  # requests read so far
+        self.cancel_upto = 0  # requests up to this one were cancelled with target "all"
+        self.cancelled: set = set()
+        self.threads: List[threading.Thread] = []
+
+    def start(self) -> None:
+        self.threads = [threading.Thread(target=fn, name=f"{fn.__name__} {self.ctx.peer}",
+                                         daemon=True)
+                        for fn in (self._prepare_stage, self._execute_stage, self._finish_stage)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, rid: Any, msg: Message) -> None:
+        self.last_seq += 1
+        self.state.count("requests")
+        if msg.header.get("type") == "cancel":
+            self._cancel(rid, msg.header)
+        else:
+            self.pending.put(Item(msg, self.last_seq))
+
+    def close(self) -> None:
+        """No more requests: the stages end once the queued ones are answered."""
+        self.pending.put(None)
+        if self.threads:
+            self.threads[-1].join(timeout=None if self.state.stop_event.is_set() else 0.5)
+
+    def _cancel(self, rid: Any, header: Dict[str, Any]) -> None:
+        """Runs in the reader thread, so it acts while a frame is inside a model: that
+        frame finishes; frames read before the cancel and not yet started are answered
+        'cancelled'."""
+        target = header.get("target")
+        if target == "all":
+            self.cancel_upto = self.last_seq
+        elif isinstance(target, int) and not isinstance(target, bool):
+            self.cancelled.add(target)
+        else:
+            self.send(error_reply(rid, "bad_request",
+                                  "cancel needs 'target': a request id or 'all'"), ())
+            return
+        self.send(ok_reply(rid), ())
+
+    def _is_cancelled(self, item: Item) -> bool:
+        if item.seq <= self.cancel_upto or item.msg.header.get("id") in self.cancelled:
+            self.cancelled.discard(item.msg.header.get("id"))
+            item.reply = error_reply(item.msg.header.get("id"), Cancelled.code,
+                                     "cancelled before it started"), []
+            return True
+        return False
+
+    # Requests flow through three threads so that, for a range of frames, frame N+1 is
+    # read (EXR decode, colour) and frame N-1 written while the model runs on frame N.
+    # Queues keep the order: replies leave in the order requests came.
+
+    def _prepare_stage(self) -> None:
+        while (item := self.pending.get()) is not None:
+            if not self._is_cancelled(item):
+                if item.msg.header.get("type") == "infer":  # read on the I/O workers
+                    item.work = self.state.workers.submit(prepare, self.ctx, item.msg)
+                else:
+                    item.reply = self.handle(item.msg)
+            self.to_execute.put(item)
+        self.to_execute.put(None)
+
+    def _prepared(self, item: Optional[Item]) -> Optional[Item]:
+        """Wait for the item's inputs to be read (in order: replies keep their order)."""
+        if item is not None and item.work is not None:
+            try:
+                item.job = item.work.result()
+                if item.job.ready is not None:  # a cache hit: nothing to run or write
+                    item.reply = ok_reply(item.msg.header.get("id"), **item.job.ready), []
+                    item.job = None
+                    self.state.count("cache_hits")
+            except Exception as exc:
+                item.reply = self._error(item.msg, exc)
+            item.work = None
+        return item
+
+    def _execute_stage(self) -> None:
+        waiting: List[Optional[Item]] = []  # taken from the queue but not yet run
+        while True:
+            item = waiting.pop() if waiting else self._prepared(self.to_execute.get())
+            if item is None:
+                break
+            if item.job is None or item.reply is not None or self._is_cancelled(item):
+                self.to_finish.put(item)
+                continue
+            batch = [item]
+            key = item.job.batch_key()
+            while key is not None and len(batch) < MAX_BATCH and not self.to_execute.empty():
+                following = self._prepared(self.to_execute.get())
+                if following is None or following.job is None or following.reply is not None \
+                        or following.job.batch_key() != key or self._is_cancelled(following):
+                    waiting.append(following)
+                    break
+                batch.append(following)
+            try:
+                execute(self.ctx, [i.job for i in batch])
+            except Exception as exc:
+                if len(batch) == 1:
+                    item.reply = self._error(item.msg, exc)
+                else:  # find the frame that failed: one at a time
+                    for one in batch:
+                        try:
+                            execute(self.ctx, [one.job])
+                        except Exception as exc_one:
+                            one.reply = self._error(one.msg, exc_one)
+            for one in batch:
+                if one.reply is None:  # written on the I/O workers
+                    one.work = self.state.workers.submit(finish, self.ctx, one.job)
+                self.to_finish.put(one)
+        self.to_finish.put(None)
+
+    def _finish_stage(self) -> None:
+        while (item := self.to_finish.get()) is not None:
+            if item.work is not None:
+                try:
+                    reply, buffers = item.work.result()
+                    item.reply = ok_reply(item.msg.header.get("id"), **reply), buffers
+                    self.state.count("frames")
+                except Exception as exc:
+                    item.reply = self._error(item.msg, exc)
+            item.job = item.work = None
+            assert item.reply is not None
+            header, buffers = item.reply
+            self.send(header, buffers)
+            if item.msg.header.get("type") == "shutdown" and header.get("ok"):
+                self.state.stop()
+
+    def _error(self, msg: Message, exc: Exception) -> Reply:
+        self.state.count("errors")
+        return error_reply(msg.header.get("id"), *describe_error(exc, msg.header.get("model"))), []
+
+    def handle(self, msg: Message) -> Reply:
+        """Every request but `infer` (which goes through the stages)."""
+        rid, kind = msg.header.get("id"), msg.header.get("type")
+        try:
+            if kind not in REQUESTS or kind in ("hello", "cancel"):
+                raise BadRequest(f"unknown request type {kind!r}; requests are: "
+                                 f"{', '.join(r for r in REQUESTS if r != 'hello')}")
+            if kind == "list_models":
+                reg = self.ctx.registry
+                return ok_reply(rid, models=reg.describe(),
+                                unavailable=[{"source": s, "error": e}
+                                             for s, e in reg.broken.items()]), []
+            if kind == "stats":
+                return ok_reply(rid, stats=self.state.stats()), []
+            if kind == "unload":
+                unloaded = self.ctx.registry.unload(msg.header.get("model"))
+                return ok_reply(rid, unloaded=unloaded), []
+            return ok_reply(rid), []  # shutdown: acted on once the reply is sent
+        except Exception as exc:
+            return self._error(msg, exc)

@@ -1,0 +1,81 @@
+"""What every session and transport of one server process shares: its configuration
+(models, limits, token, folders), its counters and its connection accounting. Handed
+down from the command line to the transports, sessions and schedulers; it imports none
+of them."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional
+
+from . import __version__
+from .protocol import VERSION, Limits
+from .registry import Registry
+
+IO_WORKERS = max(2, min(4, os.cpu_count() or 1))  # frames read or written at once
+LOGIN_TIMEOUT_S = 10.0  # from accepting a connection to its `hello` (and TLS handshake)
+MAX_CONNECTIONS = 128  # open network connections, logged in or not
+MAX_UNAUTHENTICATED = 32  # network connections that have not logged in yet
+
+
+class ServerState:
+    """What all sessions share: models, limits, the token, counters."""
+
+    def __init__(self, registry: Registry, limits: Limits = Limits(),
+                 token: Optional[str] = None, exchange_dir: Optional[str] = None) -> None:
+        self.registry = registry
+        self.limits = limits
+        self.token = token
+        self.exchange_dir = exchange_dir
+        self.allowed_dirs: List[str] = []  # --allow-dir: more folders for local sessions
+        self.shm_prefix = f"dls{os.getpid()}_"
+        self.started = time.time()
+        self.stop_event = threading.Event()
+        self.counters = {"requests": 0, "frames": 0, "errors": 0, "sessions": 0,
+                         "oom_recoveries": 0, "cache_hits": 0, "refused_connections": 0,
+                         "login_timeouts": 0, "accept_errors": 0}
+        self.cpu_fallback = False
+        self.tls: Optional[ssl.SSLContext] = None
+        self.login_timeout = LOGIN_TIMEOUT_S
+        self.max_connections = MAX_CONNECTIONS
+        self.max_unauthenticated = MAX_UNAUTHENTICATED
+        # Frames are read (EXR decode, colour) and written on these threads, several at
+        # once, while a session's execute stage keeps the model busy.
+        self.workers = ThreadPoolExecutor(max_workers=IO_WORKERS, thread_name_prefix="dlserver-io")
+        self.active_sessions = 0
+        self.connections = 0  # network connections open (transport accounting)
+        self.unauthenticated = 0  # of which not logged in yet
+        self.lock = threading.Lock()
+        self.on_stop: List[Callable[[], None]] = []  # transports: close listeners, exit
+
+    def stop(self) -> None:
+        """After a `shutdown` request: stop accepting, let main() clean up and exit."""
+        self.stop_event.set()
+        for action in list(self.on_stop):
+            action()
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counters[key] += n
+
+    def stats(self) -> Dict[str, Any]:
+        stats: Dict[str, Any] = {
+            "version": __version__, "protocol": VERSION, "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            **self.counters, "active_sessions": self.active_sessions,
+            "connections": self.connections, "unauthenticated": self.unauthenticated,
+            "models_loaded": self.registry.loaded(),
+            "device": self.registry._device or self.registry.requested_device or "auto",
+            "torch_imported": "torch" in sys.modules,
+        }
+        if "torch" in sys.modules:
+            import torch
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                stats["cuda_memory_allocated"] = torch.cuda.memory_allocated()
+                stats["cuda_memory_reserved"] = torch.cuda.memory_reserved()
+        return stats

@@ -1,0 +1,250 @@
+"""The transports: the embedded server's pipes (stdin/stdout), Unix sockets and TCP
+(optionally TLS). A listener accepts connections, refuses them over the caps, gives
+each one thread and a login deadline, and hands the stream to a Session.
+
+* At most `max_connections` open network connections and `max_unauthenticated` of them
+  not logged in; over either, the connection gets one `busy` error and is closed.
+* From accept to `hello` (TLS handshake included) at most `login_timeout` seconds, kept
+  by one watchdog thread for all connections.
+* accept() errors (out of file descriptors, ...) are logged and retried with a back-off:
+  the listener keeps serving once descriptors are free again.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
+
+from .errors import Busy
+from .protocol import encode_message, error_reply
+from .session import Session
+from .state import ServerState
+
+log = logging.getLogger("dlserver")
+
+ACCEPT_BACKOFF_S = (0.01, 1.0)  # first and longest wait after a failed accept()
+
+
+class Watchdog:
+    """Runs `action` at a deadline unless cancelled first: one thread for every
+    connection's login deadline (not one timer thread each)."""
+
+    def __init__(self) -> None:
+        self._heap: List[Tuple[float, int]] = []
+        self._actions: Dict[int, Callable[[], None]] = {}
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, seconds: float, action: Callable[[], None]) -> int:
+        with self._cond:
+            key = next(self._ids)
+            self._actions[key] = action
+            heapq.heappush(self._heap, (time.monotonic() + seconds, key))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dlserver-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return key
+
+    def cancel(self, key: int) -> None:
+        with self._cond:
+            self._actions.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][1] not in self._actions:
+                    heapq.heappop(self._heap)  # cancelled
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                when, key = self._heap[0]
+                delay = when - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+                action = self._actions.pop(key)
+            try:
+                action()
+            except Exception:  # a deadline's action must not stop the others
+                log.exception("login deadline action failed")
+
+
+def serve_stream(state: ServerState, reader: BinaryIO, writer: BinaryIO, local: bool,
+                 peer: str, on_login: Optional[Callable[[], None]] = None) -> None:
+    """Run one session on a byte stream (the caller closes the stream afterwards)."""
+    with state.lock:
+        state.counters["sessions"] += 1
+        state.active_sessions += 1
+    try:
+        Session(state, reader, writer, local, peer, on_login).run()
+    finally:
+        with state.lock:
+            state.active_sessions -= 1
+
+
+def serve_stdio(state: ServerState, exit_now: Callable[[], None]) -> None:
+    """Embedded mode. The protocol owns the original stdin/stdout; fd 1 is pointed at
+    stderr so a model's print() can't corrupt the stream. EOF on stdin (the parent
+    exited or died: the kernel closes its end of the pipe) ends the server. (Not
+    PR_SET_PDEATHSIG: it fires when the *thread* that spawned us ends, and Nuke's
+    plug-in may spawn from a worker thread.) The parent is trusted: no login deadline."""
+    reader = os.fdopen(os.dup(0), "rb")
+    writer = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdout = sys.stderr
+    state.on_stop.append(exit_now)
+    serve_stream(state, reader, writer, local=True, peer="stdio")
+
+
+def _refuse(state: ServerState, conn: socket.socket, why: str) -> None:
+    """One `busy` error (when it fits in the socket buffer at once) and close."""
+    state.count("refused_connections")
+    log.warning("refused a connection: %s", why)
+    try:
+        if state.tls is None:
+            conn.setblocking(False)
+            conn.send(b"".join(bytes(p) for p in encode_message(error_reply(None, Busy.code,
+                                                                              why))))
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def _admit(state: ServerState) -> Optional[str]:
+    """Count a new network connection in, or say why it is refused."""
+    with state.lock:
+        if state.connections >= state.max_connections:
+            return (f"the server has {state.connections} connections open, its limit "
+                    f"(--max-connections {state.max_connections}); try again later or "
+                    f"ask its administrator to raise the limit")
+        if state.unauthenticated >= state.max_unauthenticated:
+            return (f"{state.unauthenticated} connections are waiting to log in, the "
+                    f"server's limit (--max-unauthenticated {state.max_unauthenticated}); "
+                    f"try again in a few seconds")
+        state.connections += 1
+        state.unauthenticated += 1
+    return None
+
+
+def serve_socket(state: ServerState, sock: socket.socket, local: bool) -> None:
+    """Accept connections until `state.stop()`; each runs in its own thread."""
+    def wake() -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() on Linux
+        except OSError:
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    state.on_stop.append(wake)
+    sock.listen(64)
+    watchdog = Watchdog()
+    delay = 0.0
+    while not state.stop_event.is_set():
+        try:
+            conn, addr = sock.accept()
+        except OSError as exc:
+            if state.stop_event.is_set() or sock.fileno() == -1 or \
+                    exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                break  # the listener was closed
+            state.count("accept_errors")
+            delay = min(ACCEPT_BACKOFF_S[1], delay * 2 or ACCEPT_BACKOFF_S[0])
+            (log.warning if delay < ACCEPT_BACKOFF_S[1] * 0.75 else log.debug)(
+                "accept failed: %s; still serving, next try in %.2f s%s", exc, delay,
+                " (out of file descriptors: raise `ulimit -n` or lower --max-connections)"
+                if exc.errno in (errno.EMFILE, errno.ENFILE) else "")
+            state.stop_event.wait(delay)
+            continue
+        delay = 0.0
+        why = _admit(state)
+        if why is not None:
+            _refuse(state, conn, why)
+            continue
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            threading.Thread(target=_serve_conn, args=(state, watchdog, conn, local, str(addr)),
+                             name=f"session {addr}", daemon=True).start()
+        except RuntimeError as exc:  # can't start a new thread
+            log.warning("cannot serve a connection: %s", exc)
+            with state.lock:
+                state.connections -= 1
+                state.unauthenticated -= 1
+            conn.close()
+
+
+def _serve_conn(state: ServerState, watchdog: Watchdog, conn: socket.socket, local: bool,
+                peer: str) -> None:
+    waiting = [True]  # not logged in yet
+    lock = threading.Lock()
+
+    def logged_in() -> None:
+        with lock:
+            if waiting[0]:
+                waiting[0] = False
+                watchdog.cancel(deadline)
+                with state.lock:
+                    state.unauthenticated -= 1
+
+    def too_late() -> None:
+        with lock:
+            if not waiting[0]:
+                return
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # the session's blocked read ends
+            except OSError:
+                pass
+        state.count("login_timeouts")
+        log.warning("closed %s: no login within %g s (--login-timeout)", peer,
+                    state.login_timeout)
+
+    deadline = watchdog.watch(state.login_timeout, too_late)
+    try:
+        if state.tls is not None:
+            try:  # the handshake runs here, not in the accept loop: a slow peer blocks no one
+                conn = state.tls.wrap_socket(conn, server_side=True)
+            except (OSError, ValueError) as exc:
+                log.warning("TLS handshake with %s failed: %s", peer, exc)
+                conn.close()
+                return
+        with conn:
+            reader = conn.makefile("rb")
+            writer = conn.makefile("wb")
+            try:
+                serve_stream(state, reader, writer, local=local, peer=peer, on_login=logged_in)
+            finally:
+                for f in (reader, writer):
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
+    finally:
+        with lock:
+            still_waiting, waiting[0] = waiting[0], False
+        watchdog.cancel(deadline)
+        with state.lock:
+            state.connections -= 1
+            if still_waiting:
+                state.unauthenticated -= 1
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
