@@ -138,18 +138,31 @@ def test_idle_and_stalled_connections_hold_one_thread_each(server: TcpServer) ->
 
 # --- 2. out of file descriptors --------------------------------------------------------------
 
+_pending: dict = {}  # fd -> bytes read past the last line returned
+
+
 def wait_for_line(stream, fragment: str, timeout: float) -> str:
-    """Read `stream` (a process's stderr) until a line holds `fragment`."""
+    """Read `stream` (a process's stderr, opened unbuffered) until a line holds
+    `fragment`. Reads the fd itself: a buffered readline may hold the next line in its
+    buffer while select waits on the fd for data that already came."""
+    fd = stream.fileno()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([stream], [], [], deadline - time.monotonic())
+    while True:
+        data = _pending.get(fd, b"")
+        while b"\n" in data:
+            line, data = data.split(b"\n", 1)
+            _pending[fd] = data
+            if fragment in line.decode("utf-8", "replace"):
+                return line.decode("utf-8", "replace")
+        _pending[fd] = data
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(0.0, left))
         if not ready:
             break
-        line = stream.readline()
-        if not line:
+        chunk = os.read(fd, 65536)
+        if not chunk:
             break
-        if fragment in line:
-            return line
+        _pending[fd] = data + chunk
     raise AssertionError(f"no line with {fragment!r} within {timeout}s")
 
 
@@ -161,7 +174,7 @@ def test_running_out_of_file_descriptors_does_not_stop_the_server() -> None:
     process = subprocess.Popen(
         [PYTHON, "-m", "dlserver", "--port", "0", "--models-dir", str(TEST_MODELS),
          "--max-connections", "1000", "--max-unauthenticated", "1000"],
-        stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, preexec_fn=low_nofile)
+        stderr=subprocess.PIPE, bufsize=0, env=env, cwd=ROOT, preexec_fn=low_nofile)
     assert process.stderr is not None
     try:
         port = json.loads(wait_for_line(process.stderr, '{"listening"', 60))["listening"][1]
