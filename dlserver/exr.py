@@ -16,7 +16,6 @@ from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import OpenEXR
 
-from .exr_fast import read_uncompressed
 from .files import write_atomic
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
@@ -212,12 +211,9 @@ def read_exr(source: Source, max_pixels: int = 16384 * 16384,
             with open(os.fspath(source), "rb") as f:
                 layouts = read_layouts(f)
         check_layouts(layouts, max_pixels, max_bytes)
-        parts = _read_uncompressed(source) if len(layouts) == 1 else None
-        if parts is None:
-            with _open(source, header_only=False) as exr:
-                parts = [(p.name(), dict(p.header),
-                          {name: ch.pixels for name, ch in p.channels.items()})
-                         for p in exr.parts]
+        with _open(source, header_only=False) as exr:
+            parts = [(p.name(), dict(p.header),
+                      {name: ch.pixels for name, ch in p.channels.items()}) for p in exr.parts]
     except ExrError:
         raise
     except Exception as exc:  # the bindings raise RuntimeError/ValueError/OSError
@@ -235,27 +231,6 @@ def read_exr(source: Source, max_pixels: int = 16384 * 16384,
         part_header.pop("channels", None)
         others.append(ExrPart(name, part_header, part_channels))
     return ExrImage(channels, header, others)
-
-
-def _read_uncompressed(source: Source) -> Optional[List[Tuple[str, Dict[str, Any],
-                                                                 Dict[str, np.ndarray]]]]:
-    """The one part of an uncompressed scanline EXR (what Nuke's internal Write makes for
-    the server) without decoding: its channels are views of the file's bytes, read in
-    one call (dlserver/exr_fast.py); None for any other kind of file. The header comes
-    from OpenEXR, as for every file."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data: Union[bytearray, memoryview] = memoryview(source)
-    else:
-        with open(os.fspath(source), "rb") as f:
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            if f.readinto(data) != len(data):
-                return None  # changed under us: OpenEXR reads it (and reports it)
-    channels = read_uncompressed(memoryview(data))
-    if channels is None:
-        return None
-    with _open(source, header_only=True) as probe:
-        part = probe.parts[0]
-        return [(part.name(), dict(part.header), channels)]
 
 
 def luminance_to_rgb(channels: Dict[str, np.ndarray]) -> None:

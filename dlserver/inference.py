@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Type
 
@@ -125,42 +123,23 @@ def prepare(ctx: SessionContext, msg: Message) -> Job:
     t0 = time.perf_counter()
     reader = FrameReader(msg.buffers, ctx.shm, ctx.exchange, ctx.limits)
     content_hash = None
-    # The inputs are decoded while they are hashed (both leave the GIL); a cache hit
-    # drops the decode (cancelled when it has not started).
-    decoding = _decoder().submit(read_inputs, cls, reader, refs) if want_hash else None
-    try:
-        if want_hash:  # in the model's declared input order
-            content_hash = combine_hashes([reader.content_hash(name, refs[name])
-                                           for name in cls.inputs])
-        if cache_dir is not None:
-            path = os.path.join(cache_dir, f"{content_hash}.exr")
-            kept = {k: v for k, v in (exr_spec or {}).items() if k != "dir"}  # pixel_type
-            exr_spec = {**kept, "kind": "file", "path": path}
-            # computed before: the model does not run (race-free: a link is no file)
-            if ctx.exchange.is_file(path):
-                job = Job(entry, options, {}, reader, out_specs, exr_spec, tile, (0, 0),
-                          content_hash=content_hash, cache=True)
-                job.timing["read_s"] = time.perf_counter() - t0
-                job.ready = {"model": cls.name, "version": str(cls.version), "message": "",
-                             "data": {}, "content_hash": content_hash, "cached": True,
-                             "output_exr": {"kind": "file", "format": "exr", "path": path},
-                             "timing": {k: round(v, 6) for k, v in job.timing.items()}}
-                return job
-        arrays = decoding.result() if decoding is not None else read_inputs(cls, reader, refs)
-    finally:
-        if decoding is not None:
-            decoding.cancel()  # a hit or a failure: nothing more to decode
-    height, width = next(iter(arrays.values())).shape[:2]
-    job = Job(entry, options, arrays, reader, out_specs, exr_spec, tile, (height, width),
-              content_hash=content_hash, cache=cache_dir is not None)
-    job.timing["read_s"] = time.perf_counter() - t0
-    return job
-
-
-def read_inputs(cls: Type[Model], reader: FrameReader,
-                refs: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """Every input of a request, as the model's layers (colour converted where the server
-    converts)."""
+    if want_hash:  # in the model's declared input order
+        content_hash = combine_hashes([reader.content_hash(name, refs[name])
+                                       for name in cls.inputs])
+    if cache_dir is not None:
+        path = os.path.join(cache_dir, f"{content_hash}.exr")
+        kept = {k: v for k, v in (exr_spec or {}).items() if k != "dir"}  # pixel_type
+        exr_spec = {**kept, "kind": "file", "path": path}
+        # computed before: the model does not run (checked race-free: a link is no file)
+        if ctx.exchange.is_file(path):
+            job = Job(entry, options, {}, reader, out_specs, exr_spec, tile, (0, 0),
+                      content_hash=content_hash, cache=True)
+            job.timing["read_s"] = time.perf_counter() - t0
+            job.ready = {"model": cls.name, "version": str(cls.version), "message": "",
+                         "data": {}, "content_hash": content_hash, "cached": True,
+                         "output_exr": {"kind": "file", "format": "exr", "path": path},
+                         "timing": {k: round(v, 6) for k, v in job.timing.items()}}
+            return job
     arrays: Dict[str, np.ndarray] = {}
     for name, layer in cls.inputs.items():
         pixels = reader.read(name, refs[name], layer)
@@ -170,20 +149,11 @@ def read_inputs(cls: Type[Model], reader: FrameReader,
         if server_converts(cls):
             pixels = convert_color(pixels, layer, to_srgb=True)
         arrays[name] = pixels
-    return arrays
-
-
-_decoders: List[ThreadPoolExecutor] = []
-_decoders_lock = threading.Lock()
-
-
-def _decoder() -> ThreadPoolExecutor:
-    """Threads that decode a request's inputs while its reading thread hashes them."""
-    with _decoders_lock:
-        if not _decoders:
-            _decoders.append(ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 1)),
-                                                thread_name_prefix="decode"))
-        return _decoders[0]
+    height, width = next(iter(arrays.values())).shape[:2]
+    job = Job(entry, options, arrays, reader, out_specs, exr_spec, tile, (height, width),
+              content_hash=content_hash, cache=cache_dir is not None)
+    job.timing["read_s"] = time.perf_counter() - t0
+    return job
 
 
 def check_version(cls: Type[Model], header: Dict[str, Any]) -> None:
