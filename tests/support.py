@@ -79,6 +79,22 @@ def write_plate_exr(path: Path, rgba: np.ndarray, extra: dict | None = None) -> 
         exr.write(str(path))
 
 
+def self_signed_certificate(folder: Path) -> Tuple[Path, Path]:
+    """cert.pem/key.pem for localhost, made by the openssl command (skips without it)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl command not found: can't make a test certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
 def raw_inline(array: np.ndarray) -> dict:
     return {"kind": "inline", "buffer": 0, "shape": list(array.shape),
             "dtype": array.dtype.name, "channels": ["R", "G", "B", "A"]}

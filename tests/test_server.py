@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import TcpServer, make_plate, raw_inline, write_plate_exr
+from support import TcpServer, make_plate, raw_inline, self_signed_certificate, write_plate_exr
 
 from dlserver import exr
 from dlserver.arrays import ArrayIO
@@ -291,15 +291,7 @@ def test_nan_is_caught_on_the_shared_memory_path_too(embedded: Client) -> None:
 
 
 def test_tls(tmp_path: Path) -> None:
-    import shutil
-    import subprocess
-
-    if not shutil.which("openssl"):
-        pytest.skip("openssl command not found: can't make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    cert, key = self_signed_certificate(tmp_path)
     server = TcpServer(token="t0ken", extra=("--tls-cert", str(cert), "--tls-key", str(key)))
     try:
         plate = make_plate()

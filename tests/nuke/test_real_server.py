@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # nukesupport
 import nukesupport as ns  # noqa: E402
 from dlclient import connections  # noqa: E402 - the plug-in's package (nukesupport's path)
 from nukesupport import nuke  # noqa: E402
+from support import self_signed_certificate  # noqa: E402 - tests/support.py (conftest path)
 
 VENV_BIN = os.path.dirname(sys.executable)
 DLSERVER_CLI = os.path.join(VENV_BIN, "dlserver")
@@ -188,19 +189,6 @@ def test_remote_server_works_like_embedded_and_a_wrong_token_errors(session, tmp
     cli = cli_infer(tmp_path, pattern, 2.0, "1-2")
     for f in (1, 2):
         assert_same_image(node._image(f), ns.exrio.read_exr(cli.replace("####", f"{f:04d}")))
-
-
-def self_signed_certificate(folder):
-    """cert.pem/key.pem for localhost by the openssl command, as tests/test_server.py's
-    test_tls makes them."""
-    import shutil
-    if not shutil.which("openssl"):
-        pytest.skip("openssl command not found: can't make a test certificate")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
 
 
 @pytest.fixture
