@@ -35,7 +35,7 @@ from . import connections, threads
 from . import knobs as kn
 from .connections import DLServerError, ServerKey
 
-CHUNK = 8  # frames rendered per nuke.execute and in flight at the server at once
+CHUNK = 8  # frames rendered per nuke.execute; two chunks are in flight at the server
 _busy: Dict[str, Job] = {}  # node full name -> running job
 _internal_render = [False]  # our own Write is executing: render callbacks ignore it
 _live_seen: Dict[str, Tuple[Any, ...]] = {}  # node -> the last live submission
