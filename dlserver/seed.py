@@ -114,11 +114,11 @@ def file_descriptor() -> descriptor_pb2.FileDescriptorProto:
 # A pool of its own: the seed's generated message_pb2 may be imported in the same process
 # (the default pool would refuse a second definition of mlserver.*).
 _POOL = descriptor_pool.DescriptorPool()
-_POOL.Add(file_descriptor())
+_POOL.AddSerializedFile(file_descriptor().SerializeToString())
 
 
 def message_class(name: str) -> Any:
-    """The protobuf message class of `mlserver.<name>`."""
+    """The protobuf message class of `mlserver.<name>` (GetMessageClass: protobuf 4.22+)."""
     return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"mlserver.{name}"))
 
 
