@@ -188,6 +188,71 @@ def read_request(conn: socket.socket, max_len: int) -> Optional[bytes]:
     return bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
 
 
+MAX_FIELDS = 4096  # fields walked at one level of a request before parsing it
+
+
+def _fields(data: memoryview) -> List[Tuple[int, int, memoryview]]:
+    """The top-level fields of a protobuf message: (number, wire type, value bytes)."""
+    out: List[Tuple[int, int, memoryview]] = []
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= len(data) or shift > 63:
+                raise SeedError("not a valid nuke-ML-server request (protobuf): truncated")
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    while pos < len(data):
+        if len(out) >= MAX_FIELDS:
+            raise SeedError(f"not a request the seed's node sends: over {MAX_FIELDS} fields")
+        key = varint()
+        start = pos
+        wire = key & 7
+        if wire == 0:
+            varint()
+        elif wire == 2:
+            size = varint()
+            start = pos
+            pos += size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise SeedError(f"not a valid nuke-ML-server request (protobuf): wire type {wire}")
+        if pos > len(data):
+            raise SeedError("not a valid nuke-ML-server request (protobuf): truncated")
+        out.append((key >> 3, wire, data[start:pos]))
+    return out
+
+
+def check_request(payload: bytes, limits: Limits) -> None:
+    """Before protobuf parses a request: at most `max_buffers` images and a Model of at
+    most `max_header` bytes (a parsed message takes many times the bytes of a small
+    repeated entry: a payload of empty images would take far more memory than its
+    size). Only the outer levels are walked, at most MAX_FIELDS fields each."""
+    images = model_bytes = 0
+    for number, wire, value in _fields(memoryview(payload)):
+        if number == 3 and wire == 2:  # r2: RequestInference (repeated ones merge)
+            for inner, inner_wire, field in _fields(value):
+                if inner == 1 and inner_wire == 2:
+                    model_bytes += len(field)
+                elif inner == 2:
+                    images += 1
+        elif number == 2 and wire == 2 and len(value) > 64:  # r1: RequestInfo{bool}
+            raise SeedError("not a request the seed's node sends: an oversized r1")
+    if images > limits.max_buffers:
+        raise SeedError(f"a request of {images} images: at most {limits.max_buffers}")
+    if model_bytes > limits.max_header:
+        raise SeedError(f"the request's Model is {model_bytes} bytes: at most "
+                        f"{limits.max_header}")
+
+
 def send_reply(conn: socket.socket, reply: Any) -> None:
     """Header and payload in one write where the socket takes it (the seed's node reads
     the model list with a single recv), then the end of the stream."""
@@ -386,6 +451,7 @@ def answer(state: ServerState, ctx: SessionContext, payload: bytes) -> Any:
     """The reply to one request; never raises (every failure is an `error.msg`)."""
     model_name: Any = None
     try:
+        check_request(payload, ctx.limits)
         try:
             request = RequestWrapper.FromString(payload)
         except (DecodeError, ValueError) as exc:
@@ -402,6 +468,10 @@ def answer(state: ServerState, ctx: SessionContext, payload: bytes) -> Any:
     except SeedError as exc:
         state.count("errors")
         return error_reply(str(exc))
+    except UnicodeDecodeError as exc:  # a string field that is not UTF-8
+        state.count("errors")
+        return error_reply(f"not a valid nuke-ML-server request: text that is not UTF-8 "
+                           f"({exc.reason})")
     except Exception as exc:
         state.count("errors")
         code, message = describe_error(exc, model_name)

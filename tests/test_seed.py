@@ -230,6 +230,13 @@ def test_clear_errors_and_the_server_keeps_serving(server: SeedServer) -> None:
     # not the seed's framing at all
     other = sc.exchange(server.seed, b"DLSV" + bytes(12))
     assert other.error and "DLServerClient" in other.error
+    # a payload of 100 000 empty images (2 bytes each on the wire): refused unparsed
+    flood = sc.vint(1, 1) + sc.ld(3, sc.ld(1, sc.encode_model(blur)) + b"\x12\x00" * 100_000)
+    many = sc.exchange(server.seed, f"{len(flood):012d}".encode() + flood)
+    assert many.error and ("images" in many.error or "fields" in many.error), many.error
+    bad_text = sc.vint(1, 1) + sc.ld(3, sc.ld(1, sc.ld(1, b"bl\xffur")))
+    latin = sc.exchange(server.seed, f"{len(bad_text):012d}".encode() + bad_text)
+    assert latin.error and "is not a model name" in latin.error, latin.error
     stale = sc.infer(server.seed, sc.SeedModel("blur", "Gaussian blur", [("src", 3)], [],
                                                {"kernel_size": ("int", 5)}), [rgb])
     assert stale.error and "press Connect" in stale.error
