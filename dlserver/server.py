@@ -1,6 +1,7 @@
 """The frame server's command line and wiring: `python -m dlserver --stdio` (embedded,
 for Nuke) or `python -m dlserver --host 127.0.0.1 --port 55555` (remote, TCP; the token
-from DLSERVER_TOKEN or --token-file).
+from DLSERVER_TOKEN or --token-file); `--seed-port P` also serves Foundry's
+nuke-ML-server protocol (dlserver/seed.py) for the seed's compiled node.
 
 Imports run one way: this module → transport → session (login, session context) →
 scheduler → inference → registry / model API / frame I/O / session context. No request
@@ -20,7 +21,8 @@ import ssl
 import stat
 import sys
 import tempfile
-from typing import List, Optional, Sequence
+import threading
+from typing import Any, Dict, List, Optional, Sequence
 
 from .protocol import Limits
 from .registry import Registry, default_models_dirs
@@ -30,7 +32,7 @@ from .state import (
     MAX_UNAUTHENTICATED,
     ServerState,
 )
-from .transport import is_loopback, serve_socket, serve_stdio
+from .transport import is_loopback, serve_seed_socket, serve_socket, serve_stdio
 
 log = logging.getLogger("dlserver")
 
@@ -43,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="TCP address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=55555, help="TCP port (default 55555)")
+    p.add_argument("--seed-port", type=int, default=None, metavar="PORT",
+                   help="also serve Foundry's nuke-ML-server protocol on PORT, for its "
+                        "compiled MLClient/DLClient node (docs/seed-compatibility.md); it "
+                        "has no authentication: 127.0.0.1 unless --insecure")
+    p.add_argument("--seed-only", action="store_true",
+                   help="serve only the --seed-port (no main port)")
     p.add_argument("--token", default=None,
                    help="shared secret clients must prove; visible to every user in `ps`: "
                         "prefer $DLSERVER_TOKEN or --token-file")
@@ -133,6 +141,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"dlserver: cannot read the token: {exc}", file=sys.stderr)
         return 2
     remote = not args.stdio and not args.unix
+    if (args.seed_port is not None or args.seed_only) and args.stdio:
+        print("dlserver: --seed-port is for a network server, not --stdio", file=sys.stderr)
+        return 2
+    if args.seed_only and (args.seed_port is None or args.unix):
+        print("dlserver: --seed-only needs --seed-port PORT (and no --unix)", file=sys.stderr)
+        return 2
     if remote and not is_loopback(args.host) and not token and not args.insecure:
         print(f"dlserver: refusing to listen on {args.host} without a token: anyone who can "
               f"reach it could use this machine's GPU. Set DLSERVER_TOKEN (or pass "
@@ -175,15 +189,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sock.bind(args.unix)
             os.chmod(args.unix, 0o600)
             log.info("listening on unix:%s", args.unix)
+            seeds: dict = {}
+            seed = open_seed_port(args, state, seeds)
+            if seed is not None:
+                print(json.dumps(seeds), file=sys.stderr, flush=True)
+                threading.Thread(target=serve_seed_socket, args=(state, seed),
+                                 name="seed listener", daemon=True).start()
             serve_socket(state, sock, local=True)
         else:
-            sock = socket.create_server((args.host, args.port), reuse_port=False)
-            log.info("listening on %s:%d (%s, %s)", args.host, sock.getsockname()[1],
-                     "token required" if token else "no token",
-                     "TLS" if state.tls else "no TLS")
-            print(json.dumps({"listening": [args.host, sock.getsockname()[1]]}),
-                  file=sys.stderr, flush=True)
-            serve_socket(state, sock, local=False)
+            announced: dict = {}
+            sock = None
+            if not args.seed_only:
+                sock = socket.create_server((args.host, args.port), reuse_port=False)
+                log.info("listening on %s:%d (%s, %s)", args.host, sock.getsockname()[1],
+                         "token required" if token else "no token",
+                         "TLS" if state.tls else "no TLS")
+                announced["listening"] = [args.host, sock.getsockname()[1]]
+            seed = open_seed_port(args, state, announced)
+            print(json.dumps(announced), file=sys.stderr, flush=True)
+            if sock is None:
+                assert seed is not None
+                serve_seed_socket(state, seed)
+            else:
+                if seed is not None:
+                    threading.Thread(target=serve_seed_socket, args=(state, seed),
+                                     name="seed listener", daemon=True).start()
+                serve_socket(state, sock, local=False)
     except KeyboardInterrupt:
         pass
     finally:
@@ -192,6 +223,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.flush()
         os._exit(0)  # don't wait on a worker still inside a model: the client is gone
     return 0
+
+
+def open_seed_port(args: argparse.Namespace, state: ServerState,
+                   announced: Dict[str, Any]) -> Optional[socket.socket]:
+    """The listener of the seed's protocol (`--seed-port`), or None. It has no
+    authentication, so it binds 127.0.0.1 unless --insecure binds it to --host; what it
+    does is said at start. Adds its address to `announced` as "seed"."""
+    if args.seed_port is None:
+        return None
+    host = args.host if args.insecure or is_loopback(args.host) else "127.0.0.1"
+    sock = socket.create_server((host, args.seed_port), reuse_port=False)
+    port = sock.getsockname()[1]
+    if is_loopback(host):
+        log.info("seed protocol (nuke-ML-server, for its MLClient/DLClient node) on %s:%d: "
+                 "that protocol has no authentication, so it listens on this machine "
+                 "only%s", host, port,
+                 f" (not {args.host}: --insecure binds it there)" if host != args.host
+                 else "; --insecure with --host binds it to another address")
+    else:
+        log.warning("seed protocol (nuke-ML-server) on %s:%d WITHOUT authentication "
+                    "(--insecure): anyone who can reach it can use this machine's models "
+                    "and GPU", host, port)
+    announced["seed"] = [host, port]
+    return sock
 
 
 def set_switch_interval(ms: Optional[str]) -> None:
@@ -229,5 +284,5 @@ def cleanup(state: ServerState) -> None:
         log.warning("cleanup incomplete: %s", exc)
 
 
-__all__: List[str] = ["build_parser", "cleanup", "main",
-                      "make_exchange_dir", "set_switch_interval"]
+__all__: List[str] = ["build_parser", "cleanup", "main", "make_exchange_dir",
+                      "open_seed_port", "set_switch_interval"]

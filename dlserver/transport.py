@@ -1,5 +1,6 @@
 """The transports: the embedded server's pipes (stdin/stdout), Unix sockets and TCP
-(optionally TLS). A listener accepts connections, refuses them over the caps, gives
+(optionally TLS), and the seed's nuke-ML-server protocol (`serve_seed_socket`,
+one request per connection). A listener accepts connections, refuses them over the caps, gives
 each one thread and a login deadline, and hands the stream to a Session.
 
 * At most `max_connections` open network connections and `max_unauthenticated` of them
@@ -111,15 +112,17 @@ def serve_stdio(state: ServerState, exit_now: Callable[[], None]) -> None:
     serve_stream(state, reader, writer, local=True, peer="stdio")
 
 
-def _refuse(state: ServerState, conn: socket.socket, why: str) -> None:
-    """One `busy` error (when it fits in the socket buffer at once) and close."""
+def _refuse(state: ServerState, conn: socket.socket, why: str,
+            reply: Optional[Callable[[str], bytes]] = None) -> None:
+    """One `busy` error (when it fits in the socket buffer at once) and close. `reply`:
+    the error's bytes in the listener's protocol (the main protocol's by default)."""
     state.count("refused_connections")
     log.warning("refused a connection: %s", why)
     try:
-        if state.tls is None:
+        if state.tls is None or reply is not None:
             conn.setblocking(False)
-            conn.send(b"".join(bytes(p) for p in encode_message(error_reply(None, Busy.code,
-                                                                              why))))
+            conn.send(reply(why) if reply is not None else b"".join(
+                bytes(p) for p in encode_message(error_reply(None, Busy.code, why))))
     except OSError:
         pass
     finally:
@@ -144,6 +147,48 @@ def _admit(state: ServerState) -> Optional[str]:
 
 def serve_socket(state: ServerState, sock: socket.socket, local: bool) -> None:
     """Accept connections until `state.stop()`; each runs in its own thread."""
+    watchdog = Watchdog()
+    _accept_loop(state, sock, lambda conn, peer: _serve_conn(state, watchdog, conn, local, peer))
+
+
+def serve_seed_socket(state: ServerState, sock: socket.socket) -> None:
+    """The seed's protocol (Foundry's nuke-ML-server, dlserver/seed.py): one request per
+    connection, under the same caps; a connection counts as not logged in until its
+    request has been read, and waits at most --login-timeout for each piece of it."""
+    from . import seed  # protobuf is imported only by servers that speak it
+
+    def serve(conn: socket.socket, peer: str) -> None:
+        waiting = [True]
+
+        def request_read() -> None:
+            with state.lock:
+                if waiting[0]:
+                    waiting[0] = False
+                    state.unauthenticated -= 1
+
+        with state.lock:
+            state.counters["sessions"] += 1
+            state.active_sessions += 1
+        try:
+            with conn:
+                seed.serve_connection(state, conn, peer, request_read)
+        finally:
+            with state.lock:
+                state.active_sessions -= 1
+                state.connections -= 1
+                if waiting[0]:
+                    state.unauthenticated -= 1
+
+    _accept_loop(state, sock, serve, seed.busy_reply)
+
+
+def _accept_loop(state: ServerState, sock: socket.socket,
+                 serve: Callable[[socket.socket, str], None],
+                 busy: Optional[Callable[[str], bytes]] = None) -> None:
+    """Accept until `state.stop()`; `serve(conn, peer)` runs in a thread of its own for
+    each connection admitted under the caps (and must uncount it: `state.connections`,
+    `state.unauthenticated`); the others get `busy`'s bytes (default: the main
+    protocol's error) and are closed."""
     def wake() -> None:
         try:
             sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() on Linux
@@ -156,7 +201,6 @@ def serve_socket(state: ServerState, sock: socket.socket, local: bool) -> None:
 
     state.on_stop.append(wake)
     sock.listen(64)
-    watchdog = Watchdog()
     delay = 0.0
     while not state.stop_event.is_set():
         try:
@@ -176,12 +220,12 @@ def serve_socket(state: ServerState, sock: socket.socket, local: bool) -> None:
         delay = 0.0
         why = _admit(state)
         if why is not None:
-            _refuse(state, conn, why)
+            _refuse(state, conn, why, busy)
             continue
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            threading.Thread(target=_serve_conn, args=(state, watchdog, conn, local, str(addr)),
+            threading.Thread(target=serve, args=(conn, str(addr)),
                              name=f"session {addr}", daemon=True).start()
         except RuntimeError as exc:  # can't start a new thread
             log.warning("cannot serve a connection: %s", exc)
