@@ -22,13 +22,14 @@ from typing import Dict, Tuple
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("torchvision")
+# torch and torchvision are hard dependencies: a broken install fails here, never skips.
+import torch
+import torchvision  # noqa: F401
 
-from dlserver import weights as W  # noqa: E402
-from dlserver.color import srgb_to_linear  # noqa: E402
-from dlserver.model import Result  # noqa: E402
-from dlserver.registry import import_model_folder  # noqa: E402
+from dlserver import weights as W
+from dlserver.color import srgb_to_linear
+from dlserver.model import Result
+from dlserver.registry import import_model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "densepose"
