@@ -120,7 +120,7 @@ class DensePose(Model):
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
         import torch  # fail here, not in the first infer, when it is missing
-        import torchvision  # type: ignore[import-untyped]  # noqa: F401
+        import torchvision  # noqa: F401
 
         self.device = device
         if device.startswith("cuda"):

@@ -19,7 +19,7 @@ from typing import Dict, List, NamedTuple, Optional, Protocol, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, roi_align  # type: ignore[import-untyped]
+from torchvision.ops import batched_nms, roi_align
 
 from dlserver import nms as dlnms
 
