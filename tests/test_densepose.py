@@ -81,8 +81,10 @@ def assert_matches_d2(r: Result, ref: Dict) -> None:
     assert np.abs(np.array([d["score"] for d in dets]) - np.array(ref["scores"])).max() < 1e-5
     iuv = r.outputs["iuv"]
     counts = np.bincount(iuv[..., 0].astype(np.int64).ravel(), minlength=25)
+    body = sum(ref["i_counts"][1:])
+    assert np.abs(counts - np.array(ref["i_counts"])).sum() / 2 <= max(2, 0.005 * body)
     for ch, key in ((1, "u_sum"), (2, "v_sum")):
-        assert abs(iuv[..., ch].astype(np.float64).sum() - ref[key]) <= 0.01 * max(ref[key], 1)
+        assert abs(iuv[..., ch].astype(np.float64).sum() - ref[key]) <= 0.002 * body
 
 
 def d2_layout() -> Dict[str, Tuple[int, ...]]:
@@ -403,6 +405,48 @@ def test_resized_shape_is_detectron2s():
                          ((700, 300), (1333, 571)), ((1080, 1920), (750, 1333)),
                          ((800, 800), (800, 800))):
         assert network.resized_shape(h, w, 800, 1333) == want
+
+
+@pytest.mark.parametrize("size, resized", [((300, 500), (111, 185)),
+                                          ((1080, 1920), (400, 711)),
+                                          ((90, 120), (160, 213))])
+def test_preprocess_resizes_like_pils_bilinear(d2_state, size, resized):
+    """The network's own preprocessing against PIL's bilinear resize (detectron2's
+    predictor resizes with PIL): antialiased when shrinking, plain bilinear when
+    enlarging. Float images 0-255 (PIL's mode F, per channel): measured at most 5.8e-3
+    apart (float32 rounding; 1e-2 allowed); without antialiasing, shrinking is 134 off."""
+    from PIL import Image
+
+    net = M.build_network({k: torch.from_numpy(v) for k, v in d2_state.items()}).eval()
+    h, w = resized
+    net.cfg.min_size, net.cfg.max_size = min(h, w), max(h, w)
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 255, (3, *size)).astype(np.float32)
+    x, got_size = net.preprocess(torch.from_numpy(img))
+    assert got_size == resized
+    got = x[0, :, :h, :w] * net.pixel_std + net.pixel_mean
+    ref = np.stack([np.asarray(Image.fromarray(c).resize((w, h), Image.BILINEAR))
+                    for c in img])
+    assert np.abs(got.numpy() - ref).max() <= 1e-2
+
+
+def test_model_shrinks_frames_with_antialiasing(model, pkl_path, monkeypatch):
+    """The served path (Model.infer → static part → preprocess) resizes a frame larger
+    than the network size with antialiasing, and one smaller without."""
+    import torch.nn.functional as F
+
+    real, calls = F.interpolate, []
+
+    def spy(x, size=None, *args, **kwargs):
+        if tuple(x.shape[-2:]) in ((200, 300), (61, 83)):  # the frame, not feature maps
+            calls.append((tuple(x.shape[-2:]), size, kwargs.get("antialias", False)))
+        return real(x, size, *args, **kwargs)
+
+    monkeypatch.setattr(F, "interpolate", spy)
+    for h, w in ((200, 300), (61, 83)):
+        model.infer({"src": srgb_to_linear(_frame(h, w))},
+                    {**FAST, "weights": str(pkl_path), "output_mode": "matte"})
+    assert calls == [((200, 300), (128, 192), True), ((61, 83), (128, 174), False)]
 
 
 @pytest.mark.slow

@@ -46,7 +46,9 @@ WEIGHTS = WeightsFile(
 class DensePose(Model):
     name = "densepose"
     label = "DensePose (dense human pose, IUV)"
-    version = "2"  # 2: colour converted on the device (pixels differ by rounding)
+    # 2: colour converted on the device (pixels differ by rounding); 3: frames larger
+    # than the network size are shrunk with antialiasing (PIL's bilinear, as detectron2)
+    version = "3"
     colorspace = "srgb"  # trained on 8-bit sRGB photos (fed as BGR 0-255 inside)
     converts_color = True  # on the model's device: the frame stays linear until uploaded
     help = (
