@@ -85,7 +85,7 @@ def test_convert_color_converts_colour_channels_only(channels, height: int, thre
 
 
 def test_torch_versions_match_the_numpy_ones() -> None:
-    torch = pytest.importorskip("torch")
+    import torch
     x = values()
     for fn, fn_torch in ((color.linear_to_srgb, color.linear_to_srgb_torch),
                          (color.srgb_to_linear, color.srgb_to_linear_torch)):

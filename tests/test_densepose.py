@@ -22,13 +22,14 @@ from typing import Dict, Tuple
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("torchvision")
+# torch and torchvision are hard dependencies: a broken install fails here, never skips.
+import torch
+import torchvision  # noqa: F401
 
-from dlserver import weights as W  # noqa: E402
-from dlserver.color import srgb_to_linear  # noqa: E402
-from dlserver.model import Result  # noqa: E402
-from dlserver.registry import import_model_folder  # noqa: E402
+from dlserver import weights as W
+from dlserver.color import srgb_to_linear
+from dlserver.model import Result
+from dlserver.registry import import_model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "densepose"
@@ -67,18 +68,23 @@ D2_REFERENCE = {
 
 
 def assert_matches_d2(r: Result, ref: Dict) -> None:
-    """Boxes within 1e-3 px (2e-3: the data rounds to 3 decimals), IUV equal on >= 99 %
-    of the pixels (as far as per-part counts and U/V sums can tell: float rounding on
-    another CPU may flip a near-tied argmax here and there)."""
+    """Boxes within 1e-3 px (2e-3: the data rounds to 3 decimals; measured 5e-4), scores
+    within 1e-5 (measured 4.4e-7), per-part pixel counts and U/V sums as detectron2's.
+    On this CPU ours reproduces detectron2's counts exactly and its U/V sums to 1.4e-4;
+    float rounding elsewhere (a GPU without TF32) may flip a near-tied argmax here and
+    there, so up to 0.5 % of the *body* pixels (at least 2) may change part, and U/V sums
+    may move by 0.2 % of the body pixel count. (The frame-wide 1 % allowed before was
+    1 721 px on a frame with 297 body pixels.)"""
     dets = r.data["detections"]
     assert len(dets) == len(ref["boxes"])
     assert np.abs(np.array([d["box"] for d in dets]) - np.array(ref["boxes"])).max() < 2e-3
     assert np.abs(np.array([d["score"] for d in dets]) - np.array(ref["scores"])).max() < 1e-5
     iuv = r.outputs["iuv"]
     counts = np.bincount(iuv[..., 0].astype(np.int64).ravel(), minlength=25)
-    assert np.abs(counts - np.array(ref["i_counts"])).sum() / 2 <= 0.01 * iuv[..., 0].size
+    body = sum(ref["i_counts"][1:])
+    assert np.abs(counts - np.array(ref["i_counts"])).sum() / 2 <= max(2, 0.005 * body)
     for ch, key in ((1, "u_sum"), (2, "v_sum")):
-        assert abs(iuv[..., ch].astype(np.float64).sum() - ref[key]) <= 0.01 * max(ref[key], 1)
+        assert abs(iuv[..., ch].astype(np.float64).sum() - ref[key]) <= 0.002 * body
 
 
 def d2_layout() -> Dict[str, Tuple[int, ...]]:
@@ -401,6 +407,48 @@ def test_resized_shape_is_detectron2s():
         assert network.resized_shape(h, w, 800, 1333) == want
 
 
+@pytest.mark.parametrize("size, resized", [((300, 500), (111, 185)),
+                                          ((1080, 1920), (400, 711)),
+                                          ((90, 120), (160, 213))])
+def test_preprocess_resizes_like_pils_bilinear(d2_state, size, resized):
+    """The network's own preprocessing against PIL's bilinear resize (detectron2's
+    predictor resizes with PIL): antialiased when shrinking, plain bilinear when
+    enlarging. Float images 0-255 (PIL's mode F, per channel): measured at most 5.8e-3
+    apart (float32 rounding; 1e-2 allowed); without antialiasing, shrinking is 134 off."""
+    from PIL import Image
+
+    net = M.build_network({k: torch.from_numpy(v) for k, v in d2_state.items()}).eval()
+    h, w = resized
+    net.cfg.min_size, net.cfg.max_size = min(h, w), max(h, w)
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 255, (3, *size)).astype(np.float32)
+    x, got_size = net.preprocess(torch.from_numpy(img))
+    assert got_size == resized
+    got = x[0, :, :h, :w] * net.pixel_std + net.pixel_mean
+    ref = np.stack([np.asarray(Image.fromarray(c).resize((w, h), Image.BILINEAR))
+                    for c in img])
+    assert np.abs(got.numpy() - ref).max() <= 1e-2
+
+
+def test_model_shrinks_frames_with_antialiasing(model, pkl_path, monkeypatch):
+    """The served path (Model.infer → static part → preprocess) resizes a frame larger
+    than the network size with antialiasing, and one smaller without."""
+    import torch.nn.functional as F
+
+    real, calls = F.interpolate, []
+
+    def spy(x, size=None, *args, **kwargs):
+        if tuple(x.shape[-2:]) in ((200, 300), (61, 83)):  # the frame, not feature maps
+            calls.append((tuple(x.shape[-2:]), size, kwargs.get("antialias", False)))
+        return real(x, size, *args, **kwargs)
+
+    monkeypatch.setattr(F, "interpolate", spy)
+    for h, w in ((200, 300), (61, 83)):
+        model.infer({"src": srgb_to_linear(_frame(h, w))},
+                    {**FAST, "weights": str(pkl_path), "output_mode": "matte"})
+    assert calls == [((200, 300), (128, 192), True), ((61, 83), (128, 174), False)]
+
+
 @pytest.mark.slow
 def test_full_network_size(model, pkl_path):
     """detectron2's own test size (800/1333) on an odd-sized frame (padding to a multiple
@@ -413,6 +461,23 @@ def test_full_network_size(model, pkl_path):
 
 
 # --- pasting (detectron2's conversion rules) ----------------------------------------------
+
+def test_paste_resizes_stacked_maps_like_four_resizes():
+    """paste_iuv resizes coarse, fine, U and V stacked, in one call, where detectron2
+    makes four: the values agree to 1 ulp of the maps' magnitude (equal on large boxes)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(1, c, 112, 112, generator=g) * 5 for c in (2, 25, 25, 25)]
+    ulp = float(np.spacing(np.float32(torch.cat(maps, 1).abs().max())))
+    for h, w in ((3, 1), (17, 9), (64, 64), (100, 17), (250, 131), (112, 112)):
+        one = F.interpolate(torch.cat(maps, 1), (h, w), mode="bilinear", align_corners=False)
+        four = torch.cat([F.interpolate(m, (h, w), mode="bilinear", align_corners=False)
+                          for m in maps], 1)
+        assert (one - four).abs().max().item() <= ulp, (h, w)
+        if h * w >= 10_000:
+            assert torch.equal(one, four), (h, w)
+
 
 def test_paste_iuv_rules():
     """Boxes truncated to integers, bilinear resize of the 112x112 maps, I = argmax fine

@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+# torch and torchvision are hard dependencies: a broken install fails here, never skips.
+import torch
 
-from dlserver import gpu  # noqa: E402
+from dlserver import gpu
 
 
 def _frame(h: int, w: int) -> np.ndarray:

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("torchvision")
+# torch and torchvision are hard dependencies: a broken install fails here, never skips.
+import torch
+import torchvision  # noqa: F401
 
-from dlserver import weights as W  # noqa: E402
-from dlserver.color import srgb_to_linear  # noqa: E402
-from dlserver.frames import fill_from_input  # noqa: E402
-from dlserver.registry import import_model_folder  # noqa: E402
+from dlserver import weights as W
+from dlserver.color import srgb_to_linear
+from dlserver.frames import fill_from_input
+from dlserver.registry import import_model_folder
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "mask_rcnn"
 M = import_model_folder(MODEL_DIR)  # as the server imports it

@@ -45,17 +45,31 @@ def test_sha256_from_name():
         W.WeightsFile("a/b.pth", "https://x")
 
 
-def test_hub_dir_follows_torch_home_without_importing_torch(tmp_path, monkeypatch):
-    code = ("import sys; from dlserver import weights as W; "
-            "print(W.hub_checkpoints_dir()); print('torch' in sys.modules)")
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "th")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).parent.parent).stdout.split()
+def _hub_dir_in_fresh_process(tmp_path: Path, env: dict, code: str = "") -> list:
+    """hub_checkpoints_dir() and whether torch got imported, in a fresh interpreter (this
+    one has imported torch.hub in a full run, which hub_checkpoints_dir() asks first)."""
+    code += ("import sys; from dlserver import weights as W; "
+             "print(W.hub_checkpoints_dir()); print('torch' in sys.modules)")
+    base = {k: v for k, v in os.environ.items() if k not in ("TORCH_HOME", "XDG_CACHE_HOME")}
+    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True,
+                          text=True, check=True, cwd=Path(__file__).parent.parent).stdout.split()
+
+
+def test_hub_dir_follows_torch_home_without_importing_torch(tmp_path):
+    th, xdg = str(tmp_path / "th"), str(tmp_path / "xdg")
+    out = _hub_dir_in_fresh_process(tmp_path, {"TORCH_HOME": th, "XDG_CACHE_HOME": xdg})
     assert out == [str(tmp_path / "th" / "hub" / "checkpoints"), "False"]
-    monkeypatch.delenv("TORCH_HOME")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    if "torch.hub" not in sys.modules:
-        assert W.hub_checkpoints_dir() == tmp_path / "xdg" / "torch" / "hub" / "checkpoints"
+    out = _hub_dir_in_fresh_process(tmp_path, {"XDG_CACHE_HOME": xdg})
+    assert out == [str(tmp_path / "xdg" / "torch" / "hub" / "checkpoints"), "False"]
+    out = _hub_dir_in_fresh_process(tmp_path, {"HOME": str(tmp_path / "home")})
+    assert out == [str(tmp_path / "home" / ".cache" / "torch" / "hub" / "checkpoints"), "False"]
+
+
+def test_hub_dir_asks_torch_once_imported(tmp_path):
+    """A program that imported torch.hub and called set_dir gets its folder."""
+    setdir = f"import torch.hub; torch.hub.set_dir({str(tmp_path / 'set')!r}); "
+    out = _hub_dir_in_fresh_process(tmp_path, {"TORCH_HOME": str(tmp_path / "th")}, setdir)
+    assert out == [str(tmp_path / "set" / "checkpoints"), "True"]
 
 
 def test_resolution_order(tmp_path, monkeypatch):
@@ -185,7 +199,7 @@ def _detectron2_pickle(protocol: int) -> bytes:
 
 @pytest.mark.parametrize("protocol", [2, 4])
 def test_detectron2_pickle_loads(tmp_path, protocol):
-    torch = pytest.importorskip("torch")
+    import torch
     p = tmp_path / "model_final_162be9.pkl"
     p.write_bytes(_detectron2_pickle(protocol))
     raw = W.load_detectron2_pickle(p)
@@ -216,7 +230,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
 
 def test_pth_loader_unwraps_and_refuses_code(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     p = tmp_path / "a.pth"
     torch.save({"model": {"w": torch.ones(2)}, "iteration": 3}, p)
     sd = W.load_state_dict(p)

@@ -46,7 +46,9 @@ WEIGHTS = WeightsFile(
 class DensePose(Model):
     name = "densepose"
     label = "DensePose (dense human pose, IUV)"
-    version = "2"  # 2: colour converted on the device (pixels differ by rounding)
+    # 2: colour converted on the device (pixels differ by rounding); 3: frames larger
+    # than the network size are shrunk with antialiasing (PIL's bilinear, as detectron2)
+    version = "3"
     colorspace = "srgb"  # trained on 8-bit sRGB photos (fed as BGR 0-255 inside)
     converts_color = True  # on the model's device: the frame stays linear until uploaded
     help = (
@@ -120,7 +122,7 @@ class DensePose(Model):
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
         import torch  # fail here, not in the first infer, when it is missing
-        import torchvision  # type: ignore[import-untyped]  # noqa: F401
+        import torchvision  # noqa: F401
 
         self.device = device
         if device.startswith("cuda"):

@@ -185,7 +185,7 @@ def fold_batch_norms(module: torch.nn.Module) -> int:
 
     norms = (FrozenBatchNorm2d, nn.BatchNorm2d)
 
-    def fold(conv: nn.Conv2d, bn: nn.Module) -> None:
+    def fold(conv: nn.Conv2d, bn: Any) -> None:  # one of `norms` (its buffers are tensors)
         scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
         bias = bn.bias - bn.running_mean * scale
         if conv.bias is not None:
@@ -471,9 +471,9 @@ class GraphCache:
             top = rpn_top(clipped, scores, nms_continue(state), count)
             padded.copy_(top[0])
             real.copy_(top[1])
-            sorted_rois, new_order, counts = level_order(box_pool, features,
-                                                         list(padded.unbind(0)), image_sizes)
-            rois, order, per_level = sorted_rois, new_order, counts.tolist()
+            sorted_rois, new_order, level_counts = level_order(box_pool, features,
+                                                               list(padded.unbind(0)), image_sizes)
+            rois, order, per_level = sorted_rois, new_order, level_counts.tolist()
         if "pooled" not in group:
             out_size = box_pool.output_size
             group["pooled"] = torch.empty((n * count, feats[0].shape[1], *out_size),
@@ -485,12 +485,12 @@ class GraphCache:
 
         def boxes_fn(*t: torch.Tensor) -> Any:
             fmap = OrderedDict(zip(names, t[:-3]))
-            b, s, lab, ok = box_candidates(rh, fmap, list(t[-2].unbind(0)), image_sizes,
-                                           pooled=t[-3])
-            b, s, lab = torch.stack(b), torch.stack(s), torch.stack(lab)
+            bl, sl, ll, okl = box_candidates(rh, fmap, list(t[-2].unbind(0)), image_sizes,
+                                             pooled=t[-3])
+            b, s, lab = torch.stack(bl), torch.stack(sl), torch.stack(ll)
             # candidates of padding proposals are never selected
             real_c = t[-1].repeat_interleave(s.shape[1] // t[-1].shape[1], dim=1)
-            chosen = torch.stack(ok) & real_c & (s > thresh)
+            chosen = torch.stack(okl) & real_c & (s > thresh)
             # top_nms's first step for every image: the best `prefix` candidates in score
             # order (ties in candidate order) and their suppression matrix
             masked = torch.where(chosen, s, torch.full_like(s, -1.0))  # scores are >= 0
@@ -594,6 +594,6 @@ def detect(net: Any, images: List[torch.Tensor], half: bool, channels_last: bool
                 pass  # graphs.error says why; this and later passes run eagerly
         features, proposals, scores, levels = static_part(net, x, len(images), half,
                                                           backbone_half)
-        proposals = rpn_filter(net.rpn, proposals, scores, levels, batch.image_sizes)
-        dets = roi_heads(net.roi_heads, features, proposals, batch.image_sizes)
+        kept = rpn_filter(net.rpn, proposals, scores, levels, batch.image_sizes)
+        dets = roi_heads(net.roi_heads, features, kept, batch.image_sizes)
     return dets, batch.image_sizes

@@ -13,7 +13,7 @@ import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from dlserver.color import linear_to_srgb_torch, srgb_to_linear_torch
 from dlserver.gpu import upload
@@ -333,7 +333,8 @@ class MaskRCNN(Model):
     def infer(self, inputs: Dict[str, Any], options: Dict[str, Any]) -> Result:
         return self.infer_batch([inputs], options)[0]
 
-    def infer_batch(self, batch: List[Dict[str, Any]], options: Dict[str, Any]) -> List[Result]:
+    def infer_batch(self, batch: Sequence[Dict[str, Any]],
+                    options: Dict[str, Any]) -> List[Result]:
         """Several frames (any sizes), one Result per frame. On a GPU the frames overlap:
         frame i+1 is uploaded and frame i-1's outputs come down while frame i is
         computed, so a sequence costs about max(transfers, compute) per frame."""
@@ -557,7 +558,8 @@ class MaskRCNN(Model):
             outputs.setdefault("instance_id", np.zeros((h, w, 3), np.float32))
         # data keys become EXR attributes "dlserver/<key>" in files the CLI writes;
         # matte mode returns alpha only: its RGB is the input's
-        from_input = {"rgba": ("R", "G", "B")} if o["output_mode"] == "matte" else {}
+        from_input: Dict[str, Tuple[str, ...]] = (
+            {"rgba": ("R", "G", "B")} if o["output_mode"] == "matte" else {})
         return Result(outputs, data={"detections": detections}, from_input=from_input)
 
     def _overlay(self, rgb: Any, mattes: Any, boxes: Any, scores: Any, names: List[str],
