@@ -128,6 +128,12 @@ class MaskRCNN(Model):
                  f"channels hold the first {MAX_INSTANCE_LAYERS}"),
         Bool("soft_mattes", True, label="soft mattes",
              help="probability mattes (soft edges); off: hard 0/1 mattes cut at 0.5"),
+        Choice("paste", choices=("continuous", "torchvision"), label="mask paste",
+               help="how the 28x28 mask probabilities are pasted at full resolution. "
+                    "continuous: bilinear at pixel centres over the box's exact extent "
+                    "(detectron2's paste; batched); torchvision: torchvision's "
+                    "paste_masks_in_image pixel for pixel (mask padded to 30x30, resized "
+                    "to the box rounded to whole pixels; one resize per object)"),
         Bool("show_boxes", True, label="show boxes", help="overlay: draw bounding boxes"),
         Bool("show_class_names", True, label="show class names",
              help="overlay: label each detection with its class and score"),
@@ -477,6 +483,7 @@ class MaskRCNN(Model):
         k = int(idx.numel())
         mode = o["output_mode"]
         names = [self._categories[int(c)] for c in labels.tolist()]
+        paste = render.PASTES[o["paste"]]
         boxes_host = boxes.float().cpu()  # for the detections' data and the matte bands
         if mode == "matte":
             # Only the union of the mattes is made, in bands of rows, each band going to
@@ -498,9 +505,9 @@ class MaskRCNN(Model):
                     x1 = min(w, int(support[near, 2].max().ceil()))
                     sel = near.to(dev)
                     if x1 > x0:
-                        band = render.paste_masks(masks[sel], boxes[sel], h, w,
-                                                  clamp=not o["soft_mattes"], rows=(a, b),
-                                                  cols=(x0, x1))
+                        band = paste(masks[sel], boxes[sel], h, w,
+                                     clamp=not o["soft_mattes"], rows=(a, b),
+                                     cols=(x0, x1))
                         if not o["soft_mattes"]:
                             band = (band >= 0.5).float()
                         alpha[a:b, x0:x1, 0] = band.amax(0).clamp_(0.0, 1.0)
@@ -510,7 +517,7 @@ class MaskRCNN(Model):
         # linear in, linear out: the input's RGB needs no conversion at all (a whole-frame
         # copy is one fast contiguous kernel; then only alpha is written)
         rgba = frame.to(torch.float32, copy=True)
-        mattes = render.paste_masks(det["masks"][idx, 0], boxes, h, w)  # (K, H, W)
+        mattes = paste(det["masks"][idx, 0], boxes, h, w)  # (K, H, W)
         if not o["soft_mattes"]:
             mattes = (mattes >= 0.5).float()
         union = mattes.amax(0) if k else torch.zeros((h, w), device=dev)

@@ -52,6 +52,53 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
     return out.clamp_(0.0, 1.0) if clamp else out  # unclamped: may exceed 1 by rounding
 
 
+def paste_masks_torchvision(masks: torch.Tensor, boxes: torch.Tensor, height: int,
+                            width: int, clamp: bool = True, rows: tuple | None = None,
+                            cols: tuple | None = None) -> torch.Tensor:
+    """`paste_masks` as torchvision's `paste_masks_in_image` pastes, value for value
+    (unclamped): each (M, M) mask padded with zeros to (M+2, M+2), its box widened by
+    (M+2)/M about its centre and truncated to whole pixels (x0, y0, x1, y1), the padded
+    mask resized (bilinear, `F.interpolate`, the very call torchvision makes) to
+    (y1-y0+1, x1-x0+1) pixels and written at (x0, y0), clipped to the frame.
+
+    The same on any device (the same interpolation kernel as torchvision's on that
+    device); one small resize per mask (box-sized, never frame-sized) and one host
+    read of the integer boxes. With `rows` / `cols`, each mask is still resized whole
+    and only the window is written."""
+    start, stop = rows if rows is not None else (0, height)
+    left, right = cols if cols is not None else (0, width)
+    n, m = masks.shape[0], masks.shape[-1]
+    out = torch.zeros((n, stop - start, right - left), dtype=torch.float32,
+                      device=masks.device)
+    if n == 0:
+        return out
+    padded = F.pad(masks.reshape(n, 1, m, m).float(), (1, 1, 1, 1))
+    boxes = boxes.float()
+    scale = float(m + 2) / m  # torchvision's expand_masks / expand_boxes, op for op
+    w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5
+    h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5
+    x_c = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    y_c = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    w_half *= scale
+    h_half *= scale
+    whole = torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], 1)
+    for i, (x0, y0, x1, y1) in enumerate(whole.to(torch.int64).tolist()):
+        ya, yb = max(y0, 0, start), min(y1 + 1, height, stop)
+        xa, xb = max(x0, 0, left), min(x1 + 1, width, right)
+        if yb <= ya or xb <= xa:
+            continue
+        size = (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))
+        resized = F.interpolate(padded[i:i + 1], size=size, mode="bilinear",
+                                align_corners=False)[0, 0]
+        out[i, ya - start:yb - start, xa - left:xb - left] = \
+            resized[ya - y0:yb - y0, xa - x0:xb - x0]
+    return out.clamp_(0.0, 1.0) if clamp else out
+
+
+# The `paste` option's values (declared in model.py) → the paste functions.
+PASTES = {"continuous": paste_masks, "torchvision": paste_masks_torchvision}
+
+
 def mask_support(boxes: torch.Tensor, m: int) -> torch.Tensor:
     """(N, 4) bounds x0, y0, x1, y1 (pixel-edge coordinates) outside which a box's
     pasted mask is exactly 0: the hat weights reach half a mask cell past the box;
