@@ -593,6 +593,47 @@ def test_cuda_half_precision(v1_weights, half):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("case", ["realistic", "degenerate"])
+def test_cuda_torchvision_paste_is_paste_masks_in_image(case):
+    """On the GPU too, paste='torchvision' is torchvision's own paste, value for value
+    (the same interpolate kernel on the same device)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    pa = _paste_accuracy()
+    masks, boxes, h, w = (pa.realistic_case() if case == "realistic"
+                          else pa.degenerate_case())
+    masks, boxes = masks[:20].cuda(), boxes[:20].cuda()
+    want = paste_masks_in_image(masks[:, None], boxes, (h, w))[:, 0]
+    got = render.paste_masks_torchvision(masks, boxes, h, w, clamp=False)
+    assert got.device.type == "cuda" and torch.equal(got, want)
+
+
+@pytest.mark.cuda
+def test_cuda_matte_with_either_paste(v1_weights):
+    """A 1080p matte on the GPU with each paste: the two differ (another sampling) and
+    each equals its own CPU result on thresholded pixels but for rounding at 0.5."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    img = np.random.default_rng(4).random((1080, 1920, 4), dtype=np.float32)
+    opts = {"variant": "resnet50_fpn", "weights": str(v1_weights), "threshold": 0.05,
+            "max_instances": 20, "output_mode": "matte", "half_precision": False}
+    mattes = {}
+    for device in ("cuda", "cpu"):
+        m = MaskRCNN()
+        m.load(device)
+        for paste in ("continuous", "torchvision"):
+            res = m.infer({"src": img}, {**opts, "paste": paste})
+            mattes[device, paste] = np.asarray(res.outputs["rgba"])[..., -1] >= 0.5
+        m.unload()
+    assert not np.array_equal(mattes["cuda", "continuous"], mattes["cuda", "torchvision"])
+    for paste in ("continuous", "torchvision"):
+        agree = np.mean(mattes["cuda", paste] == mattes["cpu", paste])
+        assert agree > 0.999, (paste, agree)
+
+
+@pytest.mark.cuda
 def test_cuda_batch_matches_single_frames(v1_weights):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible to torch")
