@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import threading
+from typing import Tuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -51,17 +52,24 @@ def server(tmp_path_factory) -> Server:
     return Server(Registry([TEST_MODELS]), LIMITS, token=None, exchange_dir=str(exchange))
 
 
-def converse(server: Server, payload: bytes, local: bool = True) -> list:
-    """Send `payload` on a fresh connection, close our side, return every reply."""
+def session(server: Server, local: bool, name: str) -> Tuple[socket.socket, threading.Thread]:
+    """A fresh connection to `server`, served on a thread as the TCP transport serves one
+    (the socket closes with the session); returns our end and that thread."""
     ours, theirs = socket.socketpair()
 
-    def serve() -> None:  # as the TCP transport does: the socket closes with the session
+    def serve() -> None:
         with theirs:
-            serve_stream(server, theirs.makefile("rb"), theirs.makefile("wb"), local, "fuzz")
+            serve_stream(server, theirs.makefile("rb"), theirs.makefile("wb"), local, name)
             theirs.shutdown(socket.SHUT_RDWR)
 
     thread = threading.Thread(target=serve)
     thread.start()
+    return ours, thread
+
+
+def converse(server: Server, payload: bytes, local: bool = True) -> list:
+    """Send `payload` on a fresh connection, close our side, return every reply."""
+    ours, thread = session(server, local, "fuzz")
     ours.sendall(payload)
     ours.shutdown(socket.SHUT_WR)
     replies = []
@@ -221,15 +229,7 @@ def cache_server(tmp_path_factory) -> tuple:
 def ask(server: Server, payload: bytes, local: bool = True) -> list:
     """Send `payload` (hello and one request) and read the three replies (welcome, hello,
     the request's) before closing: a session drops the replies of a client that left."""
-    ours, theirs = socket.socketpair()
-
-    def serve() -> None:
-        with theirs:
-            serve_stream(server, theirs.makefile("rb"), theirs.makefile("wb"), local, "raw")
-            theirs.shutdown(socket.SHUT_RDWR)
-
-    thread = threading.Thread(target=serve)
-    thread.start()
+    ours, thread = session(server, local, "raw")
     ours.sendall(payload)
     stream = ours.makefile("rb")
     replies = [read_message(stream, Limits(max_body=1 << 30)).header for _ in range(3)]
