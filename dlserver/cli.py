@@ -166,7 +166,9 @@ def open_client(args: argparse.Namespace, folders: Sequence[str] = ()) -> Client
                     f"refused the token: {exc.message}")
             raise DLServerError("auth", f"the server at {args.server} {what}; "
                                         f"{TOKEN_HOW}") from None
-    return Client.spawn(models_dirs=args.models_dir, device=args.device, allow_dirs=folders)
+    devices = getattr(args, "devices", None)
+    return Client.spawn(models_dirs=args.models_dir, device=args.device, allow_dirs=folders,
+                        extra_args=["--devices", devices] if devices else [])
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -395,7 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "authorities)")
         sp.add_argument("--models-dir", action="append", default=[],
                         help="extra models folder for the embedded server")
-        sp.add_argument("--device", help="embedded server's device: cpu, cuda, cuda:N")
+        sp.add_argument("--device", help="embedded server's device: cpu, mps, cuda, cuda:N")
+        sp.add_argument("--devices", metavar="LIST",
+                        help="embedded server's devices, one model instance each, frames "
+                             "spread over them: cuda:0,cuda:1,... or all (raise --pipeline "
+                             "to keep them busy)")
 
     sp = sub.add_parser("models", help="list the models and their options")
     connection(sp)

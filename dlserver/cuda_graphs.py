@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Tuple
 
+from .devices import is_cuda
 from .errors import DLError
 
 
@@ -31,7 +32,11 @@ def capture(fn: Callable[[], Any], device: Any) -> Tuple[Any, Any, str]:
     capture then uses the kernels the autotuner chose; if that capture fails (a tuning
     cache miss would time kernels inside it), it is tried again with cuDNN's heuristics.
     Out of memory propagates (for the server's recovery); any other failure of both
-    raises CaptureFailed. The caller's current stream is kept in every case."""
+    raises CaptureFailed. The caller's current stream is kept in every case. On any
+    other device (cpu, mps) CaptureFailed at once, before torch.cuda is touched."""
+    if not is_cuda(device):
+        raise CaptureFailed(f"CUDA graphs need a CUDA device, not {str(device)!r}: "
+                            f"run the part eagerly")
     import torch
 
     stream = torch.cuda.current_stream(device)

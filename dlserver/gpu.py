@@ -19,6 +19,7 @@ MAX_CHUNKS = 16
 
 def upload(array: Any, device: Any) -> Any:
     """A numpy array (read-only is fine) → a tensor on `device`, on the current stream.
+    On a CPU or MPS device it is a plain copy (pinned memory is CUDA's only).
     On a CUDA device the copy is asynchronous: the tensor can be used on this stream at
     once; the page-locked staging memory goes back to torch's cache when the copy ends."""
     import numpy as np
@@ -47,10 +48,14 @@ def upload(array: Any, device: Any) -> Any:
 def to_host(t: Any) -> Any:
     """A tensor's copy on the host, started now on the current stream: page-locked
     memory for CUDA tensors (the copy runs at the bus's speed). Read it after that
-    stream is synchronised. CPU tensors come back contiguous, at once."""
+    stream is synchronised. CPU tensors come back contiguous, at once; tensors of other
+    devices (MPS) are copied to the host before this returns (no pinned memory, no
+    streams: those are CUDA's)."""
     import torch
 
     if not t.is_cuda:
+        if t.device.type != "cpu":
+            return t.to("cpu").contiguous()
         return t.contiguous()
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     out.copy_(t, non_blocking=True)

@@ -232,23 +232,24 @@ def model_failed(name: str, exc: BaseException) -> DLError:
     return ModelFailed(f"model {name!r} failed: {type(exc).__name__}: {exc}")
 
 
-def execute(ctx: SessionContext, jobs: List[Job]) -> None:
-    """Run the model on each job, several frames in one `infer_batch` call when the
-    jobs share a batch key. Sets job.result; raises for a single job only: an error of
-    the hierarchy (ModelFailed for the model's own exceptions)."""
+def execute(ctx: SessionContext, jobs: List[Job], slot: int = 0) -> None:
+    """Run the model on each job on device slot `slot` (the registry's DevicePool),
+    several frames in one `infer_batch` call when the jobs share a batch key. Sets
+    job.result; raises for a single job only: an error of the hierarchy (ModelFailed
+    for the model's own exceptions)."""
     try:
-        _execute(ctx, jobs)
+        _execute(ctx, jobs, slot)
     except Exception as exc:
         raise model_failed(jobs[0].entry.cls.name, exc) from exc
 
 
-def _execute(ctx: SessionContext, jobs: List[Job]) -> None:
+def _execute(ctx: SessionContext, jobs: List[Job], slot: int) -> None:
     started = time.perf_counter()
     if len(jobs) > 1:
         entry = jobs[0].entry
-        model = ctx.registry.instance(entry.cls.name)
+        model = ctx.registry.instance(entry.cls.name, slot=slot)
         try:
-            with entry.lock:
+            with entry.lock_for(slot):
                 results = model.infer_batch([j.arrays for j in jobs], jobs[0].options)
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -260,12 +261,17 @@ def _execute(ctx: SessionContext, jobs: List[Job]) -> None:
             for job, result in zip(jobs, results):
                 job.result = result
                 job.timing.update(load_s=0.0, infer_s=share, batch=len(jobs))
+                if ctx.registry.pool.size > 1:
+                    job.timing["slot"] = slot
                 job.keep_source()
             return
     for job in jobs:
         t0 = time.perf_counter()
-        job.result = run_model(ctx, job.entry, job.arrays, job.options, job.tile, job.timing)
+        job.result = run_model(ctx, job.entry, job.arrays, job.options, job.tile, job.timing,
+                               slot)
         job.timing["infer_s"] = time.perf_counter() - t0 - job.timing["load_s"]
+        if ctx.registry.pool.size > 1:  # which device slot ran it (stats: per device)
+            job.timing["slot"] = slot
         job.keep_source()
 
 
@@ -357,19 +363,22 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def run_model(ctx: SessionContext, entry: Entry, arrays: Dict[str, np.ndarray],
-              options: Dict[str, Any], tile: int, timing: Dict[str, float]) -> Any:
-    """The model on one frame, whole or in tiles. On GPU out-of-memory: free what other
-    models hold and retry once (in tiles when the model can be tiled), then on the CPU
-    when the server allows it (--cpu-fallback); otherwise an error that says what to do."""
+              options: Dict[str, Any], tile: int, timing: Dict[str, float],
+              slot: int = 0) -> Any:
+    """The model on one frame, whole or in tiles, on device slot `slot`. On GPU
+    out-of-memory: free what other models hold on that device and retry once (in tiles
+    when the model can be tiled), then on the CPU when the server allows it
+    (--cpu-fallback); otherwise an error that says what to do. Other devices' models
+    are untouched: each device's memory is its own."""
     name = entry.cls.name
     started = time.perf_counter()
-    model = ctx.registry.instance(name)
+    model = ctx.registry.instance(name, slot=slot)
     timing["load_s"] = time.perf_counter() - started
     pressed = any(options.get(o.name) for o in entry.cls.options if o.kind == "button")
     margin = None if pressed else model.tile_margin(options)  # a press wants the whole frame
 
     def attempt(model: Model, tile: int) -> Any:
-        with entry.lock:
+        with entry.lock_for(slot):
             if tile and margin is not None:
                 return run_tiled(lambda part: filled(entry.cls, model.infer(part, options), part),
                                  arrays, tile, margin)
@@ -383,10 +392,13 @@ def run_model(ctx: SessionContext, entry: Entry, arrays: Dict[str, np.ndarray],
     height, width = next(iter(arrays.values())).shape[:2]
     retry_tile = tile // 2 if tile else (max(32, max(height, width) // 2)
                                          if margin is not None else 0)
-    log.warning("%s ran out of GPU memory on a %dx%d frame: freeing memory, retrying%s",
-                name, width, height, f" in {retry_tile}px tiles" if retry_tile else "")
+    log.warning("%s ran out of GPU memory on a %dx%d frame%s: freeing memory, retrying%s",
+                name, width, height, f" on {model.device} (slot {slot})"
+                if ctx.registry.pool.size > 1 else "",
+                f" in {retry_tile}px tiles" if retry_tile else "")
     ctx.count("oom_recoveries")
-    ctx.registry.free_memory(keep=name)
+    ctx.registry.pool.count_oom(slot)
+    ctx.registry.free_memory(keep=name, slot=slot)
     try:
         return attempt(model, retry_tile)
     except Exception as exc:
@@ -395,9 +407,9 @@ def run_model(ctx: SessionContext, entry: Entry, arrays: Dict[str, np.ndarray],
     if ctx.cpu_fallback and model.device != "cpu":
         log.warning("%s: out of GPU memory again, running this frame on the CPU", name)
         try:
-            return attempt(ctx.registry.instance(name, device="cpu"), tile)
+            return attempt(ctx.registry.instance(name, device="cpu", slot=slot), tile)
         finally:
-            ctx.registry.unload(name)  # the next frame loads on the GPU again
+            ctx.registry.unload(name, slot)  # the next frame loads on the GPU again
     raise OutOfMemory(
         f"model {name!r} ran out of GPU memory on a {width}x{height} frame, even after "
         f"freeing other models{' and in tiles' if retry_tile else ''}. Try a smaller frame or "

@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type
 
+from .devices import DevicePool, empty_cache
+from .devices import resolve_device as resolve_device  # where callers found it before
 from .errors import UnknownModel
 from .model import NAME_RE, Model
 
@@ -39,18 +41,39 @@ def default_models_dirs(extra: Sequence[str] = ()) -> List[Path]:
 
 @dataclass
 class Entry:
+    """A model class and its loaded instances: one per device slot (DevicePool), each
+    with its own lock (callers hold `lock_for(slot)` to infer)."""
+
     cls: Type[Model]
     source: str
-    instance: Optional[Model] = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    instances: Dict[int, Model] = field(default_factory=dict)  # slot -> loaded model
+    locks: Dict[int, threading.Lock] = field(default_factory=dict)
     last_used: float = 0.0
+
+    @property
+    def instance(self) -> Optional[Model]:
+        """The instance of slot 0 (a one-device server's only one)."""
+        return self.instances.get(0)
+
+    @property
+    def lock(self) -> threading.Lock:
+        return self.lock_for(0)
+
+    def lock_for(self, slot: int) -> threading.Lock:
+        lock = self.locks.get(slot)
+        if lock is None:
+            lock = self.locks.setdefault(slot, threading.Lock())  # one wins a race
+        return lock
 
 
 class Registry:
-    def __init__(self, models_dirs: Sequence[Path], device: Optional[str] = None) -> None:
+    def __init__(self, models_dirs: Sequence[Path], device: Optional[str] = None,
+                 devices: Optional[Sequence[Optional[str]]] = None) -> None:
+        """`device`: one device (--device); `devices`: the slots (--devices, parsed by
+        devices.parse_devices), one model instance each. Resolved on first need."""
         self.models_dirs = list(models_dirs)
         self.requested_device = device
-        self._device: Optional[str] = None
+        self.pool = DevicePool(list(devices) if devices else [device])
         self.entries: Dict[str, Entry] = {}
         self.broken: Dict[str, str] = {}  # source -> why it could not be used
         self._load_lock = threading.Lock()
@@ -102,79 +125,79 @@ class Registry:
 
     @property
     def device(self) -> str:
-        """The torch device, decided on first need (this is where torch gets imported)."""
-        if self._device is None:
-            self._device = resolve_device(self.requested_device)
-        return self._device
+        """The torch device of slot 0, decided on first need (this is where torch gets
+        imported)."""
+        return self.pool.device(0)
+
+    @property
+    def devices(self) -> List[str]:
+        """The torch device of every slot."""
+        return self.pool.devices
 
     def loaded(self) -> List[str]:
-        return [n for n, e in self.entries.items() if e.instance is not None]
+        """Models loaded on any slot."""
+        return [n for n, e in self.entries.items() if e.instances]
+
+    def loaded_on(self, slot: int) -> List[str]:
+        return [n for n, e in self.entries.items() if slot in e.instances]
+
+    def device_stats(self) -> List[Dict[str, Any]]:
+        """Per slot: device, frames in flight and done, memory, models loaded."""
+        return self.pool.stats([self.loaded_on(i) for i in range(len(self.pool.in_flight))])
 
     # --- life cycle ------------------------------------------------------------------------
-    def instance(self, name: str, device: Optional[str] = None) -> Model:
-        """The loaded model (loading it on first use; on `device` when given, else the
-        server's). Callers hold `entry.lock` to infer."""
+    def instance(self, name: str, device: Optional[str] = None, slot: int = 0) -> Model:
+        """The model loaded on device slot `slot` (loading it on first use; on `device`
+        when given, e.g. the CPU fallback, else the slot's). Callers hold
+        `entry.lock_for(slot)` to infer."""
         entry = self.get(name)
         with self._load_lock:
-            if entry.instance is not None and device and entry.instance.device != device:
-                self.unload(name)
-            if entry.instance is None:
-                device = device or (self.device if entry.cls.uses_torch else "cpu")
+            model = entry.instances.get(slot)
+            if model is not None and device and model.device != device:
+                self.unload(name, slot)
+                model = None
+            if model is None:
+                device = device or (self.pool.device(slot) if entry.cls.uses_torch else "cpu")
                 started = time.perf_counter()
                 model = entry.cls()
                 model.load(device)
-                entry.instance = model
-                log.info("loaded %s on %s in %.2fs", name, device, time.perf_counter() - started)
+                entry.instances[slot] = model
+                log.info("loaded %s on %s%s in %.2fs", name, device,
+                         f" (slot {slot})" if self.pool.size > 1 else "",
+                         time.perf_counter() - started)
             entry.last_used = time.monotonic()
-            return entry.instance
+            return model
 
-    def free_memory(self, keep: str) -> List[str]:
-        """Unload every model but `keep` and return cached GPU memory (out-of-memory)."""
-        freed = [n for n in self.loaded() if n != keep]
+    def free_memory(self, keep: str, slot: int = 0) -> List[str]:
+        """Unload every model but `keep` from device slot `slot` (the others keep theirs)
+        and return cached memory (out-of-memory recovery)."""
+        freed = [n for n in self.loaded_on(slot) if n != keep]
         for n in freed:
-            self.unload(n)
-        _empty_cuda_cache()
+            self.unload(n, slot)
+        empty_cache(self._slot_device(slot))
         return freed
 
-    def unload(self, name: Optional[str] = None) -> List[str]:
+    def unload(self, name: Optional[str] = None, slot: Optional[int] = None) -> List[str]:
+        """Unload `name` (every model when None) from `slot` (every slot when None)."""
         names = [name] if name else self.loaded()
         done = []
         for n in names:
             entry = self.get(n)
-            with entry.lock:
-                if entry.instance is not None:
-                    entry.instance.unload()
-                    entry.instance = None
-                    done.append(n)
+            for s in sorted(entry.instances) if slot is None else [slot]:
+                with entry.lock_for(s):
+                    model = entry.instances.pop(s, None)
+                    if model is not None:
+                        model.unload()
+                        if n not in done:
+                            done.append(n)
         if done:
-            _empty_cuda_cache()
+            empty_cache(None if slot is None else self._slot_device(slot))
         return done
 
-
-def _empty_cuda_cache() -> None:
-    if "torch" in sys.modules:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def resolve_device(requested: Optional[str]) -> str:
-    import torch
-
-    if requested in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cpu":
-        return "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {requested}: this torch build sees no CUDA GPU; "
-                               f"use --device cpu")
-        index = int(requested.split(":", 1)[1]) if ":" in requested else 0
-        if index >= torch.cuda.device_count():
-            raise RuntimeError(f"--device {requested}: only {torch.cuda.device_count()} "
-                               f"GPU(s) visible")
-        return requested
-    raise RuntimeError(f"--device {requested!r}: use cpu, cuda or cuda:N")
+    def _slot_device(self, slot: int) -> Optional[str]:
+        """The slot's device if resolved already (never imports torch)."""
+        resolved = self.pool._resolved
+        return resolved[slot] if resolved is not None and slot < len(resolved) else None
 
 
 def import_model_folder(folder: Path) -> types.ModuleType:

@@ -1,15 +1,17 @@
 """The requests of one logged-in session: a three-stage pipeline (read N+1 / infer N /
 write N-1) with bounded read-ahead. Reads and writes run on the server's I/O threads,
 replies leave in request order, and queued frames with the same model, options and size
-share one `Model.infer_batch` call. Sees the session context and the shared state it is
-handed; knows nothing of transports or login."""
+share one `Model.infer_batch` call. With several device slots (`--devices`), up to one
+batch per slot runs at once, each on the least-loaded device of the server's pool:
+frames may finish out of order, their replies still leave in request order. Sees the
+session context and the shared state it is handed; knows nothing of transports or login."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -35,6 +37,7 @@ class Item:
     seq: int
     job: Any = None  # inference.Job once prepared
     work: Optional[Future] = None  # reading (then writing) in progress on the I/O workers
+    running: Optional[Future] = None  # its batch on a device (then `work` is its writing)
     reply: Optional[Reply] = None  # set once answered (result or error)
 
 
@@ -46,11 +49,17 @@ class Scheduler:
         self.state = state
         self.ctx = ctx
         self.send = send
+        self.pool = ctx.registry.pool
+        # frames of this session on the devices at once: one batch per device slot
+        self.devices = self.pool.size
+        self.room = threading.Semaphore(self.devices)
+        self.runners: Optional[ThreadPoolExecutor] = None  # made on the first batch
+        depth = MAX_QUEUED + self.devices - 1  # enough read ahead to fill every device
         # Bounded: a client that sends frames faster than they are served is held back
         # by the transport (the reader blocks) instead of filling the server's memory.
-        self.pending: queue.Queue[Optional[Item]] = queue.Queue(maxsize=MAX_QUEUED)
-        self.to_execute: queue.Queue[Optional[Item]] = queue.Queue(maxsize=MAX_QUEUED)
-        self.to_finish: queue.Queue[Optional[Item]] = queue.Queue(maxsize=MAX_QUEUED)
+        self.pending: queue.Queue[Optional[Item]] = queue.Queue(maxsize=depth)
+        self.to_execute: queue.Queue[Optional[Item]] = queue.Queue(maxsize=depth)
+        self.to_finish: queue.Queue[Optional[Item]] = queue.Queue(maxsize=depth)
         self.last_seq = 0  # requests read so far
         self.cancel_upto = 0  # requests up to this one were cancelled with target "all"
         self.cancelled: set = set()
@@ -128,13 +137,23 @@ class Scheduler:
             item.work = None
         return item
 
+    def _runnable(self, item: Item) -> bool:
+        return item.job is not None and item.reply is None and not self._is_cancelled(item)
+
     def _execute_stage(self) -> None:
+        """Forms batches and hands each to a device slot; waits only for room (this
+        session has a batch on every slot) so frames queued meanwhile join the next."""
         waiting: List[Optional[Item]] = []  # taken from the queue but not yet run
         while True:
             item = waiting.pop() if waiting else self._prepared(self.to_execute.get())
             if item is None:
                 break
-            if item.job is None or item.reply is not None or self._is_cancelled(item):
+            if not self._runnable(item):
+                self.to_finish.put(item)
+                continue
+            self.room.acquire()
+            if self._is_cancelled(item):  # cancelled while the devices were busy
+                self.room.release()
                 self.to_finish.put(item)
                 continue
             batch = [item]
@@ -146,25 +165,61 @@ class Scheduler:
                     waiting.append(following)
                     break
                 batch.append(following)
+            slot = self.pool.acquire(len(batch))
+            if self.runners is None:
+                self.runners = ThreadPoolExecutor(self.devices,
+                                                  thread_name_prefix=f"infer {self.ctx.peer}")
             try:
-                execute(self.ctx, [i.job for i in batch])
+                running = self.runners.submit(self._run_batch, batch, slot)
+            except RuntimeError as exc:  # the interpreter is exiting
+                self.pool.release(slot, len(batch))
+                self.room.release()
+                for one in batch:
+                    one.reply = self._error(one.msg, exc)
+                    self.to_finish.put(one)
+                continue
+            for one in batch:
+                one.running = running
+                self.to_finish.put(one)
+        if self.runners is not None:
+            self.runners.shutdown(wait=False)  # the finish stage waits for the batches
+        self.to_finish.put(None)
+
+    def _run_batch(self, batch: List[Item], slot: int) -> None:
+        """One batch on device slot `slot` (a runner thread): the model, then its writing
+        handed to the I/O workers. Never raises: failures become the frames' replies."""
+        done = 0
+        try:
+            try:
+                execute(self.ctx, [i.job for i in batch], slot)
+                done = len(batch)
             except Exception as exc:
                 if len(batch) == 1:
-                    item.reply = self._error(item.msg, exc)
+                    batch[0].reply = self._error(batch[0].msg, exc)
                 else:  # find the frame that failed: one at a time
                     for one in batch:
                         try:
-                            execute(self.ctx, [one.job])
+                            execute(self.ctx, [one.job], slot)
+                            done += 1
                         except Exception as exc_one:
                             one.reply = self._error(one.msg, exc_one)
+        except BaseException as exc:  # never leave the finish stage waiting on a reply
             for one in batch:
-                if one.reply is None:  # written on the I/O workers
-                    one.work = self.state.workers.submit(finish, self.ctx, one.job)
-                self.to_finish.put(one)
-        self.to_finish.put(None)
+                if one.reply is None:
+                    one.reply = self._error(one.msg, Exception(f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            self.pool.release(slot, len(batch), done)
+            self.room.release()
+        for one in batch:
+            if one.reply is None:  # written on the I/O workers
+                one.work = self.state.workers.submit(finish, self.ctx, one.job)
 
     def _finish_stage(self) -> None:
         while (item := self.to_finish.get()) is not None:
+            if item.running is not None:  # its batch on a device (never raises)
+                item.running.exception()
+                item.running = None
             if item.work is not None:
                 try:
                     reply, buffers = item.work.result()

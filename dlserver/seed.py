@@ -431,7 +431,13 @@ def infer(ctx: SessionContext, request: Any) -> Any:
     refs, buffers = read_images(cls, request.images, ctx.limits)
     header = {"type": "infer", "model": cls.name, "options": options, "inputs": refs}
     job = prepare(ctx, Message(header, buffers))
-    execute(ctx, [job])
+    pool = ctx.registry.pool  # with --devices: the least-loaded device, as for our clients
+    slot, done = pool.acquire(), 0
+    try:
+        execute(ctx, [job], slot)
+        done = 1
+    finally:
+        pool.release(slot, 1, done)
     reply, out_buffers = finish(ctx, job)
     name = next(n for n in cls.outputs if n in reply["outputs"])
     ref = reply["outputs"][name]

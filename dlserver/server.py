@@ -24,6 +24,7 @@ import tempfile
 import threading
 from typing import Any, Dict, List, Optional, Sequence
 
+from .devices import parse_devices, set_mps_fallback
 from .protocol import Limits
 from .registry import Registry, default_models_dirs
 from .state import (
@@ -71,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", action="append", default=[],
                    help="extra folder of models/<name>/model.py (repeatable)")
     p.add_argument("--device", default=None,
-                   help="cpu, cuda or cuda:N (default: cuda when available)")
+                   help="cpu, mps, cuda or cuda:N (default: cuda when available, then mps "
+                        "on an Apple-silicon Mac, then cpu)")
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help="several devices, one model instance each, frames spread over "
+                        "them (least-loaded first): cuda:0,cuda:1,... or 'all' (every "
+                        "GPU); cpu,cpu stands in for two GPUs in tests")
     p.add_argument("--exchange-dir", default=None,
                    help="folder for frame files of local sessions (default: a new folder "
                         "in /dev/shm, else the temp dir)")
@@ -159,8 +165,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "be positive", file=sys.stderr)
         return 2
 
+    if args.device is not None and args.devices is not None:
+        print("dlserver: give --device or --devices, not both", file=sys.stderr)
+        return 2
+    try:
+        devices = parse_devices(args.devices) if args.devices is not None \
+            else parse_devices(args.device)
+    except ValueError as exc:
+        print(f"dlserver: {exc}", file=sys.stderr)
+        return 2
+    if set_mps_fallback(devices):  # before anything imports torch: read once, at import
+        log.info("MPS may be used: operators it lacks run on the CPU "
+                 "(PYTORCH_ENABLE_MPS_FALLBACK=1)")
+
     limits = Limits(max_body=args.max_message_mb << 20, max_pixels=args.max_pixels)
-    registry = Registry(default_models_dirs(args.models_dir), args.device)
+    registry = Registry(default_models_dirs(args.models_dir), args.device, devices)
+    if args.devices is not None:  # said now, and a device that isn't there fails now
+        try:
+            log.info("devices: %s", ", ".join(registry.devices))
+        except RuntimeError as exc:
+            print(f"dlserver: {exc}", file=sys.stderr)
+            return 2
     exchange = make_exchange_dir(args.exchange_dir) if not remote else None
     state = ServerState(registry, limits, token, exchange)
     state.cpu_fallback = args.cpu_fallback

@@ -64,13 +64,16 @@ class ServerState:
             self.counters[key] += n
 
     def stats(self) -> Dict[str, Any]:
+        devices = self.registry.device_stats()
         stats: Dict[str, Any] = {
             "version": __version__, "protocol": VERSION, "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
             **self.counters, "active_sessions": self.active_sessions,
             "connections": self.connections, "unauthenticated": self.unauthenticated,
             "models_loaded": self.registry.loaded(),
-            "device": self.registry._device or self.registry.requested_device or "auto",
+            "device": devices[0]["device"],
+            # per device slot (--devices): frames in flight and done, memory, models
+            "devices": devices,
             "torch_imported": "torch" in sys.modules,
         }
         if "torch" in sys.modules:

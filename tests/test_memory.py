@@ -101,7 +101,7 @@ class GpuOnlyOom(Model):
 def test_cpu_fallback_only_when_allowed(fallback: bool) -> None:
     registry = Registry([])
     registry.entries["gpu_oom"] = Entry(GpuOnlyOom, "test")
-    registry._device = "cuda:0"  # pretend: the model never touches a real GPU
+    registry.pool.assume(["cuda:0"])  # pretend: the model never touches a real GPU
     session = SessionContext.for_login("test", False, registry, Limits(), None, [], "dls_",
                                        fallback, lambda key, n=1: None)
     GpuOnlyOom.devices_seen = []

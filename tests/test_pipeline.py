@@ -44,6 +44,8 @@ def run_stages(session: Scheduler, items: list) -> list:
     session.to_execute.put(None)
     done = []
     while (item := session.to_finish.get()) is not None:
+        if item.running is not None:
+            item.running.result()  # its batch ran on a device slot
         if item.work is not None:
             item.work.result()  # the output writing finished without error
         done.append(item)

@@ -433,8 +433,9 @@ class MaskRCNN(Model):
         the host once (page-locked buffers on a GPU). `frame`: the input on the device."""
 
         layers, parts, detections = self._compose(src.shape[:2], frame, det, o)
-        if not frame.is_cuda:
-            return self._result(layers, detections, o, src.shape[:2])
+        if not frame.is_cuda:  # CPU: the tensors themselves; MPS: a plain copy down
+            return self._result({n: t.cpu() for n, t in layers.items()}, detections, o,
+                                src.shape[:2])
         down = self._side_streams()[1]
         host = self._download(layers, parts, down)
         down.synchronize()  # the host copies are done

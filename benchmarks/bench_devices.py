@@ -1,0 +1,199 @@
+"""One server, several GPUs (`--devices`): `dlserver infer` of N distinct 1080p frames
+with mask_rcnn (random weights, as bench_end_to_end.py makes them) on 1 GPU, then on
+2 (or more) GPUs, with enough frames in flight to fill every device: throughput, the
+speed-up, frames each device ran, and whether the outputs are identical to the one-GPU
+run. Figures are printed, never asserted.
+
+    python3 benchmarks/bench_devices.py --frames 200                # cuda:0 vs cuda:0,cuda:1
+    python3 benchmarks/bench_devices.py --frames 200 --counts 1,2,4
+    .venv/bin/python benchmarks/bench_devices.py --device cpu --size small --frames 6
+
+On the device machine: `bash benchmarks/gpu_run.sh devices` (OpenEXR from .whl, the
+DLSERVER_PYTHON launcher). With `--device cpu` the "devices" are CPU slots (cpu,cpu):
+a check that the script runs, not a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_end_to_end import SIZES, log, write_sequence  # noqa: E402
+
+
+def device_list(kind: str, count: int) -> str:
+    return ",".join(["cpu"] * count if kind == "cpu" else [f"cuda:{i}" for i in range(count)])
+
+
+def run_infer(devices: str, sets: List[str], src: str, out: str, frames: int,
+              pipeline: int) -> Dict[str, Any]:
+    """`dlserver infer --devices LIST` (embedded server, frames by file reference); each
+    progress line timed as it arrives."""
+    cmd = [sys.executable, "-c", "import sys; from dlserver.cli import main; sys.exit(main())",
+           "infer", "--model", "mask_rcnn", "--devices", devices, "--frames", f"1-{frames}",
+           "--pipeline", str(pipeline)]
+    for s in sets:
+        cmd += ["--set", s]
+    cmd += [src, out]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True)
+    assert proc.stderr is not None
+    stamps: List[float] = []
+    tail: List[str] = []
+    for line in proc.stderr:
+        if re.match(r"\[[#.]+\] \d+/\d+", line):
+            stamps.append(time.perf_counter() - t0)
+        else:
+            tail.append(line)
+    rc = proc.wait()
+    total = time.perf_counter() - t0
+    if rc != 0:
+        return {"error": f"dlserver infer failed ({rc}): {''.join(tail)[-2000:]}"}
+    skip = min(10, max(0, len(stamps) - 2))  # steady state: after load and warm-up
+    steady = ((len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
+              if len(stamps) - 1 > skip else float("nan"))
+    return {"frames": len(stamps), "total_s": total, "fps_overall": len(stamps) / total,
+            "fps_steady": steady, "first_frame_s": stamps[0] if stamps else None}
+
+
+def pixels(path: str) -> Dict[str, Any]:
+    import OpenEXR
+
+    with OpenEXR.File(path) as exr:
+        return {name: ch.pixels for name, ch in exr.channels().items()}
+
+
+def compare(reference: str, other: str, frames: int) -> Dict[str, Any]:
+    """Frames whose result files are byte-identical; for the others, the largest pixel
+    difference per channel."""
+    import numpy as np
+
+    same_bytes, same_pixels, worst = 0, 0, 0.0
+    differing: List[int] = []
+    for f in range(1, frames + 1):
+        a = os.path.join(reference, f"r.{f:04d}.exr")
+        b = os.path.join(other, f"r.{f:04d}.exr")
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            if hashlib.sha256(fa.read()).digest() == hashlib.sha256(fb.read()).digest():
+                same_bytes += 1
+                same_pixels += 1
+                continue
+        pa, pb = pixels(a), pixels(b)
+        diff = max((float(np.abs(pa[k].astype(np.float64) - pb[k]).max())
+                    for k in pa if k in pb), default=float("inf"))
+        if set(pa) == set(pb) and diff == 0.0:
+            same_pixels += 1
+        else:
+            differing.append(f)
+            worst = max(worst, diff)
+    return {"byte_identical": same_bytes, "pixel_identical": same_pixels, "frames": frames,
+            "differing_frames": differing[:20], "max_abs_diff": worst}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--counts", default=None,
+                   help="device counts to run, e.g. 1,2,4 (default 1,2; counts above the "
+                        "GPUs visible are reported as not measured)")
+    p.add_argument("--size", default="1080p", choices=list(SIZES))
+    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--pipeline", type=int, default=None,
+                   help="frames in flight (default: 2 per device + 2)")
+    p.add_argument("--half", default=None, choices=("true", "false"),
+                   help="mask_rcnn half precision (default: true on CUDA)")
+    p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    p.add_argument("--json")
+    args = p.parse_args()
+    h, w = SIZES[args.size]
+    visible = 2
+    if args.device == "cuda":
+        import torch
+
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        log(f"GPUs visible: {visible}: " + ", ".join(
+            torch.cuda.get_device_name(i) for i in range(visible)))
+        if visible == 0:
+            log("no CUDA GPU: nothing to measure (try --device cpu for a dry run)")
+            return
+    counts = [int(c) for c in args.counts.split(",")] if args.counts else [1, 2]
+    unmeasured = [c for c in counts if c > visible]
+    counts = [c for c in counts if c <= visible]
+    if unmeasured:
+        log(f"not measured (only {visible} GPU(s) visible): {unmeasured} devices")
+    results: Dict[str, Any] = {"size": args.size, "device": args.device, "runs": {},
+                               "unmeasured_counts": unmeasured}
+    work = tempfile.mkdtemp(prefix="perf_devices_", dir=args.dir)
+    try:
+        free = shutil.disk_usage(work).free
+        per_frame = h * w * 4 * (4 + 4) * (1 + len(counts))  # input + a matte EXR per run
+        frames = max(3, min(args.frames, int(free * 0.7) // per_frame))
+        if frames < args.frames:
+            log(f"(only {free / 2**30:.1f} GiB free in {work}: {frames} frames, not "
+                f"{args.frames})")
+        t = time.perf_counter()
+        src = write_sequence(work, h, w, frames, distinct=True)
+        log(f"{frames} distinct {args.size} frames written in {time.perf_counter() - t:.1f} s")
+        from bench_models import maskrcnn_weights  # random weights, as bench_models
+
+        weights = maskrcnn_weights("resnet50_fpn", work)
+        half = args.half or ("true" if args.device == "cuda" else "false")
+        sets = ["variant=resnet50_fpn", f"weights={weights}", "threshold=0",
+                "max_instances=100", "output_mode=matte", f"half_precision={half}"]
+        if args.size == "small":
+            sets.append("network_size=256")
+        results["options"] = sets
+        base_fps = None
+        reference = None
+        for count in counts:
+            devices = device_list(args.device, count)
+            pipeline = args.pipeline or 2 * count + 2
+            out = os.path.join(work, f"out{count}")
+            os.makedirs(out)
+            res = run_infer(devices, sets, src, os.path.join(out, "r.####.exr"), frames,
+                            pipeline)
+            res.update(devices=devices, pipeline=pipeline)
+            if "error" in res:
+                log(f"{devices}: {res['error']}")
+                results["runs"][devices] = res
+                continue
+            if base_fps is None:
+                base_fps, reference = res["fps_steady"], out
+            else:
+                res["speedup_steady"] = res["fps_steady"] / base_fps
+                res["identical_to_one_device"] = compare(reference, out, frames)
+            results["runs"][devices] = res
+            line = (f"{devices:<24} pipeline {pipeline}: {res['fps_overall']:.2f} frames/s "
+                    f"overall ({res['total_s']:.1f} s with start, load and warm-up), "
+                    f"{res['fps_steady']:.2f} frames/s steady")
+            if "speedup_steady" in res:
+                same = res["identical_to_one_device"]
+                line += (f", x{res['speedup_steady']:.2f} of one device; outputs: "
+                         f"{same['byte_identical']}/{frames} byte-identical, "
+                         f"{same['pixel_identical']}/{frames} pixel-identical, max |diff| "
+                         f"{same['max_abs_diff']:.3g}")
+            log(line)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

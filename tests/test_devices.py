@@ -1,0 +1,379 @@
+"""Several devices in one server (--devices): one model instance per device slot, frames
+spread least-loaded first, replies in request order, out-of-memory recovery and CPU
+fallback per device; and device resolution with MPS (stood in for: no Mac here)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+from support import PYTHON, ROOT, TEST_MODELS, TcpServer, make_plate, raw_inline
+
+from dlserver import cuda_graphs, devices, gpu
+from dlserver.client import Client
+from dlserver.context import SessionContext
+from dlserver.devices import DevicePool, parse_devices, resolve_device, resolve_devices
+from dlserver.errors import OutOfMemory
+from dlserver.inference import run_model
+from dlserver.model import Layer, Model
+from dlserver.protocol import Limits
+from dlserver.registry import Entry, Registry
+
+# --- the device list -------------------------------------------------------------------------
+
+def test_parse_devices() -> None:
+    assert parse_devices("cuda:0,cuda:1") == ["cuda:0", "cuda:1"]
+    assert parse_devices("cpu, cpu") == ["cpu", "cpu"]
+    assert parse_devices("all") == ["all"]
+    assert parse_devices(None) == [None] and parse_devices("auto") == [None]
+    assert parse_devices("mps") == ["mps"]
+    for bad in ("gpu0", "cuda:0,,cuda:1", "cuda:x", "all,cpu", "auto,cpu"):
+        with pytest.raises(ValueError, match="cuda:0,cuda:1"):
+            parse_devices(bad)
+
+
+@pytest.fixture
+def fake_devices(monkeypatch: pytest.MonkeyPatch):
+    """Say which devices torch sees: (cuda count, mps available)."""
+    import torch
+
+    def set_(cuda: int, mps: bool) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    return set_
+
+
+def test_auto_is_cuda_then_mps_then_cpu(fake_devices) -> None:
+    fake_devices(2, True)
+    assert resolve_device(None) == "cuda"
+    fake_devices(0, True)
+    assert resolve_device(None) == "mps" and resolve_device("auto") == "mps"
+    assert resolve_device("mps") == "mps"
+    fake_devices(0, False)
+    assert resolve_device(None) == "cpu"
+    with pytest.raises(RuntimeError, match="no MPS device"):
+        resolve_device("mps")
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        resolve_device("cuda:0")
+
+
+def test_all_is_every_gpu_else_mps_else_cpu(fake_devices) -> None:
+    fake_devices(3, True)
+    assert resolve_devices(["all"]) == ["cuda:0", "cuda:1", "cuda:2"]
+    with pytest.raises(RuntimeError, match="only 3 GPU"):
+        resolve_devices(["cuda:0", "cuda:3"])
+    fake_devices(0, True)
+    assert resolve_devices(["all"]) == ["mps"]
+    fake_devices(0, False)
+    assert resolve_devices(["all"]) == ["cpu"]
+    assert DevicePool(["all"]).size == 1
+
+
+def test_mps_fallback_is_set_when_mps_may_be_used() -> None:
+    env: Dict[str, str] = {}
+    assert devices.set_mps_fallback(["mps"], env, platform="linux") and env == {
+        devices.MPS_FALLBACK_ENV: "1"}
+    env = {devices.MPS_FALLBACK_ENV: "0"}  # set by the user: kept
+    assert not devices.set_mps_fallback(["mps"], env) and env[devices.MPS_FALLBACK_ENV] == "0"
+    env = {}
+    assert devices.set_mps_fallback([None], env, platform="darwin") and env
+    env = {}
+    assert not devices.set_mps_fallback([None], env, platform="linux") and not env
+    assert not devices.set_mps_fallback(["cuda:0", "cuda:1"], env, platform="darwin")
+    assert not env
+
+
+@pytest.mark.parametrize("device, expected", [("mps", "1"), ("cpu", None)])
+def test_server_sets_the_mps_fallback_before_torch(device: str, expected: Any) -> None:
+    """The variable is in the server process's environment, and torch isn't imported
+    before it (torch reads it once, at import). --device mps is accepted on this Linux
+    machine: nothing resolves it until a torch model runs."""
+    server = TcpServer(extra=("--device", device))
+    try:
+        with server.connect() as client:
+            plate = make_plate()
+            reply = client.infer("env_probe", {"src": raw_inline(plate)}, {}, [plate.data])
+            assert reply.data == {"mps_fallback": expected, "torch_imported": False}
+    finally:
+        server.stop()
+
+
+# --- CUDA-only paths on another device (MPS stood in for) -----------------------------------
+
+@pytest.fixture
+def no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every CUDA-only call fails the test: streams, graphs, pinned memory, cache."""
+    import torch
+
+    def trap(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a CUDA-only path was taken")
+    for name in ("Stream", "CUDAGraph", "current_stream", "synchronize", "empty_cache",
+                 "graph", "set_stream"):
+        monkeypatch.setattr(torch.cuda, name, trap)
+    real_empty = torch.empty
+
+    def empty(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("pin_memory"):
+            raise AssertionError("pinned memory on a non-CUDA device")
+        return real_empty(*args, **kwargs)
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def test_cuda_graphs_refuse_other_devices_before_touching_cuda(no_cuda: None) -> None:
+    called: List[int] = []
+    for device in ("mps", "cpu"):
+        with pytest.raises(cuda_graphs.CaptureFailed, match="CUDA device"):
+            cuda_graphs.capture(lambda: called.append(1), device)
+    assert called == []
+
+
+def test_transfers_on_mps_are_plain_copies(no_cuda: None) -> None:
+    import torch
+
+    class MpsTensor:  # what to_host sees of an MPS tensor
+        is_cuda = False
+        device = torch.device("mps")
+        copied_to: List[str] = []
+
+        def to(self, device: str) -> Any:
+            self.copied_to.append(device)
+            return torch.zeros(2, 3).t()
+    host = gpu.to_host(MpsTensor())
+    assert MpsTensor.copied_to == ["cpu"] and host.is_contiguous()
+    # upload takes the plain path (no pinned staging): on this Linux torch the copy
+    # itself then fails, as torch without MPS says
+    with pytest.raises(RuntimeError) as err:
+        gpu.upload(np.zeros((4, 4, 4), np.float32), "mps")
+    assert not isinstance(err.value, AssertionError)
+
+
+@pytest.mark.parametrize("model", ["mask_rcnn", "densepose"])
+def test_models_skip_cuda_settings_on_mps(no_cuda: None, model: str) -> None:
+    import torch
+
+    registry = Registry([ROOT / "models"])
+    cls = registry.get(model).cls
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        m = cls()
+        m.load("mps")  # the network itself is built on the first frame
+        assert torch.backends.cudnn.benchmark is False, "cuDNN is CUDA's"
+        if model == "mask_rcnn":
+            assert not m._cuda()
+        m.unload()  # no CUDA cache to empty
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+# --- out of memory per device (GPUs pretended) ---------------------------------------------
+
+class OomOnOne(Model):
+    """Runs out of memory on cuda:1 only: always (`persistent`), else on the first call."""
+
+    name = "oom_on_one"
+    inputs = {"src": Layer(("R", "G", "B", "A"))}
+    outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+    persistent = True
+    seen: List[str] = []
+
+    def infer(self, inputs: Dict[str, Any], options: Dict[str, Any]) -> Any:
+        import torch
+
+        type(self).seen.append(self.device)
+        first = type(self).seen.count("cuda:1") == 1
+        if self.device == "cuda:1" and (type(self).persistent or first):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return {"rgba": inputs["src"] + 1}
+
+
+class Other(Model):
+    name = "other"
+    inputs = {"src": Layer(("R", "G", "B", "A"))}
+    outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+
+    def infer(self, inputs: Dict[str, Any], options: Dict[str, Any]) -> Any:
+        return {"rgba": inputs["src"]}
+
+
+def two_gpus(fallback: bool) -> tuple:
+    registry = Registry([])
+    registry.entries["oom_on_one"] = Entry(OomOnOne, "test")
+    registry.entries["other"] = Entry(Other, "test")
+    registry.pool = DevicePool(["cuda:0", "cuda:1"])
+    registry.pool.assume(["cuda:0", "cuda:1"])  # pretend: nothing touches a real GPU
+    for slot in (0, 1):  # another model holds memory on both devices
+        registry.instance("other", slot=slot)
+    counted: List[str] = []
+    ctx = SessionContext.for_login("test", False, registry, Limits(), None, [], "dls_",
+                                   fallback, lambda key, n=1: counted.append(key))
+    OomOnOne.seen = []
+    return registry, ctx, counted
+
+
+def test_oom_on_one_device_recovers_on_that_device_only() -> None:
+    registry, ctx, counted = two_gpus(fallback=False)
+    OomOnOne.persistent = False
+    entry, plate = registry.entries["oom_on_one"], make_plate()
+    out = run_model(ctx, entry, {"src": plate}, {}, 0, {}, slot=1)
+    np.testing.assert_array_equal(out["rgba"], plate + 1)
+    assert OomOnOne.seen == ["cuda:1", "cuda:1"], "retried on the same device"
+    assert registry.loaded_on(0) == ["other"], "the other device keeps its models"
+    assert registry.loaded_on(1) == ["oom_on_one"], "its device freed the other model"
+    assert registry.pool.oom_recoveries == [0, 1] and counted == ["oom_recoveries"]
+    run_model(ctx, entry, {"src": plate}, {}, 0, {}, slot=0)
+    assert OomOnOne.seen[-1] == "cuda:0" and registry.pool.oom_recoveries == [0, 1]
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_cpu_fallback_per_device(fallback: bool) -> None:
+    registry, ctx, _ = two_gpus(fallback)
+    OomOnOne.persistent = True
+    entry, plate = registry.entries["oom_on_one"], make_plate()
+    run_model(ctx, entry, {"src": plate}, {}, 0, {}, slot=0)
+    if fallback:
+        out = run_model(ctx, entry, {"src": plate}, {}, 0, {}, slot=1)
+        np.testing.assert_array_equal(out["rgba"], plate + 1)
+        assert OomOnOne.seen == ["cuda:0", "cuda:1", "cuda:1", "cpu"]
+        assert registry.loaded_on(1) == [], "unloaded: the next frame tries cuda:1 again"
+    else:
+        with pytest.raises(OutOfMemory):
+            run_model(ctx, entry, {"src": plate}, {}, 0, {}, slot=1)
+        assert OomOnOne.seen == ["cuda:0", "cuda:1", "cuda:1"]
+    assert entry.instances[0].device == "cuda:0", "device 0's instance untouched"
+    assert registry.loaded_on(0) == ["oom_on_one", "other"]
+
+
+def test_least_loaded_slot() -> None:
+    pool = DevicePool(["cpu", "cpu", "cpu"])
+    assert [pool.acquire() for _ in range(4)] == [0, 1, 2, 0]
+    pool.release(1, done=1)
+    assert pool.acquire(2) == 1 and pool.in_flight == [2, 2, 1]
+    assert pool.acquire() == 2
+    assert pool.frames_done == [0, 1, 0]
+
+
+# --- a server with two CPU "devices" -----------------------------------------------------------
+
+@pytest.fixture
+def two_cpus() -> Any:
+    server = TcpServer(extra=("--devices", "cpu,cpu"))
+    yield server
+    server.stop()
+
+
+def open_in_thread(path: str, mode: str, timeout: float = 60) -> Any:
+    """open(path) of a FIFO, which blocks until the other end opens; fails the test
+    instead of hanging when that never happens."""
+    box: List[Any] = []
+    thread = threading.Thread(target=lambda: box.append(open(path, mode)), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert box, f"nobody opened the other end of {path} within {timeout}s"
+    return box[0]
+
+
+def test_frames_run_at_once_on_two_devices_and_replies_keep_order(
+        two_cpus: TcpServer, tmp_path: Path) -> None:
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    for fifo in (first, second, second + ".done"):
+        os.mkfifo(fifo)
+    a, b = make_plate(seed=1), make_plate(seed=2)
+    with two_cpus.connect() as client, two_cpus.connect() as watcher:
+        id_a = client.send("infer", [a.data], model="gate", options={"gate": first},
+                           inputs={"src": raw_inline(a)})
+        id_b = client.send("infer", [b.data], model="gate", options={"gate": second},
+                           inputs={"src": raw_inline(b)})
+        gate_a = open_in_thread(first, "wb")  # frame A is inside the model ...
+        gate_b = open_in_thread(second, "wb")  # ... and so is B: one instance each
+        gate_b.write(b"x")
+        gate_b.close()
+        with open(second + ".done", "rb") as ack:  # B has left its gate
+            assert ack.read(1) == b"k"
+        stats = watcher.stats()["devices"]
+        assert stats[0]["in_flight"] == 1 and stats[0]["frames_done"] == 0, stats
+        assert stats[1]["in_flight"] + stats[1]["frames_done"] == 1, stats
+        gate_a.write(b"x")
+        gate_a.close()
+        conn = client._conn
+        with conn.cond:  # both replies here: in which order did they come?
+            assert conn.cond.wait_for(lambda: {id_a, id_b} <= set(conn.replies), 60)
+            order = [rid for rid in conn.replies if rid in (id_a, id_b)]
+        assert order == [id_a, id_b], "replies in request order, B finished first"
+        for rid, plate in ((id_a, a), (id_b, b)):
+            msg = client.receive(rid)
+            np.testing.assert_array_equal(
+                np.frombuffer(msg.buffers[0], np.float32).reshape(plate.shape), plate)
+        stats = watcher.stats()["devices"]
+    assert [d["frames_done"] for d in stats] == [1, 1], "both instances used"
+    assert [d["in_flight"] for d in stats] == [0, 0]
+    assert [d["models_loaded"] for d in stats] == [["gate"], ["gate"]]
+
+
+def run_sequence(client: Client, plates: List[np.ndarray]) -> List[bytes]:
+    """Every frame sent before any reply is read (all in flight), through blur, batcher
+    (frames that share a batch) and identity."""
+    sent = []
+    for i, plate in enumerate(plates):
+        model, options = [("blur", {"size": 2.5}), ("batcher", {"gain": 1.5}),
+                          ("identity", {})][i % 3]
+        sent.append(client.send("infer", [plate.data], model=model, options=options,
+                                inputs={"src": raw_inline(plate)}))
+    return [bytes(client.receive(rid).buffers[0]) for rid in sent]
+
+
+def test_outputs_are_bit_identical_to_one_device(two_cpus: TcpServer) -> None:
+    plates = [make_plate(96, 128, seed=i) for i in range(12)]
+    one = TcpServer()
+    try:
+        with one.connect() as client:
+            expected = run_sequence(client, plates)
+    finally:
+        one.stop()
+    with two_cpus.connect() as client:
+        got = run_sequence(client, plates)
+        stats = client.stats()
+    assert got == expected
+    assert sum(d["frames_done"] for d in stats["devices"]) == 12
+
+
+def test_stats_per_device(two_cpus: TcpServer) -> None:
+    with two_cpus.connect() as client:
+        before = client.stats()
+        plate = make_plate()
+        # one frame at a time: each goes to the least-loaded device, the first on ties
+        client.infer("oom", {"src": raw_inline(plate)}, {"mode": "once"}, [plate.data])
+        stats = client.stats()
+    assert before["device"] == "cpu" and before["torch_imported"] is False
+    assert [sorted(d) for d in stats["devices"]] == [sorted(
+        ["slot", "device", "in_flight", "frames_done", "oom_recoveries", "memory",
+         "models_loaded"])] * 2
+    assert [(d["slot"], d["device"], d["memory"]) for d in stats["devices"]] == [
+        (0, "cpu", None), (1, "cpu", None)]
+    assert [d["frames_done"] for d in stats["devices"]] == [1, 0]
+    assert [d["oom_recoveries"] for d in stats["devices"]] == [1, 0]
+    assert stats["oom_recoveries"] == 1
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--devices", "gpu0"), "cuda:0,cuda:1"),
+    (("--device", "cpu", "--devices", "cpu,cpu"), "not both"),
+    (("--devices", "cuda:0,cuda:1"), "cuda"),  # this machine has no GPU
+])
+def test_bad_device_lists_are_refused_at_start(args: tuple, says: str) -> None:
+    run = subprocess.run([PYTHON, "-m", "dlserver", "--port", "0", "--models-dir",
+                          str(TEST_MODELS), *args], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 2 and says in run.stderr, run.stderr
+
+
+def test_single_device_server_has_one_slot(embedded: Client) -> None:
+    stats = embedded.stats()
+    assert len(stats["devices"]) == 1 and stats["devices"][0]["device"] == stats["device"]
+    assert stats["torch_imported"] is False, "stats never import torch"
