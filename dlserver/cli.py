@@ -414,9 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--frames", help="1-10, 1-10x2 or 1,3,5 (needed for #### paths)")
     sp.add_argument("--input", dest="extra_input", action="append", default=[],
                     metavar="NAME=PATTERN", help="further inputs of multi-input models")
-    sp.add_argument("--pipeline", type=int, default=3, metavar="N",
-                    help="frames in flight at once (default 3: one read, one in the model, "
-                         "one written)")
+    sp.add_argument("--pipeline", type=int, default=8, metavar="N",
+                    help="frames in flight at once (default 8: several read and written "
+                         "while one is in the model; the server reads and writes them on "
+                         "several threads)")
     sp.add_argument("input", help="input EXR, e.g. in.####.exr")
     sp.add_argument("output", help="output EXR, e.g. out.####.exr (folders are created)")
     connection(sp)

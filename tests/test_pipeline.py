@@ -74,3 +74,19 @@ def test_cancel_all_reaches_prepared_frames(session: Scheduler) -> None:
     session.cancel_upto = 3
     done = run_stages(session, items)
     assert [i.reply[0]["error"]["code"] for i in done] == ["cancelled"] * 3
+
+
+def test_io_threads_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DLSERVER_IO_THREADS sets the server's I/O threads (a batch box raises it); a value
+    that is not a positive number is ignored, and at most 64 are made."""
+    import os
+
+    from dlserver.state import io_workers
+
+    monkeypatch.delenv("DLSERVER_IO_THREADS", raising=False)
+    default = max(2, min(4, os.cpu_count() or 1))
+    assert io_workers() == default
+    for value, want in (("12", 12), ("1", 1), ("500", 64), ("0", default), ("x", default),
+                        ("-3", default), ("", default)):
+        monkeypatch.setenv("DLSERVER_IO_THREADS", value)
+        assert io_workers() == want, value
