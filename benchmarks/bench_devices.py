@@ -19,9 +19,7 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_end_to_end import SIZES, log, write_sequence  # noqa: E402
+from bench_end_to_end import SIZES, log, time_infer, write_sequence  # noqa: E402
 
 
 def device_list(kind: str, count: int) -> str:
@@ -41,34 +39,13 @@ def device_list(kind: str, count: int) -> str:
 
 def run_infer(devices: str, sets: List[str], src: str, out: str, frames: int,
               pipeline: int) -> Dict[str, Any]:
-    """`dlserver infer --devices LIST` (embedded server, frames by file reference); each
-    progress line timed as it arrives."""
-    cmd = [sys.executable, "-c", "import sys; from dlserver.cli import main; sys.exit(main())",
-           "infer", "--model", "mask_rcnn", "--devices", devices, "--frames", f"1-{frames}",
-           "--pipeline", str(pipeline)]
-    for s in sets:
-        cmd += ["--set", s]
-    cmd += [src, out]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True)
-    assert proc.stderr is not None
-    stamps: List[float] = []
-    tail: List[str] = []
-    for line in proc.stderr:
-        if re.match(r"\[[#.]+\] \d+/\d+", line):
-            stamps.append(time.perf_counter() - t0)
-        else:
-            tail.append(line)
-    rc = proc.wait()
-    total = time.perf_counter() - t0
-    if rc != 0:
-        return {"error": f"dlserver infer failed ({rc}): {''.join(tail)[-2000:]}"}
-    skip = min(10, max(0, len(stamps) - 2))  # steady state: after load and warm-up
-    steady = ((len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
-              if len(stamps) - 1 > skip else float("nan"))
-    return {"frames": len(stamps), "total_s": total, "fps_overall": len(stamps) / total,
-            "fps_steady": steady, "first_frame_s": stamps[0] if stamps else None}
+    """`dlserver infer --devices LIST` (embedded server, frames by file reference); steady
+    after load and warm-up (10 frames)."""
+    try:
+        return time_infer(["--model", "mask_rcnn", "--devices", devices,
+                           "--pipeline", str(pipeline)], sets, src, out, frames, skip=10)
+    except RuntimeError as exc:
+        return {"error": str(exc)}
 
 
 def pixels(path: str) -> Dict[str, Any]:

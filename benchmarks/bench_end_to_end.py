@@ -93,9 +93,16 @@ def write_sequence(folder: str, h: int, w: int, frames: int, distinct: bool = Fa
 def run_cli(args: argparse.Namespace, model: str, sets: List[str], src: str, out: str,
             frames: int, extra: List[str]) -> Dict[str, Any]:
     """The `dlserver infer` command; each progress line timed as it arrives."""
+    return time_infer(["--model", model, "--device", args.device, *extra], sets, src, out,
+                      frames, skip=5)
+
+
+def time_infer(flags: List[str], sets: List[str], src: str, out: str, frames: int,
+               skip: int) -> Dict[str, Any]:
+    """`dlserver infer FLAGS --set ... SRC OUT --frames 1-N`, each progress line timed as it
+    arrives; steady = the rate after the first `skip` frames. Raises when it fails."""
     cmd = [sys.executable, "-c", "import sys; from dlserver.cli import main; sys.exit(main())",
-           "infer", "--model", model, "--device", args.device,
-           "--frames", f"1-{frames}", *extra]
+           "infer", *flags, "--frames", f"1-{frames}"]
     for s in sets:
         cmd += ["--set", s]
     cmd += [src, out]
@@ -114,7 +121,7 @@ def run_cli(args: argparse.Namespace, model: str, sets: List[str], src: str, out
     total = time.perf_counter() - t0
     if rc != 0:
         raise RuntimeError(f"dlserver infer failed ({rc}): {''.join(tail)[-2000:]}")
-    skip = min(5, max(0, len(stamps) - 2))  # steady state: after the first frames
+    skip = min(skip, max(0, len(stamps) - 2))  # steady state: after the first frames
     steady = ((len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
               if len(stamps) - 1 > skip else float("nan"))
     return {"frames": len(stamps), "total_s": total, "first_frame_s": stamps[0] if stamps else None,
