@@ -1,11 +1,11 @@
-"""What the DLClient node keeps and computes without touching Nuke (stdlib only).
+"""What the DLServerClient node keeps and computes without touching Nuke (stdlib only).
 
 * the saved state: model name, its declaration and the option values, as JSON with a
   schema version (the gizmo's hidden `state_json` knob);
 * reconciling saved option values with a (possibly newer) model declaration;
-* cache keys and paths: a result lives at `<cache>/<result key>/<input hash>.exr`,
-  where the result key hashes model, model version and option values, and the input
-  hash is the content of the frame(s) the node rendered for the model;
+* cache keys: a result lives at `<cache>/<result key>/<input hash>.exr`, where the
+  result key hashes model, model version and the option values at that frame, and the
+  input hash (dlserver.content_hash) is the content of the frame(s) the node rendered;
 * text from a server made safe to show in Nuke (no Tcl substitution, no code).
 
 Everything here is plain Python so the tests run it on Python 3.9, 3.10 and 3.11.
@@ -222,6 +222,3 @@ def cache_root(knob_value: str) -> str:
     value = (knob_value or "").strip()
     return os.path.abspath(os.path.expanduser(value)) if value else default_cache_root()
 
-
-def result_path(root: str, key: str, input_hash: str) -> str:
-    return os.path.join(root, key, input_hash + ".exr")
