@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import select
 import socket
 import struct
+import time
 from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 MAGIC = b"DLSV"
@@ -23,6 +25,38 @@ def pack(header: Dict[str, Any], buffers: Sequence[bytes] = ()) -> bytes:
 def proof(token: str, nonce: str) -> str:
     return hmac.new(token.encode(), b"dlserver-auth-v1:" + nonce.encode(),
                     hashlib.sha256).hexdigest()
+
+
+def _tcp_queues() -> Dict[Tuple[int, int], Tuple[int, int]]:
+    """(local port, remote port) -> (bytes not yet sent, bytes not yet read by the owner)
+    of every IPv4 TCP socket on this machine: /proc/net/tcp's tx_queue:rx_queue."""
+    queues = {}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            local, remote, (tx, rx) = fields[1], fields[2], fields[4].split(":")
+            queues[(int(local.split(":")[1], 16), int(remote.split(":")[1], 16))] = \
+                (int(tx, 16), int(rx, 16))
+    return queues
+
+
+def wait_until_read(socks: Sequence[socket.socket], timeout: float = 30.0) -> None:
+    """Block until the peer process has read everything sent on `socks`: nothing left in
+    our send queues nor in the peer's receive queues (the kernel's own accounting), so a
+    test measures after the server took what was sent, not after a guessed delay."""
+    deadline = time.monotonic() + timeout
+    pairs = [(s.getsockname()[1], s.getpeername()[1]) for s in socks]
+    while True:
+        queues = _tcp_queues()
+        # ours: (our port, the server's); the server's end of it: the reverse
+        pending = sum(queues.get(pair, (0, 0))[0] + queues.get(pair[::-1], (0, 0))[1]
+                      for pair in pairs)
+        if pending == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{pending} bytes sent were still not read by the server")
+        select.select([], [], [], 0.005)  # a short wait between looks at /proc
 
 
 def status(pid: int) -> Dict[str, int]:

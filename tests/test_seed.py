@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import seed_client as sc
-from hostile import status
+from hostile import status, wait_until_read
 from support import PYTHON, ROOT, TEST_MODELS, make_plate
 
 from dlserver.client import Client
@@ -257,7 +257,7 @@ def test_hostile_lengths_never_allocate(server: SeedServer) -> None:
         sock = sc.connect(server.seed)
         sock.sendall(b"000250000000" + b"\0" * (1 << 20))
         held.append(sock)
-    time.sleep(0.3)
+    wait_until_read(held)  # the server took all it was sent
     grown = status(pid)["VmRSS"] - before
     assert grown < 24 << 10, f"RSS grew {grown} KiB for 3 MiB sent"  # KiB
     for sock in held:
