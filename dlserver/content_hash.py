@@ -36,7 +36,7 @@ SEGMENT = 4 << 20  # the pixel data is hashed in pieces of this size (see segmen
 Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
 
-class _OutOfData(ValueError):
+class OutOfData(ValueError):
     """The header runs past the bytes looked at (maybe not past the file)."""
 
 
@@ -77,7 +77,7 @@ def header_end(data: Union[bytes, bytearray, memoryview]) -> Tuple[Dict[str, byt
     while True:  # the header is parsed from a copy of its first bytes only
         try:
             return _parse_header(bytes(view[:size]))
-        except _OutOfData:
+        except OutOfData:
             if size >= len(view):
                 raise ValueError("truncated EXR header") from None
             size = min(len(view), size * 4)
@@ -140,35 +140,46 @@ def chunks_start(view: memoryview, table: int) -> int:
 
 def _parse_header(data: bytes) -> Tuple[Dict[str, bytes], int]:
     if len(data) < 4 and MAGIC.startswith(data):
-        raise _OutOfData("short")
+        raise OutOfData("short")
     if data[:4] != MAGIC:
         raise ValueError("not an EXR file")
-    pos = 8
-    attrs: Dict[str, bytes] = {}
+    attrs, end = parse_attributes(data, 8)
+    return {name: value for name, (_, value) in attrs.items()}, end
+
+
+def parse_attributes(data: bytes, pos: int) -> Tuple[Dict[str, Tuple[str, bytes]], int]:
+    """One header's attribute list from `pos`: {name: (type name, raw value)} and where
+    the list ends (after its empty name). Raises OutOfData when `data` ends first and
+    ValueError for a negative attribute size. (The EXR reader, dlserver/exr.py, parses
+    every part's header with it too.)"""
+    attrs: Dict[str, Tuple[str, bytes]] = {}
     while True:
         name_end = _find_nul(data, pos)
         name = data[pos:name_end].decode("latin-1")
         pos = name_end + 1
         if not name:
             return attrs, pos
-        pos = _find_nul(data, pos) + 1  # the attribute's type name
+        type_end = _find_nul(data, pos)
+        kind = data[pos:type_end].decode("latin-1")
+        pos = type_end + 1
         if pos + 4 > len(data):
-            raise _OutOfData("short")
+            raise OutOfData("short")
         (size,) = struct.unpack_from("<i", data, pos)
         pos += 4
         if size < 0:
             raise ValueError("negative attribute size")
         if pos + size > len(data):
-            raise _OutOfData("short")
-        attrs[name] = data[pos:pos + size]
+            raise OutOfData("short")
+        attrs[name] = (kind, data[pos:pos + size])
         pos += size
 
 
 def _find_nul(data: bytes, pos: int) -> int:
     end = data.find(b"\0", pos)
     if end < 0:
-        raise _OutOfData("short")
+        raise OutOfData("short")
     return end
 
 
-__all__ = ["HASHED_ATTRIBUTES", "combine_hashes", "exr_content_hash", "header_end"]
+__all__ = ["HASHED_ATTRIBUTES", "OutOfData", "combine_hashes", "exr_content_hash",
+           "header_end", "parse_attributes"]

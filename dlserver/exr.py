@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import OpenEXR
 
+from .content_hash import OutOfData, parse_attributes
 from .files import write_atomic
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
@@ -73,20 +74,9 @@ class PartLayout:
                    * PIXEL_BYTES.get(kind, 4) for _, kind, xs, ys in self.channels)
 
 
-class _Short(ValueError):
-    """The header runs past the bytes looked at."""
-
-
-def _cstring(data: bytes, pos: int) -> Tuple[str, int]:
-    end = data.find(b"\0", pos)
-    if end < 0:
-        raise _Short()
-    return data[pos:end].decode("latin-1"), end + 1
-
-
 def _parse_layouts(data: bytes) -> List[PartLayout]:
     if len(data) < 8:
-        raise _Short()
+        raise OutOfData("short")
     if data[:4] != b"\x76\x2f\x31\x01":
         raise ExrError("not an EXR file")
     flags = struct.unpack_from("<I", data, 4)[0]
@@ -94,22 +84,12 @@ def _parse_layouts(data: bytes) -> List[PartLayout]:
         raise ExrError("deep EXRs are not supported: flatten the image first (DeepToImage)")
     pos, parts = 8, []
     while True:
-        attrs: Dict[str, Tuple[str, bytes]] = {}
-        while True:
-            name, pos = _cstring(data, pos)
-            if not name:
-                break
-            kind, pos = _cstring(data, pos)
-            if pos + 4 > len(data):
-                raise _Short()
-            size = struct.unpack_from("<i", data, pos)[0]
-            pos += 4
-            if size < 0:
-                raise ExrError("bad EXR header: negative attribute size")
-            if pos + size > len(data):
-                raise _Short()
-            attrs[name] = (kind, data[pos:pos + size])
-            pos += size
+        try:
+            attrs, pos = parse_attributes(data, pos)
+        except OutOfData:
+            raise
+        except ValueError:
+            raise ExrError("bad EXR header: negative attribute size") from None
         if not attrs:  # the empty header that ends a multi-part file's list
             break
         parts.append(_layout(attrs, flags))
@@ -153,13 +133,13 @@ def read_layouts(data: Union[bytes, bytearray, memoryview, BinaryIO]) -> List[Pa
             head += more
             try:
                 return _parse_layouts(head)
-            except _Short:
+            except OutOfData:
                 if not more:
                     raise ExrError("truncated EXR header") from None
                 chunk = min(len(head) * 2, 64 << 20)
     try:
         return _parse_layouts(bytes(data[:1 << 26]))
-    except _Short:
+    except OutOfData:
         raise ExrError("truncated EXR header") from None
 
 
