@@ -616,7 +616,6 @@ class Client:
         return any(real != root and os.path.commonpath([real, root]) == root
                    for root in map(os.path.realpath, roots))
 
-    _server_can_see = can_write  # the earlier, private name
 
     @property
     def can_restart(self) -> bool:
