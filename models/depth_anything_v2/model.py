@@ -13,7 +13,18 @@ from typing import Any, ClassVar, Dict, Optional, Tuple
 from dlserver.color import linear_to_srgb_torch
 from dlserver.devices import is_cuda
 from dlserver.gpu import upload
-from dlserver.model import Bool, Button, Choice, Float, Int, Layer, Model, OptionError, Result, String
+from dlserver.model import (
+    Bool,
+    Button,
+    Choice,
+    Float,
+    Int,
+    Layer,
+    Model,
+    OptionError,
+    Result,
+    String,
+)
 from dlserver.weights import WeightsError, WeightsFile, WeightsMissing, load_state_dict, resolve
 
 HF = "https://huggingface.co/depth-anything"

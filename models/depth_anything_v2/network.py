@@ -198,6 +198,25 @@ class FeatureFusionBlock(nn.Module):
         return self.out_conv(x)
 
 
+class Scratch(nn.Module):
+    """The official `scratch` container (its names are the checkpoint's)."""
+
+    def __init__(self, oc: Tuple[int, int, int, int], feat: int) -> None:
+        super().__init__()
+        self.layer1_rn = nn.Conv2d(oc[0], feat, 3, padding=1, bias=False)
+        self.layer2_rn = nn.Conv2d(oc[1], feat, 3, padding=1, bias=False)
+        self.layer3_rn = nn.Conv2d(oc[2], feat, 3, padding=1, bias=False)
+        self.layer4_rn = nn.Conv2d(oc[3], feat, 3, padding=1, bias=False)
+        self.refinenet1 = FeatureFusionBlock(feat)
+        self.refinenet2 = FeatureFusionBlock(feat)
+        self.refinenet3 = FeatureFusionBlock(feat)
+        self.refinenet4 = FeatureFusionBlock(feat)
+        self.output_conv1 = nn.Conv2d(feat, feat // 2, 3, padding=1)
+        self.output_conv2 = nn.Sequential(
+            nn.Conv2d(feat // 2, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 1, 1), nn.ReLU())
+
+
 class DPTHead(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -208,23 +227,15 @@ class DPTHead(nn.Module):
             nn.ConvTranspose2d(oc[1], oc[1], 2, stride=2),
             nn.Identity(),
             nn.Conv2d(oc[3], oc[3], 3, stride=2, padding=1)])
-        s = nn.Module()
-        for i, c in enumerate(oc, 1):
-            setattr(s, f"layer{i}_rn", nn.Conv2d(c, feat, 3, padding=1, bias=False))
-            setattr(s, f"refinenet{i}", FeatureFusionBlock(feat))
-        s.output_conv1 = nn.Conv2d(feat, feat // 2, 3, padding=1)
-        s.output_conv2 = nn.Sequential(
-            nn.Conv2d(feat // 2, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 1, 1), nn.ReLU())
-        self.scratch = s
+        self.scratch = Scratch(oc, feat)
 
     def forward(self, tokens: List[Tensor], ph: int, pw: int) -> Tensor:
         s = self.scratch
         maps = []
-        for i, x in enumerate(tokens):
+        for x, project, resize, rn in zip(tokens, self.projects, self.resize_layers,
+                                          (s.layer1_rn, s.layer2_rn, s.layer3_rn, s.layer4_rn)):
             x = x.permute(0, 2, 1).reshape(x.shape[0], x.shape[-1], ph, pw)
-            x = self.resize_layers[i](self.projects[i](x))
-            maps.append(getattr(s, f"layer{i + 1}_rn")(x))
+            maps.append(rn(resize(project(x))))
         l1, l2, l3, l4 = maps
         p4 = s.refinenet4(l4, size=l3.shape[2:])
         p3 = s.refinenet3(p4, l3, size=l2.shape[2:])
@@ -302,8 +313,13 @@ class CubicResize:
     def __call__(self, img: Tensor) -> Tensor:
         wx = self.wx.to(img.dtype)
         wy = self.wy.to(img.dtype)
-        t = sum(img[:, :, self.ix[:, k]] * wx[:, k] for k in range(4))
-        return sum(t[:, self.iy[:, k], :] * wy[:, k, None] for k in range(4))
+        t = img[:, :, self.ix[:, 0]] * wx[:, 0]
+        for k in range(1, 4):
+            t = t + img[:, :, self.ix[:, k]] * wx[:, k]
+        out = t[:, self.iy[:, 0], :] * wy[:, 0, None]
+        for k in range(1, 4):
+            out = out + t[:, self.iy[:, k], :] * wy[:, k, None]
+        return out
 
 
 class Predictor:

@@ -15,7 +15,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # nukesupport
 
 import nukesupport as ns  # noqa: E402
-from nukesupport import nuke  # noqa: E402
 from test_depth_anything_v2 import random_state  # noqa: E402 - tests/ (conftest path)
 from test_real_server import assert_same_image, connect, make_dlclient  # noqa: E402
 
