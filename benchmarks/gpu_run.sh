@@ -3,11 +3,12 @@
 # CUDA box): model benchmarks, the CUDA tests of the model authors, the end-to-end
 # sequence and the transport figures. Logs go to $OUT (default ./perf_out).
 #
-#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|devices]
+#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|devices|depth]
 #       io: end to end and transport only; e2e: end to end (with --nuke) only;
 #       models: model benchmarks and CUDA tests only;
 #       devices: one server over every GPU (--devices): 1 GPU vs 2, 200 1080p frames
 #       (FRAMES=N and COUNTS=1,2,4 change that)
+#       depth: depth_anything_v2 at 1080p, fp16 / CUDA graph vs fp32 eager, and its CUDA test
 #
 # Needs torch/torchvision with CUDA, numpy, opencv, pytest; OpenEXR is installed from
 # wheels in .whl/ when it is missing (the device machine has no network: carry .whl).
@@ -53,6 +54,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 if [ "$QUICK" = devices ]; then
     step bench_devices 590 python3 benchmarks/bench_devices.py --frames "${FRAMES:-200}" \
         ${COUNTS:+--counts "$COUNTS"} --json "$OUT/bench_devices.json"
+    exit 0
+fi
+if [ "$QUICK" = depth ]; then
+    step bench_depth 300 python3 benchmarks/bench_depth.py --device cuda --frames 50 \
+        --json "$OUT/bench_depth.json"
+    step pytest_cuda_depth 200 python3 -m pytest -m cuda tests/test_depth_anything_v2.py \
+        -s -rs -p no:cacheprovider
     exit 0
 fi
 if [ "$QUICK" = io ] || [ "$QUICK" = e2e ]; then
