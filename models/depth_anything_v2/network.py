@@ -357,7 +357,9 @@ class Predictor:
         x = self.resizer((h, w), (nh, nw), rgb.device)(rgb)
         mean, std = self.mean_std(x.device)
         x = ((x - mean) / std)[None]
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        # no cast cache: a CUDA graph must recompute the casts it captured
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None,
+                            cache_enabled=False):
             depth = self.net(x)
         depth = F.interpolate(depth.float()[:, None], (h, w), mode="bilinear",
                               align_corners=True)
