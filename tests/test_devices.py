@@ -153,7 +153,7 @@ def test_transfers_on_mps_are_plain_copies(no_cuda: None) -> None:
     assert not isinstance(err.value, AssertionError)
 
 
-@pytest.mark.parametrize("model", ["mask_rcnn", "densepose"])
+@pytest.mark.parametrize("model", ["mask_rcnn", "densepose", "depth_anything_v2"])
 def test_models_skip_cuda_settings_on_mps(no_cuda: None, model: str) -> None:
     import torch
 

@@ -259,7 +259,7 @@ def test_the_pipe_session_may_name_only_blocks_under_its_prefix(victim: SharedBl
 
 # --- 9. options that name server paths -------------------------------------------------------
 
-@pytest.mark.parametrize("model", ["mask_rcnn", "densepose"])
+@pytest.mark.parametrize("model", ["mask_rcnn", "densepose", "depth_anything_v2"])
 def test_tcp_options_can_not_name_server_files(server: TcpServer, tmp_path: Path,
                                                model: str) -> None:
     secret = tmp_path / "token"

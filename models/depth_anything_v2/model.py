@@ -66,7 +66,7 @@ class DepthAnythingV2(Model):
     help = (
         "Monocular relative depth with Depth Anything V2 (official checkpoints). depth.Z "
         "is relative inverse depth, Nuke's 1/z convention (larger = nearer, as "
-        "ScanlineRender's depth): use ZDefocus with math 'far = 0'. The network knows "
+        "ScanlineRender's depth; ZDefocus: math far = 0). The network knows "
         "depth only up to scale and shift: 'off' gives its raw values, 'per frame' "
         "stretches each frame to 0-1 (flickers over a sequence), 'fixed range' maps the "
         "raw values 'far' → 0 and 'near' → 1 on every frame (no flicker; take the values "
