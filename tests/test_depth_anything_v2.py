@@ -442,3 +442,17 @@ def test_cuda_graphs_and_half_precision(weights_path):
             assert np.abs(g - e).max() <= 1e-5 * np.abs(e).max()
     for h, r in zip(eager[True], eager[False]):
         assert np.abs(h - r).max() <= 0.02 * np.abs(r).max()
+
+
+def test_dlserver_models_lists_it_with_typed_options_and_licences():
+    done = subprocess.run([str(Path(sys.executable).with_name("dlserver")), "models"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("depth_anything_v2 ", 1)[1].splitlines()[:9]
+    assert "out: depth(1 ch)" in lines[0]
+    assert lines[1].split()[:2] == ["variant", "choice"] and "CC-BY-NC-4.0" in lines[1]
+    assert "Apache-2.0" in lines[1]
+    assert [line.split()[:2] for line in lines[2:9]] == [
+        ["normalize", "choice"], ["near", "float"], ["far", "float"],
+        ["report_range", "button"], ["network_size", "int"], ["half_precision", "bool"],
+        ["weights", "string"]]
