@@ -67,10 +67,11 @@ def server_start_to_model_list(device: str, repeat: int) -> Dict[str, Any]:
 
 
 def write_sequence(folder: str, h: int, w: int, frames: int, distinct: bool = False,
-                   name: str = "in") -> str:
+                   name: str = "in", layers: int = 0) -> str:
     """An RGBA float32 uncompressed EXR sequence: one random plate linked as every frame,
     or (`distinct`) a different plate per frame, for a reader that caches by content
-    (the Nuke plug-in's cache key is a hash of the input pixels)."""
+    (the Nuke plug-in's cache key is a hash of the input pixels). `layers`: that many
+    more layers, as a render's AOVs: layerN.R/G/B float32, and a half-float depth.Z."""
     import OpenEXR
 
     rng = np.random.default_rng(0)
@@ -83,6 +84,11 @@ def write_sequence(folder: str, h: int, w: int, frames: int, distinct: bool = Fa
         rgba = rng.random((h, w, 4), dtype=np.float32)
         rgba[..., 3] = 1.0
         channels = {c: np.ascontiguousarray(rgba[..., i]) for i, c in enumerate("RGBA")}
+        for n in range(1, layers + 1):
+            for i, c in enumerate("RGB"):
+                channels[f"layer{n}.{c}"] = channels["RGB"[(i + n) % 3]] * 0.5
+        if layers:
+            channels["depth.Z"] = (channels["R"] * 100).astype(np.float16)
         with OpenEXR.File({"compression": OpenEXR.NO_COMPRESSION,
                            "type": OpenEXR.scanlineimage}, channels) as exr:
             exr.write(path)
@@ -98,17 +104,19 @@ def run_cli(args: argparse.Namespace, model: str, sets: List[str], src: str, out
 
 
 def time_infer(flags: List[str], sets: List[str], src: str, out: str, frames: int,
-               skip: int) -> Dict[str, Any]:
+               skip: int, cwd: Optional[str] = None,
+               env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """`dlserver infer FLAGS --set ... SRC OUT --frames 1-N`, each progress line timed as it
-    arrives; steady = the rate after the first `skip` frames. Raises when it fails."""
+    arrives; steady = the rate after the first `skip` frames. Raises when it fails.
+    `cwd`: the checkout whose dlserver runs (default this one); `env`: its environment."""
     cmd = [sys.executable, "-c", "import sys; from dlserver.cli import main; sys.exit(main())",
            "infer", *flags, "--frames", f"1-{frames}"]
     for s in sets:
         cmd += ["--set", s]
     cmd += [src, out]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env)
     assert proc.stderr is not None
     stamps: List[float] = []
     tail: List[str] = []

@@ -117,6 +117,10 @@ class Progress:
 
 # --- commands ------------------------------------------------------------------------------------
 
+# Frames in flight by default: enough for the server's I/O threads (one per core) to read
+# and write several while one is in the model.
+PIPELINE = max(8, min(32, os.cpu_count() or 1))
+
 TOKEN_HOW = ("give --token-file FILE (a file holding the token, readable only by you) or "
              "set DLSERVER_TOKEN (--token TOKEN works too, but every user of this machine "
              "sees it in ps)")
@@ -414,10 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--frames", help="1-10, 1-10x2 or 1,3,5 (needed for #### paths)")
     sp.add_argument("--input", dest="extra_input", action="append", default=[],
                     metavar="NAME=PATTERN", help="further inputs of multi-input models")
-    sp.add_argument("--pipeline", type=int, default=8, metavar="N",
-                    help="frames in flight at once (default 8: several read and written "
-                         "while one is in the model; the server reads and writes them on "
-                         "several threads)")
+    sp.add_argument("--pipeline", type=int, default=PIPELINE, metavar="N",
+                    help=f"frames in flight at once (default {PIPELINE}: one per core, at "
+                         f"least 8; several read and written while one is in the model: the "
+                         f"server reads and writes them on several threads)")
     sp.add_argument("input", help="input EXR, e.g. in.####.exr")
     sp.add_argument("output", help="output EXR, e.g. out.####.exr (folders are created)")
     connection(sp)

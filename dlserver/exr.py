@@ -26,6 +26,12 @@ Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 if (os.cpu_count() or 1) >= 4:
     OpenEXR.set_global_thread_count(min(8, os.cpu_count() or 1))
 
+# OpenEXR's threads for each file: its shared pool. Measured on 16 cores (issue 13,
+# benchmarks/bench_io_scaling.py): whole 1080p frames read and written by 4/8/16 threads at
+# once ran at 53/75/67 frames/s with the pool and 26/51/64 with none (0: each file decoded
+# on its caller's thread), one at a time 19 against 6.
+FILE_THREADS = -1
+
 
 class ExrError(ValueError):
     """An EXR that can't be read or doesn't fit the server's limits."""
@@ -171,10 +177,58 @@ def check_layouts(layouts: Sequence[PartLayout], max_pixels: int,
                        f"layers, or the EXR uncompressed")
 
 
-def _open(source: Source, header_only: bool) -> OpenEXR.File:
+def _open(source: Source, separate: bool) -> OpenEXR.File:
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return OpenEXR.File(io.BytesIO(source), separate_channels=True, header_only=header_only)
-    return OpenEXR.File(os.fspath(source), separate_channels=True, header_only=header_only)
+        return OpenEXR.File(io.BytesIO(source), separate_channels=separate,
+                            num_threads=FILE_THREADS)
+    return OpenEXR.File(os.fspath(source), separate_channels=separate,
+                        num_threads=FILE_THREADS)
+
+
+Parts = List[Tuple[str, Dict[str, Any], Dict[str, np.ndarray]]]
+
+
+def _decode(source: Source, layouts: Sequence[PartLayout]) -> Parts:
+    """Every part's (name, header, {channel: 2-D pixels}). A layer's R, G, B (and A) are
+    decoded interleaved into one (H, W, 3|4) array, its channels views of it: `gather`
+    hands a model that array and `write_exr` writes it back without a copy. Where the
+    bindings can't interleave a file's channels (a layer of mixed pixel types, names
+    that collide), or what they give differs from the header's channel list, each
+    channel is decoded on its own."""
+    try:
+        with _open(source, separate=False) as exr:
+            parts = [(p.name(), dict(p.header), _ungroup(p.channels, layout))
+                     for p, layout in zip(exr.parts, layouts)]
+        if len(parts) == len(layouts) and all(ch is not None for _, _, ch in parts):
+            return parts  # type: ignore[return-value]
+    except ValueError:  # "cannot coalesce channels ...: use separate_channels=True"
+        pass
+    with _open(source, separate=True) as exr:
+        return [(p.name(), dict(p.header), {n: c.pixels for n, c in p.channels.items()})
+                for p in exr.parts]
+
+
+def _ungroup(channels: Dict[str, Any], layout: PartLayout) -> Optional[Dict[str, np.ndarray]]:
+    """The bindings' channels ("RGBA", "RGB" or a layer name -> (H, W, 3|4); others
+    -> (H, W)) as {channel name: 2-D pixels} in the header's order, or None when they
+    are not exactly the header's channels."""
+    names = [name for name, *_ in layout.channels]
+    out: Dict[str, np.ndarray] = {}
+    for key, channel in channels.items():
+        pixels = channel.pixels
+        if pixels.ndim == 2:
+            out[key] = pixels
+            continue
+        components = "RGBA"[:pixels.shape[2]]
+        # "RGB"/"RGBA" is the bindings' key for unprefixed R, G, B(, A), unless the file
+        # has a layer of that name (both at once: the bindings refuse to interleave)
+        plain = key in ("RGB", "RGBA") and key + ".R" not in names
+        prefix = "" if plain else key + "."
+        for i, c in enumerate(components):
+            out[prefix + c] = pixels[..., i]
+    if sorted(out) != sorted(names):
+        return None
+    return {name: out[name] for name in names}
 
 
 def read_exr(source: Source, max_pixels: int = 16384 * 16384,
@@ -191,13 +245,14 @@ def read_exr(source: Source, max_pixels: int = 16384 * 16384,
             with open(os.fspath(source), "rb") as f:
                 layouts = read_layouts(f)
         check_layouts(layouts, max_pixels, max_bytes)
-        with _open(source, header_only=False) as exr:
-            parts = [(p.name(), dict(p.header),
-                      {name: ch.pixels for name, ch in p.channels.items()}) for p in exr.parts]
+        parts = _decode(source, layouts)
     except ExrError:
         raise
     except Exception as exc:  # the bindings raise RuntimeError/ValueError/OSError
         raise ExrError(f"cannot read EXR: {exc}") from None
+    if len(parts) != len(layouts):  # the bindings skip a part they fail to decode
+        raise ExrError(f"cannot read EXR: {len(layouts) - len(parts)} of its "
+                       f"{len(layouts)} parts could not be decoded (damaged pixel data)")
     _, header, channels = parts[0]
     header.pop("channels", None)
     height, width = layouts[0].height, layouts[0].width
@@ -248,7 +303,7 @@ def write_exr(target: Union[str, os.PathLike, BinaryIO], image: ExrImage,
     written atomically (temp file + rename), so a reader never sees half a frame; with
     `dir_fd`, `target` is a name inside that open folder (files.write_atomic).
     `compression` None keeps the header's."""
-    channels = {name: np.ascontiguousarray(px) for name, px in image.channels.items()}
+    channels = writable_channels(image.channels)
     first = _writable_header(image.header, compression)
     if image.parts:
         name = str(first.pop("name", "") or "rgba")
@@ -256,15 +311,69 @@ def write_exr(target: Union[str, os.PathLike, BinaryIO], image: ExrImage,
         for part in image.parts:
             header = _writable_header(part.header, None)
             header.pop("name", None)
-            parts.append(OpenEXR.Part(header, {n: np.ascontiguousarray(px)
-                                               for n, px in part.channels.items()}, part.name))
-        exr = OpenEXR.File(parts)
+            parts.append(OpenEXR.Part(header, writable_channels(part.channels), part.name))
+    if image.parts:
+        exr = OpenEXR.File(parts, num_threads=FILE_THREADS)
     else:
-        exr = OpenEXR.File(first, channels)
+        exr = OpenEXR.File(first, channels, num_threads=FILE_THREADS)
     if not isinstance(target, (str, os.PathLike)):
         exr.write(target)
         return
     write_atomic(os.fspath(target), exr.write, dir_fd=dir_fd)
+
+
+def interleaved(planes: Sequence[np.ndarray]) -> Optional[np.ndarray]:
+    """The (H, W, len(planes)) C-contiguous array whose channels `planes` are, in this
+    order (views of one interleaved array, as `read_exr` and `merge` make them), else
+    None. No copy: the array is a view of the same memory."""
+    first = planes[0]
+    if first.ndim != 2 or not 1 < len(planes) <= 4:
+        return None
+    item, n = first.itemsize, len(planes)
+    strides = (first.shape[1] * n * item, n * item)
+    start = first.__array_interface__["data"][0]
+    owner = _owner(first)
+    for i, plane in enumerate(planes):
+        if (plane.dtype != first.dtype or plane.shape != first.shape
+                or plane.strides != strides or _owner(plane) is not owner
+                or plane.__array_interface__["data"][0] != start + i * item):
+            return None
+    return np.lib.stride_tricks.as_strided(first, first.shape + (n,), strides + (item,),
+                                           writeable=False)
+
+
+def _owner(array: np.ndarray) -> Any:
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array.base if array.base is not None else array
+
+
+def writable_channels(channels: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """`channels` as the bindings write them: a layer's R, G, B (and A) held
+    interleaved in one array as that (H, W, 3|4) array under the bindings' key for it
+    ("RGB"/"RGBA", or the layer's name), written with strides (no copy); every other
+    channel C-contiguous (a copy where it is a view)."""
+    out: Dict[str, np.ndarray] = {}
+    grouped = set()
+    for name in channels:
+        layer = name[:-1] if name[-1:] in "RGBA" else None
+        if layer is None or name in grouped or (layer and not layer.endswith(".")):
+            continue
+        for components in ("RGBA", "RGB"):
+            members = [layer + c for c in components]
+            key = layer[:-1] if layer else components
+            if (not all(m in channels for m in members) or key in channels or key in out
+                    or key in ("RGB", "RGBA") and layer):  # "RGB.R" would lose its prefix
+                continue
+            block = interleaved([channels[m] for m in members])
+            if block is not None:
+                out[key] = block
+                grouped.update(members)
+                break
+    for name, pixels in channels.items():
+        if name not in grouped:
+            out[name] = np.ascontiguousarray(pixels)
+    return out
 
 
 def exr_bytes(image: ExrImage, compression: Any = None) -> bytes:
@@ -283,15 +392,21 @@ def find_channel(image: ExrImage, name: str) -> Union[str, None]:
 
 
 def gather(image: ExrImage, names: Sequence[str], fill: float = 0.0) -> np.ndarray:
-    """An (H, W, len(names)) float32 array of the named channels; missing ones = fill."""
+    """An (H, W, len(names)) float32 array of the named channels; missing ones = fill.
+    Where the image holds exactly these channels interleaved in float32 (an RGBA layer
+    as `read_exr` decodes it), that array itself, read-only: no copy."""
+    found = [find_channel(image, name) for name in names]
+    if None not in found:
+        block = interleaved([image.channels[f] for f in found])  # type: ignore[index]
+        if block is not None and block.dtype == np.float32:
+            return block
     height, width = image.size
     out = np.empty((height, width, len(names)), np.float32)
-    for i, name in enumerate(names):
-        found = find_channel(image, name)
-        if found is None:
+    for i, name in enumerate(found):
+        if name is None:
             out[..., i] = fill
         else:
-            out[..., i] = image.channels[found]
+            out[..., i] = image.channels[name]
     return out
 
 
@@ -304,22 +419,34 @@ def merge(image: ExrImage, names: Sequence[str], pixels: np.ndarray,
     """Put (H, W, C) `pixels` into `image` as the named channels (replacing same names).
     `pixel_type` "input": a channel that replaces a half-float one stays half, the others
     are float; "float" or "half": every channel put in is that type. A value beyond
-    half float's range is an ExrError, never an infinity written."""
+    half float's range is an ExrError, never an infinity written. The channels put in
+    are views of `pixels` (or of its one half-float copy) where they all have one type
+    and it is C-contiguous (write_exr then writes it without a copy): it must not
+    change until the image is written."""
     if pixel_type not in PIXEL_TYPES:
         raise ExrError(f"pixel_type must be one of {', '.join(PIXEL_TYPES)}")
-    for i, name in enumerate(names):
+    halves = []
+    for name in names:
         existing = find_channel(image, name)
         half = pixel_type == "half"
         if existing is not None:
             half = half or (pixel_type == "input"
                             and image.channels[existing].dtype == np.float16)
             del image.channels[existing]
-        channel = pixels[..., i]
+        halves.append(half)
+    for name, half, i in zip(names, halves, range(len(names))):
         if half:
+            channel = pixels[..., i]
             if channel.size and float(np.abs(channel).max()) > HALF_MAX:
                 raise ExrError(f"channel {name!r} holds values beyond half float's range "
                                f"(+-{HALF_MAX:g}) and the file stores it as half: ask for "
                                f"pixel_type 'float'")
-            image.channels[name] = np.ascontiguousarray(channel, np.float16)
-        else:
-            image.channels[name] = np.ascontiguousarray(channel, np.float32)
+    one_type = len(set(halves)) == 1 and pixels.flags.c_contiguous
+    if one_type and (halves[0] or pixels.dtype == np.float32):
+        block = pixels.astype(np.float16) if halves[0] else pixels
+        for i, name in enumerate(names):
+            image.channels[name] = block[..., i]
+        return
+    for i, (name, half) in enumerate(zip(names, halves)):
+        image.channels[name] = np.ascontiguousarray(pixels[..., i],
+                                                    np.float16 if half else np.float32)

@@ -26,7 +26,7 @@ log = logging.getLogger("dlserver")
 Reply = Tuple[Dict[str, Any], List[Any]]
 Send = Callable[[Dict[str, Any], Sequence[Any]], None]
 MAX_BATCH = 8  # frames of a range that may share one forward pass
-MAX_QUEUED = 4  # requests read ahead of the one being prepared, per session
+MAX_QUEUED = 4  # requests read ahead of the one being prepared, per session (at least)
 
 
 @dataclass
@@ -54,7 +54,9 @@ class Scheduler:
         self.devices = self.pool.size
         self.room = threading.Semaphore(self.devices)
         self.runners: Optional[ThreadPoolExecutor] = None  # made on the first batch
-        depth = MAX_QUEUED + self.devices - 1  # enough read ahead to fill every device
+        # enough read ahead to fill every device, and frames for half the I/O threads to
+        # read while the other half write
+        depth = max(MAX_QUEUED, state.io_threads // 2) + self.devices - 1
         # Bounded: a client that sends frames faster than they are served is held back
         # by the transport (the reader blocks) instead of filling the server's memory.
         self.pending: queue.Queue[Optional[Item]] = queue.Queue(maxsize=depth)

@@ -19,15 +19,16 @@ from .registry import Registry
 
 
 def io_workers() -> int:
-    """Frames read or written at once: $DLSERVER_IO_THREADS, else 2 to 4 by the cores.
-    More pays for batch throughput on a big box (runs 27-29, 16 cores: 12 threads read and
-    wrote 1080p EXRs at 82-102 frames/s where 4 managed 43-48; OpenEXR leaves the GIL)
-    but slowed the Nuke node's single frames (113.8 against 72.6 ms, the model's own
-    step twice as long), so it is a setting, not the default."""
+    """Frames read or written at once: $DLSERVER_IO_THREADS, else half the cores (2 to 4
+    on small machines, at most 16). EXR decoding and encoding leave the GIL (the OpenEXR
+    bindings release it around readPixels/writePixels, numpy around its copies), but
+    each file also decodes on OpenEXR's pool (exr.FILE_THREADS): on 16 cores whole frames
+    ran at 75 frames/s with 8 threads, 67 with 16 and 53 with 4 (issue 13)."""
     env = os.environ.get("DLSERVER_IO_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return min(64, int(env))
-    return max(2, min(4, os.cpu_count() or 1))
+    cores = os.cpu_count() or 1
+    return max(2, min(4, cores), min(16, cores // 2))
 
 LOGIN_TIMEOUT_S = 10.0  # from accepting a connection to its `hello` (and TLS handshake)
 MAX_CONNECTIONS = 128  # open network connections, logged in or not
@@ -57,7 +58,8 @@ class ServerState:
         self.max_unauthenticated = MAX_UNAUTHENTICATED
         # Frames are read (EXR decode, colour) and written on these threads, several at
         # once, while a session's execute stage keeps the model busy.
-        self.workers = ThreadPoolExecutor(max_workers=io_workers(),
+        self.io_threads = io_workers()
+        self.workers = ThreadPoolExecutor(max_workers=self.io_threads,
                                           thread_name_prefix="dlserver-io")
         self.active_sessions = 0
         self.connections = 0  # network connections open (transport accounting)

@@ -424,3 +424,30 @@ def test_interrupted_infer_leaves_no_temporary_files(tmp_path: Path, how: str) -
     assert not [n for n in left if n.endswith(".tmp")], left
     for name in left:  # what is there is whole
         assert exr.read_exr(out / name).size == (1024, 2048)
+
+
+def test_interleaved_layers_round_trip_without_losing_names(tmp_path: Path) -> None:
+    """Layers decoded interleaved (one (H, W, 3|4) array each) and a result merged as views
+    of the model's array are written back with every name, type and value: a layer called
+    "RGB" keeps its prefix, a lone channel and a half layer pass through."""
+    rng = np.random.default_rng(5)
+    want = {name: rng.random((6, 5), dtype=np.float32) for name in
+            ("R", "G", "B", "A", "RGB.R", "RGB.G", "RGB.B", "spec.R", "spec.G", "spec.B",
+             "Z")}
+    want["depth.Z"] = rng.random((6, 5), dtype=np.float32).astype(np.float16)
+    with OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION,
+                       "type": OpenEXR.scanlineimage}, dict(want)) as f:
+        f.write(str(tmp_path / "in.exr"))
+    image = exr.read_exr(tmp_path / "in.exr")
+    rgba = exr.gather(image, ["R", "G", "B", "A"])
+    assert not rgba.flags.writeable  # the image's own pixels, handed over read-only
+    result = np.ascontiguousarray(rgba[..., ::-1]) * 2  # a model's (H, W, 4) output
+    exr.merge(image, ["R", "G", "B", "A"], result)
+    exr.write_exr(tmp_path / "out.exr", image)
+    with OpenEXR.File(str(tmp_path / "out.exr"), separate_channels=True) as f:
+        got = {name: c.pixels for name, c in f.channels().items()}
+    want.update({c: want["RGBA"[3 - i]] * 2 for i, c in enumerate("RGBA")})
+    assert sorted(got) == sorted(want)
+    for name, pixels in want.items():
+        assert got[name].dtype == pixels.dtype, name
+        np.testing.assert_array_equal(got[name], pixels, err_msg=name)

@@ -84,7 +84,8 @@ def test_io_threads_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     from dlserver.state import io_workers
 
     monkeypatch.delenv("DLSERVER_IO_THREADS", raising=False)
-    default = max(2, min(4, os.cpu_count() or 1))
+    cores = os.cpu_count() or 1
+    default = max(2, min(4, cores), min(16, cores // 2))
     assert io_workers() == default
     for value, want in (("12", 12), ("1", 1), ("500", 64), ("0", default), ("x", default),
                         ("-3", default), ("", default)):
