@@ -19,7 +19,6 @@ not meaningful motion, only the same computation; trained weights were not avail
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -81,9 +80,9 @@ def main(argv: Any = None) -> int:
     weights = os.path.join(tmp, f"random_raft_{args.network}.pth")
     torch.save(builder(weights=None).state_dict(), weights)
     src, following, previous = plates(args.height, args.width)
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(f"RAFT {args.network}, {args.width}x{args.height}, {args.iterations} iterations, "
-          f"{torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'cpu'}, "
-          f"torch {torch.__version__}", flush=True)
+          f"{gpu}, torch {torch.__version__}", flush=True)
 
     # eager torchvision: one call per direction, frames prepared on the device
     net = builder(weights=None).eval().to(args.device)
@@ -98,7 +97,7 @@ def main(argv: Any = None) -> int:
     if any(pad):
         raise SystemExit("use a size divisible by 8 for the eager baseline")
 
-    def eager() -> Any:
+    def eager(net: Any = net) -> Any:
         with torch.inference_mode():
             return (net(s, n, num_flow_updates=args.iterations)[-1],
                     net(s, b, num_flow_updates=args.iterations)[-1])
@@ -108,7 +107,7 @@ def main(argv: Any = None) -> int:
     print("eager torchvision, 2 calls:", rows["eager_torchvision_fp32"], flush=True)
     ref_f, ref_b = (t[0].float().cpu().numpy().transpose(1, 2, 0) for t in eager())
     ref = {"forward": ref_f * [1, -1], "backward": ref_b * [1, -1]}  # Nuke's y up
-    del net
+    del net, eager
     torch.cuda.empty_cache() if args.device.startswith("cuda") else None
 
     inputs = {"src": src, "next": following, "previous": previous}
@@ -120,7 +119,8 @@ def main(argv: Any = None) -> int:
         model.load(args.device)
         options = {"network": args.network, "iterations": args.iterations,
                    "half_precision": half, "weights": weights}
-        rows[label] = timed(lambda: model.infer(inputs, options), args.device, args.repeat)
+        rows[label] = timed(lambda m=model, o=options: m.infer(inputs, o), args.device,
+                            args.repeat)
         out = model.infer(inputs, options).outputs
         diff = np.concatenate([np.linalg.norm(out[d] - ref[d], axis=-1).ravel()
                                for d in ("forward", "backward")])

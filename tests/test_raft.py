@@ -16,13 +16,13 @@ import pytest
 
 # torch and torchvision are hard dependencies: a broken install fails here, never skips.
 import torch
+from support import write_plate_exr
 from torchvision.models.optical_flow import raft_large, raft_small
 
 from dlserver import cli, exr
 from dlserver import weights as W
 from dlserver.color import linear_to_srgb
 from dlserver.registry import import_model_folder
-from support import write_plate_exr
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "raft"
 M = import_model_folder(MODEL_DIR)  # as the server imports it
@@ -125,9 +125,9 @@ def test_shifted_plate_in_nukes_convention(weights, monkeypatch) -> None:
         out = torch.zeros(pairs, 2, h, w)
         core = images[0, :, 16:-16, 16:-16]
         for k in range(pairs):
-            best = min(((float((images[1 + k, :, 16 + dy:h - 16 + dy, 16 + dx:w - 16 + dx]
+            best = min((float((images[1 + k, :, 16 + dy:h - 16 + dy, 16 + dx:w - 16 + dx]
                                - core).abs().mean()), dx, dy)
-                        for dx in range(-8, 9) for dy in range(-8, 9)))
+                        for dx in range(-8, 9) for dy in range(-8, 9))
             out[k, 0], out[k, 1] = best[1], best[2]
         return out
 
