@@ -99,8 +99,7 @@ def prepare(ctx: SessionContext, msg: Message) -> Job:
     check_version(cls, header)
     options = cls.resolve_options(header.get("options"))
     ctx.check_path_options(cls, options)
-    refs = header.get("inputs")
-    check_input_names(cls, refs)
+    refs = check_input_names(cls, header.get("inputs"))
     out_specs = header.get("outputs") or {}
     if not isinstance(out_specs, dict) or set(out_specs) - set(cls.outputs):
         raise BadRequest(f"'outputs' may name {sorted(cls.outputs)}")
@@ -156,12 +155,12 @@ def prepare(ctx: SessionContext, msg: Message) -> Job:
     return job
 
 
-def check_input_names(cls: Type[Model], refs: Any) -> None:
-    """`inputs` must name every declared input, except those declared
+def check_input_names(cls: Type[Model], refs: Any) -> Dict[str, Any]:
+    """`inputs` (returned) must name every declared input, except those declared
     `at_sequence_end="omit"`, which a client leaves out at a sequence's end."""
     required = {n for n, layer in cls.inputs.items() if not layer.may_be_omitted}
     if isinstance(refs, dict) and required <= set(refs) <= set(cls.inputs):
-        return
+        return refs
     got = sorted(refs) if isinstance(refs, dict) else refs
     optional = sorted(set(cls.inputs) - required)
     also = (f" ({', '.join(optional)} may be left out at a sequence end: the model's "
