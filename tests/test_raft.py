@@ -167,6 +167,11 @@ def test_declaration() -> None:
     assert {d["at_sequence_end"] for n, d in described["inputs"].items() if n != "src"} == {"omit"}
     assert described["outputs"]["forward"]["channels"] == ["forward.u", "forward.v"]
     assert described["outputs"]["backward"]["channels"] == ["backward.u", "backward.v"]
+    from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weights
+
+    # the files torchvision's weights enums name as their defaults
+    assert [w.url for w in M.Raft.weights_files] == [Raft_Large_Weights.DEFAULT.url,
+                                                     Raft_Small_Weights.DEFAULT.url]
     assert [w.sha256 for w in M.Raft.weights_files] == ["ff5fadd5", "01064c6d"]
 
 
