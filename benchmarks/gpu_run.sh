@@ -3,12 +3,13 @@
 # CUDA box): model benchmarks, the CUDA tests of the model authors, the end-to-end
 # sequence and the transport figures. Logs go to $OUT (default ./perf_out).
 #
-#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|devices|depth]
+#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|devices|depth|raft]
 #       io: end to end and transport only; e2e: end to end (with --nuke) only;
 #       models: model benchmarks and CUDA tests only;
 #       devices: one server over every GPU (--devices): 1 GPU vs 2, 200 1080p frames
 #       (FRAMES=N and COUNTS=1,2,4 change that)
 #       depth: depth_anything_v2 at 1080p, fp16 / CUDA graph vs fp32 eager, and its CUDA test
+#       raft: RAFT at 1080p, the model's paths against eager torchvision (bench_raft.py)
 #
 # Needs torch/torchvision with CUDA, numpy, opencv, pytest; OpenEXR is installed from
 # wheels in .whl/ when it is missing (the device machine has no network: carry .whl).
@@ -51,6 +52,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     tail -n 40 "$OUT/$name.log"
 }
 
+if [ "$QUICK" = raft ]; then
+    step bench_raft 280 python3 benchmarks/bench_raft.py --device cuda \
+        --json "$OUT/bench_raft.json"
+    exit 0
+fi
 if [ "$QUICK" = devices ]; then
     step bench_devices 590 python3 benchmarks/bench_devices.py --frames "${FRAMES:-200}" \
         ${COUNTS:+--counts "$COUNTS"} --json "$OUT/bench_devices.json"

@@ -20,10 +20,11 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .client import Client, DLServerError
 from .files import sweep_stale
+from .sequence import frame_offset, image_inputs, input_frames
 
 # --- frame patterns ------------------------------------------------------------------------------
 
@@ -178,8 +179,8 @@ def open_client(args: argparse.Namespace, folders: Sequence[str] = ()) -> Client
 def cmd_models(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         for model in client.models():
-            ins = ", ".join(f"{k}({''.join(c.split('.')[-1] for c in v['channels'])})"
-                            for k, v in model["inputs"].items())
+            ins = ", ".join(f"{k}({''.join(c.split('.')[-1] for c in v['channels'])}"
+                            f"{offset_text(v)})" for k, v in model["inputs"].items())
             outs = ", ".join(f"{k}({len(v['channels'])} ch)" for k, v in model["outputs"].items())
             print(f"{model['name']:<14} {model['label']}  [v{model['version']}, "
                   f"{model['colorspace']}]  in: {ins}  out: {outs}")
@@ -192,6 +193,15 @@ def cmd_models(args: argparse.Namespace) -> int:
                 default = "" if opt["type"] == "button" else f" = {opt['default']!r}"
                 print(f"    {opt['name']:<20} {opt['type']:<7}{default}{detail}  {opt['help']}")
     return 0
+
+
+def offset_text(layer: Dict[str, Any]) -> str:
+    """" at frame +1, omitted at the ends" for an input at a frame offset, else ""."""
+    offset = frame_offset(layer)
+    if not offset:
+        return ""
+    end = "omitted" if layer.get("at_sequence_end") == "omit" else "nearest frame held"
+    return f" at frame {offset:+d}, {end} at the ends"
 
 
 def parse_extra_inputs(items: Sequence[str]) -> Dict[str, str]:
@@ -314,12 +324,30 @@ def infer_range(args: argparse.Namespace, frames: List[Optional[int]], extra: Di
         where = f"the server at {args.server}" if args.server else "the embedded server"
         declaration = model_declaration(client, args.model, where)
         options = parse_settings(args.set, declaration)
-        input_names = list(declaration["inputs"])
+        input_names = image_inputs(declaration["inputs"])
         patterns = {input_names[0]: args.input, **extra}
         missing = [n for n in input_names if n not in patterns]
         if missing:
             raise ValueError(f"model {args.model!r} also needs inputs {missing}: "
                              f"add --input NAME=PATTERN for each")
+        unknown = sorted(set(patterns) - set(input_names))
+        if unknown:
+            raise ValueError(f"model {args.model!r} has no input {', '.join(unknown)} to give "
+                             f"with --input; its inputs: {', '.join(input_names)}"
+                             + (" (the others are the first input at other frames, read "
+                                "from its sequence)" if len(input_names) < len(
+                                    declaration["inputs"]) else ""))
+        window: Optional[NeighbourFrames] = None
+        if len(input_names) < len(declaration["inputs"]):  # the model sees other frames
+            if frames == [None]:
+                raise ValueError(f"model {args.model!r} looks at neighbouring frames: give "
+                                 f"the input as a sequence (in.####.exr) with --frames")
+            window = NeighbourFrames(declaration["inputs"], patterns,
+                                     [f for f in frames if f is not None])
+            missing = window.missing([f for f in frames if f is not None])
+            if missing:
+                raise ValueError(f"{len(missing)} neighbouring input file(s) missing, e.g. "
+                                 + "; ".join(missing[:3]))
         jobs = [({n: frame_path(p, frame) if frame is not None else p
                   for n, p in patterns.items()},
                  frame_path(args.output, frame) if frame is not None else args.output, frame)
@@ -329,7 +357,8 @@ def infer_range(args: argparse.Namespace, frames: List[Optional[int]], extra: Di
         # that failed before any.
         created = make_dirs(os.path.dirname(os.path.abspath(args.output)))
         try:
-            run_range(client, args.model, options, jobs, args.pipeline, progress)
+            run_range(client, args.model, options, jobs, args.pipeline, progress,
+                      window.inputs if window is not None else None)
         except BaseException:
             if progress.done == 0:
                 remove_empty(created)
@@ -337,18 +366,93 @@ def infer_range(args: argparse.Namespace, frames: List[Optional[int]], extra: Di
     return 0
 
 
+def read_frame(path: str) -> bytes:
+    """Read frame N: one input EXR's bytes (sent inline; the server decodes them)."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class NeighbourFrames:
+    """The inputs of a model that sees neighbouring frames (declared frame offsets), each
+    frame of the sequence read once: frame N+1, read as frame N's "next" input, is kept
+    and is frame N+1's own input (and N+2's "previous") when their turns come. A frame
+    is dropped once the last request that needs it was sent, so a range holds about
+    (largest offset span + 1) frames. Layered above `read_frame` ("read frame N").
+
+    The sequence's ends (where "hold" and "omit" inputs apply, dlserver.sequence) are
+    the first input's files on disk: the processed frames, extended by the files that
+    exist next to them as far as the declared offsets reach."""
+
+    def __init__(self, inputs: Dict[str, Any], patterns: Dict[str, str],
+                 frames: List[int]) -> None:
+        self.inputs_decl = inputs
+        self.patterns = patterns
+        self.first_input = next(iter(inputs))
+        offsets = [frame_offset(layer) for layer in inputs.values()]
+        self.first, self.last = sequence_ends(patterns[self.first_input], frames,
+                                              min(offsets), max(offsets))
+        self.uses: Dict[str, int] = {}  # path -> requests not yet sent that need it
+        for frame in frames:
+            for path in self.paths(frame).values():
+                self.uses[path] = self.uses.get(path, 0) + 1
+        self.held: Dict[str, bytes] = {}
+
+    def paths(self, frame: int) -> Dict[str, str]:
+        """{input name: the file that feeds it} for `frame` (left-out inputs absent)."""
+        paths = {}
+        for name, at in input_frames(self.inputs_decl, frame, self.first, self.last).items():
+            if at is not None:  # an input at an offset is the first input at another frame
+                pattern = self.patterns.get(name, self.patterns[self.first_input])
+                paths[name] = frame_path(pattern, at)
+        return paths
+
+    def missing(self, frames: List[int]) -> List[str]:
+        return [f"{path} (needed by frame {frame})" for frame in frames
+                for path in self.paths(frame).values() if not os.path.isfile(path)]
+
+    def inputs(self, job: Any) -> Dict[str, Any]:
+        """The EXRs of `job`'s frame (bytes), read where not held; called as the frame is
+        sent (again after a server restart: a frame already dropped is read again)."""
+        sources = {}
+        for name, path in self.paths(job[2]).items():
+            if path not in self.held:
+                self.held[path] = read_frame(path)
+            sources[name] = self.held[path]
+            self.uses[path] = self.uses.get(path, 0) - 1
+            if self.uses[path] <= 0:
+                del self.held[path]
+        return sources
+
+
+def sequence_ends(pattern: str, frames: List[int], before: int, after: int) -> Tuple[int, int]:
+    """(first, last) of the sequence around `frames`: their range, widened by the files
+    of `pattern` that exist next to it, at most `-before` frames down and `after` up."""
+    first, last = min(frames), max(frames)
+    for _ in range(max(0, -before)):
+        if not os.path.isfile(frame_path(pattern, first - 1)):
+            break
+        first -= 1
+    for _ in range(max(0, after)):
+        if not os.path.isfile(frame_path(pattern, last + 1)):
+            break
+        last += 1
+    return first, last
+
+
 def run_range(client: Client, model: str, options: Dict[str, Any], jobs: List[Any],
-              depth: int, progress: Progress) -> None:
+              depth: int, progress: Progress,
+              inputs_for: Optional[Callable[[Any], Dict[str, Any]]] = None) -> None:
     """Keep `depth` frames in flight. A lost embedded server is restarted and the frames
     in flight sent again, once per loss: a second loss before any frame completes is
-    reported."""
+    reported. `inputs_for(job)`: the job's inputs as it is sent (default: its paths)."""
     queue = list(jobs)
     in_flight: List[Any] = []  # (job, pending), oldest first
     may_restart = client.can_restart
     while queue or in_flight:
         while queue and len(in_flight) < depth:
             paths, out, _ = job = queue.pop(0)
-            in_flight.append((job, client.submit_exr(model, paths, out, options)))
+            sources = inputs_for(job) if inputs_for is not None else paths
+            in_flight.append((job, client.submit_exr(model, sources, out, options)))
         job, pending = in_flight[0]
         try:
             collect(pending, model, progress)

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 
 from .files import write_atomic
 from .protocol import (
@@ -53,6 +53,9 @@ LOGIN_LIMITS = Limits(max_header=64 << 10, max_body=0, max_buffers=0)
 REPLY_HEADER_LIMIT = 64 << 20
 MAX_REPLY_MB = 4096  # the server's default --max-message-mb
 REPLY_SLACK = 1 << 20  # EXR headers and offset tables beside the pixels
+# An EXR input: a file's path, or the bytes of one already read (a sequence's frame read
+# once and sent for each request that needs it: dlserver infer's neighbour frames).
+ExrSource = Union[str, bytes]
 
 
 class DLServerError(Exception):
@@ -481,7 +484,7 @@ class Client:
         msg = self.receive(self.send("infer", buffers, **fields), timeout)
         return InferReply(msg.header, msg.buffers)
 
-    def infer_exr(self, model: str, inputs: Dict[str, str], output_path: str,
+    def infer_exr(self, model: str, inputs: Dict[str, ExrSource], output_path: str,
                   options: Optional[Dict[str, Any]] = None,
                   timeout: Optional[float] = None, version: Optional[str] = None,
                   content_hash: bool = False) -> InferReply:
@@ -491,18 +494,21 @@ class Client:
         return self.submit_exr(model, inputs, output_path, options, version,
                                content_hash).result(timeout)
 
-    def _exr_refs(self, inputs: Dict[str, str]) -> Tuple[Dict[str, Dict[str, Any]], List[bytes]]:
-        """Frame references for EXR files: by reference where the server can see them,
-        else their bytes inline."""
+    def _exr_refs(self, inputs: Dict[str, ExrSource]) -> Tuple[Dict[str, Dict[str, Any]],
+                                                               List[Any]]:
+        """Frame references for EXR inputs: a file by reference where the server can see
+        it, else its bytes inline; an EXR already read (bytes) inline as it is."""
         refs: Dict[str, Dict[str, Any]] = {}
-        buffers: List[bytes] = []
-        for name, path in inputs.items():
-            if self.can_write(path):
-                refs[name] = {"kind": "file", "format": "exr", "path": os.path.abspath(path)}
-            else:
-                with open(path, "rb") as f:
-                    buffers.append(f.read())
-                refs[name] = {"kind": "inline", "format": "exr", "buffer": len(buffers) - 1}
+        buffers: List[Any] = []
+        for name, source in inputs.items():
+            if isinstance(source, str) and self.can_write(source):
+                refs[name] = {"kind": "file", "format": "exr", "path": os.path.abspath(source)}
+                continue
+            if isinstance(source, str):
+                with open(source, "rb") as f:
+                    source = f.read()
+            buffers.append(source)
+            refs[name] = {"kind": "inline", "format": "exr", "buffer": len(buffers) - 1}
         return refs, buffers
 
     def _result_exr(self) -> Tuple[Dict[str, Any], Optional[str]]:
@@ -530,7 +536,7 @@ class Client:
                 os.unlink(tmp)
             raise
 
-    def submit_exr(self, model: str, inputs: Dict[str, str], output_path: str,
+    def submit_exr(self, model: str, inputs: Dict[str, ExrSource], output_path: str,
                    options: Optional[Dict[str, Any]] = None, version: Optional[str] = None,
                    content_hash: bool = False) -> PendingExr:
         """`infer_exr` without waiting: submit the next frames of a range while the
@@ -546,7 +552,7 @@ class Client:
                              content_hash)
         return PendingExr(self, rid, output_path, tmp)
 
-    def submit_exr_to_cache(self, model: str, inputs: Dict[str, str], cache_dir: str,
+    def submit_exr_to_cache(self, model: str, inputs: Dict[str, ExrSource], cache_dir: str,
                             options: Optional[Dict[str, Any]] = None,
                             version: Optional[str] = None) -> PendingExr:
         """Like `submit_exr`, into a content-addressed folder: the result is
@@ -564,10 +570,10 @@ class Client:
                                  {"kind": "cache", "dir": cache_dir}, None, version, True)
             return PendingExr(self, rid, None, None)
         # The server can't see the folder: the same hash, computed here.
-        from .content_hash import combine_hashes, exr_content_hash
+        from .content_hash import exr_content_hash, inputs_hash
         decl = self.model(model)
-        order = [n for n in decl.get("inputs", {}) if n in inputs] or list(inputs)
-        digest = combine_hashes([exr_content_hash(inputs[n]) for n in order])
+        digest = inputs_hash(list(decl.get("inputs", {})) or list(inputs),
+                             {n: exr_content_hash(source) for n, source in inputs.items()})
         path = os.path.join(cache_dir, f"{digest}.exr")
         # (a version that differs goes to the server, which refuses it with its message)
         if (version is None or str(decl.get("version")) == version) and os.path.isfile(path):

@@ -24,7 +24,7 @@ import stat
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Sequence, Tuple, Union
 
 MAGIC = b"\x76\x2f\x31\x01"
 # The header attributes that decide the pixels (the rest is metadata).
@@ -38,6 +38,17 @@ Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
 
 class OutOfData(ValueError):
     """The header runs past the bytes looked at (maybe not past the file)."""
+
+
+ABSENT = "absent"  # stands in the combined hash for an input a request left out
+
+
+def inputs_hash(order: Sequence[str], hashes: Mapping[str, str]) -> str:
+    """The input hash of one request: `combine_hashes` over the model's declared input
+    order, an input the request left out (declared `at_sequence_end="omit"`, at a
+    sequence's end) counted as ABSENT, so its result never shares a key with a request
+    that had the input."""
+    return combine_hashes([hashes.get(name, ABSENT) for name in order])
 
 
 def combine_hashes(hashes: Sequence[str]) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 import numpy as np
 
 from . import exr as exrio
-from .content_hash import combine_hashes
+from .content_hash import inputs_hash
 from .context import SessionContext
 from .errors import (
     BadFrame,
@@ -99,10 +99,7 @@ def prepare(ctx: SessionContext, msg: Message) -> Job:
     check_version(cls, header)
     options = cls.resolve_options(header.get("options"))
     ctx.check_path_options(cls, options)
-    refs = header.get("inputs")
-    if not isinstance(refs, dict) or set(refs) != set(cls.inputs):
-        got = sorted(refs) if isinstance(refs, dict) else refs
-        raise BadRequest(f"model {cls.name!r} takes inputs {sorted(cls.inputs)}; got {got!r}")
+    refs = check_input_names(cls, header.get("inputs"))
     out_specs = header.get("outputs") or {}
     if not isinstance(out_specs, dict) or set(out_specs) - set(cls.outputs):
         raise BadRequest(f"'outputs' may name {sorted(cls.outputs)}")
@@ -124,8 +121,8 @@ def prepare(ctx: SessionContext, msg: Message) -> Job:
     reader = FrameReader(msg.buffers, ctx.shm, ctx.exchange, ctx.limits)
     content_hash = None
     if want_hash:  # in the model's declared input order
-        content_hash = combine_hashes([reader.content_hash(name, refs[name])
-                                       for name in cls.inputs])
+        content_hash = inputs_hash(list(cls.inputs), {name: reader.content_hash(name, ref)
+                                                      for name, ref in refs.items()})
     if cache_dir is not None:
         path = os.path.join(cache_dir, f"{content_hash}.exr")
         kept = {k: v for k, v in (exr_spec or {}).items() if k != "dir"}  # pixel_type
@@ -142,6 +139,8 @@ def prepare(ctx: SessionContext, msg: Message) -> Job:
             return job
     arrays: Dict[str, np.ndarray] = {}
     for name, layer in cls.inputs.items():
+        if name not in refs:  # left out at a sequence end (check_input_names allowed it)
+            continue
         pixels = reader.read(name, refs[name], layer)
         if arrays and pixels.shape[:2] != next(iter(arrays.values())).shape[:2]:
             raise BadFrame(f"input {name!r} is {pixels.shape[1]}x{pixels.shape[0]}; all inputs "
@@ -154,6 +153,20 @@ def prepare(ctx: SessionContext, msg: Message) -> Job:
               content_hash=content_hash, cache=cache_dir is not None)
     job.timing["read_s"] = time.perf_counter() - t0
     return job
+
+
+def check_input_names(cls: Type[Model], refs: Any) -> Dict[str, Any]:
+    """`inputs` (returned) must name every declared input, except those declared
+    `at_sequence_end="omit"`, which a client leaves out at a sequence's end."""
+    required = {n for n, layer in cls.inputs.items() if not layer.may_be_omitted}
+    if isinstance(refs, dict) and required <= set(refs) <= set(cls.inputs):
+        return refs
+    got = sorted(refs) if isinstance(refs, dict) else refs
+    optional = sorted(set(cls.inputs) - required)
+    also = (f" ({', '.join(optional)} may be left out at a sequence end: the model's "
+            f"frame-offset inputs)" if optional else "")
+    raise BadRequest(f"model {cls.name!r} takes inputs {sorted(cls.inputs)}{also}; "
+                     f"got {got!r}")
 
 
 def check_version(cls: Type[Model], header: Dict[str, Any]) -> None:

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from .weights import WeightsFile
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# What a model gets for an input at a frame offset whose frame lies outside the sequence:
+# "hold" the nearest frame that exists, or "omit" the input (the model's `infer` finds no
+# such key and makes its "nothing to compare with" result, e.g. zero motion vectors).
+SEQUENCE_ENDS = ("hold", "omit")
+MAX_FRAME_OFFSET = 1000
 CHANNEL_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?$")
 
 
@@ -176,16 +181,33 @@ class Button(Option):
 class Layer:
     """An input or output image layer: EXR-style channel names, e.g. ("R", "G", "B", "A")
     or ("matte.A",). `color` marks the channels the server converts between
-    scene-linear and the model's colorspace (R, G, B of colour layers; never alpha)."""
+    scene-linear and the model's colorspace (R, G, B of colour layers; never alpha).
+
+    `frame_offset` (inputs only): this input is the model's first input at frame
+    N + frame_offset when frame N is processed, e.g. `Layer(("R", "G", "B"),
+    frame_offset=+1)` for the next frame. The clients (`dlserver infer`, the Nuke node,
+    `dlserver.sequence.input_frames`) pick and send that frame; the server sees pictures
+    only. `at_sequence_end` says what happens when N + frame_offset lies outside the
+    sequence: "hold" sends the nearest frame that exists (the sequence's first or last),
+    "omit" leaves the input out of the request and out of `infer`'s inputs."""
 
     channels: Tuple[str, ...] = ("R", "G", "B", "A")
     color: bool = True
     help: str = ""
     fill: float = 0.0  # value of a channel the source lacks (Nuke treats missing as 0)
     optional: bool = False  # an output a model may leave out (a mode that doesn't fill it)
+    frame_offset: int = 0
+    at_sequence_end: str = "hold"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
+        if (isinstance(self.frame_offset, bool) or not isinstance(self.frame_offset, int)
+                or abs(self.frame_offset) > MAX_FRAME_OFFSET):
+            raise ValueError(f"frame_offset must be an integer within ±{MAX_FRAME_OFFSET}, "
+                             f"not {self.frame_offset!r}")
+        if self.at_sequence_end not in SEQUENCE_ENDS:
+            raise ValueError(f"at_sequence_end must be one of {SEQUENCE_ENDS}, "
+                             f"not {self.at_sequence_end!r}")
         if not self.channels:
             raise ValueError("a layer needs at least one channel")
         for c in self.channels:
@@ -201,9 +223,18 @@ class Layer:
         return tuple(i for i, c in enumerate(self.channels)
                      if c.rsplit(".", 1)[-1].upper() in ("R", "G", "B", "RED", "GREEN", "BLUE"))
 
+    @property
+    def may_be_omitted(self) -> bool:
+        """An input a request may leave out: at a sequence end, by its declaration."""
+        return self.frame_offset != 0 and self.at_sequence_end == "omit"
+
     def describe(self) -> Dict[str, Any]:
-        return {"channels": list(self.channels), "color": self.color, "help": self.help,
-                "optional": self.optional}
+        described = {"channels": list(self.channels), "color": self.color, "help": self.help,
+                     "optional": self.optional}
+        if self.frame_offset:  # absent: frame offset 0 (what clients older than it assume)
+            described.update(frame_offset=self.frame_offset,
+                             at_sequence_end=self.at_sequence_end)
+        return described
 
 
 @dataclass
@@ -237,7 +268,9 @@ class Model:
     converts_color  True: an "srgb" model converts colour itself (e.g. on its GPU with
                 dlserver.color.linear_to_srgb_torch / srgb_to_linear_torch): the server
                 then gives it scene-linear inputs and takes scene-linear colour outputs
-    inputs      {name: Layer}   all inputs share one width and height
+    inputs      {name: Layer}   all inputs share one width and height; the first is
+                                the frame processed (frame offset 0); others may be
+                                that input at other frames (Layer(frame_offset=...))
     outputs     {name: Layer}   each output has the first input's width and height;
                                 Layer(optional=True) outputs may be left out of a result
     options     (Option, ...)   typed, with defaults, ranges and help
@@ -287,6 +320,12 @@ class Model:
             for layer_name, layer in layers.items():
                 if not NAME_RE.match(layer_name) or not isinstance(layer, Layer):
                     raise ValueError(f"{cls.name}: bad {kind} entry {layer_name!r}")
+        first = next(iter(cls.inputs.values()))
+        if first.frame_offset:
+            raise ValueError(f"{cls.name}: the first input is the frame processed: its "
+                             f"frame_offset must be 0")
+        if any(layer.frame_offset for layer in cls.outputs.values()):
+            raise ValueError(f"{cls.name}: outputs have no frame offset")
         names = [o.name for o in cls.options]
         if len(set(names)) != len(names):
             raise ValueError(f"{cls.name}: duplicate option names")
@@ -330,7 +369,8 @@ class Model:
         """Free what `load` took (GPU memory first)."""
 
     def infer(self, inputs: Dict[str, Any], options: Dict[str, Any]) -> Any:
-        """inputs: {name: float32 array HxWxC, read-only}; returns {output: array} or Result."""
+        """inputs: {name: float32 array HxWxC, read-only}; returns {output: array} or Result.
+        An input declared `at_sequence_end="omit"` is absent at a sequence's end."""
         raise NotImplementedError
 
     def infer_batch(self, batch: Sequence[Dict[str, Any]], options: Dict[str, Any]) -> list:

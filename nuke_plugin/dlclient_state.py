@@ -29,6 +29,8 @@ SCHEMA = 1
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")  # model, input and option names
 OPTION_TYPES = ("bool", "int", "float", "string", "choice", "button")
 KNOB_PREFIX = "dlopt_"  # option knobs are named dlopt_<option name>
+SEQUENCE_ENDS = ("hold", "omit")  # as dlserver.model declares them
+MAX_FRAME_OFFSET = 1000
 
 
 class StateError(ValueError):
@@ -60,9 +62,7 @@ def check_declaration(decl: Mapping[str, Any]) -> Dict[str, Any]:
     name = decl.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise StateError(f"the server sent a model with an invalid name {plain_text(name)!r}")
-    inputs = list(decl.get("inputs") or {})
-    if not inputs or not all(isinstance(i, str) and NAME_RE.match(i) for i in inputs):
-        raise StateError(f"model {name!r} declares invalid input names")
+    inputs, frame_inputs = _inputs(name, decl)
     options: List[Dict[str, Any]] = []
     for opt in decl.get("options") or []:
         oname, otype = opt.get("name"), opt.get("type")
@@ -84,7 +84,41 @@ def check_declaration(decl: Mapping[str, Any]) -> Dict[str, Any]:
         options.append(clean)
     return {"name": name, "label": plain_text(decl.get("label") or name, 200),
             "version": str(decl.get("version", "")), "help": plain_text(decl.get("help") or ""),
-            "inputs": inputs, "options": options}
+            "inputs": inputs, "frame_inputs": frame_inputs, "options": options}
+
+
+def _inputs(name: str, decl: Mapping[str, Any]) -> Tuple[List[str], Dict[str, Dict[str, Any]]]:
+    """(the node's own inputs: pictures at the processed frame, in declared order;
+    {input: {"frame_offset", "at_sequence_end"}} for the inputs that are the first one
+    at another frame, rendered by the node at that frame). From a server's declaration
+    (inputs described one by one) or a saved one (already split)."""
+    raw = decl.get("inputs") or {}
+    if isinstance(raw, Mapping):
+        entries = list(raw.items())
+    else:  # saved: the pictures' names, then the frame inputs
+        saved = decl.get("frame_inputs")
+        entries = [(n, {}) for n in raw] + list((saved if isinstance(saved, Mapping)
+                                                 else {}).items())
+    described = dict(entries)
+    if not entries or len(described) != len(entries) \
+            or not all(isinstance(i, str) and NAME_RE.match(i) for i in described):
+        raise StateError(f"model {name!r} declares invalid input names")
+    pictures: List[str] = []
+    frame_inputs: Dict[str, Dict[str, Any]] = {}
+    for input_name, layer in described.items():
+        offset = layer.get("frame_offset", 0) if isinstance(layer, Mapping) else 0
+        if offset == 0:
+            pictures.append(input_name)
+            continue
+        at_end = layer.get("at_sequence_end", "hold")
+        if isinstance(offset, bool) or not isinstance(offset, int) \
+                or abs(offset) > MAX_FRAME_OFFSET or at_end not in SEQUENCE_ENDS:
+            raise StateError(f"model {name!r}: input {input_name!r} has an invalid frame "
+                             f"offset")
+        frame_inputs[input_name] = {"frame_offset": offset, "at_sequence_end": at_end}
+    if not pictures or next(iter(described)) != pictures[0]:
+        raise StateError(f"model {name!r}: its first input must be at frame offset 0")
+    return pictures, frame_inputs
 
 
 def _fallback_default(opt: Mapping[str, Any]) -> Any:

@@ -12,6 +12,13 @@ The internal Read's file is `[cache_path]/nodes/[node_id]/[result_key]/####.exr`
 looking a frame up is O(1) whatever the shot's length, and any knob change (a new
 settings key) points it at a folder without stale results.
 
+A model that sees neighbouring frames (inputs declared at a frame offset) gets its
+first input rendered at those frames too, each frame once per run: a frame rendered as
+frame N's "next" is frame N+1's own input, and its file stays until no frame left to do
+needs it. The sequence's ends are the first input's frame range (Node.firstFrame /
+lastFrame). The input hash covers every picture sent, so the cache key holds every
+frame a result depends on.
+
 The input hash: an embedded server that may write into the cache hashes the input
 while it reads it and skips the model when the result exists (a server-side cache
 hit); otherwise (remote server, or a cache folder the server may not write) the
@@ -30,6 +37,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import dlclient_state as st
 import nuke
+
+from dlserver.sequence import frames_needed, input_frames
 
 from . import connections, threads
 from . import knobs as kn
@@ -62,10 +71,30 @@ class Job:
     cancelled: bool = False
     message: str = ""
     files: List[str] = field(default_factory=list)  # rendered inputs not yet removed
+    first: int = 0  # the first input's frame range: where neighbouring frames end
+    last: int = 0
+    rendered: Dict[Tuple[int, int], str] = field(default_factory=dict)  # (input, frame)
 
     @property
     def inputs(self) -> List[str]:
+        """The node's own inputs (pictures at the processed frame), in declared order."""
         return list(self.decl["inputs"])
+
+    @property
+    def described_inputs(self) -> Dict[str, Dict[str, Any]]:
+        """Every model input with its frame offset, as dlserver.sequence reads them."""
+        return {**{name: {} for name in self.inputs}, **self.decl.get("frame_inputs", {})}
+
+    def frames_of(self, frame: int) -> Dict[str, Optional[int]]:
+        """{input: the frame whose picture feeds it for `frame`, None: left out}."""
+        return input_frames(self.described_inputs, frame, self.first, self.last)
+
+    def renders(self, frames: Sequence[int]) -> Dict[int, List[int]]:
+        """{node input index: the frames to render for `frames`}: the first input at
+        every frame they need (neighbours too), the others at `frames` only."""
+        needed = {0: frames_needed(self.described_inputs, list(frames), self.first, self.last)}
+        needed.update({index: sorted(frames) for index in range(1, len(self.inputs))})
+        return needed
 
     def frame_key(self, frame: int) -> str:
         return kn.frame_key(self.model, self.decl, self.options[frame])
@@ -110,10 +139,21 @@ def make_job(node: nuke.Node, frames: Sequence[int]) -> Job:
     kn.store_state(node, state["model"], decl, kn.read_options(node, decl))
     cache = kn.sync_cache_path(node)
     kn.remember_inputs(node)
+    first, last = _sequence_range(node, frames)
     return Job(node=node.fullName(), server=server_key(node), model=state["model"],
                decl=decl, cache=cache, link_dir=kn.link_root(node), frames=list(frames),
                options={f: kn.read_options(node, decl, f) for f in frames},
-               gui=bool(nuke.env["gui"]))
+               gui=bool(nuke.env["gui"]), first=first, last=last)
+
+
+def _sequence_range(node: nuke.Node, frames: Sequence[int]) -> Tuple[int, int]:
+    """The first input's frame range, widened to the frames asked for: where a model's
+    neighbouring frames end (Node.firstFrame/lastFrame:
+    https://learn.foundry.com/nuke/developers/latest/pythonreference/_autosummary/nuke.Node.html)."""
+    upstream = node.input(0)
+    first, last = (upstream.firstFrame(), upstream.lastFrame()) if upstream is not None \
+        else (min(frames), max(frames))
+    return min(int(first), min(frames)), max(int(last), max(frames))
 
 
 def process(node: nuke.Node, frames: Sequence[int], live: bool = False,
@@ -179,6 +219,7 @@ def run_job(job: Job) -> Job:
             if job.server[0] != "embedded" or not connections.is_server_gone(exc):
                 raise
             connections.forget(job.server)
+            job.rendered.clear()  # they were in the lost server's exchange dir
             print(f"DLClient: {exc}; restarting the embedded server once", file=sys.stderr)
             _pipeline(job, task)
         if task is not None and not job.cancelled:
@@ -202,12 +243,12 @@ def _pipeline(job: Job, task: Any) -> None:
         if _cancelled(job, task):
             break
         chunk = todo[start:start + CHUNK]
-        rendered = threads.in_main(render_inputs, job, chunk, exchange)
-        if rendered is None:  # the artist cancelled Nuke's own render
-            job.cancelled = True
+        wanted = {index: [f for f in fs if (index, f) not in job.rendered]
+                  for index, fs in job.renders(chunk).items()}
+        if not threads.in_main(render_inputs, job, wanted, exchange):
+            job.cancelled = True  # the artist cancelled Nuke's own render
             break
-        in_flight.append([(f, _submit(job, client, f, rendered[f], exchange))
-                          for f in chunk])
+        in_flight.append([(f, _submit(job, client, f, exchange)) for f in chunk])
         if len(in_flight) > 1:
             _collect(job, in_flight.pop(0), task)
     while in_flight:
@@ -221,10 +262,14 @@ def _cancelled(job: Job, task: Any) -> bool:
     return job.cancelled
 
 
-def _submit(job: Job, client: Any, frame: int, paths: List[str], exchange: str) -> Any:
+def _submit(job: Job, client: Any, frame: int, exchange: str) -> Any:
     """Send one frame; returns (kind, pending reply). A button press answers with a
     message and its pixels are not kept."""
-    inputs = dict(zip(job.inputs, paths))
+    inputs = {}
+    for name, at in job.frames_of(frame).items():
+        if at is not None:  # an input at a frame offset is the first input at that frame
+            index = job.inputs.index(name) if name in job.inputs else 0
+            inputs[name] = job.rendered[(index, at)]
     options = {**job.options[frame], **job.buttons}
     version = job.decl["version"]
     folder = os.path.join(job.cache, job.frame_key(frame))
@@ -244,11 +289,11 @@ def _collect(job: Job, submitted: List[Tuple[int, Any]], task: Any) -> None:
         reply = pending.result()
         if reply.message:
             job.message = str(reply.message)
-        _remove(job, frame)
         if kind == "result":
             link_result(job.link_dir, frame, reply.output_path)
             threads.in_main(frame_done, job, frame)
         job.done.append(frame)
+        _remove(job, unneeded=True)
         _progress(job, task, frame)
 
 
@@ -261,17 +306,25 @@ def _progress(job: Job, task: Any, frame: int) -> None:
         print(f"DLClient {job.node}: frame {frame} ({count}/{total})")
 
 
-def _remove(job: Job, frame: Optional[int] = None) -> None:
-    """Remove the job's temporary files: those of `frame` (its rendered inputs, a button
-    press's result), or all of them."""
+def _remove(job: Job, unneeded: bool = False) -> None:
+    """Remove the job's temporary files: with `unneeded`, the rendered inputs no frame
+    left to do needs (a neighbour stays for the frames that read it) and a button
+    press's result; else all of them."""
+    keep = set()
+    left = [f for f in job.frames if f not in job.done] if unneeded else []
+    if left:
+        needed = {index: set(frames) for index, frames in job.renders(left).items()}
+        keep = {path for (index, frame), path in job.rendered.items()
+                if frame in needed.get(index, ())}
     for path in list(job.files):
-        if frame is None or path.endswith(f".{frame:04d}.exr") \
-                or os.path.basename(path).startswith("press-"):
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-            job.files.remove(path)
+        if path in keep:
+            continue
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        job.files.remove(path)
+    job.rendered = {k: p for k, p in job.rendered.items() if p in keep}
 
 
 def link_result(link_dir: str, frame: int, result: str) -> None:
@@ -293,39 +346,41 @@ def frame_link(link_dir: str, frame: int) -> str:
 
 
 # ============================================================================ main thread
-def render_inputs(job: Job, frames: List[int], exchange: str) -> Optional[Dict[int, List[str]]]:
-    """Main thread: render every model input of `frames` to EXRs in `exchange` with the
-    node's internal Writes (disabled except while executing), one nuke.execute per run
-    of consecutive frames. None when the artist cancelled Nuke's progress meter.
+def render_inputs(job: Job, frames: Dict[int, List[int]], exchange: str) -> bool:
+    """Main thread: render the node's inputs at `frames` ({input index: frames}) to EXRs
+    in `exchange` with the node's internal Writes (disabled except while executing), one
+    nuke.execute per run of consecutive frames; job.rendered says where each went. False
+    when the artist cancelled Nuke's progress meter.
     nuke.execute: https://learn.foundry.com/nuke/developers/132/pythondevguide/_autosummary/nuke.execute.html"""
     node = nuke.toNode(job.node)
     if node is None:
         raise RuntimeError(f"node {job.node} was deleted")
     assert isinstance(node, nuke.Group)
     stem = os.path.join(exchange, f"in-{uuid.uuid4().hex}").replace("\\", "/")
-    paths: Dict[int, List[str]] = {f: [] for f in frames}
     with node:
-        for index in range(len(job.inputs)):
+        for index, wanted in sorted(frames.items()):
+            if not wanted:
+                continue
             write = node.node(f"{kn.WRITE_PREFIX}{index}")
             if write is None:
                 raise RuntimeError(f"{job.node} lost its internal {kn.WRITE_PREFIX}{index}")
             write["file"].setValue(f"{stem}_{index}.####.exr")
-            for frame in frames:
-                paths[frame].append(f"{stem}_{index}.{frame:04d}.exr")
-                job.files.append(paths[frame][-1])
             write["disable"].setValue(False)
             _internal_render[0] = True
             try:
-                for first, last in _runs(frames):
+                for first, last in _runs(wanted):
+                    for frame in range(first, last + 1):  # listed first: removed on failure
+                        job.rendered[(index, frame)] = f"{stem}_{index}.{frame:04d}.exr"
+                        job.files.append(job.rendered[(index, frame)])
                     nuke.execute(write, first, last)
             except RuntimeError as exc:
                 if "cancel" in str(exc).lower():
-                    return None
+                    return False
                 raise
             finally:
                 _internal_render[0] = False
                 write["disable"].setValue(True)
-    return paths
+    return True
 
 
 def _runs(frames: List[int]) -> List[Tuple[int, int]]:

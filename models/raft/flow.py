@@ -1,0 +1,146 @@
+"""RAFT's forward pass for one frame's flow pairs, built from torchvision's own modules.
+
+torchvision's `RAFT.forward(image1, image2)` runs one direction and upsamples the flow
+after every iteration (it returns all of them, for training). A frame's forward and
+backward vectors share their first image, so here:
+
+* the feature encoder runs once over [frame, next, previous] (instance norm and the
+  convolutions treat each image on its own: the same numbers as two separate calls),
+  the context encoder once over the frame;
+* the correlation pyramids of both pairs are one batch;
+* the fixed iteration loop runs with the pyramids passed in (torchvision keeps them on
+  the module and builds its look-up offsets on the host each iteration, which a CUDA
+  graph can't hold), and only the last flow is upsampled.
+
+`flow_pairs` is the whole pass as a function of tensors that stay put, so on a CUDA GPU
+`GraphedFlow` captures it into one CUDA graph (dlserver.cuda_graphs.capture): one launch
+instead of ~50 per iteration. `half=True` runs the encoders, the update block and the
+correlation matmul in float16; the pyramid, the coordinates and the flow stay float32
+(look-up positions and the accumulated flow need float32's precision: in float16 a
+coordinate near 240 at 1/8 resolution moves in steps of 1/8, a full-resolution pixel).
+
+torch is imported by the model's `load()` before this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.optical_flow._utils import grid_sample, make_coords_grid, upsample_flow
+
+from dlserver.cuda_graphs import CaptureFailed, capture
+
+MAX_GRAPHS = 2  # captured shapes kept (each holds its pyramids: ~5 GB a pair at 1080p)
+
+
+def corr_scale(channels: int) -> float:
+    """torchvision divides the correlation by torch.sqrt(torch.tensor(channels)), a
+    float32 value: the same number here, as a Python float."""
+    return float(torch.sqrt(torch.tensor(channels, dtype=torch.float32)))
+
+
+def look_up_offsets(radius: int, device: Any) -> torch.Tensor:
+    """The (1, side, side, 2) neighbourhood offsets torchvision's index_pyramid builds."""
+    side = 2 * radius + 1
+    di = torch.linspace(-radius, radius, side)
+    dj = torch.linspace(-radius, radius, side)
+    delta = torch.stack(torch.meshgrid(di, dj, indexing="ij"), dim=-1)
+    return delta.view(1, side, side, 2).to(device)
+
+
+def build_pyramid(fmap1: torch.Tensor, fmap2: torch.Tensor, levels: int,
+                  scale: float) -> List[torch.Tensor]:
+    """torchvision's CorrBlock.build_pyramid, returned instead of stored; float32."""
+    batch, channels, h, w = fmap1.shape
+    corr = torch.matmul(fmap1.view(batch, channels, h * w).transpose(1, 2),
+                        fmap2.view(batch, channels, h * w))
+    corr = (corr.float() / scale).view(batch * h * w, 1, h, w)
+    pyramid = [corr]
+    for _ in range(levels - 1):
+        corr = F.avg_pool2d(corr, kernel_size=2, stride=2)
+        pyramid.append(corr)
+    return pyramid
+
+
+def index_pyramid(pyramid: List[torch.Tensor], coords: torch.Tensor,
+                  delta: torch.Tensor) -> torch.Tensor:
+    """torchvision's CorrBlock.index_pyramid with the pyramid and offsets passed in."""
+    batch, _, h, w = coords.shape
+    centroids = coords.permute(0, 2, 3, 1).reshape(batch * h * w, 1, 1, 2)
+    sampled = []
+    for volume in pyramid:
+        found = grid_sample(volume, centroids + delta, align_corners=True, mode="bilinear")
+        sampled.append(found.view(batch, h, w, -1))
+        centroids = centroids / 2
+    return torch.cat(sampled, dim=-1).permute(0, 3, 1, 2).contiguous()
+
+
+def flow_pairs(net: Any, frames: torch.Tensor, pairs: int, iterations: int,
+               delta: torch.Tensor, scale: float, half: bool) -> torch.Tensor:
+    """The flow from frames[0] to each of frames[1:1 + pairs], (pairs, 2, H, W) float32,
+    x right and y down in pixels: torchvision's RAFT(frames[0], frames[k])[-1] for each
+    k. `frames`: (1 + pairs, 3, H, W), values in [-1, 1], H and W multiples of 8."""
+    dtype = torch.float16 if half else torch.float32
+    images = frames.to(dtype)
+    fmaps = net.feature_encoder(images)
+    fmap1 = fmaps[:1].expand(pairs, -1, -1, -1)
+    pyramid = build_pyramid(fmap1.contiguous(), fmaps[1:], net.corr_block.num_levels, scale)
+    context_out = net.context_encoder(images[:1])
+    hidden_size = net.update_block.hidden_state_size
+    hidden, context = torch.split(context_out, [hidden_size, context_out.shape[1] - hidden_size],
+                                  dim=1)
+    hidden = torch.tanh(hidden).expand(pairs, -1, -1, -1)
+    context = F.relu(context).expand(pairs, -1, -1, -1)
+    _, _, h, w = fmaps.shape
+    coords0 = make_coords_grid(pairs, h, w, device=str(frames.device))  # made there: no copy
+    coords1 = coords0.clone()
+    for _ in range(iterations):
+        corr = index_pyramid(pyramid, coords1, delta).to(dtype)
+        hidden, delta_flow = net.update_block(hidden, context, corr, (coords1 - coords0).to(dtype))
+        coords1 = coords1 + delta_flow.float()
+    up_mask = None if net.mask_predictor is None else net.mask_predictor(hidden).float()
+    return upsample_flow(coords1 - coords0, up_mask=up_mask)
+
+
+class GraphedFlow:
+    """`flow_pairs` captured as CUDA graphs, one per (shape, pairs, iterations, half):
+    the frames are copied into the graph's input tensor and the graph replayed. A shape
+    whose capture fails runs eagerly (the reason is kept in `failed`)."""
+
+    def __init__(self, net: Any, delta: torch.Tensor, scale: float) -> None:
+        self.net, self.delta, self.scale = net, delta, scale
+        self.graphs: Dict[Tuple[Any, ...], Tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self.failed: Dict[Tuple[Any, ...], str] = {}
+
+    def __call__(self, frames: torch.Tensor, pairs: int, iterations: int,
+                 half: bool) -> torch.Tensor:
+        key = (tuple(frames.shape), pairs, iterations, half)
+        if key in self.failed:
+            return flow_pairs(self.net, frames, pairs, iterations, self.delta, self.scale, half)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, frames)
+            if entry is None:
+                return flow_pairs(self.net, frames, pairs, iterations, self.delta, self.scale,
+                                  half)
+        graph, static_in, static_out = entry
+        static_in.copy_(frames)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, key: Tuple[Any, ...], frames: torch.Tensor) -> Optional[Tuple[Any, ...]]:
+        _, pairs, iterations, half = key
+        while len(self.graphs) >= MAX_GRAPHS:  # oldest first: its memory goes back
+            self.graphs.pop(next(iter(self.graphs)))
+        static_in = frames.clone()
+        try:
+            graph, static_out, _ = capture(
+                lambda: flow_pairs(self.net, static_in, pairs, iterations, self.delta,
+                                   self.scale, half), frames.device)
+        except CaptureFailed as exc:
+            self.failed[key] = str(exc)
+            return None
+        self.graphs[key] = (graph, static_in, static_out)
+        return self.graphs[key]

@@ -1,0 +1,221 @@
+"""models/raft: the same numbers as torchvision's eager RAFT, Nuke's vector convention
+on a shifted plate, the sequence ends, and `dlserver infer` over a sequence.
+
+Weights: torchvision's architectures with a seeded random init, saved as torchvision
+publishes them (a plain state dict) and loaded through dlserver.weights (the `weights`
+option naming the file)."""
+
+from __future__ import annotations
+
+import importlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# torch and torchvision are hard dependencies: a broken install fails here, never skips.
+import torch
+from support import write_plate_exr
+from torchvision.models.optical_flow import raft_large, raft_small
+
+from dlserver import cli, exr
+from dlserver import weights as W
+from dlserver.color import linear_to_srgb
+from dlserver.registry import import_model_folder
+
+MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "raft"
+M = import_model_folder(MODEL_DIR)  # as the server imports it
+flow = importlib.import_module(f"{M.__package__}.flow")
+BUILDERS = {"large": raft_large, "small": raft_small}
+
+
+@pytest.fixture(autouse=True)
+def _no_network_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv(W.ENV_OFFLINE, "1")
+    monkeypatch.delenv(W.ENV_WEIGHTS_DIR, raising=False)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict:
+    """{network: path of a random-init state dict, in torchvision's published format}."""
+    folder = tmp_path_factory.mktemp("weights")
+    paths = {}
+    for network, builder in BUILDERS.items():
+        torch.manual_seed(1)
+        paths[network] = folder / f"random_raft_{network}.pth"
+        torch.save(builder(weights=None).state_dict(), paths[network])
+    return paths
+
+
+def frames(height: int, width: int, count: int = 3, seed: int = 0) -> list:
+    """Scene-linear RGB frames (values past 1 too: the model clamps after sRGB)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        f = (rng.random((height, width, 3), dtype=np.float32) * 1.2).astype(np.float32)
+        f.flags.writeable = False  # the server hands read-only arrays
+        out.append(f)
+    return out
+
+
+def eager_flow(net, src: np.ndarray, other: np.ndarray, iterations: int) -> np.ndarray:
+    """torchvision's eager RAFT on two frames prepared as its OpticalFlow transform wants
+    ([0, 1] → [-1, 1]) from our sRGB conversion, edges padded with numpy to multiples of
+    8 (at least 128), as RAFT's InputPadder splits them; flow x right / y down, H×W×2."""
+    h, w = src.shape[:2]
+    ph, pw = max(128, -(-h // 8) * 8) - h, max(128, -(-w // 8) * 8) - w
+
+    def prep(frame):
+        srgb = np.clip(linear_to_srgb(frame), 0.0, 1.0) * 2.0 - 1.0
+        padded = np.pad(srgb, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)),
+                        mode="edge")
+        return torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1)))[None]
+
+    with torch.inference_mode():
+        out = net(prep(src), prep(other), num_flow_updates=iterations)[-1][0]
+    return out.numpy().transpose(1, 2, 0)[ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
+
+
+@pytest.mark.parametrize("network, size", [("large", (128, 136)), ("small", (122, 131))])
+def test_same_numbers_as_torchvision_eager(weights, network, size) -> None:
+    """Both directions in one pass against two eager calls; (122, 131) is padded."""
+    src, following, previous = frames(*size)
+    model = M.Raft()
+    model.load("cpu")
+    result = model.infer({"src": src, "next": following, "previous": previous},
+                         {"network": network, "iterations": 3,
+                          "weights": str(weights[network])})
+    net = BUILDERS[network](weights=None).eval()
+    net.load_state_dict(torch.load(weights[network], weights_only=True))
+    for name, other in (("forward", following), ("backward", previous)):
+        want = eager_flow(net, src, other, 3)
+        got = result.outputs[name]
+        assert got.shape == (*size, 2) and got.dtype == np.float32
+        assert np.abs(want).max() > 0.5  # random weights still move pixels
+        # x as is, y flipped (Nuke's y is up). Float tolerance: the encoders see a batch
+        # of three images instead of two (other kernels' summation order).
+        np.testing.assert_allclose(got[..., 0], want[..., 0], rtol=0, atol=2e-5)
+        np.testing.assert_allclose(got[..., 1], -want[..., 1], rtol=0, atol=2e-5)
+
+
+def shifted_plate(height: int, width: int, frame: int, right: int, up: int) -> np.ndarray:
+    """A textured plate moved `right` pixels right and `up` pixels up (Nuke's y) per frame:
+    on image rows (top first) that is `up` rows towards the top."""
+    rng = np.random.default_rng(7)
+    big = rng.random((height + 64, width + 64, 3), dtype=np.float32)
+    top, left = 32 + up * frame, 32 - right * frame
+    plate = big[top:top + height, left:left + width]
+    plate.flags.writeable = False
+    return np.ascontiguousarray(plate)
+
+
+def test_shifted_plate_in_nukes_convention(weights, monkeypatch) -> None:
+    """Random weights make no meaningful flow, so the network is replaced by a planted
+    one: `flow.flow_pairs` is mocked by a brute-force translation search that answers
+    as a trained RAFT would, in RAFT's convention (x right, y down in image rows) — for
+    each pair it finds the integer shift (dx, dy) with frames[k](p + (dx, dy)) ==
+    frames[0](p) and returns it at every pixel. The model's own code still picks the
+    neighbours, pads, crops and converts; the plate moves 3 px right and 2 px up
+    (Nuke's y) per frame, so forward must be (3, 2) and backward (-3, -2)."""
+
+    def planted(net, images, pairs, iterations, delta, scale, half):
+        h, w = images.shape[-2:]
+        out = torch.zeros(pairs, 2, h, w)
+        core = images[0, :, 16:-16, 16:-16]
+        for k in range(pairs):
+            best = min((float((images[1 + k, :, 16 + dy:h - 16 + dy, 16 + dx:w - 16 + dx]
+                               - core).abs().mean()), dx, dy)
+                        for dx in range(-8, 9) for dy in range(-8, 9))
+            out[k, 0], out[k, 1] = best[1], best[2]
+        return out
+
+    monkeypatch.setattr(flow, "flow_pairs", planted)
+    h, w = 96, 112  # padded to 128 x 128 on the way: crop and shift must survive it
+    plates = {f: shifted_plate(h, w, f, right=3, up=2) for f in (4, 5, 6)}
+    model = M.Raft()
+    model.load("cpu")
+    result = model.infer({"src": plates[5], "next": plates[6], "previous": plates[4]},
+                         {"network": "small", "weights": str(weights["small"])})
+    np.testing.assert_array_equal(result.outputs["forward"][..., 0], 3.0)
+    np.testing.assert_array_equal(result.outputs["forward"][..., 1], 2.0)
+    np.testing.assert_array_equal(result.outputs["backward"][..., 0], -3.0)
+    np.testing.assert_array_equal(result.outputs["backward"][..., 1], -2.0)
+
+
+def test_sequence_ends_give_zero_vectors(weights) -> None:
+    src, following, _ = frames(128, 128)
+    model = M.Raft()
+    model.load("cpu")
+    options = {"network": "small", "iterations": 2, "weights": str(weights["small"])}
+    last = model.infer({"src": src, "previous": following}, options).outputs
+    assert (last["forward"] == 0).all() and np.abs(last["backward"]).max() > 0.1
+    first = model.infer({"src": src, "next": following}, options).outputs
+    assert (first["backward"] == 0).all()
+    np.testing.assert_array_equal(first["forward"], last["backward"])  # same pair, same net
+    only = model.infer({"src": src, "next": following},
+                       {**options, "directions": "forward"}).outputs
+    assert set(only) == {"forward"}
+
+
+def test_declaration() -> None:
+    M.Raft.check_declaration()
+    described = M.Raft.describe()
+    assert described["inputs"]["next"]["frame_offset"] == 1
+    assert described["inputs"]["previous"]["frame_offset"] == -1
+    assert {d["at_sequence_end"] for n, d in described["inputs"].items() if n != "src"} == {"omit"}
+    assert described["outputs"]["forward"]["channels"] == ["forward.u", "forward.v"]
+    assert described["outputs"]["backward"]["channels"] == ["backward.u", "backward.v"]
+    from torchvision.models.optical_flow import Raft_Large_Weights, Raft_Small_Weights
+
+    # the files torchvision's weights enums name as their defaults
+    assert [w.url for w in M.Raft.weights_files] == [Raft_Large_Weights.DEFAULT.url,
+                                                     Raft_Small_Weights.DEFAULT.url]
+    assert [w.sha256 for w in M.Raft.weights_files] == ["ff5fadd5", "01064c6d"]
+
+
+def test_weights_of_the_other_network_are_refused_clearly(weights) -> None:
+    model = M.Raft()
+    model.load("cpu")
+    src, following, previous = frames(128, 128)
+    with pytest.raises(W.WeightsError, match="network option to small"):
+        model.infer({"src": src, "next": following},
+                     {"network": "large", "weights": str(weights["small"])})
+
+
+@pytest.mark.slow
+def test_dlserver_infer_over_a_sequence_reads_each_frame_once(weights, tmp_path,
+                                                             monkeypatch) -> None:
+    """Five plates through the embedded server: each file read once, the input's layers
+    passed through, forward zero at the last frame and backward at the first, and a
+    middle frame equal to the model run here on the same pictures."""
+    height, width = 128, 128
+    plates = frames(height, width, count=5, seed=3)
+    for f, rgb in enumerate(plates, start=1):
+        rgba = np.concatenate([rgb, np.ones((height, width, 1), np.float32)], axis=-1)
+        write_plate_exr(tmp_path / f"plate.{f:04d}.exr", rgba,
+                        extra={"depth.Z": np.full((height, width), float(f), np.float32)})
+    reads: Counter = Counter()
+    real = cli.read_frame
+    monkeypatch.setattr(cli, "read_frame", lambda p: (reads.update([p]), real(p))[1])
+    out = str(tmp_path / "out" / "flow.####.exr")
+    assert cli.main(["infer", "--model", "raft", "--set", "network=small",
+                     "--set", "iterations=2", "--set", f"weights={weights['small']}",
+                     "--device", "cpu", str(tmp_path / "plate.####.exr"), out,
+                     "--frames", "1-5"]) == 0
+    assert len(reads) == 5 and set(reads.values()) == {1}
+    images = {f: exr.read_exr(cli.frame_path(out, f)) for f in range(1, 6)}
+    assert (images[5].channels["forward.u"] == 0).all()
+    assert (images[1].channels["backward.v"] == 0).all()
+    assert (images[3].channels["depth.Z"] == 3.0).all()  # the input's layers pass through
+    model = M.Raft()
+    model.load("cpu")
+    # the EXR round trip of the plates is exact (float32), so the pictures are these
+    want = model.infer({"src": plates[2], "next": plates[3], "previous": plates[1]},
+                       {"network": "small", "iterations": 2,
+                        "weights": str(weights["small"])}).outputs
+    for name in ("forward", "backward"):
+        for i, axis in enumerate("uv"):
+            np.testing.assert_allclose(images[3].channels[f"{name}.{axis}"],
+                                       want[name][..., i], rtol=0, atol=1e-5)
