@@ -205,8 +205,14 @@ class GraphCache:
                 if key in self.groups:
                     self._ready.add(key)
 
+        # the job reads tensors the caller's stream is still making
+        made = torch.cuda.Event()
+        made.record(torch.cuda.current_stream(device))
+
         def on_stream() -> None:
-            with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+            stream = torch.cuda.Stream(device)
+            stream.wait_event(made)
+            with torch.cuda.device(device), torch.cuda.stream(stream):
                 run()
 
         self._jobs[key] = self._worker.submit(on_stream)
