@@ -57,6 +57,10 @@ def child(args: argparse.Namespace) -> None:
     m = M.MaskRCNN()
     m.load(args.device)
     stamp("model_load")
+    # the weights are passed as a path (the default file is not where load() looks): the
+    # network is built here, as load() builds the default one when its file is present
+    m._network("resnet50_fpn", args.weights)
+    stamp("network_built")
     rng = np.random.default_rng(0)
     opts = {"variant": "resnet50_fpn", "weights": args.weights, "threshold": 0.0,
             "max_instances": 100, "output_mode": "matte", "half_precision": args.half}

@@ -460,7 +460,7 @@ def bench_densepose(args: argparse.Namespace, size: str, tmp: str) -> None:
     for count in args.densepose_people:
         base_ms = None
         for half in (False, True) if dev.startswith("cuda") else (False,):
-            for mode in ("matte", "overlay"):
+            for mode in [md for md in ("matte", "overlay") if md in args.modes]:
                 opts = m.resolve_options({**common, "max_instances": count,
                                           "output_mode": mode, "half_precision": half})
                 t = timer(lambda opts=opts: m.infer({"src": src}, opts))
