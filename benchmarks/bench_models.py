@@ -302,7 +302,7 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
         # correctness of this precision against the eager reference (TF32 off, eager:
         # a captured graph keeps the math mode of its capture)
         opts = m.resolve_options({**common, "output_mode": "matte", "half_precision": half})
-        net = m._network(variant, path)
+        net = m._view(m._network(variant, path), opts)
         if m._graphs is not None and m._graphs.error:
             log(f"  (CUDA graphs not used: {m._graphs.error})")
         if m._graphs is not None and m._graphs.autotune_error:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
 from dlserver.color import linear_to_srgb_torch
@@ -16,6 +17,8 @@ from dlserver.detection import NetworkCache, SideStreams, detections_data, input
 from dlserver.gpu import upload
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
 from dlserver.weights import WeightsError, WeightsFile, load_state_dict, locate, resolve
+
+log = logging.getLogger(__name__)
 
 # DensePose-COCO's 24 parts (1-based; 0 = background), grouped for the matte option.
 PART_GROUPS: Dict[str, Tuple[int, ...]] = {
@@ -135,7 +138,10 @@ class DensePose(Model):
         if device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True  # frame sizes repeat across a sequence
             if locate(WEIGHTS).found:
-                self.network()
+                try:
+                    self.network()
+                except Exception as exc:  # the frame that asks for it gets the error reply
+                    log.warning("densepose: the network was not built at load: %s", exc)
 
     def unload(self) -> None:
         if self._graphs is not None:

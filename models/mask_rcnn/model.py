@@ -10,6 +10,7 @@ import ast
 import contextlib
 import copy
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
@@ -34,6 +35,8 @@ from dlserver.weights import (
     locate,
     resolve,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_INSTANCE_LAYERS = 32
 MAX_BATCH = 4  # frames of one size through one forward pass (bench_models.py: batch 1/2/4)
@@ -209,7 +212,11 @@ class MaskRCNN(Model):
         variant = self.options_by_name()["variant"].default
         if self._cuda() and self.warm_up and locate(VARIANTS[variant][1]).found:
             o = self.resolve_options({})
-            view = self._view(self._network(variant, ""), o)
+            try:
+                view = self._view(self._network(variant, ""), o)
+            except Exception as exc:  # the frame that asks for it gets the error reply
+                log.warning("mask_rcnn: the default network was not built at load: %s", exc)
+                return
             image = torch.rand((3, 1080, 1920), device=self.device,
                                generator=torch.Generator(self.device).manual_seed(0))
             ready = self._graphs_ready(view, o["half_precision"])
