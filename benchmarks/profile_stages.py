@@ -113,7 +113,7 @@ def mask_rcnn(size: str, repeat: int, graphs: bool, tmp: str, profile_it: bool) 
     opts = m.resolve_options({"variant": "resnet50_fpn", "weights": path, "threshold": 0.0,
                               "max_instances": 100, "network_size": NETWORK_SIZE[size],
                               "output_mode": "matte"})
-    M.MaskRCNN.background_capture = False  # graphs captured by the first frame itself
+    M.MaskRCNN.eager_first_frame = False  # graphs captured by the first frame itself
     net = m._view(m._network("resnet50_fpn", path), opts)
     if graphs and DEVICE == "cpu":  # the graph path's padding, without capture (a smoke test)
         built = m._networks.nets[next(iter(m._networks.nets))]
@@ -184,7 +184,7 @@ def densepose(size: str, repeat: int, people: int, graphs: bool, tmp: str,
     network = importlib.import_module("_bench_models.densepose.network")
     render = importlib.import_module("_bench_models.densepose.render")
     M.DensePose.cuda_graphs = graphs
-    M.DensePose.background_capture = False  # the first frame captures the graph itself
+    M.DensePose.eager_first_frame = False  # the first frame captures the graph itself
     path = densepose_weights(tmp)
     h, w = SIZES[size]
     src = frame(h, w, seed=3)

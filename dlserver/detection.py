@@ -6,8 +6,8 @@ the models call, as torchvision's `detection/_utils.py` is for its detectors.
   in float64, on every device (one arithmetic wherever the model runs).
 - `NetworkCache`: networks built once per (weights file as it is on disk, device, variant).
 - `GraphCache`: CUDA graphs of the shape-static parts of a pass, grouped per input shape
-  and settings; captured on a background thread while the caller serves frames eagerly
-  (`warm`), or on the caller's thread (`run`).
+  and settings; a new shape's first pass runs eagerly with cuDNN's heuristics
+  (`cudnn_heuristics`), the next one autotunes and captures.
 - `SideStreams`: uploads staged by a helper thread on one stream, downloads on another,
   so that a sequence's transfers overlap its compute.
 - `settings_view`: a shallow copy of a network whose per-request settings (thresholds,
@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 from . import cuda_graphs
 from .devices import is_cuda
@@ -144,12 +144,14 @@ class GraphCache:
     replays it after: `inputs` are copied into the graph's own buffers, `fixed` are
     tensors at the same addresses on every call (another graph's outputs).
 
-    `warm(key, job)` runs `job` (a pass that captures the key's graphs through `run`) on
-    a background thread, on a stream of its own, once per key; `ready(key)` says when it
-    is done. Meanwhile the caller runs its frames eagerly: the first frames do not wait
-    for cuDNN's autotuning and the captures. A failed capture turns the cache off
-    (`error` holds why); the model then stays eager.
+    `eager_first(key)` is True the first time a key is seen: the model runs that pass
+    eagerly with cuDNN's heuristics (`cudnn_heuristics`), and the next pass of the key
+    autotunes and captures. The first result then waits for neither. (Capturing on a
+    thread of its own while frames run eagerly was tried and fails: the serving thread's
+    implicit device syncs, a cudaFree or cuDNN's autotuning, invalidate a capture in
+    progress on any other thread; docs/performance.md.)
 
+    A failed capture turns the cache off (`error` holds why); the model then stays eager.
     `capture=False` runs the same padded path without graphs (tests on a CPU)."""
 
     def __init__(self, size: int = 4, capture: bool = True) -> None:
@@ -158,69 +160,31 @@ class GraphCache:
         self.groups: OrderedDict[Hashable, Dict[str, Any]] = OrderedDict()
         self.error = ""
         self.autotune_error = ""
-        self._lock = threading.Lock()
-        self._ready: set = set()
-        self._jobs: Dict[Hashable, Future] = {}
-        self._worker: Optional[ThreadPoolExecutor] = None
+        self._seen: set = set()
 
     def group(self, key: Hashable) -> Dict[str, Any]:
         """The group of graphs for `key` (made empty when new; the least recently used
         group beyond `size` is dropped)."""
-        with self._lock:
-            group = self.groups.get(key)
-            if group is None:
-                group = self.groups[key] = {}
-                while len(self.groups) > self.size:
-                    old, _ = self.groups.popitem(last=False)
-                    self._ready.discard(old)
-                    self._jobs.pop(old, None)
-            self.groups.move_to_end(key)
-            return group
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = {}
+            while len(self.groups) > self.size:
+                self.groups.popitem(last=False)
+        self.groups.move_to_end(key)
+        return group
 
-    def ready(self, key: Hashable) -> bool:
-        """Whether the graphs of `key` were captured (and no capture failed)."""
-        return not self.error and key in self._ready
+    def eager_first(self, key: Hashable) -> bool:
+        """True the first time `key` is asked about (then False): run that pass eagerly."""
+        if key in self._seen:
+            return False
+        if len(self._seen) >= 64:  # many frame sizes: start again
+            self._seen.clear()
+        self._seen.add(key)
+        return True
 
-    def warm(self, key: Hashable, job: Callable[[], Any], device: Any) -> None:
-        """Capture `key`'s graphs in the background by running `job` once on `device`
-        (no-op when done, under way or after a failure)."""
-        import torch
-
-        if self.error or key in self._ready or key in self._jobs:
-            return
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="graph-capture")
-
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    job()
-                    torch.cuda.current_stream().synchronize()
-            except GraphCaptureFailed:
-                return  # self.error says why; the model stays eager
-            except Exception as exc:  # e.g. out of memory: stay eager, keep the reason
-                self.error = self.error or f"background capture: {type(exc).__name__}: {exc}"
-                return
-            with self._lock:
-                if key in self.groups:
-                    self._ready.add(key)
-
-        # the job reads tensors the caller's stream is still making
-        made = torch.cuda.Event()
-        made.record(torch.cuda.current_stream(device))
-
-        def on_stream() -> None:
-            stream = torch.cuda.Stream(device)
-            stream.wait_event(made)
-            with torch.cuda.device(device), torch.cuda.stream(stream):
-                run()
-
-        self._jobs[key] = self._worker.submit(on_stream)
-
-    def wait(self) -> None:
-        """Until every background capture asked for so far has finished."""
-        for job in list(self._jobs.values()):
-            job.result()
+    def live(self) -> bool:
+        """Whether some group's graphs were captured (and no capture failed)."""
+        return not self.error and any(group for group in self.groups.values())
 
     def run(self, group: Dict[str, Any], name: str, fn: Callable[..., Any],
             fixed: Tuple[Any, ...], inputs: Tuple[Any, ...], keep: Tuple[Any, ...] = ()
@@ -256,17 +220,25 @@ class GraphCache:
         return [t.data_ptr() for t in fixed], static_in, graph, out
 
     def clear(self) -> None:
-        with self._lock:
-            self.groups.clear()
-            self._ready.clear()
-            self._jobs.clear()
+        self.groups.clear()
 
-    def close(self) -> None:
-        """Stop the background thread (after its capture in progress) and drop the graphs."""
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
-        self.clear()
+
+@contextmanager
+def cudnn_heuristics(active: bool = True) -> Iterator[None]:
+    """cuDNN's heuristics instead of its autotuning for the block (when `active`): a
+    first eager pass takes its kernels at once instead of timing every candidate of
+    every convolution (seconds at 1080p). The serving thread's setting is restored."""
+    if not active:
+        yield
+        return
+    import torch
+
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def use_graphs(graphs: Optional[GraphCache], device: Any) -> bool:

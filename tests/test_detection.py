@@ -4,7 +4,6 @@ graph and stream parts run in tests/test_mask_rcnn.py and test_densepose.py, -m 
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -102,26 +101,42 @@ def test_detections_data_rounds_one_way():
 
 def test_graph_cache_groups_without_capture():
     """capture=False runs the parts as they are (a CPU); groups are kept per key, the
-    least recently used dropped beyond `size`."""
+    least recently used dropped beyond `size`; a key is `eager_first` once."""
     cache = detection.GraphCache(size=2, capture=False)
     calls = []
     for key in ("a", "b", "a", "c"):
         group = cache.group(key)
-        out = cache.run(group, "part", lambda t: calls.append(key) or t * 2, (),
+        out = cache.run(group, "part", lambda t, key=key: calls.append(key) or t * 2, (),
                         (torch.ones(2),))
         assert torch.equal(out, torch.full((2,), 2.0))
     assert list(cache.groups) == ["a", "c"]
     assert calls == ["a", "b", "a", "c"]
-    assert not cache.ready("a")  # nothing captured on a CPU
+    assert [cache.eager_first(k) for k in ("a", "a", "b", "a")] == [True, False, True, False]
     assert not detection.use_graphs(None, "cpu")
     assert detection.use_graphs(cache, "cpu")  # the padded path, without capture
     assert not detection.use_graphs(detection.GraphCache(), "cpu")
 
 
+def test_cudnn_heuristics_restores_the_setting():
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        with detection.cudnn_heuristics():
+            assert torch.backends.cudnn.benchmark is False
+        assert torch.backends.cudnn.benchmark is True
+        with detection.cudnn_heuristics(False):
+            assert torch.backends.cudnn.benchmark is True
+        with pytest.raises(ValueError), detection.cudnn_heuristics():
+            raise ValueError
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 @pytest.mark.cuda
-def test_background_capture_then_replay():
-    """`warm` captures on a background thread while the caller goes on; `ready` then, and
-    the replay gives the eager result for new inputs."""
+def test_capture_then_replay():
+    """A part captured on first use replays the eager result for new inputs; a part that
+    syncs with the host cannot be captured: GraphCaptureFailed, the reason kept."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible to torch")
     cache = detection.GraphCache()
@@ -130,19 +145,13 @@ def test_background_capture_then_replay():
     def part(t):
         return torch.relu(conv(t)).sum((2, 3))
 
-    x = torch.rand(2, 3, 32, 32, device="cuda")
-    seen = []
-
-    def job():
-        seen.append(threading.current_thread().name)
-        return cache.run(cache.group("k"), "p", part, (), (x.clone(),))
-
     with torch.inference_mode():
-        cache.warm("k", job, x.device)
-        cache.wait()
-        assert cache.ready("k") and not cache.error, cache.error
-        assert seen[0].startswith("graph-capture")
+        group = cache.group("k")
+        cache.run(group, "p", part, (), (torch.rand(2, 3, 32, 32, device="cuda"),))
+        assert cache.live() and not cache.error
         y = torch.rand(2, 3, 32, 32, device="cuda")
-        got = cache.run(cache.group("k"), "p", part, (), (y,)).clone()
+        got = cache.run(group, "p", part, (), (y,)).clone()
         torch.testing.assert_close(got, part(y), rtol=0, atol=0)
-    cache.close()
+        with pytest.raises(detection.GraphCaptureFailed):
+            cache.run(cache.group("j"), "p", lambda t: float(t.sum()) * t, (), (y,))
+    assert cache.error and not cache.live()

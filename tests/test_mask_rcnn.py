@@ -685,8 +685,9 @@ def test_cuda_batch_matches_single_frames(v1_weights):
     frames.insert(2, {"src": rng.random((720, 1000, 4), dtype=np.float32)})  # another size
     opts = MaskRCNN.resolve_options({"variant": "resnet50_fpn", "weights": str(v1_weights),
                                      "threshold": 0.1, "output_mode": "matte"})
-    m.infer_batch(frames[:1], opts)  # warm-up; graphs captured in the background
-    m.wait_for_graphs()
+    m.infer_batch(frames[:1], opts)  # warm-up: a new shape's first pass runs eagerly
+    assert not m.graphs_live()
+    m.infer_batch(frames[:1], opts)  # the second captures
     assert m.graphs_live()
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -810,9 +811,9 @@ def test_cuda_graphs_equal_eager(tv_and_ours):
     _, _, path = tv_and_ours
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
-    saved = MaskRCNN.cuda_graphs, MaskRCNN.background_capture
+    saved = MaskRCNN.cuda_graphs, MaskRCNN.eager_first_frame
     try:
-        MaskRCNN.background_capture = False  # every frame through graphs
+        MaskRCNN.eager_first_frame = False  # every frame through graphs
         MaskRCNN.cuda_graphs = False
         eager = MaskRCNN()
         eager.load("cuda")
@@ -840,7 +841,7 @@ def test_cuda_graphs_equal_eager(tv_and_ours):
         if graphed._graphs.autotune_error:
             print("captured with cuDNN's heuristics:", graphed._graphs.autotune_error)
     finally:
-        MaskRCNN.cuda_graphs, MaskRCNN.background_capture = saved
+        MaskRCNN.cuda_graphs, MaskRCNN.eager_first_frame = saved
         torch.backends.cudnn.allow_tf32 = tf32
 
 

@@ -4,8 +4,9 @@ CUDA graphs of the network's static part.
 
 `DensePoseRCNN.static_part` (preprocessing, backbone + FPN, the RPN's per-level top-k
 and, on a GPU, its NMS, the DensePose decoder) has shapes that depend on the input's
-shape alone: captured once per input shape (in the background while the first frames
-run eagerly), a replay launches its few hundred kernels at once. The rest (the box and
+shape alone: captured once per input shape (by the second frame of that shape: the
+first runs eagerly with cuDNN's heuristics), a replay launches its few hundred kernels
+at once. The rest (the box and
 DensePose heads on the kept boxes) runs eagerly. Imported from `Model.network()` only:
 this module imports torch.
 """
@@ -50,13 +51,12 @@ def _precision_key() -> Any:
 class GraphCache(detection.GraphCache):
     """CUDA graphs of `DensePoseRCNN.static_part`, one per (input shape, precision,
     settings that change the static part), the last `size` kept. The outputs are the
-    graph's own buffers: read them before the next replay. With `background`, a new
-    key's graph is captured on a background thread (from a copy of the frame) while
-    this frame runs eagerly."""
+    graph's own buffers: read them before the next replay. With `eager_first`, a key's
+    first frame runs eagerly with cuDNN's heuristics and the next one captures."""
 
-    def __init__(self, size: int = 3, background: bool = False) -> None:
+    def __init__(self, size: int = 3, eager_first: bool = False) -> None:
         super().__init__(size)
-        self.background = background
+        self.eager_first_frame = eager_first
 
     def key(self, net: DensePoseRCNN, image: torch.Tensor,
             autocast_dtype: Optional[torch.dtype]) -> Any:
@@ -70,21 +70,16 @@ class GraphCache(detection.GraphCache):
         if self.error:
             return net.static_part(image, autocast_dtype)
         key = self.key(net, image, autocast_dtype)
-        if self.background and not self.ready(key):
-            copy = image.clone()
-            self.warm(key, lambda: self._replay(net, key, copy, autocast_dtype), image.device)
-            return net.static_part(image, autocast_dtype)
+        if self.eager_first_frame and self.eager_first(key):
+            with detection.cudnn_heuristics():
+                return net.static_part(image, autocast_dtype)
+        group = self.group(key)
         try:
-            return self._replay(net, key, image, autocast_dtype)
+            out = self.run(group, "static", lambda t: net.static_part(t, autocast_dtype), (),
+                           (image.contiguous(),))
         except detection.GraphCaptureFailed:  # self.error says why: eager from now on
             return net.static_part(image, autocast_dtype)
-
-    def _replay(self, net: DensePoseRCNN, key: Any, image: torch.Tensor,
-                autocast_dtype: Optional[torch.dtype]) -> Static:
-        group = self.group(key)
         # the graph reads the RPN's cached anchors (made in the capture's untimed runs):
         # they must live as long as the graph, whatever the RPN's cache drops
-        out = self.run(group, "static", lambda t: net.static_part(t, autocast_dtype), (),
-                       (image.contiguous(),))
         group.setdefault("anchors", tuple(net.rpn._anchors.values()))
         return out

@@ -115,11 +115,11 @@ class DensePose(Model):
     weights_files: ClassVar[Tuple[WeightsFile, ...]] = (WEIGHTS,)
     # On a GPU, the network's static part (preprocessing, backbone + FPN, RPN top-k,
     # DensePose decoder) is replayed from a CUDA graph per frame size (fast.GraphCache;
-    # a failed capture stays eager and keeps the reason in its `error`), captured in the
-    # background while the first frames of a new size run eagerly (`background_capture`;
-    # False: the first frame captures it). False: eager.
+    # a failed capture stays eager and keeps the reason in its `error`). False: eager.
+    # `eager_first_frame`: a new size's first frame runs eagerly with cuDNN's heuristics,
+    # the next one autotunes and captures (the first result waits for neither).
     cuda_graphs: ClassVar[bool] = True
-    background_capture: ClassVar[bool] = True
+    eager_first_frame: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -144,8 +144,6 @@ class DensePose(Model):
                     log.warning("densepose: the network was not built at load: %s", exc)
 
     def unload(self) -> None:
-        if self._graphs is not None:
-            self._graphs.close()
         self._networks.clear()
         self._graphs = None
         if self._streams is not None:
@@ -155,12 +153,6 @@ class DensePose(Model):
             import torch
 
             torch.cuda.empty_cache()
-
-    def wait_for_graphs(self) -> None:
-        """Until the CUDA graphs being captured in the background are ready (benchmarks
-        and tests; serving never waits)."""
-        if self._graphs is not None:
-            self._graphs.wait()
 
     def network(self, weights_option: str = "") -> Any:
         """The network with its weights (resolved from the option), built on first use and
@@ -173,15 +165,13 @@ class DensePose(Model):
     def _build(self, path: Any) -> Tuple[Any, Any]:
         from . import fast
 
-        if self._graphs is not None:
-            self._graphs.close()
         net = build_network(load_state_dict(path), str(path)).eval().to(self.device)
         # batch norms folded, channels-last static part (both devices: same results up to
         # float rounding); on a GPU, CUDA graphs of that part
         fast.prepare(net)
         graphs = None
         if self.device.startswith("cuda") and self.cuda_graphs:
-            graphs = fast.GraphCache(background=self.background_capture)
+            graphs = fast.GraphCache(eager_first=self.eager_first_frame)
         return net, graphs
 
     # --- inference -----------------------------------------------------------------------
@@ -198,8 +188,7 @@ class DensePose(Model):
 
         o = self.resolve_options(options)
         net = copy.copy(self.network(o["weights"].strip()))
-        # the request's settings on a view: the shared network is never changed (a
-        # capture in the background reads it)
+        # the request's settings on a view: the shared network is never changed
         min_size, max_size = input_size(o["network_size"])
         net.cfg = dataclasses.replace(net.cfg, min_size=min_size, max_size=max_size,
                                       detections_per_image=o["max_instances"])

@@ -18,7 +18,7 @@ only: this module imports torch.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torchvision.ops import boxes as box_ops
 
 from dlserver import nms
-from dlserver.detection import GraphCache, GraphCaptureFailed, use_graphs
+from dlserver.detection import GraphCache, GraphCaptureFailed, cudnn_heuristics, use_graphs
 
 MAX_PREFIX = 4096  # a T x T suppression matrix: 16 M entries at most
 
@@ -490,28 +490,32 @@ def graph_detect(graphs: GraphCache, net: Any, x: torch.Tensor,
 
 def detect(net: Any, images: List[torch.Tensor], half: bool, channels_last: bool,
            graphs: GraphCache | None = None, backbone_half: Any = None,
-           ready: Optional[Callable[[torch.Tensor, List[Tuple[int, int]]], bool]] = None
+           eager_first: bool = False
            ) -> Tuple[List[Dict[str, torch.Tensor]], List[Tuple[int, int]]]:
     """torchvision's GeneralizedRCNN forward at inference up to (not including) the
     full-resolution mask paste, for a batch of images (one forward pass); the backbone +
     FPN in float16 when `half`, channels-last when asked, the shape-static parts
-    replayed from CUDA graphs when `graphs` is given and `ready(x, sizes)` (if given)
-    says they were captured; eager otherwise. Returns the detections in network-input
-    pixels and those sizes."""
+    replayed from CUDA graphs when `graphs` is given. `eager_first`: a batch shape's
+    first pass runs eagerly with cuDNN's heuristics (the next one captures). Returns the
+    detections in network-input pixels and those sizes."""
     with torch.inference_mode():
         batch, _ = net.transform(images)
         x = batch.tensors
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if use_graphs(graphs, x.device) and (ready is None or ready(x, batch.image_sizes)):
+        first = False
+        if use_graphs(graphs, x.device):
             assert graphs is not None
-            try:
-                return graph_detect(graphs, net, x, batch.image_sizes, half, backbone_half), \
-                    batch.image_sizes
-            except GraphCaptureFailed:
-                pass  # graphs.error says why; this and later passes run eagerly
-        features, proposals, scores, levels = static_part(net, x, len(images), half,
-                                                          backbone_half)
-        kept = rpn_filter(net.rpn, proposals, scores, levels, batch.image_sizes)
-        dets = roi_heads(net.roi_heads, features, kept, batch.image_sizes)
+            first = eager_first and graphs.eager_first(graph_key(x, batch.image_sizes, half))
+            if not first:
+                try:
+                    return (graph_detect(graphs, net, x, batch.image_sizes, half,
+                                         backbone_half), batch.image_sizes)
+                except GraphCaptureFailed:
+                    pass  # graphs.error says why; this and later passes run eagerly
+        with cudnn_heuristics(first):
+            features, proposals, scores, levels = static_part(net, x, len(images), half,
+                                                              backbone_half)
+            kept = rpn_filter(net.rpn, proposals, scores, levels, batch.image_sizes)
+            dets = roi_heads(net.roi_heads, features, kept, batch.image_sizes)
     return dets, batch.image_sizes

@@ -176,14 +176,14 @@ class MaskRCNN(Model):
     # Speed switches (benchmarks/bench_models.py compares them): the top-T NMS of fast.py
     # instead of torchvision's per-class loop (same detections); CUDA graphs of the
     # shape-static parts of the pass (dlserver.detection.GraphCache; a failed capture
-    # runs eagerly and keeps the reason), captured on a background thread while the
-    # first frames of a new size run eagerly (`background_capture`; False: captured by
-    # the first frame itself); and `warm_up`: `load()` builds the default network and
-    # starts capturing its 1080p graphs at once.
+    # runs eagerly and keeps the reason); `eager_first_frame`: a new frame size's first
+    # pass runs eagerly with cuDNN's heuristics, the next one autotunes and captures (the
+    # first result waits for neither); `warm_up`: `load()` builds the default network
+    # when its file is present.
     fast_heads: ClassVar[bool] = True
     warm_up: ClassVar[bool] = True
     cuda_graphs: ClassVar[bool] = True
-    background_capture: ClassVar[bool] = True
+    eager_first_frame: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -196,8 +196,7 @@ class MaskRCNN(Model):
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
         """Checks torchvision's categories; on a GPU, cuDNN's autotuning on and, when the
-        default network's file is present (no download here), that network built and its
-        1080p graphs captured in the background."""
+        default network's file is present (no download here), that network built."""
         import torch  # fail here, not in the first infer, when it is missing
         from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
@@ -211,24 +210,12 @@ class MaskRCNN(Model):
             raise RuntimeError(f"class filter names unknown to torchvision: {sorted(missing)}")
         variant = self.options_by_name()["variant"].default
         if self._cuda() and self.warm_up and locate(VARIANTS[variant][1]).found:
-            o = self.resolve_options({})
             try:
-                view = self._view(self._network(variant, ""), o)
+                self._network(variant, "")
             except Exception as exc:  # the frame that asks for it gets the error reply
                 log.warning("mask_rcnn: the default network was not built at load: %s", exc)
-                return
-            image = torch.rand((3, 1080, 1920), device=self.device,
-                               generator=torch.Generator(self.device).manual_seed(0))
-            ready = self._graphs_ready(view, o["half_precision"])
-            if ready is not None:
-                with torch.inference_mode():
-                    batch, _ = view.transform([image])
-                    ready(batch.tensors.contiguous(memory_format=torch.channels_last),
-                          batch.image_sizes)
 
     def unload(self) -> None:
-        if self._graphs is not None:
-            self._graphs.close()
         self._networks.clear()
         self._graphs = self._backbone_half = None
         if self._streams is not None:
@@ -238,12 +225,6 @@ class MaskRCNN(Model):
             import torch
 
             torch.cuda.empty_cache()
-
-    def wait_for_graphs(self) -> None:
-        """Until the CUDA graphs being captured in the background are ready (benchmarks
-        and tests; serving never waits)."""
-        if self._graphs is not None:
-            self._graphs.wait()
 
     @classmethod
     def options_by_name(cls) -> Dict[str, Any]:
@@ -284,8 +265,6 @@ class MaskRCNN(Model):
 
         from . import fast
 
-        if self._graphs is not None:  # the previous network's graphs and capture thread
-            self._graphs.close()
         builder_name, _ = VARIANTS[variant]
         # weights=None, weights_backbone=None: never download from inside the builder.
         net = getattr(det, builder_name)(weights=None, weights_backbone=None)
@@ -317,13 +296,11 @@ class MaskRCNN(Model):
 
     def graphs_live(self) -> bool:
         """Whether some frame size's CUDA graphs are captured and in use."""
-        g = self._graphs
-        return bool(g is not None and not g.error and any(g.ready(k) for k in list(g.groups)))
+        return bool(self._graphs is not None and self._graphs.live())
 
     def _view(self, net: Any, o: Dict[str, Any]) -> Any:
         """`net` with the request's settings (network size, score threshold, detection
-        count) on a view of its own: the shared network is never changed, so a capture
-        running in the background reads settings no request changes under it."""
+        count) on a view of its own: the shared network is never changed."""
         view = settings_view(net, "roi_heads", "transform")
         min_size, max_size = input_size(o["network_size"])
         view.transform.min_size, view.transform.max_size = (min_size,), max_size
@@ -355,7 +332,7 @@ class MaskRCNN(Model):
         if self.fast_heads:
             dets, net_sizes = fast.detect(net, images, half, channels_last=self._cuda(),
                                           graphs=graphs, backbone_half=self._backbone_half,
-                                          ready=self._graphs_ready(net, half))
+                                          eager_first=self.eager_first_frame)
         else:  # torchvision's own heads (per-class NMS loop), for comparison
             with torch.inference_mode():
                 batch, _ = net.transform(images)
@@ -375,26 +352,6 @@ class MaskRCNN(Model):
                         "labels": d["labels"], "scores": d["scores"].float(),
                         "masks": d["masks"].float()})
         return out
-
-    def _graphs_ready(self, net: Any, half: bool) -> Any:
-        """`fast.detect`'s `ready`: True when a batch's graphs are captured; otherwise the
-        capture starts in the background (on a copy of the batch) and this batch runs
-        eagerly. Without `background_capture` the batch captures them itself."""
-        graphs = self._graphs
-        if graphs is None or not self.background_capture or not graphs.capture:
-            return None
-        from . import fast
-
-        def ready(x: Any, image_sizes: List[Tuple[int, int]]) -> bool:
-            key = fast.graph_key(x, image_sizes, half)
-            if graphs.ready(key):
-                return True
-            x_copy = x.clone()
-            graphs.warm(key, lambda: fast.graph_detect(graphs, net, x_copy, image_sizes, half,
-                                                       self._backbone_half), x.device)
-            return False
-
-        return ready
 
     def infer(self, inputs: Dict[str, Any], options: Dict[str, Any]) -> Result:
         return self.infer_batch([inputs], options)[0]
