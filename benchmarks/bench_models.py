@@ -291,10 +291,12 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
             mem = peak_memory(dev, lambda opts=opts: m.infer({"src": lin}, opts))
             record(model=label, size=size, config=f"ours {mode} {'fp16' if half else 'fp32'}",
                    baseline_ms=base["median_ms"], peak_mib=mem, **t)
+        if args.skip_checks:
+            continue
         # correctness of this precision against the eager reference (TF32 off, eager:
         # a captured graph keeps the math mode of its capture)
         opts = m.resolve_options({**common, "output_mode": "matte", "half_precision": half})
-        net = m._network(variant, path)
+        net = m._view(m._network(variant, path), opts)
         if m._graphs is not None and m._graphs.error:
             log(f"  (CUDA graphs not used: {m._graphs.error})")
         if m._graphs is not None and m._graphs.autotune_error:
@@ -331,7 +333,9 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
     if variant == "resnet50_fpn" and dev.startswith("cuda"):
         # what each part of our path costs (matte fp16), and torchvision's heads in it
         opts = m.resolve_options({**common, "output_mode": "matte", "half_precision": True})
-        net = m._network(variant, path)
+        net = m._view(m._network(variant, path), opts)
+        m.infer({"src": lin}, opts)  # a new shape: eager, then captured
+        m.infer({"src": lin}, opts)
         stages: Dict[str, List[float]] = {"upload": [], "network": [], "render+download": []}
         for i in range(args.repeat + 2):
             t0 = time.perf_counter()
@@ -354,15 +358,24 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
             ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items()))
         if args.profile:
             profile(f"{label} {size} matte fp16", lambda: m.infer({"src": lin}, opts))
-        # a sequence: the server hands queued frames to infer_batch, which overlaps one
-        # frame's transfers with another's compute
-        seq_opts = m.resolve_options({**common, "output_mode": "matte"})
-        seq = [{"src": lin}] * 3
-        t = timer(lambda: m.infer_batch(seq, seq_opts))
-        t = {k: v / len(seq) if k.endswith("_ms") else v for k, v in t.items()}
-        record(model=label, size=size, config="ours matte fp32, batch of 3, per frame",
-               baseline_ms=base["median_ms"], **t)
+        # a sequence: the server hands queued frames of one size to infer_batch (distinct
+        # frames here); per-frame figures, against the single frame of the same run
+        for half in (False, True):
+            seq_opts = m.resolve_options({**common, "output_mode": "matte",
+                                          "half_precision": half})
+            for n in args.batches:
+                seq = [{"src": lin if i == 0 else np.ascontiguousarray(lin[:, ::-1] if i % 2
+                                                                      else lin[::-1])}
+                       for i in range(n)]
+                t = timer(lambda seq=seq, o=seq_opts: m.infer_batch(seq, o))
+                t = {k: v / n if k.endswith("_ms") else v for k, v in t.items()}
+                record(model=label, size=size,
+                       config=f"ours matte {'fp16' if half else 'fp32'}, batch {n}, per frame",
+                       baseline_ms=base["median_ms"], **t)
         graphs = M.MaskRCNN.cuda_graphs
+        if args.skip_checks:
+            m.unload()
+            return
         M.MaskRCNN.cuda_graphs = not graphs
         m.unload()  # the network is rebuilt with (or without) a graph cache
         m.load(dev)
@@ -440,7 +453,7 @@ def bench_densepose(args: argparse.Namespace, size: str, tmp: str) -> None:
     for count in args.densepose_people:
         base_ms = None
         for half in (False, True) if dev.startswith("cuda") else (False,):
-            for mode in ("matte", "overlay"):
+            for mode in [md for md in ("matte", "overlay") if md in args.modes]:
                 opts = m.resolve_options({**common, "max_instances": count,
                                           "output_mode": mode, "half_precision": half})
                 t = timer(lambda opts=opts: m.infer({"src": src}, opts))
@@ -524,6 +537,10 @@ def main() -> None:
     p.add_argument("--densepose-people", nargs="+", type=int, default=[100, 10],
                    help="max_instances values for DensePose")
     p.add_argument("--repeat", type=int, default=None, help="timed runs (median reported)")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4],
+                   help="mask_rcnn infer_batch sizes timed (CUDA)")
+    p.add_argument("--skip-checks", action="store_true",
+                   help="mask_rcnn: timings only (no correctness comparison, no variants)")
     p.add_argument("--json", help="also write every figure here (one JSON object)")
     p.add_argument("--profile", action="store_true",
                    help="print torch.profiler tables (CUDA) of our mask_rcnn and densepose")

@@ -3,11 +3,12 @@
 # CUDA box): model benchmarks, the CUDA tests of the model authors, the end-to-end
 # sequence and the transport figures. Logs go to $OUT (default ./perf_out).
 #
-#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|devices|depth|raft]
+#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|devices|detectors|depth|raft]
 #       io: end to end and transport only; e2e: end to end (with --nuke) only;
 #       models: model benchmarks and CUDA tests only;
 #       devices: one server over every GPU (--devices): 1 GPU vs 2, 200 1080p frames
-#       (FRAMES=N and COUNTS=1,2,4 change that)
+#       (FRAMES=N and COUNTS=1,2,4 change that);
+#       detectors: first result, 1080p detector figures with batches, CUDA tests
 #       depth: depth_anything_v2 at 1080p, fp16 / CUDA graph vs fp32 eager, and its CUDA test
 #       raft: RAFT at 1080p, the model's paths against eager torchvision (bench_raft.py)
 #
@@ -55,6 +56,20 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 if [ "$QUICK" = raft ]; then
     step bench_raft 280 python3 benchmarks/bench_raft.py --device cuda \
         --json "$OUT/bench_raft.json"
+    exit 0
+fi
+
+if [ "$QUICK" = detectors ]; then
+    # issue 13's detector figures in one call: the first result (in process and through
+    # dlserver infer), 1080p per-frame costs with batches of 1/2/4, then the CUDA tests
+    step bench_first_frame 60 python3 benchmarks/bench_first_frame.py --device cuda --half \
+        --frames 8 --cli --json "$OUT/bench_first_frame.json"
+    step bench_models 70 python3 benchmarks/bench_models.py --device cuda --sizes 1080p \
+        --models mask_rcnn densepose --modes matte --densepose-people 10 100 --repeat 5 \
+        --skip-checks --json "$OUT/bench_models.json"
+    step pytest_cuda 120 python3 -m pytest -m cuda tests/test_mask_rcnn.py \
+        tests/test_densepose.py tests/test_gpu_io.py tests/test_detection.py -s -rs \
+        -p no:cacheprovider
     exit 0
 fi
 if [ "$QUICK" = devices ]; then

@@ -30,6 +30,7 @@ from benchmarks.bench_models import (  # noqa: E402
     load_model_module,
     maskrcnn_weights,
 )
+from dlserver.detection import input_size  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -112,13 +113,15 @@ def mask_rcnn(size: str, repeat: int, graphs: bool, tmp: str, profile_it: bool) 
     opts = m.resolve_options({"variant": "resnet50_fpn", "weights": path, "threshold": 0.0,
                               "max_instances": 100, "network_size": NETWORK_SIZE[size],
                               "output_mode": "matte"})
-    m._network("resnet50_fpn", path)
+    M.MaskRCNN.eager_first_frame = False  # graphs captured by the first frame itself
+    net = m._view(m._network("resnet50_fpn", path), opts)
     if graphs and DEVICE == "cpu":  # the graph path's padding, without capture (a smoke test)
-        m._graphs = fast.GraphCache(capture=False)
+        built = m._networks.nets[next(iter(m._networks.nets))]
+        m._networks.nets[next(iter(m._networks.nets))] = (built[0], built[1],
+                                                          fast.GraphCache(capture=False))
     for half in (False, True):
         opts["half_precision"] = half
         whole = call_ms(lambda: m.infer({"src": src}, opts), repeat)
-        net = m._net
         st = Stages()
         for _ in range(repeat + 2):
             st.start()
@@ -130,7 +133,7 @@ def mask_rcnn(size: str, repeat: int, graphs: bool, tmp: str, profile_it: bool) 
                 x = batch.tensors.contiguous(memory_format=torch.channels_last)
                 st.mark("transform")
                 if m._graphs is not None:
-                    run = m._graphs._run
+                    run = m._graphs.run
 
                     def timed(group: Any, name: str, *rest: Any, st: Any = st,
                               run: Any = run) -> Any:
@@ -139,9 +142,10 @@ def mask_rcnn(size: str, repeat: int, graphs: bool, tmp: str, profile_it: bool) 
                         st.mark("graph " + name.rstrip("0123456789"))
                         return out
 
-                    m._graphs._run = timed
-                    m._graphs.detect(net, x, batch.image_sizes, half, m._backbone_half)
-                    del m._graphs._run
+                    m._graphs.run = timed
+                    fast.graph_detect(m._graphs, net, x, batch.image_sizes, half,
+                                      m._backbone_half)
+                    del m._graphs.run
                     st.mark("eager after masks")
                 else:
                     feats, props, scores, levels = fast.static_part(net, x, 1, half,
@@ -180,6 +184,7 @@ def densepose(size: str, repeat: int, people: int, graphs: bool, tmp: str,
     network = importlib.import_module("_bench_models.densepose.network")
     render = importlib.import_module("_bench_models.densepose.render")
     M.DensePose.cuda_graphs = graphs
+    M.DensePose.eager_first_frame = False  # the first frame captures the graph itself
     path = densepose_weights(tmp)
     h, w = SIZES[size]
     src = frame(h, w, seed=3)
@@ -190,6 +195,9 @@ def densepose(size: str, repeat: int, people: int, graphs: bool, tmp: str,
     net = m.network(path)
     whole = call_ms(lambda: m.infer({"src": src}, opts), repeat)
     cache = m._graphs if graphs else None
+    # infer sets these on a view of the network; the stages below use the network itself
+    net.cfg.min_size, net.cfg.max_size = input_size(opts["network_size"])
+    net.cfg.detections_per_image = people
     cfg = net.cfg
     st = Stages()
     for _ in range(repeat + 2):
@@ -200,7 +208,7 @@ def densepose(size: str, repeat: int, people: int, graphs: bool, tmp: str,
         st.mark("upload")
         with torch.no_grad():
             # the stages of DensePoseRCNN.forward
-            s = (cache.run(net, bgr, None) if cache is not None
+            s = (cache.run_static(net, bgr, None) if cache is not None
                  else net.static_part(bgr, None))
             st.mark("static part (graph)" if cache is not None else "static part (eager)")
             if s.nms is not None:

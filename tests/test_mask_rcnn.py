@@ -25,6 +25,7 @@ import torchvision  # noqa: F401
 
 from dlserver import weights as W
 from dlserver.color import srgb_to_linear
+from dlserver.detection import fold_batch_norms
 from dlserver.frames import fill_from_input
 from dlserver.registry import import_model_folder
 
@@ -243,6 +244,46 @@ def test_real_network_batch_of_two_sizes(real_model, v1_weights):
     results = m.infer_batch([{"src": _image(40, 64)}, {"src": _image(64, 48, seed=1)}], opts)
     _check_outputs(results[0], 40, 64, "matte")
     _check_outputs(results[1], 64, 48, "matte")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_batched_forward_equals_single_frames(real_model, v1_weights, monkeypatch, padded):
+    """infer_batch runs frames of one size through one forward pass (MAX_BATCH at most;
+    here 3 frames, then 1: two passes): each frame's outputs and detections are the
+    single-frame path's exactly. `padded`: the graph path's padded proposals and
+    detections (run without capture on a CPU), batched too."""
+    fast = importlib.import_module(f"{PKG}.fast")
+    m = real_model
+    model_mod = sys.modules[type(m).__module__]
+    monkeypatch.setattr(model_mod, "MAX_BATCH", 3)
+    opts = {"variant": "resnet50_fpn", "weights": str(v1_weights), "network_size": 128,
+            "output_mode": "instances", "threshold": 0.1, "max_instances": 5}
+    m._network("resnet50_fpn", str(v1_weights))
+    if padded:
+        monkeypatch.setattr(m, "_graphs", fast.GraphCache(capture=False))
+        monkeypatch.setattr(m, "_network", lambda *a, **k: m._networks.nets[
+            next(iter(m._networks.nets))][0])
+    passes = []
+    real_detect = m._detect
+    monkeypatch.setattr(m, "_detect", lambda net, images, half: passes.append(len(images))
+                        or real_detect(net, images, half))
+    frames = [{"src": _image(48, 72, seed=s)} for s in range(4)]
+    batch = m.infer_batch(frames, opts)
+    assert passes == [3, 1]
+    worst = 0.0
+    for frame, res in zip(frames, batch):
+        single = m.infer(frame, opts)
+        assert single.data["detections"] == res.data["detections"]
+        assert single.data["detections"]
+        for name, arr in single.outputs.items():
+            if name == "instance_id":  # object numbers, classes, scores where >= 0.5
+                assert np.mean(arr == res.outputs[name]) >= 0.999
+            else:
+                worst = max(worst, float(np.abs(arr - res.outputs[name]).max()))
+    print(f"\nbatched vs single frames: mattes within {worst:.2e}")
+    # the CPU's convolution kernels block a batch of 3 otherwise than one frame: the
+    # sums differ in rounding (measured 1.3e-5 on the mattes)
+    assert worst <= 3e-5
 
 
 @pytest.mark.slow
@@ -644,7 +685,10 @@ def test_cuda_batch_matches_single_frames(v1_weights):
     frames.insert(2, {"src": rng.random((720, 1000, 4), dtype=np.float32)})  # another size
     opts = MaskRCNN.resolve_options({"variant": "resnet50_fpn", "weights": str(v1_weights),
                                      "threshold": 0.1, "output_mode": "matte"})
-    m.infer_batch(frames[:1], opts)  # warm-up
+    m.infer_batch(frames[:1], opts)  # warm-up: a new shape's first pass runs eagerly
+    assert not m.graphs_live()
+    m.infer_batch(frames[:1], opts)  # the second captures
+    assert m.graphs_live()
     torch.cuda.synchronize()
     t = time.perf_counter()
     batch = m.infer_batch(frames, opts)
@@ -652,12 +696,21 @@ def test_cuda_batch_matches_single_frames(v1_weights):
     per_frame = (time.perf_counter() - t) * 1000 / len(frames)
     print(f"\ncuda batch of 4 (3 x 1080p, 1 x 1000x720; 32 instances each): {per_frame:.0f} ms "
           f"per frame (first use of the 1000x720 graphs included)")
+    # the three 1080p frames went through one forward pass (batch 3), the other alone:
+    # against single frames, cuDNN may pick other kernels for a batch (float rounding)
     for frame, res in zip(frames, batch):
         h, w = frame["src"].shape[:2]
         _check_outputs(res, h, w, "matte")
         single = m.infer(frame, opts)
-        assert single.data["detections"] == res.data["detections"]
-        np.testing.assert_array_equal(single.outputs["rgba"], res.outputs["rgba"])
+        da, db = single.data["detections"], res.data["detections"]
+        assert len(da) == len(db) > 0
+        same = sum(x["class_index"] == y["class_index"] and
+                   np.abs(np.subtract(x["box"], y["box"])).max() < 0.5 for x, y in zip(da, db))
+        alpha_a, alpha_b = single.outputs["rgba"][..., -1], res.outputs["rgba"][..., -1]
+        agree = float(((alpha_a >= 0.5) == (alpha_b >= 0.5)).mean())
+        print(f"batched vs single {w}x{h}: {same}/{len(da)} detections equal, thresholded "
+              f"alpha equal on {agree:.6f}, max diff {np.abs(alpha_a - alpha_b).max():.2e}")
+        assert same >= len(da) - 1 and agree >= 0.999
     m.unload()
 
 
@@ -678,12 +731,43 @@ def tv_and_ours(tmp_path_factory):
     torch.save(sd, path)
     net.load_state_dict(sd)
     net.eval()
+    # the model folds its batch norms on every device: the reference gets the same
+    # backbone arithmetic (test_fold_batch_norms_keeps_the_function checks the folding)
+    fold_batch_norms(net.backbone)
     net.roi_heads.score_thresh, net.roi_heads.detections_per_img = 0.0, 20
     net.transform.min_size, net.transform.max_size = (160,), 267
     m = MaskRCNN()
     m.load("cpu")
     m._network("resnet50_fpn", str(path))  # builds ours; the options set the same sizes
     return net, m, path
+
+
+def test_fold_batch_norms_keeps_the_function():
+    """Folding (float64 factors) changes torchvision's backbone + FPN features by float
+    rounding only, with batch-norm statistics far from identity; every pair is folded."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(1)
+    net = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    gen = torch.Generator().manual_seed(2)
+    for m in net.backbone.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            n = m.weight.shape[0]
+            m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    x = torch.from_numpy(np.random.default_rng(4).random((1, 3, 96, 128), dtype=np.float32))
+    with torch.inference_mode():
+        want = net.backbone(x)
+    assert fold_batch_norms(net.backbone) == 53  # stem + 16 blocks x 3 + 4 shortcuts
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in net.backbone.modules())
+    with torch.inference_mode():
+        got = net.backbone(x)
+    for k in want:
+        rel = ((got[k] - want[k]).norm() / want[k].norm()).item()
+        assert rel < 1e-5, (k, rel)
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -712,6 +796,10 @@ def test_fast_path_equals_torchvision(tv_and_ours, padded):
     if padded:
         assert not graphs.error  # and no capture on a CPU: only the pooling buffer is kept
         assert all(set(g) <= {"pooled"} for g in graphs.groups.values())
+        # the graph path (padded proposals and detections) is the eager path, exactly
+        eager = fast.detect(ours_net, [image], half=False, channels_last=False)[0][0]
+        for key in ("boxes", "scores", "labels", "masks"):
+            assert torch.equal(ours[key], eager[key]), key
 
 
 @pytest.mark.cuda
@@ -723,8 +811,9 @@ def test_cuda_graphs_equal_eager(tv_and_ours):
     _, _, path = tv_and_ours
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
-    saved = MaskRCNN.cuda_graphs
+    saved = MaskRCNN.cuda_graphs, MaskRCNN.eager_first_frame
     try:
+        MaskRCNN.eager_first_frame = False  # every frame through graphs
         MaskRCNN.cuda_graphs = False
         eager = MaskRCNN()
         eager.load("cuda")
@@ -752,7 +841,7 @@ def test_cuda_graphs_equal_eager(tv_and_ours):
         if graphed._graphs.autotune_error:
             print("captured with cuDNN's heuristics:", graphed._graphs.autotune_error)
     finally:
-        MaskRCNN.cuda_graphs = saved
+        MaskRCNN.cuda_graphs, MaskRCNN.eager_first_frame = saved
         torch.backends.cudnn.allow_tf32 = tf32
 
 

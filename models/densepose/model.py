@@ -7,13 +7,18 @@ the network (network.py) and the drawing (render.py) are imported when used.
 
 from __future__ import annotations
 
-import os
-from typing import Any, ClassVar, Dict, Optional, Tuple
+import copy
+import dataclasses
+import logging
+from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
 from dlserver.color import linear_to_srgb_torch
+from dlserver.detection import NetworkCache, SideStreams, detections_data, input_size, weights_key
 from dlserver.gpu import upload
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
-from dlserver.weights import WeightsError, WeightsFile, load_state_dict, resolve
+from dlserver.weights import WeightsError, WeightsFile, load_state_dict, locate, resolve
+
+log = logging.getLogger(__name__)
 
 # DensePose-COCO's 24 parts (1-based; 0 = background), grouped for the matte option.
 PART_GROUPS: Dict[str, Tuple[int, ...]] = {
@@ -111,27 +116,39 @@ class DensePose(Model):
     # On a GPU, the network's static part (preprocessing, backbone + FPN, RPN top-k,
     # DensePose decoder) is replayed from a CUDA graph per frame size (fast.GraphCache;
     # a failed capture stays eager and keeps the reason in its `error`). False: eager.
+    # `eager_first_frame`: a new size's first frame runs eagerly with cuDNN's heuristics,
+    # the next one autotunes and captures (the first result waits for neither).
     cuda_graphs: ClassVar[bool] = True
+    eager_first_frame: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
-        self._net: Any = None
-        self._net_key: Optional[Tuple[Any, ...]] = None
+        self._networks = NetworkCache(1)
         self._graphs: Any = None
+        self._streams: Any = None  # SideStreams, made on first use on a GPU
 
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
+        """Imports torch; on a GPU, cuDNN's autotuning on and, when the weights file is
+        present (no download here), the network built."""
         import torch  # fail here, not in the first infer, when it is missing
         import torchvision  # noqa: F401
 
         self.device = device
         if device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True  # frame sizes repeat across a sequence
+            if locate(WEIGHTS).found:
+                try:
+                    self.network()
+                except Exception as exc:  # the frame that asks for it gets the error reply
+                    log.warning("densepose: the network was not built at load: %s", exc)
 
     def unload(self) -> None:
-        self._net = None
-        self._net_key = None
+        self._networks.clear()
         self._graphs = None
+        if self._streams is not None:
+            self._streams.close()
+            self._streams = None
         if self.device.startswith("cuda"):
             import torch
 
@@ -141,48 +158,77 @@ class DensePose(Model):
         """The network with its weights (resolved from the option), built on first use and
         kept while the file is the same. WeightsMissing when there is no file."""
         path = resolve(WEIGHTS, weights_option or None)
-        st = os.stat(path)
-        key = (str(path), st.st_size, st.st_mtime_ns, self.device)
-        if self._net is not None and self._net_key == key:
-            return self._net
-        self._net = self._net_key = self._graphs = None
+        net, self._graphs = self._networks.get((weights_key(path), self.device),
+                                               lambda: self._build(path))
+        return net
+
+    def _build(self, path: Any) -> Tuple[Any, Any]:
         from . import fast
 
         net = build_network(load_state_dict(path), str(path)).eval().to(self.device)
         # batch norms folded, channels-last static part (both devices: same results up to
         # float rounding); on a GPU, CUDA graphs of that part
         fast.prepare(net)
-        if self.device.startswith("cuda"):
-            self._graphs = fast.GraphCache()
-        self._net = net
-        self._net_key = key
-        return self._net
+        graphs = None
+        if self.device.startswith("cuda") and self.cuda_graphs:
+            graphs = fast.GraphCache(eager_first=self.eager_first_frame)
+        return net, graphs
 
     # --- inference -----------------------------------------------------------------------
     def infer(self, inputs: Dict[str, Any], options: Dict[str, Any]) -> Result:
+        return self.infer_batch([inputs], options)[0]
+
+    def infer_batch(self, batch: Sequence[Dict[str, Any]],
+                    options: Dict[str, Any]) -> List[Result]:
+        """Frames one after the other through the network (one image per pass: its heads
+        run on each frame's own boxes); on a GPU the next frames' uploads are staged on a
+        side stream while a frame is computed."""
         import numpy as np
+        import torch
+
+        o = self.resolve_options(options)
+        net = copy.copy(self.network(o["weights"].strip()))
+        # the request's settings on a view: the shared network is never changed
+        min_size, max_size = input_size(o["network_size"])
+        net.cfg = dataclasses.replace(net.cfg, min_size=min_size, max_size=max_size,
+                                      detections_per_image=o["max_instances"])
+        srcs = [np.asarray(frame["src"], dtype=np.float32) for frame in batch]
+        cuda = self.device.startswith("cuda")
+        if cuda and len(srcs) > 1:
+            if self._streams is None:
+                self._streams = SideStreams(self.device, "densepose")
+            streams = self._streams
+            futures = streams.stage(lambda src: upload(src, self.device), srcs)
+            try:
+                return [self._frame(net, src, streams.take(future), o)
+                        for src, future in zip(srcs, futures)]
+            finally:
+                for future in futures:  # no upload left running when this returns
+                    future.exception()
+        with torch.inference_mode():
+            return [self._frame(net, src, upload(src, self.device), o) for src in srcs]
+
+    def _frame(self, net: Any, src: Any, frame: Any, o: Dict[str, Any]) -> Result:
+        """One frame: `src` (H, W, 4) on the host, `frame` the same on the device (the
+        whole RGBA frame goes up as it is; channels are picked on the device)."""
         import torch
 
         from . import render
 
-        o = self.resolve_options(options)
-        net = self.network(o["weights"].strip())
-        size = o["network_size"]
-        net.cfg.min_size, net.cfg.max_size = size, int(round(size * 1333 / 800))
-        net.cfg.detections_per_image = o["max_instances"]
-        src = np.asarray(inputs["src"], dtype=np.float32)
-        # the whole RGBA frame goes up as it is (through page-locked memory on a GPU);
-        # channels are picked on the device
-        cuda = self.device.startswith("cuda")
-        frame = upload(src, self.device)
         # linear RGB → sRGB 0-1 → BGR 0-255, as detectron2's predictor feeds it
         rgb = linear_to_srgb_torch(frame[..., :3].permute(2, 0, 1))
         bgr = rgb.nan_to_num_(0.0, 1.0, 0.0).clamp_(0.0, 1.0).flip(0) * 255.0
-        half = o["half_precision"] and cuda
+        half = o["half_precision"] and self.device.startswith("cuda")
         out = net(bgr, torch.float16 if half else None, min_score=o["threshold"],
                   graphs=self._graphs if self.cuda_graphs else None)
         with torch.inference_mode():
-            return render.result(src, out, o, PART_GROUPS[o["matte_parts"]], frame)
+            result = render.result(src, out, o, PART_GROUPS[o["matte_parts"]], frame)
+        # the detections as every detector reports them (dlserver.detection)
+        n = out["boxes"].shape[0]
+        result.data["detections"] = detections_data(out["boxes"].cpu().numpy(),
+                                                    out["scores"].cpu().tolist(),
+                                                    src.shape[0], [("person", 1)] * n)
+        return result
 
 
 def build_network(state: Dict[str, Any], source: str = "checkpoint") -> Any:

@@ -54,8 +54,8 @@ class Config:
 class GraphRunner(Protocol):
     """fast.GraphCache's interface: `static_part` of `net` for `image`, replayed."""
 
-    def run(self, net: DensePoseRCNN, image: Tensor,
-            autocast_dtype: Optional[torch.dtype]) -> Static: ...
+    def run_static(self, net: DensePoseRCNN, image: Tensor,
+                   autocast_dtype: Optional[torch.dtype]) -> Static: ...
 
 
 # --- backbone ----------------------------------------------------------------------------
@@ -628,7 +628,7 @@ class DensePoseRCNN(nn.Module):
         (CUDA only): replays `static_part` from a CUDA graph (fast.GraphCache)."""
         h0, w0 = image_bgr.shape[-2:]
         if graphs is not None and image_bgr.is_cuda:
-            st = graphs.run(self, image_bgr, autocast_dtype)
+            st = graphs.run_static(self, image_bgr, autocast_dtype)
         else:
             st = self.static_part(image_bgr, autocast_dtype)
         size = st.size

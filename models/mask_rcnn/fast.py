@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import boxes as box_ops
 
-from dlserver import cuda_graphs, nms
+from dlserver import nms
+from dlserver.detection import GraphCache, GraphCaptureFailed, cudnn_heuristics, use_graphs
 
 MAX_PREFIX = 4096  # a T x T suppression matrix: 16 M entries at most
 
@@ -173,39 +174,6 @@ def roi_heads(rh: Any, features: Dict[str, torch.Tensor], proposals: List[torch.
         for r in result:
             r["masks"] = r["boxes"].new_zeros((0, 1, 28, 28))
     return result
-
-
-def fold_batch_norms(module: torch.nn.Module) -> int:
-    """Fold every (Conv2d, frozen or eval BatchNorm2d) pair of a torchvision backbone
-    into the convolution (weight scaled, bias added; the norm becomes Identity): one
-    kernel instead of about seven per pair. Same function up to float rounding.
-    Returns the number of pairs folded."""
-    from torch import nn
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    norms = (FrozenBatchNorm2d, nn.BatchNorm2d)
-
-    def fold(conv: nn.Conv2d, bn: Any) -> None:  # one of `norms` (its buffers are tensors)
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-        bias = bn.bias - bn.running_mean * scale
-        if conv.bias is not None:
-            bias = bias + conv.bias * scale
-        conv.weight.data = conv.weight.data * scale[:, None, None, None]
-        conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
-
-    count = 0
-    for parent in list(module.modules()):
-        children = list(parent.named_children())
-        for (name_a, a), (name_b, b) in zip(children, children[1:]):
-            if isinstance(a, nn.Conv2d) and isinstance(b, norms) and (
-                    isinstance(parent, nn.Sequential)
-                    or name_b == name_a.replace("conv", "bn")):
-                if isinstance(b, nn.BatchNorm2d) and b.training:
-                    continue
-                fold(a, b)
-                setattr(parent, name_b, nn.Identity())
-                count += 1
-    return count
 
 
 def decode(coder: Any, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -411,189 +379,143 @@ def pool_sorted(pooler: Any, features: Dict[str, torch.Tensor], rois: torch.Tens
     return out.index_copy_(0, order, pooled)
 
 
-class GraphCache:
-    """CUDA graphs of the parts of a pass whose shapes depend only on the input's shape:
-    the static part (backbone to per-level top-k), the box branch over proposals padded
-    to the RPN's fixed count, and the mask branch over detections padded to
-    `detections_per_img`. One group of graphs per (input shape, precision, image sizes),
-    the last `size` groups kept. A replay launches hundreds of kernels at once; between
-    the graphs only the data-dependent steps (NMS, selections) run eagerly.
+def graph_key(x: torch.Tensor, image_sizes: List[Tuple[int, int]], half: bool) -> Any:
+    """The graph group of a batch: its shape and layout, precision and image sizes."""
+    return (tuple(x.shape), x.stride(), half, tuple(image_sizes), str(x.device))
 
-    `capture=False` runs the same padded path without graphs (tests on a CPU). When a
-    capture fails the cache turns itself off and keeps the reason in `error`; the
-    caller then runs eagerly."""
 
-    def __init__(self, size: int = 4, capture: bool = True) -> None:
-        self.size = size
-        self.capture = capture
-        self.groups: OrderedDict[Any, Dict[str, Any]] = OrderedDict()
-        self.error = ""
-        self.autotune_error = ""
+def graph_detect(graphs: GraphCache, net: Any, x: torch.Tensor,
+                 image_sizes: List[Tuple[int, int]], half: bool, backbone_half: Any = None
+                 ) -> List[Dict[str, torch.Tensor]]:
+    """`detect`'s result for the batch `x` (already transformed), through CUDA graphs of
+    the parts whose shapes depend only on the input's shape: the static part (backbone
+    to the RPN's NMS and top proposals, padded to the RPN's fixed count), the box branch
+    over those, and the mask branch over detections padded to `detections_per_img`.
+    Between the graphs only the data-dependent steps (NMS scan, selections) run eagerly,
+    after one host sync each."""
+    n = len(image_sizes)
+    group = graphs.group(graph_key(x, image_sizes, half))
+    rh = net.roi_heads
+    count = net.rpn.post_nms_top_n()
+    box_pool = rh.box_roi_pool
 
-    def clear(self) -> None:
-        self.groups.clear()
+    def static_fn(t: torch.Tensor) -> Any:
+        features, proposals, scores, levels = static_part(net, t, n, half, backbone_half)
+        clipped, for_nms = rpn_prepare(net.rpn, proposals, scores, levels, image_sizes)
+        keep, converged, state = level_nms(for_nms, level_sizes(net.rpn, features),
+                                           net.rpn.nms_thresh)
+        padded, real = rpn_top(clipped, scores, keep, count)
+        rois, order, per_level = level_order(box_pool, features, list(padded.unbind(0)),
+                                             image_sizes)
+        status = torch.cat([per_level, converged.all().view(1).long()])
+        return features, padded, real, rois, order, status, (clipped, scores, state)
 
-    def detect(self, net: Any, x: torch.Tensor, image_sizes: List[Tuple[int, int]], half: bool,
-               backbone_half: Any = None) -> List[Dict[str, torch.Tensor]]:
-        """`detect`'s result for the batch `x` (already transformed), through graphs."""
-        n = len(image_sizes)
-        key = (tuple(x.shape), x.stride(), half, tuple(image_sizes), x.device)
-        group = self.groups.get(key)
-        if group is None:
-            group = self.groups[key] = {}
-            while len(self.groups) > self.size:
-                self.groups.popitem(last=False)
-        self.groups.move_to_end(key)
-        rh = net.roi_heads
-        count = net.rpn.post_nms_top_n()
+    features, padded, real, rois, order, status, rest = graphs.run(
+        group, "static", static_fn, (), (x,))
+    names = list(features)
+    feats = tuple(features.values())
+    # the one sync between the graphs: per-level counts (and whether NMS converged)
+    *per_level, converged = status.tolist()
+    if not converged:  # a long chain of suppressions: finish NMS eagerly
+        clipped, scores, state = rest
+        top = rpn_top(clipped, scores, nms_continue(state), count)
+        padded.copy_(top[0])
+        real.copy_(top[1])
+        sorted_rois, new_order, level_counts = level_order(box_pool, features,
+                                                           list(padded.unbind(0)), image_sizes)
+        rois, order, per_level = sorted_rois, new_order, level_counts.tolist()
+    if "pooled" not in group:
+        out_size = box_pool.output_size
+        group["pooled"] = torch.empty((n * count, feats[0].shape[1], *out_size),
+                                      device=x.device)
+    pooled = pool_sorted(box_pool, features, rois, order, per_level, group["pooled"])
 
-        box_pool = rh.box_roi_pool
+    thresh, limit = rh.score_thresh, rh.detections_per_img
+    prefix = max(256, 4 * limit)  # top_nms's first prefix of the score order
 
-        def static_fn(t: torch.Tensor) -> Any:
-            features, proposals, scores, levels = static_part(net, t, n, half, backbone_half)
-            clipped, for_nms = rpn_prepare(net.rpn, proposals, scores, levels, image_sizes)
-            keep, converged, state = level_nms(for_nms, level_sizes(net.rpn, features),
-                                               net.rpn.nms_thresh)
-            padded, real = rpn_top(clipped, scores, keep, count)
-            rois, order, per_level = level_order(box_pool, features, list(padded.unbind(0)),
-                                                 image_sizes)
-            status = torch.cat([per_level, converged.all().view(1).long()])
-            return features, padded, real, rois, order, status, (clipped, scores, state)
+    def boxes_fn(*t: torch.Tensor) -> Any:
+        fmap = OrderedDict(zip(names, t[:-3]))
+        bl, sl, ll, okl = box_candidates(rh, fmap, list(t[-2].unbind(0)), image_sizes,
+                                         pooled=t[-3])
+        b, s, lab = torch.stack(bl), torch.stack(sl), torch.stack(ll)
+        # candidates of padding proposals are never selected
+        real_c = t[-1].repeat_interleave(s.shape[1] // t[-1].shape[1], dim=1)
+        chosen = torch.stack(okl) & real_c & (s > thresh)
+        # top_nms's first step for every image: the best `prefix` candidates in score
+        # order (ties in candidate order) and their suppression matrix
+        masked = torch.where(chosen, s, torch.full_like(s, -1.0))  # scores are >= 0
+        top = torch.sort(masked, dim=1, descending=True, stable=True).indices
+        top = top[:, :prefix]
+        tb = torch.gather(b, 1, top[..., None].expand(-1, -1, 4))
+        tl = torch.gather(lab, 1, top)
+        sup = _iou_suppression(tb, tl, rh.nms_thresh)
+        return (b, s, lab, chosen), (tb, torch.gather(s, 1, top), tl, sup, chosen.sum(1))
 
-        features, padded, real, rois, order, status, rest = self._run(
-            group, "static", static_fn, (), (x,))
-        names = list(features)
-        feats = tuple(features.values())
-        # the one sync between the graphs: per-level counts (and whether NMS converged)
-        *per_level, converged = status.tolist()
-        if not converged:  # a long chain of suppressions: finish NMS eagerly
-            clipped, scores, state = rest
-            top = rpn_top(clipped, scores, nms_continue(state), count)
-            padded.copy_(top[0])
-            real.copy_(top[1])
-            sorted_rois, new_order, level_counts = level_order(box_pool, features,
-                                                               list(padded.unbind(0)), image_sizes)
-            rois, order, per_level = sorted_rois, new_order, level_counts.tolist()
-        if "pooled" not in group:
-            out_size = box_pool.output_size
-            group["pooled"] = torch.empty((n * count, feats[0].shape[1], *out_size),
-                                          device=x.device)
-        pooled = pool_sorted(box_pool, features, rois, order, per_level, group["pooled"])
-
-        thresh, limit = rh.score_thresh, rh.detections_per_img
-        prefix = max(256, 4 * limit)  # top_nms's first prefix of the score order
-
-        def boxes_fn(*t: torch.Tensor) -> Any:
-            fmap = OrderedDict(zip(names, t[:-3]))
-            bl, sl, ll, okl = box_candidates(rh, fmap, list(t[-2].unbind(0)), image_sizes,
-                                             pooled=t[-3])
-            b, s, lab = torch.stack(bl), torch.stack(sl), torch.stack(ll)
-            # candidates of padding proposals are never selected
-            real_c = t[-1].repeat_interleave(s.shape[1] // t[-1].shape[1], dim=1)
-            chosen = torch.stack(okl) & real_c & (s > thresh)
-            # top_nms's first step for every image: the best `prefix` candidates in score
-            # order (ties in candidate order) and their suppression matrix
-            masked = torch.where(chosen, s, torch.full_like(s, -1.0))  # scores are >= 0
-            top = torch.sort(masked, dim=1, descending=True, stable=True).indices
-            top = top[:, :prefix]
-            tb = torch.gather(b, 1, top[..., None].expand(-1, -1, 4))
-            tl = torch.gather(lab, 1, top)
-            sup = _iou_suppression(tb, tl, rh.nms_thresh)
-            return (b, s, lab, chosen), (tb, torch.gather(s, 1, top), tl, sup, chosen.sum(1))
-
-        name = f"boxes {thresh} {limit}"
-        cand, tops = self._run(group, name, boxes_fn, (*feats, pooled, padded, real), ())
-        result = []
-        sup_host, chosen_count = tops[3].cpu().numpy(), tops[4].tolist()  # the one sync
-        for i in range(n):
-            t = min(tops[0].shape[1], chosen_count[i])
-            kept = _greedy(sup_host[i, :t, :t], limit)
-            if len(kept) >= limit or chosen_count[i] <= t:
-                idx = torch.as_tensor(kept, dtype=torch.int64, device=x.device)
-                b, s, lab = tops[0][i][idx], tops[1][i][idx], tops[2][i][idx]
-            else:  # too few survivors in the prefix: top_nms goes on with a longer one
-                b, s, lab = select_detections(rh, cand[0][i], cand[1][i], cand[2][i],
-                                              cand[3][i])
-            result.append({"boxes": b, "labels": lab, "scores": s})
-        counts = [r["boxes"].shape[0] for r in result]
-        k = max([rh.detections_per_img, *counts])
-        if not sum(counts):
-            for r in result:
-                r["masks"] = r["boxes"].new_zeros((0, 1, 28, 28))
-            return result
-        det_boxes = x.new_zeros((n, k, 4))
-        det_labels = torch.zeros((n, k), dtype=torch.int64, device=x.device)
-        for i, r in enumerate(result):
-            det_boxes[i, : counts[i]] = r["boxes"]
-            det_labels[i, : counts[i]] = r["labels"]
-
-        def masks_fn(*t: torch.Tensor) -> torch.Tensor:
-            fmap = OrderedDict(zip(names, t[:-2]))
-            probs = mask_probs(rh, fmap, list(t[-2].unbind(0)), list(t[-1].unbind(0)),
-                               image_sizes)
-            return probs.view(n, -1, *probs.shape[1:])
-
-        probs = self._run(group, f"masks{k}", masks_fn, feats, (det_boxes, det_labels))
-        for i, r in enumerate(result):
-            r["masks"] = probs[i, : counts[i]].clone()  # the graph's buffer is reused
+    cand, tops = graphs.run(group, f"boxes {thresh} {limit}", boxes_fn,
+                            (*feats, pooled, padded, real), ())
+    result = []
+    sup_host, chosen_count = tops[3].cpu().numpy(), tops[4].tolist()  # the one sync
+    for i in range(n):
+        t = min(tops[0].shape[1], chosen_count[i])
+        kept = _greedy(sup_host[i, :t, :t], limit)
+        if len(kept) >= limit or chosen_count[i] <= t:
+            idx = torch.as_tensor(kept, dtype=torch.int64, device=x.device)
+            b, s, lab = tops[0][i][idx], tops[1][i][idx], tops[2][i][idx]
+        else:  # too few survivors in the prefix: top_nms goes on with a longer one
+            b, s, lab = select_detections(rh, cand[0][i], cand[1][i], cand[2][i], cand[3][i])
+        result.append({"boxes": b, "labels": lab, "scores": s})
+    counts = [r["boxes"].shape[0] for r in result]
+    k = max([rh.detections_per_img, *counts])
+    if not sum(counts):
+        for r in result:
+            r["masks"] = r["boxes"].new_zeros((0, 1, 28, 28))
         return result
+    det_boxes = x.new_zeros((n, k, 4))
+    det_labels = torch.zeros((n, k), dtype=torch.int64, device=x.device)
+    for i, r in enumerate(result):
+        det_boxes[i, : counts[i]] = r["boxes"]
+        det_labels[i, : counts[i]] = r["labels"]
 
-    def _run(self, group: Dict[str, Any], name: str, fn: Any, fixed: Tuple[torch.Tensor, ...],
-             inputs: Tuple[torch.Tensor, ...]) -> Any:
-        """fn(*fixed, *inputs), from the graph `name` of the group: captured on first use,
-        then replayed with `inputs` copied into the graph's own input buffers. `fixed`:
-        tensors at the same addresses on every call (another graph's outputs)."""
-        if not self.capture:
-            return fn(*fixed, *inputs)
-        entry = group.get(name)
-        if entry is None or entry[0] != [t.data_ptr() for t in fixed]:
-            entry = group[name] = self._capture(fn, fixed, inputs)
-        _, static_in, graph, out = entry
-        for dst, src in zip(static_in, inputs):
-            dst.copy_(src)
-        graph.replay()
-        return out
+    def masks_fn(*t: torch.Tensor) -> torch.Tensor:
+        fmap = OrderedDict(zip(names, t[:-2]))
+        probs = mask_probs(rh, fmap, list(t[-2].unbind(0)), list(t[-1].unbind(0)),
+                           image_sizes)
+        return probs.view(n, -1, *probs.shape[1:])
 
-    def _capture(self, fn: Any, fixed: Tuple[torch.Tensor, ...],
-                 inputs: Tuple[torch.Tensor, ...]) -> Any:
-        static_in = tuple(t.clone() for t in inputs)
-        try:
-            graph, out, self.autotune_error = cuda_graphs.capture(
-                lambda: fn(*fixed, *static_in), (inputs or fixed)[0].device)
-        except torch.cuda.OutOfMemoryError:
-            self.clear()  # the server's out-of-memory recovery takes it from here
-            raise
-        except cuda_graphs.CaptureFailed as exc:  # unsupported here: eager from now on
-            self.error = str(exc)
-            self.clear()
-            raise GraphCaptureFailed(self.error) from exc
-        return [t.data_ptr() for t in fixed], static_in, graph, out
-
-
-class GraphCaptureFailed(RuntimeError):
-    """A CUDA graph capture failed: the pass runs eagerly instead."""
+    probs = graphs.run(group, f"masks{k}", masks_fn, feats, (det_boxes, det_labels))
+    for i, r in enumerate(result):
+        r["masks"] = probs[i, : counts[i]].clone()  # the graph's buffer is reused
+    return result
 
 
 def detect(net: Any, images: List[torch.Tensor], half: bool, channels_last: bool,
-           graphs: GraphCache | None = None, backbone_half: Any = None
+           graphs: GraphCache | None = None, backbone_half: Any = None,
+           eager_first: bool = False
            ) -> Tuple[List[Dict[str, torch.Tensor]], List[Tuple[int, int]]]:
     """torchvision's GeneralizedRCNN forward at inference up to (not including) the
-    full-resolution mask paste; the backbone + FPN in float16 when `half`, channels-last
-    when asked, the shape-static parts replayed from CUDA graphs when `graphs` is given.
-    Returns the detections in network-input pixels and those sizes."""
+    full-resolution mask paste, for a batch of images (one forward pass); the backbone +
+    FPN in float16 when `half`, channels-last when asked, the shape-static parts
+    replayed from CUDA graphs when `graphs` is given. `eager_first`: a batch shape's
+    first pass runs eagerly with cuDNN's heuristics (the next one captures). Returns the
+    detections in network-input pixels and those sizes."""
     with torch.inference_mode():
         batch, _ = net.transform(images)
         x = batch.tensors
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if graphs is not None and not graphs.error and (x.is_cuda or not graphs.capture):
-            try:
-                return graphs.detect(net, x, batch.image_sizes, half, backbone_half), \
-                    batch.image_sizes
-            except GraphCaptureFailed:
-                pass  # graphs.error says why; this and later passes run eagerly
-        features, proposals, scores, levels = static_part(net, x, len(images), half,
-                                                          backbone_half)
-        kept = rpn_filter(net.rpn, proposals, scores, levels, batch.image_sizes)
-        dets = roi_heads(net.roi_heads, features, kept, batch.image_sizes)
+        first = False
+        if use_graphs(graphs, x.device):
+            assert graphs is not None
+            first = eager_first and graphs.eager_first(graph_key(x, batch.image_sizes, half))
+            if not first:
+                try:
+                    return (graph_detect(graphs, net, x, batch.image_sizes, half,
+                                         backbone_half), batch.image_sizes)
+                except GraphCaptureFailed:
+                    pass  # graphs.error says why; this and later passes run eagerly
+        with cudnn_heuristics(first):
+            features, proposals, scores, levels = static_part(net, x, len(images), half,
+                                                              backbone_half)
+            kept = rpn_filter(net.rpn, proposals, scores, levels, batch.image_sizes)
+            dets = roi_heads(net.roi_heads, features, kept, batch.image_sizes)
     return dets, batch.image_sizes

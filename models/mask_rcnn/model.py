@@ -10,12 +10,21 @@ import ast
 import contextlib
 import copy
 import importlib.util
-import os
-from concurrent.futures import ThreadPoolExecutor
+import logging
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
 from dlserver.color import linear_to_srgb_torch, srgb_to_linear_torch
+from dlserver.detection import (
+    NetworkCache,
+    SideStreams,
+    detections_data,
+    fold_batch_norms,
+    input_size,
+    made_event,
+    settings_view,
+    weights_key,
+)
 from dlserver.gpu import upload
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
 from dlserver.weights import (
@@ -27,7 +36,10 @@ from dlserver.weights import (
     resolve,
 )
 
+log = logging.getLogger(__name__)
+
 MAX_INSTANCE_LAYERS = 32
+MAX_BATCH = 4  # frames of one size through one forward pass (bench_models.py: batch 1/2/4)
 MATTE_BANDS = 4  # matte mode: row bands composed and downloaded one after the other
 MATTE_BAND_ROWS = 256  # ... of at least this many rows
 BAND_ELEMENTS = 1 << 26  # overlay temporaries per band of rows: K x rows x W elements
@@ -162,25 +174,29 @@ class MaskRCNN(Model):
     )
     weights_files: ClassVar[Tuple[WeightsFile, ...]] = tuple(w for _, w in VARIANTS.values())
     # Speed switches (benchmarks/bench_models.py compares them): the top-T NMS of fast.py
-    # instead of torchvision's per-class loop (same detections), a 1080p warm-up when a
-    # network is built on a GPU, and CUDA graphs of the shape-static parts of the pass
-    # (fast.GraphCache; when a capture fails it runs eagerly and keeps the reason).
+    # instead of torchvision's per-class loop (same detections); CUDA graphs of the
+    # shape-static parts of the pass (dlserver.detection.GraphCache; a failed capture
+    # runs eagerly and keeps the reason); `eager_first_frame`: a new frame size's first
+    # pass runs eagerly with cuDNN's heuristics, the next one autotunes and captures (the
+    # first result waits for neither); `warm_up`: `load()` builds the default network
+    # when its file is present.
     fast_heads: ClassVar[bool] = True
     warm_up: ClassVar[bool] = True
     cuda_graphs: ClassVar[bool] = True
+    eager_first_frame: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
-        self._net: Any = None
-        self._net_key: Optional[Tuple[Any, ...]] = None
+        self._networks = NetworkCache(1)  # one network at a time (switching frees it)
         self._categories: List[str] = []
-        self._graphs: Any = None
+        self._graphs: Any = None  # the current network's (GraphCache or None)
         self._backbone_half: Any = None
-        self._streams: Any = None  # (upload stream, download stream, upload thread)
-        self._warmed: set = set()  # precisions the current network was warmed up in
+        self._streams: Any = None  # SideStreams, made on first use on a GPU
 
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
+        """Checks torchvision's categories; on a GPU, cuDNN's autotuning on and, when the
+        default network's file is present (no download here), that network built."""
         import torch  # fail here, not in the first infer, when it is missing
         from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
@@ -192,13 +208,18 @@ class MaskRCNN(Model):
         missing = set(self.options_by_name()["class_filter"].choices[2:]) - set(self._categories)
         if missing:  # the declaration was read from torchvision's source: must agree
             raise RuntimeError(f"class filter names unknown to torchvision: {sorted(missing)}")
+        variant = self.options_by_name()["variant"].default
+        if self._cuda() and self.warm_up and locate(VARIANTS[variant][1]).found:
+            try:
+                self._network(variant, "")
+            except Exception as exc:  # the frame that asks for it gets the error reply
+                log.warning("mask_rcnn: the default network was not built at load: %s", exc)
 
     def unload(self) -> None:
-        self._net = None
-        self._net_key = None
+        self._networks.clear()
         self._graphs = self._backbone_half = None
         if self._streams is not None:
-            self._streams[2].shutdown()
+            self._streams.close()
             self._streams = None
         if self.device.startswith("cuda"):
             import torch
@@ -224,22 +245,27 @@ class MaskRCNN(Model):
         return WeightsMissing(missing.weights, missing.searched, reason="\n".join(lines))
 
     def _network(self, variant: str, weights_option: str, half: bool = False) -> Any:
-        """The network for (variant, weights), built on first use and kept (one at a
-        time: switching variant frees the previous one), warmed up in the precision
-        asked for (`half`) on a GPU."""
-        import torch
-        import torchvision.models.detection as det
-
-        builder_name, wf = VARIANTS[variant]
+        """The network for (variant, weights file as it is on disk, device), built on first
+        use and kept (one at a time). `half` is accepted for callers that name it: the
+        float16 backbone copy is built with the network on a GPU."""
+        _, wf = VARIANTS[variant]
         try:
             path = resolve(wf, weights_option or None)
         except WeightsMissing as exc:
             raise self._missing(variant, exc) if not weights_option else exc from None
-        st = os.stat(path)
-        key = (variant, str(path), st.st_size, st.st_mtime_ns, self.device)
-        if self._net is not None and self._net_key == key:
-            return self._warmed_up(self._net, half)
-        self._net = self._net_key = self._graphs = None
+        built = self._networks.get((variant, weights_key(path), self.device),
+                                   lambda: self._build(variant, path))
+        net, self._backbone_half, self._graphs = built
+        return net
+
+    def _build(self, variant: str, path: Any) -> Tuple[Any, Any, Any]:
+        """(network, its float16 backbone copy or None, GraphCache or None) for a file."""
+        import torch
+        import torchvision.models.detection as det
+
+        from . import fast
+
+        builder_name, _ = VARIANTS[variant]
         # weights=None, weights_backbone=None: never download from inside the builder.
         net = getattr(det, builder_name)(weights=None, weights_backbone=None)
         state = load_state_dict(path)
@@ -252,58 +278,48 @@ class MaskRCNN(Model):
                 f"made for ({', '.join(v for v in VARIANTS if v != variant)}), or the "
                 f"weights option to a {variant} file: {str(exc)[:500]}") from exc
         net = net.eval().to(self.device)
-        self._graphs = self._backbone_half = None
+        # batch norms folded into the convolutions on every device (one arithmetic)
+        fold_batch_norms(net.backbone)
+        backbone_half = graphs = None
         if self._cuda():
-            from . import fast
-
-            # batch norms folded into the convolutions, channels-last (tensor-core
-            # friendly) backbone + FPN, and CUDA graphs of the static part of the pass
-            with torch.no_grad():
-                fast.fold_batch_norms(net.backbone)
+            # channels-last (tensor-core friendly) backbone + FPN and mask head, a float16
+            # copy of the backbone, CUDA graphs of the static parts of the pass
             for part in (net.backbone, net.roi_heads.mask_head, net.roi_heads.mask_predictor):
                 part.to(memory_format=torch.channels_last)
-            self._backbone_half = copy.deepcopy(net.backbone).half()
+            backbone_half = copy.deepcopy(net.backbone).half()
             if self.cuda_graphs:
-                self._graphs = fast.GraphCache()
-        self._net = net
-        self._net_key = key
-        self._warmed = set()
-        return self._warmed_up(net, half)
-
-    def _warmed_up(self, net: Any, half: bool) -> Any:
-        if self._cuda() and self.warm_up and half not in self._warmed:
-            self._warm_up(net, half)
-            self._warmed.add(half)
-        return net
+                graphs = fast.GraphCache()
+        return net, backbone_half, graphs
 
     def _cuda(self) -> bool:
         return str(self.device).startswith("cuda")
 
-    def _warm_up(self, net: Any, half: bool) -> None:
-        """One 1080p frame through the network in the precision asked for, the first time
-        it is asked for, so that cuDNN's autotuning, CUDA's lazy loading and the graph
-        captures are not paid by the first real frame (ten times slower otherwise)."""
-        import torch
+    def graphs_live(self) -> bool:
+        """Whether some frame size's CUDA graphs are captured and in use."""
+        return bool(self._graphs is not None and self._graphs.live())
 
-        saved = (net.roi_heads.score_thresh, net.roi_heads.detections_per_img)
-        # every candidate kept, up to the default option's count: that count's mask
-        # graph is captured here too
-        net.roi_heads.score_thresh = 0.0
-        net.roi_heads.detections_per_img = self.options_by_name()["max_instances"].default
-        try:
-            image = torch.rand((3, 1080, 1920), device=self.device,
-                               generator=torch.Generator(self.device).manual_seed(0))
-            self._detect(net, [image], half)
-            torch.cuda.synchronize(self.device)
-        finally:
-            net.roi_heads.score_thresh, net.roi_heads.detections_per_img = saved
+    def _view(self, net: Any, o: Dict[str, Any]) -> Any:
+        """`net` with the request's settings (network size, score threshold, detection
+        count) on a view of its own: the shared network is never changed."""
+        view = settings_view(net, "roi_heads", "transform")
+        min_size, max_size = input_size(o["network_size"])
+        view.transform.min_size, view.transform.max_size = (min_size,), max_size
+        # the network drops boxes under 0.05 by default; let a lower threshold through
+        view.roi_heads.score_thresh = min(0.05, o["threshold"])
+        # Masks are predicted only for the detections the network returns; without a
+        # class filter the kept ones are exactly its top max_instances, so ask for no
+        # more (the mask head's cost grows with the count).
+        view.roi_heads.detections_per_img = (o["max_instances"] if o["class_filter"] == ALL
+                                             else 100)
+        return view
 
     # --- inference -----------------------------------------------------------------------
     def _detect(self, net: Any, images: List[Any], half: bool) -> List[Dict[str, Any]]:
-        """Run the network on (3, H, W) 0-1 tensors; per image: boxes (N, 4) in input
-        pixels, labels (N,), scores (N,) sorted by decreasing score, masks (N, 1, 28, 28)
-        probabilities. torchvision's own postprocess would paste all (up to 100) masks at
-        full resolution one by one; here only the kept ones are pasted, in one batch."""
+        """Run the network on (3, H, W) 0-1 tensors of one size, in one forward pass; per
+        image: boxes (N, 4) in input pixels, labels (N,), scores (N,) sorted by decreasing
+        score, masks (N, 1, 28, 28) probabilities. torchvision's own postprocess would
+        paste all (up to 100) masks at full resolution one by one; here only the kept
+        ones are pasted, in one batch."""
         from collections import OrderedDict
 
         import torch
@@ -312,10 +328,11 @@ class MaskRCNN(Model):
         from . import fast
 
         sizes = [tuple(im.shape[-2:]) for im in images]
+        graphs = self._graphs if self.cuda_graphs else None
         if self.fast_heads:
             dets, net_sizes = fast.detect(net, images, half, channels_last=self._cuda(),
-                                          graphs=self._graphs if self.cuda_graphs else None,
-                                          backbone_half=self._backbone_half)
+                                          graphs=graphs, backbone_half=self._backbone_half,
+                                          eager_first=self.eager_first_frame)
         else:  # torchvision's own heads (per-class NMS loop), for comparison
             with torch.inference_mode():
                 batch, _ = net.transform(images)
@@ -341,33 +358,23 @@ class MaskRCNN(Model):
 
     def infer_batch(self, batch: Sequence[Dict[str, Any]],
                     options: Dict[str, Any]) -> List[Result]:
-        """Several frames (any sizes), one Result per frame. On a GPU the frames overlap:
-        frame i+1 is uploaded and frame i-1's outputs come down while frame i is
-        computed, so a sequence costs about max(transfers, compute) per frame."""
+        """Several frames, one Result per frame. Frames of one size go through the network
+        together, up to `MAX_BATCH` per forward pass (one set of host syncs and graph
+        replays for all). On a GPU the frames also overlap: uploads are staged ahead on a
+        side stream, and a frame's outputs come down while the next is composed."""
         import numpy as np
-        import torch
 
         o = self.resolve_options(options)
-        if not self._categories:
-            self.load(self.device)
-        net = self._network(o["variant"], o["weights"].strip(), o["half_precision"])
-        size = o["network_size"]
-        net.transform.min_size = (size,)
-        net.transform.max_size = int(round(size * 1333 / 800))
-        # the network drops boxes under 0.05 by default; let a lower threshold through
-        net.roi_heads.score_thresh = min(0.05, o["threshold"])
-        # Masks are predicted only for the detections the network returns; without a
-        # class filter the kept ones are exactly its top max_instances, so ask for no
-        # more (the mask head's cost grows with the count).
-        net.roi_heads.detections_per_img = o["max_instances"] if o["class_filter"] == ALL else 100
+        net = self._view(self._network(o["variant"], o["weights"].strip()), o)
         srcs = [np.asarray(frame["src"], dtype=np.float32) for frame in batch]
-        if self._cuda() and len(srcs) > 1:
+        if self._cuda():
             return self._pipelined(net, srcs, o)
         results = []
-        with torch.inference_mode():
-            for src in srcs:
-                frame = self._upload(src)
-                det = self._detect(net, [self._network_image(frame)], o["half_precision"])[0]
+        for chunk in _chunks(srcs):
+            frames = [self._upload(src) for src in chunk]
+            dets = self._detect(net, [self._network_image(f) for f in frames],
+                                o["half_precision"])
+            for src, frame, det in zip(chunk, frames, dets):
                 results.append(self._render(src, frame, det, o))
         return results
 
@@ -377,34 +384,28 @@ class MaskRCNN(Model):
                 .clamp_(0.0, 1.0).contiguous())
 
     def _pipelined(self, net: Any, srcs: List[Any], o: Dict[str, Any]) -> List[Result]:
-        """infer_batch on a GPU: uploads on one side stream (staged by a helper thread),
+        """infer_batch on a GPU: uploads staged on one side stream (by a helper thread),
         downloads on another, the network on the current stream, ordered by events."""
         import torch
 
-        compute = torch.cuda.current_stream(torch.device(self.device))
-        up, down, uploader = self._side_streams()
-
-        def stage(src: Any) -> Any:
-            with torch.cuda.stream(up):
-                frame = self._upload(src)
-                ready = torch.cuda.Event()
-                ready.record(up)
-            return frame, ready
-
-        futures = [uploader.submit(stage, src) for src in srcs]
+        if self._streams is None:
+            self._streams = SideStreams(self.device, "mask_rcnn")
+        streams = self._streams
+        futures = streams.stage(self._upload, srcs)
         pending = []
         try:
             with torch.inference_mode():
-                for src, future in zip(srcs, futures):
-                    frame, ready = future.result()
-                    compute.wait_event(ready)
-                    frame.record_stream(compute)
-                    det = self._detect(net, [self._network_image(frame)],
-                                       o["half_precision"])[0]
-                    layers, parts, detections = self._compose(src.shape[:2], frame, det, o)
-                    host = self._download(layers, parts, down)
-                    pending.append((host, detections, src.shape[:2]))
-            down.synchronize()  # every frame's host copies are done
+                start = 0
+                for chunk in _chunks(srcs):
+                    frames = [streams.take(f) for f in futures[start:start + len(chunk)]]
+                    start += len(chunk)
+                    dets = self._detect(net, [self._network_image(f) for f in frames],
+                                        o["half_precision"])
+                    for src, frame, det in zip(chunk, frames, dets):
+                        layers, parts, detections = self._compose(src.shape[:2], frame, det, o)
+                        pending.append((streams.download(layers, parts), detections,
+                                        src.shape[:2]))
+            streams.down.synchronize()  # every frame's host copies are done
         finally:
             for future in futures:  # no upload left running when this returns
                 future.exception()
@@ -429,49 +430,16 @@ class MaskRCNN(Model):
         return idx[: o["max_instances"]]
 
     def _render(self, src: Any, frame: Any, det: Dict[str, Any], o: Dict[str, Any]) -> Result:
-        """The output layers of one frame, composed on the model's device and brought to
-        the host once (page-locked buffers on a GPU). `frame`: the input on the device."""
-
-        layers, parts, detections = self._compose(src.shape[:2], frame, det, o)
-        if not frame.is_cuda:  # CPU: the tensors themselves; MPS: a plain copy down
-            return self._result({n: t.cpu() for n, t in layers.items()}, detections, o,
-                                src.shape[:2])
-        down = self._side_streams()[1]
-        host = self._download(layers, parts, down)
-        down.synchronize()  # the host copies are done
-        return self._result(host, detections, o, src.shape[:2])
-
-    def _side_streams(self) -> Any:
-        """(upload stream, download stream, upload thread), made on first use."""
-        import torch
-
-        if self._streams is None:
-            dev = torch.device(self.device)
-            self._streams = (torch.cuda.Stream(dev), torch.cuda.Stream(dev),
-                             ThreadPoolExecutor(1, thread_name_prefix="mask_rcnn-upload"))
-        return self._streams
-
-    @staticmethod
-    def _download(layers: Dict[str, Any], parts: List[Any], stream: Any) -> Dict[str, Any]:
-        """Start copying the layers into page-locked host memory on `stream`, each part
-        (layer, rows) as soon as the compute stream has made it (its event): the first
-        rows of a frame travel while later ones are still being composed."""
-        import torch
-
-        host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                for name, t in layers.items()}
-        with torch.cuda.stream(stream):
-            for name, rows, made in parts:
-                stream.wait_event(made)
-                host[name][rows].copy_(layers[name][rows], non_blocking=True)
-            for t in layers.values():
-                t.record_stream(stream)
-        return host
+        """The output layers of one frame off CUDA (CPU: the tensors themselves; MPS: a
+        plain copy down). `frame`: the input on the model's device."""
+        layers, _, detections = self._compose(src.shape[:2], frame, det, o)
+        return self._result({n: t.cpu() for n, t in layers.items()}, detections, o,
+                            src.shape[:2])
 
     def _compose(self, size: Tuple[int, int], frame: Any, det: Dict[str, Any],
                  o: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Any], List[Dict[str, Any]]]:
         """The output layers on the model's device; the parts of them (layer, rows, CUDA
-        event when made) in the order they are made, for `_download`; the detections
+        event when made) in the order they are made, for `SideStreams.download`; the detections
         as data."""
         import torch
 
@@ -512,7 +480,7 @@ class MaskRCNN(Model):
                         if not o["soft_mattes"]:
                             band = (band >= 0.5).float()
                         alpha[a:b, x0:x1, 0] = band.amax(0).clamp_(0.0, 1.0)
-                parts.append(("rgba", slice(a, b), _made(dev)))
+                parts.append(("rgba", slice(a, b), made_event(dev)))
             return {"rgba": alpha}, parts, self._detections(names, labels, scores, boxes_host, h)
 
         # linear in, linear out: the input's RGB needs no conversion at all (a whole-frame
@@ -540,19 +508,15 @@ class MaskRCNN(Model):
             inside = best_p >= 0.5
             ids = torch.stack([best.float() + 1.0, labels[best].float(), scores[best]], -1)
             layers["instance_id"] = ids * inside[..., None]
-        made = _made(dev)
+        made = made_event(dev)
         parts = [(name, slice(None), made) for name in layers]
         return layers, parts, self._detections(names, labels, scores, boxes_host, h)
 
     @staticmethod
     def _detections(names: List[str], labels: Any, scores: Any, boxes_host: Any,
                     h: int) -> List[Dict[str, Any]]:
-        box_list = boxes_host.numpy().astype(float).round(2).tolist()
-        return [
-            {"id": i + 1, "class": name, "class_index": int(c), "score": round(float(s), 4),
-             "box": b, "box_nuke": [b[0], round(h - b[3], 2), b[2], round(h - b[1], 2)]}
-            for i, (name, c, s, b) in enumerate(zip(names, labels.tolist(), scores.tolist(),
-                                                    box_list))]
+        return detections_data(boxes_host, scores.tolist(), h,
+                               list(zip(names, labels.tolist())))
 
     def _result(self, host: Dict[str, Any], detections: List[Dict[str, Any]],
                 o: Dict[str, Any], size: Tuple[int, int]) -> Result:
@@ -611,12 +575,12 @@ class MaskRCNN(Model):
         return out
 
 
-def _made(device: Any) -> Any:
-    """A CUDA event recorded now on the device's current stream (None on a CPU)."""
-    import torch
-
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
+def _chunks(srcs: List[Any]) -> List[List[Any]]:
+    """Runs of frames of one size, at most MAX_BATCH each, in order: one forward pass each."""
+    out: List[List[Any]] = []
+    for src in srcs:
+        if out and len(out[-1]) < MAX_BATCH and out[-1][0].shape == src.shape:
+            out[-1].append(src)
+        else:
+            out.append([src])
+    return out
