@@ -417,7 +417,7 @@ def test_overlay_in_bands_equals_whole(fixed, monkeypatch):
     src = _image(H, W_)
     opts = {"border_thickness": 3, "overlay_alpha": 0.7, "threshold": 0.2}
     whole = fixed.infer({"src": src}, opts).outputs["rgba"]
-    monkeypatch.setattr(M, "BAND_ELEMENTS", 3 * W_ * 5)  # 3 instances, 5-row bands
+    monkeypatch.setattr(render, "BAND_ELEMENTS", 3 * W_ * 5)  # 3 instances, 5-row bands
     banded = fixed.infer({"src": src}, opts).outputs["rgba"]
     np.testing.assert_array_equal(banded, whole)
 
