@@ -59,9 +59,9 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
         prec = "fp16" if half else "fp32"
         opts = {mode: m.resolve_options({**common, "output_mode": mode, "half_precision": half})
                 for mode in ("matte", "overlay")}
-        base = timer(lambda: m.infer({"src": lin}, opts["matte"]))
+        base = timer(lambda o=opts["matte"]: m.infer({"src": lin}, o))
         bm.record(model=label, size=size, config=f"ours matte {prec} (baseline)", **base)
-        t = timer(lambda: m.infer({"src": lin}, opts["overlay"]))
+        t = timer(lambda o=opts["overlay"]: m.infer({"src": lin}, o))
         ratio_row(label, size, f"ours overlay {prec}", t, base["median_ms"])
     # the overlay's own parts, on this frame's detections
     res = m.infer({"src": lin}, opts["overlay"])
@@ -95,7 +95,6 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
             for name, t_dev in (("rgba", rgba), ("alpha", alpha)):
                 t = timer(lambda t_dev=t_dev: download(t_dev))
                 bm.record(model=label, size=size, config=f"download {name}", **t)
-        del frame_t, srgb, masks
     if dev.startswith("cuda"):
         torch.cuda.empty_cache()
 
@@ -116,10 +115,10 @@ def bench_densepose(args: argparse.Namespace, size: str, tmp: str) -> None:
     for count in args.densepose_people:
         opts = {mode: m.resolve_options({**common, "max_instances": count,
                                          "output_mode": mode}) for mode in ("matte", "overlay")}
-        base = timer(lambda: m.infer({"src": src}, opts["matte"]))
+        base = timer(lambda o=opts["matte"]: m.infer({"src": src}, o))
         bm.record(model="densepose", size=size, config=f"{count} people matte fp32 (baseline)",
                   **base)
-        t = timer(lambda: m.infer({"src": src}, opts["overlay"]))
+        t = timer(lambda o=opts["overlay"]: m.infer({"src": src}, o))
         ratio_row("densepose", size, f"{count} people overlay fp32", t, base["median_ms"])
     m.unload()
     if dev.startswith("cuda"):

@@ -40,11 +40,11 @@ def outline_shape(thickness: int) -> Tuple[Tuple[int, ...], Dict[str, np.ndarray
     cv2.rectangle(img, (c0, c0), (c1, c1), 1, t)
     mid = (c0 + c1) // 2
     rows, cols = np.flatnonzero(img[:, mid]), np.flatnonzero(img[mid])
-    bands = (rows[rows < mid].min() - c0, rows[rows < mid].max() - c0,
-             rows[rows > mid].min() - c1, rows[rows > mid].max() - c1,
-             cols[cols < mid].min() - c0, cols[cols < mid].max() - c0,
-             cols[cols > mid].min() - c1, cols[cols > mid].max() - c1)
-    bands = tuple(int(b) for b in bands)
+    bands = tuple(int(b) for b in (
+        rows[rows < mid].min() - c0, rows[rows < mid].max() - c0,
+        rows[rows > mid].min() - c1, rows[rows > mid].max() - c1,
+        cols[cols < mid].min() - c0, cols[cols < mid].max() - c0,
+        cols[cols > mid].min() - c1, cols[cols > mid].max() - c1))
     model = np.zeros_like(img)
     for x0, y0, x1, y1 in band_rects(np.array([[c0, c0, c1, c1]]), bands):
         model[y0:y1 + 1, x0:x1 + 1] = 1

@@ -152,8 +152,6 @@ def overlay(rgb: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
     The cost does not grow with K x H x W on a GPU: the fills are one kernel that samples
     each mask only in its box's tiles, the borders come from per-pixel bit sets of the
     masks, boxes and labels are painted by one scatter each (dlserver.drawing)."""
-    from dlserver import drawing
-
     h, w = rgb.shape[:2]
     dev = rgb.device
     boxes_host = boxes.float().cpu().numpy().reshape(-1, 4)
