@@ -3,9 +3,10 @@
 # CUDA box): model benchmarks, the CUDA tests of the model authors, the end-to-end
 # sequence and the transport figures. Logs go to $OUT (default ./perf_out).
 #
-#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|devices]
+#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|overlay|devices]
 #       io: end to end and transport only; e2e: end to end (with --nuke) only;
 #       models: model benchmarks and CUDA tests only;
+#       overlay: overlay against matte (bench_overlay.py) and the drawing's CUDA test;
 #       devices: one server over every GPU (--devices): 1 GPU vs 2, 200 1080p frames
 #       (FRAMES=N and COUNTS=1,2,4 change that)
 #
@@ -53,6 +54,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 if [ "$QUICK" = devices ]; then
     step bench_devices 590 python3 benchmarks/bench_devices.py --frames "${FRAMES:-200}" \
         ${COUNTS:+--counts "$COUNTS"} --json "$OUT/bench_devices.json"
+    exit 0
+fi
+if [ "$QUICK" = overlay ]; then
+    step bench_overlay "${LIMIT:-300}" python3 benchmarks/bench_overlay.py --device cuda \
+        --json "$OUT/bench_overlay.json"
+    step pytest_cuda_overlay 120 python3 -m pytest -m cuda tests/test_overlay_drawing.py \
+        -s -rs -p no:cacheprovider
     exit 0
 fi
 if [ "$QUICK" = io ] || [ "$QUICK" = e2e ]; then
