@@ -562,11 +562,11 @@ def test_composite_fills_is_sequential_blending():
 
 
 def test_borders():
-    m = torch.zeros(1, 10, 10, dtype=torch.bool)
-    m[0, 2:8, 2:8] = True
-    edge = render.borders(m, 1)
+    m = torch.zeros(1, 10, 10, dtype=torch.int32)  # one mask's bit set (bit 0)
+    m[0, 2:8, 2:8] = 1
+    edge = render.borders_from_bits(m, 1)
     assert edge.sum() == 20 and edge[2, 2] and not edge[4, 4] and not edge[1, 1]
-    assert render.borders(m, 3).sum() > edge.sum()
+    assert render.borders_from_bits(m, 3).sum() > edge.sum()
 
 
 # --- GPU (the lead runs these on the GPU machine) -------------------------------------------------
