@@ -132,11 +132,14 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["mask_rcnn", "mask_rcnn_v2", "densepose"])
     p.add_argument("--densepose-people", nargs="+", type=int, default=[10, 100])
     p.add_argument("--repeat", type=int, default=None, help="timed runs (median reported)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "fp16"],
+                   choices=["fp32", "fp16"], help="Mask R-CNN's (fp16: CUDA only)")
     p.add_argument("--json", help="also write every figure here (one JSON object)")
     args = p.parse_args()
     if args.repeat is None:
         args.repeat = 2 if args.device == "cpu" else 10
-    args.precisions = (True, False) if args.device.startswith("cuda") else (False,)
+    args.precisions = [p == "fp16" for p in args.precisions
+                       if p == "fp32" or args.device.startswith("cuda")]
     env = bm.environment(args.device)
     bm.log("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     bm.log(f"  {'model':<13} {'size':<6} {'config':<34} {'median':>12}  {'speed-up':>7}")

@@ -58,7 +58,7 @@ if [ "$QUICK" = devices ]; then
 fi
 if [ "$QUICK" = overlay ]; then
     step bench_overlay "${LIMIT:-300}" python3 benchmarks/bench_overlay.py --device cuda \
-        --json "$OUT/bench_overlay.json"
+        ${OVERLAY_ARGS:-} --json "$OUT/bench_overlay.json"
     step pytest_cuda_overlay 120 python3 -m pytest -m cuda tests/test_overlay_drawing.py \
         -s -rs -p no:cacheprovider
     exit 0
