@@ -8,6 +8,8 @@ Imported by model.py inside `load()` only: this module imports torch.
 from __future__ import annotations
 
 import colorsys
+import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -160,11 +162,10 @@ def overlay(rgb: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
     order_t = torch.from_numpy(order).to(dev)
     colours = torch.from_numpy(palette(len(order))[order]).to(dev)  # colour by rank
     soft, alpha = bool(o["soft_mattes"]), float(o["overlay_alpha"])
-    if FUSED and dev.type == "cuda" and paste is paste_masks:
-        from . import fill_kernel
-
-        out, union, bits = fill_kernel.launch(rgb, masks[order_t], boxes[order_t], colours,
-                                              alpha, soft, PER_WORD)
+    kernel = _fill_kernel() if FUSED and dev.type == "cuda" and paste is paste_masks else None
+    if kernel is not None:
+        out, union, bits = kernel.launch(rgb, masks[order_t], boxes[order_t], colours,
+                                         alpha, soft, PER_WORD)
     else:
         out, union, bits = fill_tensors(rgb, masks[order_t], boxes[order_t], colours, alpha,
                                         soft, paste)
@@ -185,6 +186,18 @@ def overlay(rgb: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
             out = out * (1.0 - c)  # two roundings, as the seed's in-place numpy blend
             out = out + c * gray
     return out, union
+
+
+@functools.lru_cache(maxsize=1)
+def _fill_kernel() -> Any:
+    """fill_kernel, or None where Triton is missing (torch's Windows wheels lack it):
+    then the tensor path draws the same picture, more slowly."""
+    try:
+        from . import fill_kernel
+    except ImportError as e:
+        warnings.warn(f"mask_rcnn overlay: no fused fills ({e}); drawing with tensors")
+        return None
+    return fill_kernel
 
 
 def fill_tensors(rgb: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
