@@ -195,7 +195,8 @@ def _fill_kernel() -> Any:
     try:
         from . import fill_kernel
     except ImportError as e:
-        warnings.warn(f"mask_rcnn overlay: no fused fills ({e}); drawing with tensors")
+        warnings.warn(f"mask_rcnn overlay: no fused fills ({e}); drawing with tensors",
+                      stacklevel=3)
         return None
     return fill_kernel
 
