@@ -3,9 +3,10 @@
 # CUDA box): model benchmarks, the CUDA tests of the model authors, the end-to-end
 # sequence and the transport figures. Logs go to $OUT (default ./perf_out).
 #
-#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|devices|detectors|depth|raft]
+#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|overlay|devices|detectors|depth|raft]
 #       io: end to end and transport only; e2e: end to end (with --nuke) only;
 #       models: model benchmarks and CUDA tests only;
+#       overlay: overlay against matte (bench_overlay.py) and the drawing's CUDA test;
 #       devices: one server over every GPU (--devices): 1 GPU vs 2, 200 1080p frames
 #       (FRAMES=N and COUNTS=1,2,4 change that);
 #       detectors: first result, 1080p detector figures with batches, CUDA tests
@@ -81,6 +82,13 @@ if [ "$QUICK" = depth ]; then
     step bench_depth 300 python3 benchmarks/bench_depth.py --device cuda --frames 50 \
         --json "$OUT/bench_depth.json"
     step pytest_cuda_depth 200 python3 -m pytest -m cuda tests/test_depth_anything_v2.py \
+        -s -rs -p no:cacheprovider
+    exit 0
+fi
+if [ "$QUICK" = overlay ]; then
+    step bench_overlay "${LIMIT:-300}" python3 benchmarks/bench_overlay.py --device cuda \
+        ${OVERLAY_ARGS:-} --json "$OUT/bench_overlay.json"
+    step pytest_cuda_overlay 120 python3 -m pytest -m cuda tests/test_overlay_drawing.py \
         -s -rs -p no:cacheprovider
     exit 0
 fi

@@ -458,7 +458,7 @@ def test_overlay_in_bands_equals_whole(fixed, monkeypatch):
     src = _image(H, W_)
     opts = {"border_thickness": 3, "overlay_alpha": 0.7, "threshold": 0.2}
     whole = fixed.infer({"src": src}, opts).outputs["rgba"]
-    monkeypatch.setattr(M, "BAND_ELEMENTS", 3 * W_ * 5)  # 3 instances, 5-row bands
+    monkeypatch.setattr(render, "BAND_ELEMENTS", 3 * W_ * 5)  # 3 instances, 5-row bands
     banded = fixed.infer({"src": src}, opts).outputs["rgba"]
     np.testing.assert_array_equal(banded, whole)
 
@@ -603,11 +603,11 @@ def test_composite_fills_is_sequential_blending():
 
 
 def test_borders():
-    m = torch.zeros(1, 10, 10, dtype=torch.bool)
-    m[0, 2:8, 2:8] = True
-    edge = render.borders(m, 1)
+    m = torch.zeros(1, 10, 10, dtype=torch.int32)  # one mask's bit set (bit 0)
+    m[0, 2:8, 2:8] = 1
+    edge = render.borders_from_bits(m, 1)
     assert edge.sum() == 20 and edge[2, 2] and not edge[4, 4] and not edge[1, 1]
-    assert render.borders(m, 3).sum() > edge.sum()
+    assert render.borders_from_bits(m, 3).sum() > edge.sum()
 
 
 # --- GPU (the lead runs these on the GPU machine) -------------------------------------------------

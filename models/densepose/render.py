@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import torch
 
+from dlserver import drawing
 from dlserver.color import linear_to_srgb_torch, srgb_to_linear_torch
 from dlserver.gpu import to_host
 from dlserver.model import Result
@@ -120,13 +121,14 @@ def overlay_t(rgb: torch.Tensor, iuv: torch.Tensor, human: torch.Tensor, boxes: 
         img = _blend(img, lines, torch.ones(3, device=dev), alpha)
 
     if o["show_border"] and len(boxes):
-        # all boxes into one label image (later boxes on top), then one blend
-        t = int(o["border_thickness"])
-        ids = np.zeros(body.shape, np.int32)
-        for i, b in enumerate(boxes):
-            x0, y0, x1, y1 = (int(round(float(c))) for c in b)
-            cv2.rectangle(ids, (x0, y0), (x1 - 1, y1 - 1), i + 1, t)
-        ids_t = torch.from_numpy(ids).to(dev).long()
+        # cv2.rectangle's outlines of all boxes in one label image (later boxes on top),
+        # painted on the device (dlserver.drawing), then one blend
+        corners = np.array([[int(round(float(c))) for c in b] for b in boxes], np.int64)
+        corners[:, 2:] -= 1  # the outline's last row / column is inside the box
+        rects, rect_box, points, point_box = drawing.outlines(corners,
+                                                              int(o["border_thickness"]))
+        ids_t = drawing.paint(body.shape[0], body.shape[1], rects, rect_box + 1, points,
+                              point_box + 1, dev).long()
         if o["show_human_index"]:
             c = humans[torch.remainder(ids_t - 1, len(HUMAN_COLOURS))]
         else:

@@ -42,7 +42,6 @@ MAX_INSTANCE_LAYERS = 32
 MAX_BATCH = 4  # frames of one size through one forward pass (bench_models.py: batch 1/2/4)
 MATTE_BANDS = 4  # matte mode: row bands composed and downloaded one after the other
 MATTE_BAND_ROWS = 256  # ... of at least this many rows
-BAND_ELEMENTS = 1 << 26  # overlay temporaries per band of rows: K x rows x W elements
 ALL = "all"
 ALL_PEOPLE = "all people"
 
@@ -486,17 +485,19 @@ class MaskRCNN(Model):
         # linear in, linear out: the input's RGB needs no conversion at all (a whole-frame
         # copy is one fast contiguous kernel; then only alpha is written)
         rgba = frame.to(torch.float32, copy=True)
-        mattes = paste(det["masks"][idx, 0], boxes, h, w)  # (K, H, W)
-        if not o["soft_mattes"]:
-            mattes = (mattes >= 0.5).float()
-        union = mattes.amax(0) if k else torch.zeros((h, w), device=dev)
         if mode == "overlay" and k:
             # drawn in sRGB over the sRGB picture; pixels the drawing left alone keep
             # their linear values exactly
             srgb = linear_to_srgb_torch(frame[..., :3])
-            drawn = self._overlay(srgb, mattes, boxes, scores, names, o)
+            drawn, union = render.overlay(srgb, det["masks"][idx, 0], boxes,
+                                          scores.tolist(), names, o, paste)
             changed = (drawn != srgb).any(-1, keepdim=True)
             rgba[..., :3] = torch.where(changed, srgb_to_linear_torch(drawn), frame[..., :3])
+        else:
+            mattes = paste(det["masks"][idx, 0], boxes, h, w)  # (K, H, W)
+            if not o["soft_mattes"]:
+                mattes = (mattes >= 0.5).float()
+            union = mattes.amax(0) if k else torch.zeros((h, w), device=dev)
         rgba[..., 3] = union
         layers = {"rgba": rgba}
         if mode == "instances" and k:
@@ -533,46 +534,6 @@ class MaskRCNN(Model):
         from_input: Dict[str, Tuple[str, ...]] = (
             {"rgba": ("R", "G", "B")} if o["output_mode"] == "matte" else {})
         return Result(outputs, data={"detections": detections}, from_input=from_input)
-
-    def _overlay(self, rgb: Any, mattes: Any, boxes: Any, scores: Any, names: List[str],
-                 o: Dict[str, Any]) -> Any:
-        """The seed's drawing on the device: coloured fills (largest object first, so
-        small ones stay visible), white mask borders, green boxes and class names with
-        scores (rasterised by OpenCV into 8-bit masks, composited on the device).
-        `rgb`: (H, W, 3) tensor; returns a new (H, W, 3) tensor."""
-        import torch
-
-        from . import render
-
-        k, h, w = mattes.shape
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        order = torch.argsort(area, descending=True, stable=True)
-        # colour by rank (score order), drawn in area order
-        colours = torch.from_numpy(render.palette(k)).to(mattes.device)[order]
-        ordered = mattes[order]
-        out = torch.empty_like(rgb)
-        # Bands of rows bound the temporaries (a few K x band x W tensors) to about
-        # 256 MB each: 100 instances on a 4K frame would otherwise need several GB.
-        rows = max(1, BAND_ELEMENTS // max(1, k * w))
-        halo = o["border_thickness"]  # rows a border band needs from its neighbours
-        for y0 in range(0, h, rows):
-            y1 = min(h, y0 + rows)
-            band = render.composite_fills(rgb[y0:y1], ordered[:, y0:y1], colours,
-                                          o["overlay_alpha"])
-            if o["show_mask_borders"]:
-                a0, a1 = max(0, y0 - halo), min(h, y1 + halo)
-                edge = render.borders(mattes[:, a0:a1] >= 0.5, o["border_thickness"])
-                band = torch.where(edge[y0 - a0:y1 - a0, :, None], torch.ones_like(band), band)
-            out[y0:y1] = band
-        if o["show_boxes"] or o["show_class_names"]:
-            order_l = order.tolist()
-            labels = [f"{names[i]} {float(scores[i]):0.2f}".replace(" 0.", " .")
-                      for i in order_l]
-            green, text = render.box_and_name_masks(
-                h, w, boxes[order].cpu().numpy(), labels, o["show_boxes"],
-                o["show_class_names"], o["box_thickness"], o["font_scale"])
-            out = render.composite_boxes_and_names(out, green, text)
-        return out
 
 
 def _chunks(srcs: List[Any]) -> List[List[Any]]:

@@ -1,5 +1,6 @@
 """Mask R-CNN post-processing: masks pasted at full resolution and the overlay, as
-batched tensor operations (no per-instance loop over full-resolution images).
+batched tensor operations (no per-instance loop over full-resolution images); on CUDA
+the overlay's fills are one fused kernel (fill_kernel.py).
 
 Imported by model.py inside `load()` only: this module imports torch.
 """
@@ -7,7 +8,10 @@ Imported by model.py inside `load()` only: this module imports torch.
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Sequence
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,70 +135,162 @@ def composite_fills(rgb: torch.Tensor, mattes: torch.Tensor, colours: torch.Tens
     return rgb * through[0][..., None] + fill
 
 
-def borders(hard: torch.Tensor, thickness: int) -> torch.Tensor:
-    """(K, H, W) bool masks → (H, W) bool: a band about `thickness` pixels wide along
-    every mask's edge (inside it for thickness 1, straddling it when wider)."""
-    if hard.shape[0] == 0:
-        return hard.new_zeros(hard.shape[1:])
-    m = hard[:, None].float()
+# --- the overlay ---------------------------------------------------------------------------
+
+BAND_ELEMENTS = 1 << 26  # tensor path: K x rows x W elements per band of rows (~256 MB)
+PER_WORD = 31  # masks per int32 word of a pixel's hard-mask bit set (sign bit unused)
+FUSED = True  # on CUDA, the fills in one Triton kernel (fill_kernel.py); False: tensors
+
+
+def overlay(rgb: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
+            scores: Sequence[float], names: Sequence[str], o: dict,
+            paste: Callable = paste_masks) -> tuple:
+    """The seed's (Detectron's) drawing over `rgb` (H, W, 3, sRGB, any device): each
+    object's matte filled with its colour (largest object first, so small ones stay
+    visible), white mask borders, green boxes, class names with scores in gray on green.
+    `masks` (K, M, M) and `boxes` (K, 4) are the kept detections in score order.
+    Returns (the drawing, the union of the pasted mattes (H, W)).
+
+    The cost does not grow with K x H x W on a GPU: the fills are one kernel that samples
+    each mask only in its box's tiles, the borders come from per-pixel bit sets of the
+    masks, boxes and labels are painted by one scatter each (dlserver.drawing)."""
+    h, w = rgb.shape[:2]
+    dev = rgb.device
+    boxes_host = boxes.float().cpu().numpy().reshape(-1, 4)
+    area = (boxes_host[:, 2] - boxes_host[:, 0]) * (boxes_host[:, 3] - boxes_host[:, 1])
+    order = np.argsort(-area, kind="stable")  # drawing order: largest first
+    order_t = torch.from_numpy(order).to(dev)
+    colours = torch.from_numpy(palette(len(order))[order]).to(dev)  # colour by rank
+    soft, alpha = bool(o["soft_mattes"]), float(o["overlay_alpha"])
+    kernel = _fill_kernel() if FUSED and dev.type == "cuda" and paste is paste_masks else None
+    if kernel is not None:
+        out, union, bits = kernel.launch(rgb, masks[order_t], boxes[order_t], colours,
+                                         alpha, soft, PER_WORD)
+    else:
+        out, union, bits = fill_tensors(rgb, masks[order_t], boxes[order_t], colours, alpha,
+                                        soft, paste)
+    if o["show_mask_borders"]:
+        edge = borders_from_bits(bits, int(o["border_thickness"]))
+        out = torch.where(edge[..., None], torch.ones_like(out), out)
+    if o["show_boxes"] or o["show_class_names"]:
+        labels = [f"{names[i]} {float(scores[i]):0.2f}".replace(" 0.", " .") for i in order]
+        green, cover = boxes_and_labels(h, w, boxes_host[order], labels, o["show_boxes"],
+                                        o["show_class_names"], int(o["box_thickness"]),
+                                        float(o["font_scale"]), dev)
+        if green is not None:
+            colour = torch.tensor([c / 255.0 for c in GREEN], dtype=out.dtype, device=dev)
+            out = torch.where(green[..., None] > 0, colour, out)
+        if cover is not None:
+            gray = torch.tensor([c / 255.0 for c in GRAY], dtype=out.dtype, device=dev)
+            c = cover.to(out.dtype)[..., None] / 255.0
+            out = out * (1.0 - c)  # two roundings, as the seed's in-place numpy blend
+            out = out + c * gray
+    return out, union
+
+
+@functools.lru_cache(maxsize=1)
+def _fill_kernel() -> Any:
+    """fill_kernel, or None where Triton is missing (torch's Windows wheels lack it):
+    then the tensor path draws the same picture, more slowly."""
+    try:
+        from . import fill_kernel
+    except ImportError as e:
+        warnings.warn(f"mask_rcnn overlay: no fused fills ({e}); drawing with tensors",
+                      stacklevel=3)
+        return None
+    return fill_kernel
+
+
+def fill_tensors(rgb: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
+                 colours: torch.Tensor, alpha: float, soft: bool,
+                 paste: Callable = paste_masks) -> tuple:
+    """`fill_kernel.launch` as tensor operations (any device, any paste): the masks
+    pasted and blended in bands of rows (BAND_ELEMENTS bounds the temporaries)."""
+    h, w = rgb.shape[:2]
+    k = masks.shape[0]
+    dev = rgb.device
+    words = max(1, -(-k // PER_WORD))
+    out = rgb.float().clone()
+    union = torch.zeros((h, w), dtype=torch.float32, device=dev)
+    bits = torch.zeros((words, h, w), dtype=torch.int32, device=dev)
+    if k == 0:
+        return out, union, bits
+    weights = torch.tensor([1 << j for j in range(PER_WORD)], dtype=torch.int32, device=dev)
+    rows = max(1, BAND_ELEMENTS // max(1, k * w))
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        mattes = paste(masks, boxes, h, w, rows=(y0, y1))  # clamped to [0, 1]
+        hard = mattes >= 0.5
+        if not soft:
+            mattes = hard.float()
+        out[y0:y1] = composite_fills(rgb[y0:y1].float(), mattes, colours, alpha)
+        union[y0:y1] = mattes.amax(0)
+        padded = torch.zeros((words * PER_WORD, y1 - y0, w), dtype=torch.int32, device=dev)
+        padded[:k] = hard.int()
+        bits[:, y0:y1] = (padded.view(words, PER_WORD, y1 - y0, w)
+                          * weights[:, None, None]).sum(1, dtype=torch.int32)
+    return out, union, bits
+
+
+def borders_from_bits(bits: torch.Tensor, thickness: int) -> torch.Tensor:
+    """(words, H, W) bit sets of the hard masks → (H, W) bool: a band about `thickness`
+    pixels wide along every mask's edge (inside it for thickness 1, straddling it when
+    wider): a mask's dilation (square window, `thickness // 2` pixels) less its erosion
+    (the rest); pixels outside the frame take no part (the frame's edge is no edge)."""
     grow, shrink = thickness // 2, thickness - thickness // 2
-    dilated = F.max_pool2d(m, 2 * grow + 1, 1, grow) if grow else m
-    # erosion = 1 - dilation of the complement; max_pool pads with -inf, so the image
-    # edge is not an edge of the object.
-    eroded = 1.0 - F.max_pool2d(1.0 - m, 2 * shrink + 1, 1, shrink)
-    return ((dilated > 0.5) & (eroded < 0.5)).any(0)[0]
+    dilated = _window(bits, grow, "bitwise_or_")
+    eroded = _window(bits, shrink, "bitwise_and_")
+    return ((dilated & ~eroded) != 0).any(0)
 
 
-def box_and_name_masks(height: int, width: int, boxes: np.ndarray, names: Sequence[str],
-                       show_boxes: bool, show_names: bool, box_thickness: int,
-                       font_scale: float) -> tuple:
-    """The seed's boxes and class labels rasterised by OpenCV into two 8-bit (H, W) masks:
-    `green` (255 where a box line or a label's background is) and `text` (the labels'
-    anti-aliased coverage, 0-255), or None for a layer with nothing drawn. A loop over
-    instances, but cv2 touches only the pixels it draws."""
-    import cv2
-
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    green = np.zeros((height, width), np.uint8)
-    text = np.zeros((height, width), np.uint8) if show_names else None
-    for (x0, y0, x1, y1), name in zip(boxes.tolist(), names):
-        if show_boxes:
-            cv2.rectangle(green, (int(x0), int(y0)), (int(x1), int(y1)), 255,
-                          thickness=box_thickness)
-        if text is not None:
-            (tw, th), _ = cv2.getTextSize(name, font, font_scale, 1)
-            x, y = int(x0), int(y0) - 2
-            cv2.rectangle(green, (x, y - int(1.3 * th)), (x + tw, y), 255, -1)
-            # cv2.putText draws on 8-bit images only: the coverage is blended later
-            cv2.putText(text, name, (x, y - int(0.3 * th)), font, font_scale, 255,
-                        lineType=cv2.LINE_AA)
-    return (green if green.any() else None), (text if text is not None and text.any()
-                                              else None)
+def _window(bits: torch.Tensor, radius: int, combine: str) -> torch.Tensor:
+    """Each pixel's bits combined over the (2 radius + 1)^2 square about it that lies in
+    the frame: separable, rows then columns."""
+    for axis in (1, 2):
+        n = bits.shape[axis]
+        reach = min(radius, n - 1)
+        if reach <= 0:
+            continue
+        src, bits = bits, bits.clone()
+        for d in range(1, reach + 1):
+            getattr(bits.narrow(axis, d, n - d), combine)(src.narrow(axis, 0, n - d))
+            getattr(bits.narrow(axis, 0, n - d), combine)(src.narrow(axis, d, n - d))
+    return bits
 
 
-def composite_boxes_and_names(img: torch.Tensor, green: np.ndarray | None,
-                              text: np.ndarray | None) -> torch.Tensor:
-    """Green where `green` is set, then the gray text blended by its coverage, over `img`
-    (H, W, 3) float (a tensor on any device; returns a new one)."""
-    dev = img.device
-    if green is not None:
-        colour = torch.tensor([c / 255.0 for c in GREEN], dtype=img.dtype, device=dev)
-        mask = torch.from_numpy(green).to(dev, non_blocking=True).bool()[..., None]
-        img = torch.where(mask, colour, img)
-    if text is not None:
-        gray = torch.from_numpy(np.array(GRAY, np.float32) / 255.0).to(dev)
-        cover = torch.from_numpy(text).to(dev).to(img.dtype)[..., None] / 255.0
-        img = img * (1.0 - cover)  # two roundings, as the seed's in-place numpy blend
-        img = img + cover * gray
-    return img
+def boxes_and_labels(height: int, width: int, boxes: np.ndarray, labels: Sequence[str],
+                     show_boxes: bool, show_names: bool, box_thickness: int,
+                     font_scale: float, device: Any) -> tuple:
+    """The seed's boxes and labels as two (H, W) int32 layers on `device`: `green` (> 0
+    where a box line or a label's background is) and the labels' text coverage (0-255),
+    each None when nothing is drawn: what the seed drew with OpenCV per box into frame
+    sized masks (`cv2.rectangle` of the box, a filled label background above it, then
+    `cv2.putText` of the label), painted from rectangles and cached text stamps."""
+    from dlserver import drawing
 
-
-def draw_boxes_and_names(img: np.ndarray, boxes: np.ndarray, names: Sequence[str],
-                         show_boxes: bool, show_names: bool, box_thickness: int,
-                         font_scale: float) -> np.ndarray:
-    """The seed's boxes (green) and class labels (gray on green) drawn on `img` (H, W, 3,
-    float 0-1, modified in place)."""
-    green, text = box_and_name_masks(img.shape[0], img.shape[1], boxes, names, show_boxes,
-                                     show_names, box_thickness, font_scale)
-    img[...] = composite_boxes_and_names(torch.from_numpy(img), green, text).numpy()
-    return img
+    corners = np.asarray(boxes, np.float64).reshape(-1, 4)
+    ints = np.array([[int(c) for c in b] for b in corners.tolist()], np.int64).reshape(-1, 4)
+    rects, points = [np.zeros((0, 4), np.int64)], [np.zeros((0, 2), np.int64)]
+    if show_boxes:
+        band, _, caps, _ = drawing.outlines(ints, box_thickness)
+        rects.append(band)
+        points.append(caps)
+    text_points, text_values = [np.zeros((0, 2), np.int64)], [np.zeros(0, np.uint8)]
+    if show_names:
+        for (x0, y0, _, _), label in zip(ints.tolist(), labels):
+            offsets, cover, tw, th = drawing.text_stamp(label, font_scale)
+            x, y = x0, y0 - 2
+            rects.append(np.array([[x, y - int(1.3 * th), x + tw, y]], np.int64))
+            text_points.append(offsets + np.array([y - int(0.3 * th), x], np.int64))
+            text_values.append(cover)
+    rect = np.concatenate(rects)
+    point = np.concatenate(points)
+    green = text = None
+    if len(rect) or len(point):
+        green = drawing.paint(height, width, rect, np.ones(len(rect), np.int64), point,
+                              np.ones(len(point), np.int64), device)
+    text_point = np.concatenate(text_points)
+    if len(text_point):
+        text = drawing.paint(height, width, np.zeros((0, 4)), np.zeros(0), text_point,
+                             np.concatenate(text_values), device)
+    return green, text
