@@ -321,6 +321,7 @@ def test_cuda_fused_overlay_equals_tensor_path():
     scores = torch.rand(k, generator=g).tolist()
     names = ["person"] * k
     fused = render.overlay(rgb, masks, boxes, scores, names, OPTIONS)
+    assert render.FUSED, "the fused kernel failed on this GPU (overlay fell back to tensors)"
     render.FUSED = False
     try:
         tensors = render.overlay(rgb, masks, boxes, scores, names, OPTIONS)
@@ -330,5 +331,7 @@ def test_cuda_fused_overlay_equals_tensor_path():
     # a pixel whose mask value rounds to the other side of 0.5 draws (or not) a border
     print(f"\nfused vs tensors: colour max diff {float(diff.max()):.2e}, pixels over 1e-5: "
           f"{int((diff > 1e-5).sum())}")
-    assert int((diff > 1e-5).sum()) <= 20 and float(diff.median()) == 0.0
+    # the kernel blends with fused multiply-adds: last-bit differences (measured on an
+    # H200: median 6.0e-8, 3 pixels over 1e-5 where a border flipped)
+    assert int((diff > 1e-5).sum()) <= 20 and float(diff.median()) <= 1.2e-7
     torch.testing.assert_close(fused[1], tensors[1], rtol=0, atol=1e-6)

@@ -164,9 +164,15 @@ def overlay(rgb: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
     soft, alpha = bool(o["soft_mattes"]), float(o["overlay_alpha"])
     kernel = _fill_kernel() if FUSED and dev.type == "cuda" and paste is paste_masks else None
     if kernel is not None:
-        out, union, bits = kernel.launch(rgb, masks[order_t], boxes[order_t], colours,
-                                         alpha, soft, PER_WORD)
-    else:
+        try:
+            out, union, bits = kernel.launch(rgb, masks[order_t], boxes[order_t], colours,
+                                             alpha, soft, PER_WORD)
+        except Exception as e:  # noqa: BLE001 - Triton compiles at first launch
+            # a GPU/driver Triton cannot compile for must not cost the user the overlay:
+            # the tensor path draws the same picture (tests/test_overlay_drawing.py)
+            _fill_kernel_failed(e)
+            kernel = None
+    if kernel is None:
         out, union, bits = fill_tensors(rgb, masks[order_t], boxes[order_t], colours, alpha,
                                         soft, paste)
     if o["show_mask_borders"]:
@@ -199,6 +205,13 @@ def _fill_kernel() -> Any:
                       stacklevel=3)
         return None
     return fill_kernel
+
+
+def _fill_kernel_failed(error: Exception) -> None:
+    global FUSED
+    FUSED = False
+    warnings.warn(f"mask_rcnn overlay: the fused fill kernel failed ({error}); drawing "
+                  "with tensors from now on", stacklevel=3)
 
 
 def fill_tensors(rgb: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
