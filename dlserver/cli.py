@@ -192,7 +192,18 @@ def cmd_models(args: argparse.Namespace) -> int:
                     detail = " one of " + "/".join(opt["choices"])
                 default = "" if opt["type"] == "button" else f" = {opt['default']!r}"
                 print(f"    {opt['name']:<20} {opt['type']:<7}{default}{detail}  {opt['help']}")
+            for line in weights_lines(model):
+                print(f"    {line}")
     return 0
+
+
+def weights_lines(model: Dict[str, Any]) -> List[str]:
+    """"weights FILE: LICENCE" for each weight file a model declares (a server older
+    than the licence listing sends none)."""
+    return [f"weights {w.get('filename', '?')}"
+            f"{' (you supply it; never downloaded)' if w.get('user_supplied') else ''}: "
+            f"{w.get('licence') or 'licence not stated'}"
+            for w in model.get("weights", [])]
 
 
 def offset_text(layer: Dict[str, Any]) -> str:
@@ -356,14 +367,55 @@ def infer_range(args: argparse.Namespace, frames: List[Optional[int]], extra: Di
         # The output folder exists only once a frame was written: not after a run
         # that failed before any.
         created = make_dirs(os.path.dirname(os.path.abspath(args.output)))
+        ranges = SequenceRanges(declaration, options)
         try:
             run_range(client, args.model, options, jobs, args.pipeline, progress,
-                      window.inputs if window is not None else None)
+                      window.inputs if window is not None else None,
+                      on_reply=ranges.add if ranges.declared else None)
         except BaseException:
             if progress.done == 0:
                 remove_empty(created)
             raise
+        ranges.rescale(jobs)
     return 0
+
+
+class SequenceRanges:
+    """A model's `sequence_range` (dlserver.sequence_range) over `dlserver infer`'s
+    frames: each frame's range is taken from its reply as it completes; `rescale`, after
+    the last, maps every written file with the sequence's one range (a second pass,
+    dlserver.sequence_rescale: all files or none). Nothing when the options don't turn
+    it on."""
+
+    def __init__(self, declaration: Dict[str, Any], options: Dict[str, Any]) -> None:
+        from .sequence_range import active
+
+        self.declared = active(declaration, options)
+        self.ranges: Dict[Optional[int], Tuple[float, float]] = {}
+
+    def add(self, job: Any, reply: Any) -> None:
+        from .sequence_range import frame_range
+
+        self.ranges[job[2]] = frame_range(self.declared or {}, reply.data, job[1])
+
+    def rescale(self, jobs: List[Any]) -> None:
+        if not self.declared:
+            return
+        from .sequence_range import attribute_value, combine, linear_map
+        from .sequence_rescale import rescale_files
+
+        missing = [job[1] for job in jobs if job[2] not in self.ranges]
+        if missing:  # every frame was collected unless run_range raised
+            raise ValueError(f"no range for {len(missing)} frame(s), e.g. {missing[0]}")
+        low, high = combine(self.ranges.values())
+        scale, offset = linear_map(low, high)
+        channels = self.declared["channels"]
+        print(f"\ndlserver: normalising {', '.join(channels)} over the {len(jobs)} "
+              f"frame(s): {low:.6g} -> 0, {high:.6g} -> 1", file=sys.stderr)
+        progress = Progress(len(jobs))
+        rescale_files([job[1] for job in jobs], channels, scale, offset,
+                      attribute_value(self.declared, low, high, [job[2] for job in jobs]),
+                      progress.step)
 
 
 def read_frame(path: str) -> bytes:
@@ -441,10 +493,12 @@ def sequence_ends(pattern: str, frames: List[int], before: int, after: int) -> T
 
 def run_range(client: Client, model: str, options: Dict[str, Any], jobs: List[Any],
               depth: int, progress: Progress,
-              inputs_for: Optional[Callable[[Any], Dict[str, Any]]] = None) -> None:
+              inputs_for: Optional[Callable[[Any], Dict[str, Any]]] = None,
+              on_reply: Optional[Callable[[Any, Any], None]] = None) -> None:
     """Keep `depth` frames in flight. A lost embedded server is restarted and the frames
     in flight sent again, once per loss: a second loss before any frame completes is
-    reported. `inputs_for(job)`: the job's inputs as it is sent (default: its paths)."""
+    reported. `inputs_for(job)`: the job's inputs as it is sent (default: its paths);
+    `on_reply(job, reply)`: called as each frame completes."""
     queue = list(jobs)
     in_flight: List[Any] = []  # (job, pending), oldest first
     may_restart = client.can_restart
@@ -455,7 +509,7 @@ def run_range(client: Client, model: str, options: Dict[str, Any], jobs: List[An
             in_flight.append((job, client.submit_exr(model, sources, out, options)))
         job, pending = in_flight[0]
         try:
-            collect(pending, model, progress)
+            reply = collect(pending, model, progress)
         except DLServerError as exc:
             if exc.code != "server_gone" or not may_restart:
                 raise
@@ -467,14 +521,17 @@ def run_range(client: Client, model: str, options: Dict[str, Any], jobs: List[An
             may_restart = False
             continue
         in_flight.pop(0)
+        if on_reply is not None:
+            on_reply(job, reply)
         may_restart = client.can_restart
 
 
-def collect(pending: Any, model: str, progress: Progress) -> None:
+def collect(pending: Any, model: str, progress: Progress) -> Any:
     reply = pending.result()
     if reply.message:
         print(f"\n{model}: {reply.message}", file=sys.stderr)
     progress.step(os.path.basename(pending.output_path))
+    return reply
 
 
 def cmd_serve(args: argparse.Namespace, rest: Sequence[str]) -> int:

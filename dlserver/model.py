@@ -237,6 +237,27 @@ class Layer:
         return described
 
 
+@dataclass(frozen=True)
+class SequenceRange:
+    """An output normalised 0-1 over a processed range with ONE minimum and maximum, so
+    a sequence does not flicker. While the choice option `option` has the value `value`,
+    the model writes `output` raw and reports each frame's minimum and maximum as its
+    result data `low` and `high`; the clients (`dlserver infer` over a sequence, the
+    Nuke node's Process range) take the lowest `low` and the highest `high` over every
+    processed frame and map every channel of `output`: lowest -> 0, highest -> 1
+    (dlserver.sequence_range). Declared once, as `Model.sequence_range`."""
+
+    output: str
+    low: str
+    high: str
+    option: str
+    value: str
+
+    def describe(self, channels: Sequence[str]) -> Dict[str, Any]:
+        return {"output": self.output, "channels": list(channels), "low": self.low,
+                "high": self.high, "when": {self.option: self.value}}
+
+
 @dataclass
 class Result:
     """What `Model.infer` may return instead of a plain dict of arrays.
@@ -276,7 +297,11 @@ class Model:
     options     (Option, ...)   typed, with defaults, ranges and help
     help        one paragraph for the docs and the node's tooltip
     uses_torch  False when the model never imports torch
-    weights_files  the weight files `load` needs (dlserver.weights.WeightsFile)
+    weights_files  the weight files `load` needs (dlserver.weights.WeightsFile); their
+                licences are listed by `dlserver models`
+    user_supplied_weights  files it can use that the user supplies (never fetched)
+    sequence_range  an output the clients normalise over a processed sequence
+                (SequenceRange), or None
 
     and implements `infer(inputs, options)` -> {output name: float32 HxWxC array} or
     a `Result`. `load(device)` runs once before the first `infer` (import torch and
@@ -300,6 +325,11 @@ class Model:
     uses_torch: ClassVar[bool] = True
     # The files `load` needs (`dlserver weights` lists and fetches them).
     weights_files: ClassVar[Tuple[WeightsFile, ...]] = ()
+    # Weight files the model can use but never fetches: the user supplies them (e.g.
+    # under terms that forbid redistribution). Listed with their licence, never fetched.
+    user_supplied_weights: ClassVar[Tuple[WeightsFile, ...]] = ()
+    # An output the clients normalise over a processed sequence (SequenceRange), or None.
+    sequence_range: ClassVar[Optional[SequenceRange]] = None
 
     def __init__(self) -> None:
         self.device = "cpu"
@@ -329,6 +359,28 @@ class Model:
         names = [o.name for o in cls.options]
         if len(set(names)) != len(names):
             raise ValueError(f"{cls.name}: duplicate option names")
+        if cls.sequence_range is not None:
+            cls._check_sequence_range(cls.sequence_range)
+
+    @classmethod
+    def _check_sequence_range(cls, declared: SequenceRange) -> None:
+        if not isinstance(declared, SequenceRange):
+            raise ValueError(f"{cls.name}: sequence_range must be a SequenceRange")
+        if declared.output not in cls.outputs:
+            raise ValueError(f"{cls.name}: sequence_range names no output "
+                             f"{declared.output!r}")
+        layers = {c.rsplit(".", 1)[0] if "." in c else "" for c in
+                  cls.outputs[declared.output].channels}
+        if len(layers) != 1:  # a Nuke node rescales one layer (its Grade's channels)
+            raise ValueError(f"{cls.name}: sequence_range's output must be one layer")
+        option = next((o for o in cls.options if o.name == declared.option), None)
+        if not isinstance(option, Choice) or declared.value not in option.choices:
+            raise ValueError(f"{cls.name}: sequence_range is turned on by choice option "
+                             f"{declared.option!r} = {declared.value!r}: no such choice")
+        for key in (declared.low, declared.high):
+            if not NAME_RE.match(key):
+                raise ValueError(f"{cls.name}: sequence_range data key {key!r} must match "
+                                 f"{NAME_RE.pattern}")
 
     @classmethod
     def describe(cls) -> Dict[str, Any]:
@@ -342,6 +394,15 @@ class Model:
             "inputs": {k: v.describe() for k, v in cls.inputs.items()},
             "outputs": {k: v.describe() for k, v in cls.outputs.items()},
             "options": [o.describe() for o in cls.options],
+            # what `dlserver models` shows; the weights' terms travel with the model
+            "weights": [{"filename": w.filename, "licence": w.licence,
+                         "user_supplied": supplied}
+                        for files, supplied in ((cls.weights_files, False),
+                                                (cls.user_supplied_weights, True))
+                        for w in files],
+            **({"sequence_range": cls.sequence_range.describe(
+                cls.outputs[cls.sequence_range.output].channels)}
+               if cls.sequence_range is not None else {}),
         }
 
     @classmethod

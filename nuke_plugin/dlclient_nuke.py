@@ -71,7 +71,7 @@ def process_frame_pressed() -> None:
 
 def process_range_pressed() -> None:
     node = nuke.thisNode()
-    fr.process(node, frame_range(node))
+    fr.process(node, frame_range(node), sets_range=True)
 
 
 def clear_cache_pressed() -> None:

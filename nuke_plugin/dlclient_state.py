@@ -82,9 +82,46 @@ def check_declaration(decl: Mapping[str, Any]) -> Dict[str, Any]:
         if otype != "button" and not accepts(clean, clean["default"]):
             clean["default"] = _fallback_default(clean)
         options.append(clean)
-    return {"name": name, "label": plain_text(decl.get("label") or name, 200),
-            "version": str(decl.get("version", "")), "help": plain_text(decl.get("help") or ""),
-            "inputs": inputs, "frame_inputs": frame_inputs, "options": options}
+    checked = {"name": name, "label": plain_text(decl.get("label") or name, 200),
+               "version": str(decl.get("version", "")),
+               "help": plain_text(decl.get("help") or ""),
+               "inputs": inputs, "frame_inputs": frame_inputs, "options": options}
+    if decl.get("sequence_range") is not None:
+        checked["sequence_range"] = _sequence_range(name, decl["sequence_range"], options)
+    return checked
+
+
+CHANNEL_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?$")  # as dlserver.model's
+
+
+def _sequence_range(name: str, declared: Any, options: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """A model's `sequence_range` (an output normalised over a processed range, see
+    dlserver.sequence_range), checked: its channels become a Grade's layer, its option
+    and value must be a declared choice, its data keys plain names."""
+    bad = StateError(f"model {name!r} declares an invalid sequence_range")
+    if not isinstance(declared, Mapping):
+        raise bad
+    channels, when = declared.get("channels"), declared.get("when")
+    if not isinstance(channels, list) or not channels \
+            or not all(isinstance(c, str) and CHANNEL_RE.match(c) for c in channels) \
+            or len({nuke_layer(c) for c in channels}) != 1:
+        raise bad
+    if not isinstance(when, Mapping) or len(when) != 1:
+        raise bad
+    (option, value), = when.items()
+    choice = next((o for o in options if o["name"] == option), None)
+    if choice is None or choice["type"] != "choice" or value not in choice["choices"]:
+        raise bad
+    keys = [declared.get("low"), declared.get("high"), declared.get("output")]
+    if not all(isinstance(k, str) and NAME_RE.match(k) for k in keys):
+        raise bad
+    return {"output": keys[2], "channels": list(channels), "low": keys[0], "high": keys[1],
+            "when": {option: value}}
+
+
+def nuke_layer(channel: str) -> str:
+    """The Nuke layer of an EXR channel name: "depth.Z" -> "depth"; R, G, B, A -> rgba."""
+    return channel.rsplit(".", 1)[0] if "." in channel else "rgba"
 
 
 def _inputs(name: str, decl: Mapping[str, Any]) -> Tuple[List[str], Dict[str, Dict[str, Any]]]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,11 +134,19 @@ def test_declaration():
         "report_range": "button", "network_size": "int", "half_precision": "bool",
         "weights": "string"}
     assert opts["variant"]["choices"] == ["small", "base", "large"]
-    assert opts["normalize"]["choices"] == ["off", "per frame", "fixed range"]
+    assert opts["normalize"]["choices"] == ["off", "per frame", "per sequence", "fixed range"]
     assert opts["network_size"]["default"] == 518
-    # the licences, where `dlserver models` and the node show them
-    for text in (opts["variant"]["help"], d["help"]):
-        assert "Apache-2.0" in text and "CC-BY-NC-4.0" in text and "non-commercial" in text
+    # the licences, where `dlserver models` shows them
+    assert d["weights"] == [
+        {"filename": "depth_anything_v2_vits.pth", "licence": M.SMALL_LICENCE,
+         "user_supplied": False},
+        {"filename": "depth_anything_v2_vitb.pth", "licence": M.NC_LICENCE,
+         "user_supplied": True},
+        {"filename": "depth_anything_v2_vitl.pth", "licence": M.NC_LICENCE,
+         "user_supplied": True}]
+    assert d["sequence_range"] == {
+        "output": "depth", "channels": ["depth.Z"], "low": "inverse_depth_min",
+        "high": "inverse_depth_max", "when": {"normalize": "per sequence"}}
     # only the Apache-2.0 file is ever fetched (`dlserver weights --fetch`)
     assert [wf.filename for wf in M.DepthAnythingV2.weights_files] == ["depth_anything_v2_vits.pth"]
     assert M.VARIANTS["small"][1].url == ("https://huggingface.co/depth-anything/"
@@ -156,7 +166,7 @@ def test_module_import_does_not_import_torch():
 def test_options_are_validated():
     ok = M.DepthAnythingV2.resolve_options({"normalize": "fixed range", "near": 2.0})
     assert (ok["normalize"], ok["near"], ok["far"]) == ("fixed range", 2.0, 0.0)
-    for bad, words in (({"normalize": "per sequence"}, "one of"),
+    for bad, words in (({"normalize": "per shot"}, "one of"),
                        ({"variant": "giant"}, "one of"),
                        ({"network_size": 14}, "below the minimum"),
                        ({"near": -1.0}, "below the minimum"),
@@ -417,6 +427,59 @@ def test_dlserver_infer_over_a_sequence_passes_layers_through(tmp_path, weights_
             want.data["inverse_depth_max"], rel=1e-6)
 
 
+@pytest.mark.slow
+def test_dlserver_infer_per_sequence_maps_every_frame_with_one_range(tmp_path, weights_path):
+    """normalise = per sequence over three frames: depth.Z of every file is the model's
+    raw depth mapped with the lowest and highest raw value over ALL frames (numpy oracle
+    over the model called directly), other layers and attributes as the raw run leaves
+    them, the range written into each file, no temporary file left."""
+    from support import write_plate_exr
+
+    from dlserver import exr
+    from dlserver.sequence_range import ATTRIBUTE
+
+    for f in (1, 2, 3):
+        rgba = np.concatenate([linear_input(plate(24, 32, seed=f)),
+                               np.full((24, 32, 1), 0.5, np.float32)], -1)
+        write_plate_exr(tmp_path / f"in.{f:04d}.exr", rgba,
+                        {"matte.A": np.full((24, 32), 0.25 * f, np.float16)})
+    args = [str(Path(sys.executable).with_name("dlserver")), "infer", "--model",
+            "depth_anything_v2", "--device", "cpu", "--frames", "1-3",
+            "--set", f"weights={weights_path}", "--set", "network_size=56",
+            "--set", "normalize=per sequence"]
+    done = subprocess.run([*args, str(tmp_path / "in.####.exr"),
+                           str(tmp_path / "out" / "out.####.exr")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "normalising depth.Z over the 3 frame(s)" in done.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == [f"out.{f:04d}.exr" for f in (1, 2, 3)]
+    direct = M.DepthAnythingV2()
+    direct.load("cpu")
+    raw = {}
+    for f in (1, 2, 3):
+        src = exr.read_exr(tmp_path / f"in.{f:04d}.exr")
+        rgb = np.stack([src.channels[c] for c in "RGB"], -1)
+        raw[f] = direct.infer({"src": rgb}, {"weights": str(weights_path), "network_size": 56,
+                                             "normalize": "off"}).outputs["depth"][..., 0]
+    low = min(float(r.min()) for r in raw.values())
+    high = max(float(r.max()) for r in raw.values())
+    assert max(float(r.max()) for r in raw.values()) > min(float(r.max()) for r in raw.values())
+    for f in (1, 2, 3):
+        src = exr.read_exr(tmp_path / f"in.{f:04d}.exr")
+        out = exr.read_exr(tmp_path / "out" / f"out.{f:04d}.exr")
+        want = (raw[f].astype(np.float64) - low) / (high - low)
+        np.testing.assert_allclose(out.channels["depth.Z"], want, rtol=0, atol=1e-5)
+        for name in src.channels:
+            assert out.channels[name].dtype == src.channels[name].dtype
+            assert out.channels[name].tobytes() == src.channels[name].tobytes(), name
+        written = json.loads(out.header[ATTRIBUTE])
+        assert written["low"] == pytest.approx(low, rel=1e-6)
+        assert written["high"] == pytest.approx(high, rel=1e-6)
+        assert written["frames"] == [1, 2, 3] and written["channels"] == ["depth.Z"]
+        assert json.loads(out.header["dlserver/inverse_depth_min"]) == pytest.approx(
+            float(raw[f].min()), rel=1e-6)  # each frame's own raw range stays recorded
+
+
 # --- GPU -----------------------------------------------------------------------------------
 
 @pytest.mark.cuda
@@ -448,11 +511,16 @@ def test_dlserver_models_lists_it_with_typed_options_and_licences():
     done = subprocess.run([str(Path(sys.executable).with_name("dlserver")), "models"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.split("depth_anything_v2 ", 1)[1].splitlines()[:9]
+    lines = done.stdout.split("depth_anything_v2 ", 1)[1].splitlines()[:12]
     assert "out: depth(1 ch)" in lines[0]
-    assert lines[1].split()[:2] == ["variant", "choice"] and "CC-BY-NC-4.0" in lines[1]
-    assert "Apache-2.0" in lines[1]
-    assert [line.split()[:2] for line in lines[2:9]] == [
-        ["normalize", "choice"], ["near", "float"], ["far", "float"],
+    assert [line.split()[:2] for line in lines[1:9]] == [
+        ["variant", "choice"], ["normalize", "choice"], ["near", "float"], ["far", "float"],
         ["report_range", "button"], ["network_size", "int"], ["half_precision", "bool"],
         ["weights", "string"]]
+    assert [line.strip() for line in lines[9:12]] == [
+        f"weights depth_anything_v2_vits.pth: {M.SMALL_LICENCE}",
+        f"weights depth_anything_v2_vitb.pth (you supply it; never downloaded): "
+        f"{M.NC_LICENCE}",
+        f"weights depth_anything_v2_vitl.pth (you supply it; never downloaded): "
+        f"{M.NC_LICENCE}"]
+    assert "CC-BY-NC-4.0" not in lines[1]  # the licences are no longer in the help

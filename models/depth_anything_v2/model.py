@@ -23,6 +23,7 @@ from dlserver.model import (
     Model,
     OptionError,
     Result,
+    SequenceRange,
     String,
 )
 from dlserver.weights import WeightsError, WeightsFile, WeightsMissing, load_state_dict, resolve
@@ -68,11 +69,10 @@ class DepthAnythingV2(Model):
         "is relative inverse depth, Nuke's 1/z convention (larger = nearer, as "
         "ScanlineRender's depth; ZDefocus: math far = 0). The network knows "
         "depth only up to scale and shift: 'off' gives its raw values, 'per frame' "
-        "stretches each frame to 0-1 (flickers over a sequence), 'fixed range' maps the "
-        "raw values 'far' → 0 and 'near' → 1 on every frame (no flicker; take the values "
-        "from 'report range' on a few frames). The input's layers pass through. Weights: "
-        "small is Apache-2.0 and downloaded when missing; base and large are CC-BY-NC-4.0 "
-        "(non-commercial) and used only from a file you supply.")
+        "stretches each frame to 0-1 (flickers over a sequence), 'per sequence' stretches "
+        "a processed range to 0-1 with one minimum and maximum over all its frames (no "
+        "flicker), 'fixed range' maps the raw values 'far' → 0 and 'near' → 1. The "
+        "input's layers pass through.")
     inputs: ClassVar[Dict[str, Layer]] = {"src": Layer(("R", "G", "B"))}
     outputs: ClassVar[Dict[str, Layer]] = {
         "depth": Layer(("depth.Z",), color=False,
@@ -81,14 +81,17 @@ class DepthAnythingV2(Model):
     }
     options = (
         Choice("variant", choices=tuple(VARIANTS), label="network",
-               help="small: Apache-2.0 weights, downloaded when missing. base, large: "
-                    "CC-BY-NC-4.0 weights (non-commercial use only), never downloaded: "
-                    "get the file yourself where your use is allowed and give it in "
-                    "'weights file' (or put it in $DLSERVER_WEIGHTS_DIR)"),
-        Choice("normalize", choices=("off", "per frame", "fixed range"), label="normalise",
+               help="small: downloaded when missing. base, large: never downloaded: give "
+                    "the file in 'weights file' (or put it in $DLSERVER_WEIGHTS_DIR); "
+                    "`dlserver models` lists each file's licence"),
+        Choice("normalize", choices=("off", "per frame", "per sequence", "fixed range"),
+               label="normalise",
                help="off: the network's raw relative inverse depth; per frame: each frame's "
-                    "minimum → 0, maximum → 1 (flickers over a sequence); fixed range: "
-                    "'far' → 0, 'near' → 1 on every frame (values outside stay outside 0-1)"),
+                    "minimum → 0, maximum → 1 (flickers over a sequence); per sequence: "
+                    "the minimum and maximum over all frames of a processed range → 0 and "
+                    "1 (`dlserver infer` over a sequence, the node's Process range); fixed "
+                    "range: 'far' → 0, 'near' → 1 on every frame (values outside stay "
+                    "outside 0-1)"),
         Float("near", 1.0, min=0.0, max=1e4, label="near (raw)",
               help="fixed range: the raw value that becomes 1 (the nearest you want at 1)"),
         Float("far", 0.0, min=0.0, max=1e4, label="far (raw)",
@@ -107,6 +110,13 @@ class DepthAnythingV2(Model):
                     "download (small only)"),
     )
     weights_files: ClassVar[Tuple[WeightsFile, ...]] = (VARIANTS["small"][1],)
+    user_supplied_weights: ClassVar[Tuple[WeightsFile, ...]] = tuple(
+        VARIANTS[v][1] for v in USER_SUPPLIED)
+    # 'per sequence': the frames stay raw here; the clients map them with the range
+    # over all processed frames, from each frame's data (dlserver.sequence_range).
+    sequence_range: ClassVar[Optional[SequenceRange]] = SequenceRange(
+        output="depth", low="inverse_depth_min", high="inverse_depth_max",
+        option="normalize", value="per sequence")
     # On a GPU, the whole path from the uploaded frame to the depth at its size is
     # replayed from a CUDA graph per frame size (fast.GraphCache). False: eager.
     cuda_graphs: ClassVar[bool] = True
@@ -197,8 +207,9 @@ class DepthAnythingV2(Model):
 
 
 def normalise(depth: Any, mode: str, low: float, high: float, near: float, far: float) -> Any:
-    """The normalise option on the raw map: off as it is; per frame low → 0, high → 1
-    (a constant frame → 0); fixed range far → 0, near → 1. A new tensor."""
+    """The normalise option on the raw map: off (and per sequence, which the clients
+    map over the sequence) as it is; per frame low → 0, high → 1 (a constant frame →
+    0); fixed range far → 0, near → 1. A new tensor."""
     if mode == "per frame":
         return (depth - low) / (high - low) if high > low else depth * 0.0
     if mode == "fixed range":

@@ -39,6 +39,7 @@ import dlclient_state as st
 import nuke
 
 from dlserver.sequence import frames_needed, input_frames
+from dlserver.sequence_range import active, combine, frame_range, header_data
 
 from . import connections, threads
 from . import knobs as kn
@@ -74,6 +75,9 @@ class Job:
     first: int = 0  # the first input's frame range: where neighbouring frames end
     last: int = 0
     rendered: Dict[Tuple[int, int], str] = field(default_factory=dict)  # (input, frame)
+    sets_range: bool = False  # a Process range: its frames give the sequence range
+    result_key: str = ""  # the settings key the job's results belong to
+    ranges: Dict[int, Tuple[float, float]] = field(default_factory=dict)  # frame -> range
 
     @property
     def inputs(self) -> List[str]:
@@ -143,7 +147,8 @@ def make_job(node: nuke.Node, frames: Sequence[int]) -> Job:
     return Job(node=node.fullName(), server=server_key(node), model=state["model"],
                decl=decl, cache=cache, link_dir=kn.link_root(node), frames=list(frames),
                options={f: kn.read_options(node, decl, f) for f in frames},
-               gui=bool(nuke.env["gui"]), first=first, last=last)
+               gui=bool(nuke.env["gui"]), first=first, last=last,
+               result_key=kn.text(node, "result_key"))
 
 
 def _sequence_range(node: nuke.Node, frames: Sequence[int]) -> Tuple[int, int]:
@@ -157,11 +162,14 @@ def _sequence_range(node: nuke.Node, frames: Sequence[int]) -> Tuple[int, int]:
 
 
 def process(node: nuke.Node, frames: Sequence[int], live: bool = False,
-            buttons: Optional[Dict[str, bool]] = None) -> Optional[Job]:
+            buttons: Optional[Dict[str, bool]] = None,
+            sets_range: bool = False) -> Optional[Job]:
     """Process `frames` (those whose input and settings have a result only cost an input
     render). GUI: in a worker thread with a progress bar that can cancel (none in live
     mode); terminal: in line, raising on failure. `buttons`: a button option pressed
-    (its answer is a message; its pixels are not kept)."""
+    (its answer is a message; its pixels are not kept). `sets_range` (Process range):
+    for a model's sequence_range, the frames' range becomes the node's (without it, only
+    while the node has none for its settings)."""
     if busy(node):
         kn.set_status(node, "already processing; wait or cancel the progress bar")
         return None
@@ -174,6 +182,7 @@ def process(node: nuke.Node, frames: Sequence[int], live: bool = False,
         return None
     job.live = live
     job.buttons = dict(buttons or {})
+    job.sets_range = sets_range or not kn.sequence_range_known(node)
     _busy[job.node] = job
     kn.set_status(node, f"processing {len(job.frames)} frame(s) ...")
 
@@ -198,6 +207,7 @@ def process(node: nuke.Node, frames: Sequence[int], live: bool = False,
         summary = f"processed {len(job.done)} of {len(job.frames)} frame(s) with {job.model}"
         if job.cancelled:
             summary = "cancelled: " + summary
+        summary += keep_sequence_range(target, job)
         if job.message:
             summary += " | " + job.message
         kn.set_status(target, summary)
@@ -291,10 +301,33 @@ def _collect(job: Job, submitted: List[Tuple[int, Any]], task: Any) -> None:
             job.message = str(reply.message)
         if kind == "result":
             link_result(job.link_dir, frame, reply.output_path)
+            declared = active(job.decl, job.options[frame])
+            if declared is not None:
+                keys = (declared["low"], declared["high"])
+                data = reply.data if all(k in reply.data for k in keys) else \
+                    header_data(reply.output_path, keys)  # a cache hit: from its file
+                job.ranges[frame] = frame_range(declared, data, f"frame {frame}")
             threads.in_main(frame_done, job, frame)
         job.done.append(frame)
         _remove(job, unneeded=True)
         _progress(job, task, frame)
+
+
+def keep_sequence_range(node: nuke.Node, job: Job) -> str:
+    """Main thread, after a run: the node keeps the range over the job's frames when the
+    job sets it (a Process range done to the end, or the first frame processed while the
+    node has none); returns what the status line adds."""
+    if not job.ranges:
+        return ""
+    if job.cancelled and len(job.ranges) < len(job.frames):
+        return " | sequence range kept (the range was not processed to its end)"
+    if not job.sets_range:
+        return (f" | mapped with the sequence range {kn.knob(node, 'seq_low').value():.6g}.."
+                f"{kn.knob(node, 'seq_high').value():.6g} (Process range to measure again)")
+    low, high = combine(job.ranges.values())
+    kn.set_sequence_range(node, low, high, job.result_key)
+    return (f" | sequence range {low:.6g}..{high:.6g} over {len(job.ranges)} frame(s) "
+            f"-> 0..1")
 
 
 def _progress(job: Job, task: Any, frame: int) -> None:

@@ -25,12 +25,15 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import dlclient_state as st
 import nuke
 
+from dlserver.sequence_range import active, linear_map
+
 NODE_CLASS = "DLServerClient"
 # Scripts saved before the rename hold nodes of the class "DLClient" (the seed's compiled
 # node registers that class name too: nuke-ML-server's DLClient::kClassName).
 NODE_CLASSES = (NODE_CLASS, "DLClient")
 WRITE_PREFIX = "DLWrite"
 READ_NAME = "DLRead"
+GRADE_NAME = "DLSequenceRange"  # maps a model's sequence_range output (knobs seq_*)
 SERVER_KNOBS = ("server_mode", "host", "port", "token", "tls", "tls_ca")
 ERROR_COLOR = 0xCC3333FF
 NODE_COLOR = 0x6F4FBFFF
@@ -159,6 +162,48 @@ def store_state(node: nuke.Node, model: str, decl: Dict[str, Any],
         stamp = settings_key(node, model, decl)
         if text(node, "result_key") != stamp:
             knob(node, "result_key").setValue(stamp)
+        sync_sequence_range(node, decl, values)
+
+
+# ============================================================================ sequence range
+def sync_sequence_range(node: nuke.Node, decl: Dict[str, Any], values: Dict[str, Any]) -> None:
+    """The internal Grade that maps a model's sequence_range output
+    (dlserver.sequence_range): on while the options turn it on and the node holds a
+    range measured with the current settings (`seq_key`); its channels the output's
+    layer. An internal node's knobs are not saved with a script (only the gizmo's are):
+    this runs again on every load (onCreate -> restore -> store_state)."""
+    declared = active(decl, values)
+    known = bool(text(node, "seq_key")) and text(node, "seq_key") == text(node, "result_key")
+    with Updating(node):
+        if bool(knob(node, "seq_apply").value()) != (declared is not None and known):
+            knob(node, "seq_apply").setValue(declared is not None and known)
+        assert isinstance(node, nuke.Group)
+        grade = node.node(GRADE_NAME)
+        if grade is None:
+            raise RuntimeError(f"{node.name()} has no internal {GRADE_NAME}: is the gizmo "
+                               f"up to date?")
+        layer = st.nuke_layer(declared["channels"][0]) if declared is not None else "none"
+        if grade["channels"].value() != layer:
+            grade["channels"].setValue(layer)
+
+
+def sequence_range_known(node: nuke.Node) -> bool:
+    """Whether the node holds a sequence range measured with its current settings."""
+    return bool(text(node, "seq_key")) and text(node, "seq_key") == text(node, "result_key")
+
+
+def set_sequence_range(node: nuke.Node, low: float, high: float, key: str) -> None:
+    """Keep the range measured with the settings `key` (a result_key): the Grade maps
+    with it (low -> 0, high -> 1) while the node's settings are those."""
+    scale, offset = linear_map(low, high)
+    with Updating(node):
+        for name, value in (("seq_low", low), ("seq_high", high), ("seq_scale", scale),
+                            ("seq_offset", offset)):
+            knob(node, name).setValue(value)
+        knob(node, "seq_key").setValue(key)
+    state, _ = load_state(node)
+    if state["decl"] is not None:
+        sync_sequence_range(node, state["decl"], read_options(node, state["decl"]))
 
 
 def settings_key(node: nuke.Node, model: str, decl: Dict[str, Any]) -> str:

@@ -73,7 +73,8 @@ def test_gizmo_knobs_and_internal_nodes_found_by_nkparser():
         "connect",
         "status", "model_section", "model", "model_info", "processing_section",
         "process_frame", "process_range", "range_from_input", "first_frame", "last_frame",
-        "live", "clear_cache", "cache_dir", "result_key", "state_json", "cache_path",
+        "live", "seq_low", "seq_high", "seq_key", "seq_scale", "seq_offset", "seq_apply",
+        "clear_cache", "cache_dir", "result_key", "state_json", "cache_path",
         "node_id", "input_names", "frames_first", "frames_last", "error_flag",
         "options_section"]
     kinds = dict((name, kind) for kind, name in user_knobs)
@@ -85,14 +86,14 @@ def test_gizmo_knobs_and_internal_nodes_found_by_nkparser():
     assert gizmo.get_string("knobChanged") == \
         "import dlclient_nuke; dlclient_nuke.knob_changed()"
     assert [(n.class_name, n.name) for n in internal] == [
-        ("Input", "src"), ("Write", "DLWrite0"), ("Read", "DLRead"), ("Assert", "DLAssert"),
-        ("Output", "Output1")]
+        ("Input", "src"), ("Write", "DLWrite0"), ("Read", "DLRead"),
+        ("Grade", "DLSequenceRange"), ("Assert", "DLAssert"), ("Output", "Output1")]
     write = internal[1]
     assert [n.name for n in write.inputs] == ["src"]
     assert (write.get("disable"), write.get_string("datatype"), write.get("compression"),
             write.get("channels"), write.get("raw")) == ("true", "32 bit float", "none", "all",
                                                         "true")
-    read, assert_node, output = internal[2:]
+    read, grade, assert_node, output = internal[2:]
     assert read.get("file").strip("{}") == (
         "[value parent.cache_path]/nodes/[value parent.node_id]/[value parent.result_key]/"
         "####.exr")
@@ -101,7 +102,14 @@ def test_gizmo_knobs_and_internal_nodes_found_by_nkparser():
     assert assert_node.get("expression") == "{{parent.error_flag == 0}}"  # numeric, not Tcl
     model_knob = gizmo.knobs_named("addUserKnob")[[n for _, n in user_knobs].index("model")]
     assert "+DO_NOT_WRITE" in model_knob.value.raw
-    assert [n.name for n in assert_node.inputs] == ["DLRead"]
+    # the sequence range's Grade: off unless the plug-in turns it on, linear (no clamp),
+    # on the channels the plug-in sets from the model's declaration (none here)
+    assert (grade.get("channels"), grade.get("multiply"), grade.get("add"),
+            grade.get("black_clamp"), grade.get("disable")) == (
+        "none", "{{parent.seq_scale}}", "{{parent.seq_offset}}", "false",
+        "{{parent.seq_apply == 0}}")
+    assert [n.name for n in grade.inputs] == ["DLRead"]
+    assert [n.name for n in assert_node.inputs] == ["DLSequenceRange"]
     assert [n.name for n in output.inputs] == ["DLAssert"]
 
 

@@ -500,3 +500,31 @@ def test_on_script_save_runs_before_the_text_is_written(session):
     nuke.scriptSaveAs(str(session / "x.nk"))
     with open(session / "x.nk") as f:
         assert "stamp saved" in f.read()
+
+
+def test_grade_is_the_documented_linear_ramp(session):
+    """Grade (NDK Grade.cpp's help): A = multiply * (white - black) / (whitepoint -
+    blackpoint), B = add + black - A * blackpoint, out = A * in + B on its channels;
+    black_clamp on by default; other channels untouched; no gamma in the stand-in."""
+    image = exrio.Image((0, 0, 1, 0), (0, 0, 1, 0),
+                             {"R": array("f", [0.5, -1.0]), "depth.Z": array("f", [2.0, -4.0])})
+    grade = nuke.nodes.Grade()
+    assert grade["black_clamp"].value() is True and grade["channels"].value() == "rgb"
+    grade["channels"].setValue("depth")
+    grade["multiply"].setValue(2.0)
+    grade["add"].setValue(1.0)
+    grade["blackpoint"].setValue(1.0)
+    with pytest.raises(RuntimeError, match="whitepoint equals blackpoint"):
+        grade._grade(image, 1)
+    grade["blackpoint"].setValue(0.0)
+    grade["whitepoint"].setValue(4.0)  # A = 2 / 4 = 0.5, B = 1
+    out = grade._grade(image, 1)
+    assert list(out.channels["depth.Z"]) == [2.0, 0.0]  # -4 * 0.5 + 1 = -1 -> clamped
+    assert out.channels["R"] is image.channels["R"]
+    grade["black_clamp"].setValue(False)
+    assert list(grade._grade(image, 1).channels["depth.Z"]) == [2.0, -1.0]
+    grade["gamma"].setValue(2.0)
+    with pytest.raises(NotImplementedError):
+        grade._grade(image, 1)
+    with pytest.raises(TypeError):
+        grade["channels"].setValue("depth.Z")  # channel sets by name: not in the stand-in

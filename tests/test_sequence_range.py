@@ -1,0 +1,194 @@
+"""A model's sequence_range (dlserver.model.SequenceRange): the declaration, the shared
+arithmetic (dlserver.sequence_range) and `dlserver infer`'s second pass over the written
+files (dlserver.sequence_rescale): one range over all frames (numpy oracle), every other
+channel, part, pixel type and attribute kept bit-exact, all files or none."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import OpenEXR
+import pytest
+
+from dlserver import exr as exrio
+from dlserver import sequence_rescale as rs
+from dlserver.model import Choice, Layer, Model, SequenceRange
+from dlserver.sequence_range import ATTRIBUTE, active, combine, frame_range, header_data, linear_map
+
+H, W = 6, 5
+
+
+class Ranged(Model):
+    name = "ranged"
+    outputs = {"depth": Layer(("depth.Z",), color=False)}
+    options = (Choice("normalize", choices=("off", "per sequence")),)
+    sequence_range = SequenceRange(output="depth", low="lo", high="hi",
+                                   option="normalize", value="per sequence")
+
+
+def test_declaration_is_described_and_checked():
+    Ranged.check_declaration()
+    d = Ranged.describe()
+    assert d["sequence_range"] == {"output": "depth", "channels": ["depth.Z"], "low": "lo",
+                                   "high": "hi", "when": {"normalize": "per sequence"}}
+    assert active(d, {"normalize": "per sequence"}) == d["sequence_range"]
+    assert active(d, {"normalize": "off"}) is None and active(d, {}) is None  # default off
+    for bad in (dict(output="rgba"), dict(option="size"), dict(value="per shot"),
+                dict(low="Lo-w")):
+        fields = {"output": "depth", "low": "lo", "high": "hi", "option": "normalize",
+                  "value": "per sequence", **bad}
+
+        class Bad(Ranged):
+            sequence_range = SequenceRange(**fields)
+
+        with pytest.raises(ValueError, match="sequence_range"):
+            Bad.check_declaration()
+
+    class TwoLayers(Ranged):
+        outputs = {"depth": Layer(("depth.Z", "other.Z"), color=False)}
+
+    with pytest.raises(ValueError, match="one layer"):
+        TwoLayers.check_declaration()
+
+
+def test_range_arithmetic():
+    declared = Ranged.describe()["sequence_range"]
+    assert frame_range(declared, {"lo": -1, "hi": 2.5}, "f") == (-1.0, 2.5)
+    for data in ({"lo": 1.0}, {"lo": float("nan"), "hi": 1.0}, {"lo": True, "hi": 2.0},
+                 {"lo": 3.0, "hi": 2.0}):
+        with pytest.raises(ValueError, match="f: "):
+            frame_range(declared, data, "f")
+    assert combine([(1.0, 2.0), (-3.0, 0.5), (0.0, 7.0)]) == (-3.0, 7.0)
+    with pytest.raises(ValueError):
+        combine([])
+    scale, offset = linear_map(-3.0, 7.0)
+    assert -3.0 * scale + offset == 0.0 and 7.0 * scale + offset == pytest.approx(1.0, abs=1e-15)
+    assert linear_map(2.0, 2.0) == (0.0, 0.0)  # a constant sequence maps to 0
+
+
+# --- the second pass over files -----------------------------------------------------------
+
+def write_result(path, frame: int) -> None:
+    """A result as the server writes one: RGBA (float, interleaved), a half-float layer,
+    depth.Z, attributes, ZIP compression, and a second part."""
+    rng = np.random.default_rng(frame)
+    first = {"RGBA": rng.random((H, W, 4), dtype=np.float32),
+             "matte.A": rng.random((H, W)).astype(np.float16),
+             "depth.Z": (rng.random((H, W), dtype=np.float32) * frame * 3 - 1)}
+    header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage,
+              "dlserver/lo": json.dumps(float(first["depth.Z"].min())),
+              "dlserver/hi": json.dumps(float(first["depth.Z"].max())),
+              "owner": "a test"}
+    other = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
+    parts = [OpenEXR.Part(header, first, "main"),
+             OpenEXR.Part(other, {"Y": rng.random((H, W), dtype=np.float32)}, "extra")]
+    with OpenEXR.File(parts) as f:
+        f.write(str(path))
+
+
+@pytest.fixture
+def results(tmp_path):
+    paths = [str(tmp_path / f"out.{f:04d}.exr") for f in (1, 2, 3)]
+    for frame, path in enumerate(paths, 1):
+        write_result(path, frame)
+    return paths
+
+
+def plain(header):
+    """A header comparable with == (its windows are numpy arrays)."""
+    return {k: repr(v) for k, v in header.items()}
+
+
+def rescale(paths):
+    declared = Ranged.describe()["sequence_range"]
+    ranges = [frame_range(declared, header_data(p, ("lo", "hi")), p) for p in paths]
+    low, high = combine(ranges)
+    scale, offset = linear_map(low, high)
+    rs.rescale_files(paths, ["depth.Z"], scale, offset, "the range")
+    return low, high
+
+
+def test_rescale_maps_one_range_and_keeps_everything_else(results):
+    before = {p: exrio.read_exr(p) for p in results}
+    low, high = rescale(results)
+    raw = {p: before[p].channels["depth.Z"].astype(np.float64) for p in results}
+    # the oracle: numpy over the whole sequence, not the code's own range or map
+    assert low == min(r.min() for r in raw.values()) and high == max(r.max() for r in raw.values())
+    for p in results:
+        after = exrio.read_exr(p)
+        want = (raw[p] - low) / (high - low)
+        assert after.channels["depth.Z"].dtype == np.float32
+        np.testing.assert_allclose(after.channels["depth.Z"], want, rtol=0, atol=1e-6)
+        for name, pixels in before[p].channels.items():
+            if name != "depth.Z":
+                assert after.channels[name].dtype == pixels.dtype
+                assert after.channels[name].tobytes() == pixels.tobytes(), name
+        assert plain(after.header) == plain({**before[p].header, ATTRIBUTE: "the range"})
+        assert [(x.name, plain(x.header), {k: v.tobytes() for k, v in x.channels.items()})
+                for x in after.parts] == \
+            [(x.name, plain(x.header), {k: v.tobytes() for k, v in x.channels.items()})
+             for x in before[p].parts]
+    assert min(exrio.read_exr(p).channels["depth.Z"].min() for p in results) == 0.0
+    assert max(exrio.read_exr(p).channels["depth.Z"].max() for p in results) == 1.0
+    assert sorted(os.listdir(os.path.dirname(results[0]))) == sorted(
+        os.path.basename(p) for p in results)
+
+
+def test_a_half_float_channel_stays_half(tmp_path):
+    path = str(tmp_path / "h.exr")
+    exrio.write_exr(path, exrio.ExrImage(
+        {"depth.Z": np.array([[1.0, 3.0]], np.float16)}, {}))
+    rs.rescale_files([path], ["depth.Z"], 0.5, -0.5, "r")
+    z = exrio.read_exr(path).channels["depth.Z"]
+    assert z.dtype == np.float16 and z.tolist() == [[0.0, 1.0]]
+
+
+def test_an_interrupted_first_pass_leaves_the_originals_and_no_temp_files(results, monkeypatch):
+    original = {p: open(p, "rb").read() for p in results}
+    calls = []
+    real = exrio.write_exr
+
+    def interrupted(target, image, *args, **kwargs):
+        calls.append(target)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(target, image, *args, **kwargs)
+
+    monkeypatch.setattr(rs.exrio, "write_exr", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rescale(results)
+    assert len(calls) == 3
+    assert {p: open(p, "rb").read() for p in results} == original
+    assert sorted(os.listdir(os.path.dirname(results[0]))) == sorted(
+        os.path.basename(p) for p in results)
+
+
+def test_ctrl_c_while_renaming_waits_until_every_file_is_replaced(results, monkeypatch):
+    """SIGINT arriving as the first rescaled file replaces its original is held back
+    until all are replaced: no sequence half raw, half rescaled."""
+    real = os.replace
+    replaced = []
+
+    def replace(src, dst):
+        if not replaced:
+            os.kill(os.getpid(), signal.SIGINT)
+        real(src, dst)
+        replaced.append(dst)
+
+    monkeypatch.setattr(rs.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        rescale(results)
+    assert replaced == results
+    for p in results:
+        assert exrio.read_exr(p).header[ATTRIBUTE] == "the range"
+
+
+def test_a_missing_channel_is_an_error_and_changes_nothing(results):
+    original = {p: open(p, "rb").read() for p in results}
+    with pytest.raises(ValueError, match="no channel 'disparity.X'"):
+        rs.rescale_files(results, ["disparity.X"], 1.0, 0.0, "r")
+    assert {p: open(p, "rb").read() for p in results} == original
+    assert len(os.listdir(os.path.dirname(results[0]))) == 3
