@@ -67,23 +67,41 @@ class Message:
 # --- framing -------------------------------------------------------------------------------
 
 class SocketReader:
-    """A plain socket read as a stream (`read`, `readinto`), each read asking the kernel
-    for all of what is wanted at once (MSG_WAITALL): a frame's megabytes arrive in one
-    call that leaves the GIL once, where a buffered `socket.makefile` reader takes one
-    call and one GIL hand-back per few kilobytes that happen to be there, each of which
-    waits its turn (up to sys.getswitchinterval(), 5 ms) on a busy process. Unbuffered:
-    it never reads past the message. Not for TLS sockets (no recv flags there)."""
+    """A plain socket read as a stream (`read`, `readinto`). A large read asks the kernel
+    for all of what is wanted at once (MSG_WAITALL), straight into the caller's buffer:
+    a frame's megabytes arrive in one call that leaves the GIL once, where a buffered
+    `socket.makefile` reader takes one call, one copy and one GIL hand-back per few
+    kilobytes that happen to be there, each of which waits its turn (up to
+    sys.getswitchinterval(), 5 ms) on a busy process. Small reads (prefixes, headers)
+    take what has arrived, up to CHUNK, and keep the rest for the next ones, as a
+    buffered reader does. Not for TLS sockets (no receive flags there)."""
+
+    CHUNK = 1 << 16
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.flags = getattr(socket, "MSG_WAITALL", 0)
+        self.pending = memoryview(b"")  # received, not yet read
 
     def readinto(self, buffer: Any) -> int:
         """Fill `buffer`; fewer bytes only at the end of the stream. Returns the count."""
         view = memoryview(buffer).cast("B")
-        got = 0
-        while got < view.nbytes:
-            n = self.sock.recv_into(view[got:], view.nbytes - got, self.flags)
+        want = view.nbytes
+        got = min(self.pending.nbytes, want)
+        view[:got] = self.pending[:got]
+        self.pending = self.pending[got:]
+        if want - got < self.CHUNK:
+            while got < want:
+                more = self.sock.recv(self.CHUNK)
+                if not more:
+                    break
+                take = min(len(more), want - got)
+                view[got:got + take] = more[:take]
+                self.pending = memoryview(more)[take:]
+                got += take
+            return got
+        while got < want:
+            n = self.sock.recv_into(view[got:], want - got, self.flags)
             if not n:
                 break
             got += n

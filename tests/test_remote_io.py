@@ -203,10 +203,14 @@ def test_socket_reader_reads_whole_messages_and_reports_a_cut() -> None:
     try:
         payload = np.random.default_rng(0).bytes(3 << 20)
         pieces = encode_message({"type": "x", "id": 7}, [payload, b"tail"])
-        sender = threading.Thread(target=lambda: [a.sendall(p) for p in pieces])
+        small = encode_message({"type": "y", "id": 8}, [b"abc"])
+        sender = threading.Thread(target=lambda: [a.sendall(p) for p in pieces + small])
         sender.start()
-        msg = read_message(SocketReader(b), allocate=memfile.receive_buffer)
-        sender.join()
+        reader = SocketReader(b)
+        msg = read_message(reader, allocate=memfile.receive_buffer)
+        second = read_message(reader)  # what the first reads kept (a small read takes
+        sender.join()                  # what has arrived) is read next
+        assert second.header["id"] == 8 and bytes(second.buffers[0]) == b"abc"
         assert msg.header["id"] == 7 and bytes(msg.buffers[0]) == payload
         assert bytes(msg.buffers[1]) == b"tail"
         assert memfile.path_of(msg.buffers[0]) is not None  # large: a memfd
