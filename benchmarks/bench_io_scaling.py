@@ -212,6 +212,14 @@ class Checkout:
     def over_tcp(self, flags: List[str], src: str, out: str, frames: int,
                  device: str) -> Dict[str, Any]:
         """`dlserver infer --server` against a server of this checkout on loopback TCP."""
+        with self.tcp_server(device) as (port, env):
+            return time_infer([*flags, "--server", f"127.0.0.1:{port}"], [], src, out,
+                              frames, skip=5, cwd=self.root, env=env)
+
+    @contextmanager
+    def tcp_server(self, device: str) -> Iterator[Any]:
+        """This checkout's server on a free loopback port: (port, the environment of a
+        client that logs in to it)."""
         import socket
 
         with socket.socket() as s:
@@ -232,8 +240,7 @@ class Checkout:
                     if time.time() > deadline or server.poll() is not None:
                         raise RuntimeError(f"{self.name}: the TCP server did not start") from None
                     time.sleep(0.2)
-            return time_infer([*flags, "--server", f"127.0.0.1:{port}"], [], src, out,
-                              frames, skip=5, cwd=self.root, env=env)
+            yield port, env
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -3,7 +3,7 @@
 # CUDA box): model benchmarks, the CUDA tests of the model authors, the end-to-end
 # sequence and the transport figures. Logs go to $OUT (default ./perf_out).
 #
-#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|overlay|devices|detectors|depth|raft]
+#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|overlay|devices|detectors|depth|raft|remote]
 #       io: end to end and transport only; e2e: end to end (with --nuke) only;
 #       models: model benchmarks and CUDA tests only;
 #       overlay: overlay against matte (bench_overlay.py) and the drawing's CUDA test;
@@ -12,6 +12,10 @@
 #       detectors: first result, 1080p detector figures with batches, CUDA tests
 #       depth: depth_anything_v2 at 1080p, fp16 / CUDA graph vs fp32 eager, and its CUDA test
 #       raft: RAFT at 1080p, the model's paths against eager torchvision (bench_raft.py)
+#       remote: `dlserver infer --server` (frames inline over loopback TCP), this checkout
+#       against BASELINE (default .baseline: a copy of the code before, made on the host
+#       with `mkdir .baseline && git archive c394a3e | tar -x -C .baseline` and carried),
+#       in the same run: benchmarks/bench_remote_io.py, 1080p RGBA + 2 layers (FRAMES=60)
 #
 # Needs torch/torchvision with CUDA, numpy, opencv, pytest; OpenEXR is installed from
 # wheels in .whl/ when it is missing (the device machine has no network: carry .whl).
@@ -76,6 +80,14 @@ fi
 if [ "$QUICK" = devices ]; then
     step bench_devices 590 python3 benchmarks/bench_devices.py --frames "${FRAMES:-200}" \
         ${COUNTS:+--counts "$COUNTS"} --json "$OUT/bench_devices.json"
+    exit 0
+fi
+if [ "$QUICK" = remote ]; then
+    BASELINE=${BASELINE:-.baseline}
+    [ -d "$BASELINE/dlserver" ] || { echo "no baseline checkout at $BASELINE"; exit 1; }
+    step bench_remote_io 560 python3 benchmarks/bench_remote_io.py --device cuda \
+        --frames "${FRAMES:-60}" --threads 1 4 8 --baseline "$BASELINE" \
+        --json "$OUT/bench_remote_io.json"
     exit 0
 fi
 if [ "$QUICK" = depth ]; then

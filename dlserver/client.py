@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 from .files import write_atomic
 from .protocol import (
@@ -34,6 +34,7 @@ from .protocol import (
     Limits,
     Message,
     ProtocolError,
+    SocketReader,
     auth_proof,
     read_message,
     write_message,
@@ -347,7 +348,9 @@ class Client:
             sock = context.wrap_socket(sock, server_hostname=host)
         sock.settimeout(None)  # the reader thread blocks; timeouts are kept per request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(_Connection(sock.makefile("rb"), sock.makefile("wb"), None, sock), timeout,
+        # plain sockets: whole buffers in one receive (protocol.SocketReader)
+        reader = sock.makefile("rb") if tls else cast(BinaryIO, SocketReader(sock))
+        return cls(_Connection(reader, sock.makefile("wb"), None, sock), timeout,
                    token=token if token is not None else os.environ.get("DLSERVER_TOKEN"),
                    max_reply_mb=max_reply_mb)
 

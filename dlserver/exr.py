@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import OpenEXR
 
+from . import memfile
 from .content_hash import OutOfData, parse_attributes
 from .files import write_atomic
 
@@ -303,6 +304,14 @@ def write_exr(target: Union[str, os.PathLike, BinaryIO], image: ExrImage,
     written atomically (temp file + rename), so a reader never sees half a frame; with
     `dir_fd`, `target` is a name inside that open folder (files.write_atomic).
     `compression` None keeps the header's."""
+    exr = _exr_file(image, compression)
+    if not isinstance(target, (str, os.PathLike)):
+        exr.write(target)
+        return
+    write_atomic(os.fspath(target), exr.write, dir_fd=dir_fd)
+
+
+def _exr_file(image: ExrImage, compression: Any) -> OpenEXR.File:
     channels = writable_channels(image.channels)
     first = _writable_header(image.header, compression)
     if image.parts:
@@ -313,13 +322,8 @@ def write_exr(target: Union[str, os.PathLike, BinaryIO], image: ExrImage,
             header.pop("name", None)
             parts.append(OpenEXR.Part(header, writable_channels(part.channels), part.name))
     if image.parts:
-        exr = OpenEXR.File(parts, num_threads=FILE_THREADS)
-    else:
-        exr = OpenEXR.File(first, channels, num_threads=FILE_THREADS)
-    if not isinstance(target, (str, os.PathLike)):
-        exr.write(target)
-        return
-    write_atomic(os.fspath(target), exr.write, dir_fd=dir_fd)
+        return OpenEXR.File(parts, num_threads=FILE_THREADS)
+    return OpenEXR.File(first, channels, num_threads=FILE_THREADS)
 
 
 def interleaved(planes: Sequence[np.ndarray]) -> Optional[np.ndarray]:
@@ -376,10 +380,18 @@ def writable_channels(channels: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return out
 
 
-def exr_bytes(image: ExrImage, compression: Any = None) -> bytes:
+def exr_bytes(image: ExrImage, compression: Any = None) -> memoryview:
+    """The EXR file of `image`, in memory. Encoded into an anonymous in-memory file by
+    path where the system has them (OpenEXR writes in C++, on its threads: through
+    io.BytesIO it takes the GIL for every chunk), else through io.BytesIO."""
+    if memfile.available():
+        try:
+            return memoryview(memfile.written(_exr_file(image, compression).write))
+        except OSError:
+            pass  # out of descriptors or memory for one: the stream below
     stream = io.BytesIO()
     write_exr(stream, image, compression)
-    return stream.getvalue()
+    return stream.getbuffer()
 
 
 def find_channel(image: ExrImage, name: str) -> Union[str, None]:

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import exr as exrio
+from . import memfile
 from .color import linear_to_srgb, srgb_to_linear  # noqa: F401 - also imported from here
 from .content_hash import exr_content_hash
 from .errors import BadFrame, BadRequest, PathRefused
@@ -321,8 +322,8 @@ class FrameReader:
                                    f"{exc.strerror or exc}") from None
             elif ref.kind == "inline":
                 data = self.buffers[ref.buffer]  # type: ignore[index]
-                image = exrio.read_exr(data, self.limits.max_pixels,
-                                       decoded_limit(self.limits, data.nbytes))
+                image = read_inline_exr(data, self.limits.max_pixels,
+                                        decoded_limit(self.limits, data.nbytes))
             else:
                 raise BadFrame(f"input {input_name!r}: EXR frames come as files or inline "
                                f"bytes")
@@ -330,6 +331,21 @@ class FrameReader:
             raise BadFrame(f"input {input_name!r}: {exc}") from None
         self.exr_images[input_name] = image
         return exrio.gather(image, layer.channels, layer.fill)
+
+
+def read_inline_exr(data: memoryview, max_pixels: int, max_bytes: int) -> exrio.ExrImage:
+    """An EXR sent inline: by path when it was received into an in-memory file
+    (dlserver.memfile: OpenEXR reads it in C++, never through a Python stream), whose
+    descriptor is closed once decoded; else from the bytes."""
+    path = memfile.path_of(data)
+    if path is None:
+        return exrio.read_exr(data, max_pixels, max_bytes)
+    try:
+        return exrio.read_exr(path, max_pixels, max_bytes)
+    except exrio.ExrError as exc:  # the bindings name the file: it is the request's bytes
+        raise exrio.ExrError(str(exc).replace(path, "(inline EXR)")) from None
+    finally:
+        memfile.close_fd(data)
 
 
 # An EXR sent inline (a remote client) may decode to at most this many times its own

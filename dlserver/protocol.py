@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
 import struct
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -65,15 +66,68 @@ class Message:
 
 # --- framing -------------------------------------------------------------------------------
 
-def _read_exact(stream: BinaryIO, size: int) -> bytearray:
-    buf = bytearray(size)
-    view = memoryview(buf)
+class SocketReader:
+    """A plain socket read as a stream (`read`, `readinto`). A large read asks the kernel
+    for all of what is wanted at once (MSG_WAITALL), straight into the caller's buffer:
+    a frame's megabytes arrive in one call that leaves the GIL once, where a buffered
+    `socket.makefile` reader takes one call, one copy and one GIL hand-back per few
+    kilobytes that happen to be there, each of which waits its turn (up to
+    sys.getswitchinterval(), 5 ms) on a busy process. Small reads (prefixes, headers)
+    take what has arrived, up to CHUNK, and keep the rest for the next ones, as a
+    buffered reader does. Not for TLS sockets (no receive flags there)."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.flags = getattr(socket, "MSG_WAITALL", 0)
+        self.pending = memoryview(b"")  # received, not yet read
+
+    def readinto(self, buffer: Any) -> int:
+        """Fill `buffer`; fewer bytes only at the end of the stream. Returns the count."""
+        view = memoryview(buffer).cast("B")
+        want = view.nbytes
+        got = min(self.pending.nbytes, want)
+        view[:got] = self.pending[:got]
+        self.pending = self.pending[got:]
+        if want - got < self.CHUNK:
+            while got < want:
+                more = self.sock.recv(self.CHUNK)
+                if not more:
+                    break
+                take = min(len(more), want - got)
+                view[got:got + take] = more[:take]
+                self.pending = memoryview(more)[take:]
+                got += take
+            return got
+        while got < want:
+            n = self.sock.recv_into(view[got:], want - got, self.flags)
+            if not n:
+                break
+            got += n
+        return got
+
+    def read(self, size: int) -> bytes:
+        buf = bytearray(size)
+        return bytes(buf[:self.readinto(buf)])
+
+    def close(self) -> None:
+        pass  # the socket is its owner's to close
+
+
+def _read_into(stream: BinaryIO, buffer: Any, size: int) -> None:
+    view = memoryview(buffer).cast("B")
     got = 0
     while got < size:
         n = stream.readinto(view[got:])  # type: ignore[attr-defined]
         if not n:
             raise ConnectionClosed(f"stream closed after {got} of {size} bytes")
         got += n
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytearray:
+    buf = bytearray(size)
+    _read_into(stream, buf, size)
     return buf
 
 
@@ -87,11 +141,14 @@ def _drain(stream: BinaryIO, size: int) -> None:
 
 
 def read_message(stream: BinaryIO,
-                 limits: Union[Limits, Callable[[], Limits]] = Limits()) -> Message:
+                 limits: Union[Limits, Callable[[], Limits]] = Limits(),
+                 allocate: Callable[[int], Any] = bytearray) -> Message:
     """Read one message. Raises ConnectionClosed at end of stream, ProtocolError when the
     message is malformed (the body is skipped when its length can be trusted).
     `limits` may be a function, called once the prefix has arrived: the limits that hold
-    for the message that comes (e.g. the replies to the requests sent meanwhile)."""
+    for the message that comes (e.g. the replies to the requests sent meanwhile).
+    `allocate(size)`: where each buffer is received (a writable buffer of that size),
+    called once the header is checked against the limits."""
     prefix = stream.read(PREFIX.size)
     if not prefix:
         raise ConnectionClosed("stream closed")
@@ -125,11 +182,11 @@ def read_message(stream: BinaryIO,
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         _drain(stream, body_len)
         raise ProtocolError("bad_message", f"malformed message header: {exc}") from None
-    body = memoryview(_read_exact(stream, body_len)) if body_len else memoryview(b"")
-    buffers, offset = [], 0
+    buffers = []
     for size in sizes:
-        buffers.append(body[offset:offset + size])
-        offset += size
+        block = allocate(size) if size else bytearray()
+        _read_into(stream, block, size)
+        buffers.append(memoryview(block).cast("B"))
     return Message(header, buffers)
 
 

@@ -232,7 +232,12 @@ class Scheduler:
             item.job = item.work = None
             assert item.reply is not None
             header, buffers = item.reply
+            item.reply = None
             self.send(header, buffers)
+            # the frame's memory (request and reply; memfds, dlserver.memfile) goes now,
+            # not when the next request comes
+            del buffers
+            item.msg.buffers.clear()
             if item.msg.header.get("type") == "shutdown" and header.get("ok"):
                 self.state.stop()
 

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO, Callable, Dict, Optional, Sequence
 
 from . import __version__
 from .context import SessionContext
+from .memfile import receive_buffer
 from .protocol import (
     VERSION,
     ConnectionClosed,
@@ -79,8 +80,9 @@ class Session:
     def _read_loop(self) -> None:
         while not self.closed.is_set():
             try:
+                # large buffers land in memfds: OpenEXR decodes them by path
                 msg = read_message(self.reader, self.state.limits if self.authenticated
-                                   else LOGIN_LIMITS)
+                                   else LOGIN_LIMITS, allocate=receive_buffer)
             except ConnectionClosed:
                 return
             except ProtocolError as exc:

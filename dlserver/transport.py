@@ -19,13 +19,14 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
-from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Tuple, cast
 
 from .errors import Busy
-from .protocol import encode_message, error_reply
+from .protocol import SocketReader, encode_message, error_reply
 from .session import Session
 from .state import ServerState
 
@@ -270,7 +271,9 @@ def _serve_conn(state: ServerState, watchdog: Watchdog, conn: socket.socket, loc
                 conn.close()
                 return
         with conn:
-            reader = conn.makefile("rb")
+            # plain sockets: whole buffers in one receive (protocol.SocketReader)
+            reader = conn.makefile("rb") if isinstance(conn, ssl.SSLSocket) \
+                else cast(BinaryIO, SocketReader(conn))
             writer = conn.makefile("wb")
             try:
                 serve_stream(state, reader, writer, local=local, peer=peer, on_login=logged_in)
