@@ -28,13 +28,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
+import uuid
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import ray
 from ray import serve
@@ -50,10 +52,11 @@ from .scheduler import MAX_BATCH
 
 log = logging.getLogger("dlserver")
 
-APP_NAME = "dlserver"
+APP_PREFIX = "dlserver"  # an application per front end: dlserver-<host>-<pid>
 DEPLOYMENT_NAME = "ModelRunner"
 MAX_ONGOING = 2 * MAX_BATCH  # frames a replica holds at once (running and queued): room
 # for serve.batch to gather a full batch while the previous one runs
+MAX_CANCELLED = 10_000  # keys a CancelBoard remembers
 MIN_SLOTS = 16  # frames one session hands to the cluster at once (the client's
 # pipeline bounds it in practice); more with more replicas
 
@@ -87,17 +90,38 @@ class Loaded:
                 log.warning("unloading %s failed: %s", self.name, exc)
 
 
+@ray.remote(num_cpus=0)
+class CancelBoard:
+    """The frames a front end cancelled after handing them to the cluster, by key.
+    Replicas look here before running a frame: a cancel reaches the frames queued on a
+    replica even where Serve's own cancel (best effort) does not."""
+
+    def __init__(self) -> None:
+        self.keys: Dict[str, None] = {}  # in insertion order: the oldest go first
+
+    def cancel(self, keys: List[str]) -> None:
+        for key in keys:
+            self.keys[key] = None
+        while len(self.keys) > MAX_CANCELLED:
+            del self.keys[next(iter(self.keys))]
+
+    def cancelled(self, keys: List[str]) -> List[bool]:
+        return [key in self.keys for key in keys]
+
+
 class ModelRunner:
     """The deployment: one replica per GPU (or fraction of one), each with its own
     registry of the model folders on its device. `infer` answers one frame with
     {"result", "timing"} or {"error": (code, message)}; never raises but for a cancel."""
 
     def __init__(self, models_dirs: Sequence[str], device: str, cpu_fallback: bool,
-                 models_per_replica: int) -> None:
+                 models_per_replica: int, board: Any) -> None:
         logging.basicConfig(level=logging.INFO, format="dlserver %(levelname)s: %(message)s")
         self.registry = Registry([Path(d) for d in models_dirs], device)
-        self.counters: Dict[str, int] = {"frames": 0, "errors": 0, "cancelled": 0,
-                                         "oom_recoveries": 0}
+        self.board = board  # the front end's CancelBoard
+        # received: frames that reached this replica; dropped: cancelled before they ran
+        self.counters: Dict[str, int] = {"received": 0, "frames": 0, "errors": 0,
+                                         "dropped": 0, "cancelled": 0, "oom_recoveries": 0}
         self.ctx = SessionContext.for_login("ray replica", False, self.registry, Limits(),
                                             None, (), "", cpu_fallback, self._count)
         # one model call at a time, as on a device slot of the plain server; asyncio
@@ -117,9 +141,10 @@ class ModelRunner:
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
     async def infer(self, name: str, arrays: Dict[str, Any], options: Dict[str, Any],
-                    tile: int) -> Dict[str, Any]:
-        """One frame. `arrays` came as an object reference: Ray resolved it (read-only
-        views of the object store on this node)."""
+                    tile: int, key: str) -> Dict[str, Any]:
+        """One frame (`key`: its name on the CancelBoard). `arrays` came as an object
+        reference: Ray resolved it (read-only views of the object store on this node)."""
+        self.counters["received"] += 1
         try:
             try:
                 entry = self.registry.get(name)
@@ -128,29 +153,39 @@ class ModelRunner:
                 raise model_failed(name, exc) from exc
             job = replica_job(entry, arrays, options, tile, self.ctx)
             if job.batch_key() is None:
-                return (await self._in_worker(self._run, [job]))[0]
-            return await self._batched(job)
-        except asyncio.CancelledError:
+                return (await self._in_worker(self._run, [(job, key)]))[0]
+            return await self._batched((job, key))
+        except asyncio.CancelledError:  # Serve's cancel, when it gets here
             self.counters["cancelled"] += 1
             raise
         except Exception as exc:
             return self._error(exc, name)
 
     @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.0)
-    async def _batched(self, jobs: List[Job]) -> List[Dict[str, Any]]:
+    async def _batched(self, frames: List[Tuple[Job, str]]) -> List[Dict[str, Any]]:
         """Frames queued on this replica for models that batch, from any session: one
         `infer_batch` per model, options and size (what the plain server batches)."""
         groups: Dict[Any, List[int]] = {}
-        for i, job in enumerate(jobs):
+        for i, (job, _) in enumerate(frames):
             groups.setdefault(job.batch_key(), []).append(i)
-        outcomes: List[Dict[str, Any]] = [{} for _ in jobs]
+        outcomes: List[Dict[str, Any]] = [{} for _ in frames]
         for indices in groups.values():
-            done = await self._in_worker(self._run, [jobs[i] for i in indices])
+            done = await self._in_worker(self._run, [frames[i] for i in indices])
             for i, outcome in zip(indices, done):
                 outcomes[i] = outcome
         return outcomes
 
-    def _run(self, jobs: List[Job]) -> List[Dict[str, Any]]:
+    def _run(self, frames: List[Tuple[Job, str]]) -> List[Dict[str, Any]]:
+        """The frames not cancelled meanwhile (the front end's CancelBoard says), through
+        `_execute`; a cancelled one is answered `cancelled` without running."""
+        dropped = ray.get(self.board.cancelled.remote([key for _, key in frames]))
+        jobs = [job for (job, _), drop in zip(frames, dropped) if not drop]
+        done = iter(self._execute(jobs) if jobs else [])
+        self.counters["dropped"] += sum(dropped)
+        return [{"error": (Cancelled.code, "cancelled before it ran on the Ray cluster")}
+                if drop else next(done) for drop in dropped]
+
+    def _execute(self, jobs: List[Job]) -> List[Dict[str, Any]]:
         """inference.execute as the plain scheduler runs it: a batch that fails runs again
         one frame at a time, to find the frame that failed."""
         try:
@@ -158,7 +193,7 @@ class ModelRunner:
         except Exception as exc:
             if len(jobs) == 1:
                 return [self._error(exc, jobs[0].entry.cls.name)]
-            return [self._run([job])[0] for job in jobs]
+            return [self._execute([job])[0] for job in jobs]
         self.counters["frames"] += len(jobs)
         return [{"result": job.result, "timing": job.timing} for job in jobs]
 
@@ -188,8 +223,8 @@ class RaySettings:
     """The command line's --ray flags."""
 
     address: Optional[str] = None  # None: RAY_ADDRESS, a cluster started here, else a new one
-    min_replicas: int = 1
-    max_replicas: Optional[int] = None  # None: one per GPU of the cluster (min_replicas on CPUs)
+    min_replicas: Optional[int] = None  # None: max_replicas (no autoscaling)
+    max_replicas: Optional[int] = None  # None: one per GPU of the cluster (1 on CPUs)
     gpus_per_replica: Optional[float] = None  # None: 1 on a GPU cluster, 0 on a CPU one
     cpus_per_replica: float = 1.0
     models_per_replica: int = 3
@@ -198,9 +233,11 @@ class RaySettings:
 
     def check(self) -> None:
         """ValueError saying what to change."""
-        if self.min_replicas < 0 or (self.max_replicas is not None and self.max_replicas < 1):
+        if (self.min_replicas is not None and self.min_replicas < 0) or \
+                (self.max_replicas is not None and self.max_replicas < 1):
             raise ValueError("--min-replicas must be 0 or more and --max-replicas 1 or more")
-        if self.max_replicas is not None and self.min_replicas > self.max_replicas:
+        if self.min_replicas is not None and self.max_replicas is not None and \
+                self.min_replicas > self.max_replicas:
             raise ValueError(f"--min-replicas {self.min_replicas} is above --max-replicas "
                              f"{self.max_replicas}")
         if self.gpus_per_replica is not None and not 0 <= self.gpus_per_replica <= 8:
@@ -209,6 +246,25 @@ class RaySettings:
         if self.cpus_per_replica < 0 or self.models_per_replica < 1:
             raise ValueError("--cpus-per-replica must be 0 or more, --models-per-replica "
                              "1 or more")
+
+    def replicas(self, cluster: Dict[str, float]) -> Dict[str, Any]:
+        """GPUs and CPUs per replica, and the least and most replicas, for a cluster of
+        these resources (ray.cluster_resources()). InternalError when the replicas that
+        must always run don't fit (Serve would wait for them forever)."""
+        gpus = self.gpus_per_replica if self.gpus_per_replica is not None \
+            else (1.0 if cluster.get("GPU", 0) >= 1 else 0.0)
+        most = self.max_replicas or (int(cluster.get("GPU", 0) // gpus) if gpus > 0 else 1)
+        most = max(1, most, self.min_replicas or 0)
+        least = most if self.min_replicas is None else self.min_replicas
+        for kind, each in (("GPU", gpus), ("CPU", self.cpus_per_replica)):
+            if max(1, least) * each > cluster.get(kind, 0) + 1e-9:
+                raise InternalError(
+                    f"{max(1, least)} model runner(s) of {each:g} {kind} each don't fit on "
+                    f"this Ray cluster ({cluster.get(kind, 0):g} {kind}): lower "
+                    f"--min-replicas or --{kind.lower()}s-per-replica, or add machines")
+        return {"gpus_per_replica": gpus, "cpus_per_replica": self.cpus_per_replica,
+                "min_replicas": least, "max_replicas": most,
+                "device": "cuda" if gpus > 0 else "cpu"}  # Ray sets CUDA_VISIBLE_DEVICES
 
     @property
     def slots(self) -> int:
@@ -225,8 +281,11 @@ class RayBackend:
         settings.check()
         self.settings = settings
         self.handle: Any = None
+        self.board: Any = None  # the CancelBoard of this front end's frames
         self.replicas: Dict[str, Any] = {}  # as deployed: gpus, cpus, min, max, device
         self.retries = 0  # frames sent again after their replica died
+        # its own application: front ends sharing a cluster don't replace each other's
+        self.app = f"{APP_PREFIX}-{socket.gethostname()}-{os.getpid()}"
         self._lock = threading.Lock()
 
     @property
@@ -252,40 +311,39 @@ class RayBackend:
             raise InternalError(f"cannot reach the Ray cluster at {s.address or 'auto'}: "
                                 f"{exc}. Start one (`ray start --head`) or give its "
                                 f"address (--ray HOST:6379)") from exc
-        cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
-        gpus = s.gpus_per_replica if s.gpus_per_replica is not None \
-            else (1.0 if cluster_gpus >= 1 else 0.0)
-        most = s.max_replicas or (max(1, s.min_replicas, int(cluster_gpus // gpus))
-                                  if gpus > 0 else max(1, s.min_replicas))
-        device = "cuda" if gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per replica
+        cluster = {k: float(v) for k, v in ray.cluster_resources().items()}
+        plan = s.replicas(cluster)
+        least, most = plan["min_replicas"], plan["max_replicas"]
         options: Dict[str, Any] = {
             "name": DEPLOYMENT_NAME,
-            "ray_actor_options": {"num_gpus": gpus, "num_cpus": s.cpus_per_replica},
+            "ray_actor_options": {"num_gpus": plan["gpus_per_replica"],
+                                  "num_cpus": plan["cpus_per_replica"]},
             "max_ongoing_requests": MAX_ONGOING,
             "health_check_period_s": 2.0,
         }
-        if s.min_replicas == most:
+        if least == most:
             options["num_replicas"] = most
         else:
             options["autoscaling_config"] = {
-                "min_replicas": s.min_replicas, "max_replicas": most,
-                "initial_replicas": max(1, s.min_replicas),
+                "min_replicas": least, "max_replicas": most,
+                "initial_replicas": max(1, least),
                 "target_ongoing_requests": 2}  # a frame running and one waiting
+        self.board = CancelBoard.remote()  # type: ignore[attr-defined]
         app = serve.deployment(**options)(ModelRunner).bind(
-            [str(d) for d in s.models_dirs], device, s.cpu_fallback, s.models_per_replica)
+            [str(d) for d in s.models_dirs], plan["device"], s.cpu_fallback,
+            s.models_per_replica, self.board)
         serve.start(proxy_location="Disabled")
         try:
-            self.handle = serve.run(app, name=APP_NAME, route_prefix=None,
+            self.handle = serve.run(app, name=self.app, route_prefix=None,
                                     logging_config={"log_level": "WARNING",
                                                     "enable_access_log": False})
         except RuntimeError as exc:  # a replica that could not start (import, resources)
             raise InternalError(f"the Ray application did not start: {exc}") from exc
-        self.replicas = {"gpus_per_replica": gpus, "cpus_per_replica": s.cpus_per_replica,
-                         "min_replicas": s.min_replicas, "max_replicas": most,
-                         "device": device, "cluster_gpus": cluster_gpus}
-        log.info("Ray Serve application %r: %s replica(s) (%g GPU, %g CPU each, on %s), "
-                 "up in %.1f s", APP_NAME, s.min_replicas if s.min_replicas == most
-                 else f"{s.min_replicas}-{most}", gpus, s.cpus_per_replica,
+        self.replicas = {**plan, "cluster_gpus": cluster.get("GPU", 0.0)}
+        log.info("Ray Serve application %r: %s model runner(s) of %g GPU and %g CPU (%s) "
+                 "on the cluster at %s, up in %.1f s", self.app,
+                 most if least == most else f"{least}-{most}", plan["gpus_per_replica"],
+                 plan["cpus_per_replica"], plan["device"],
                  ray.get_runtime_context().gcs_address, time.perf_counter() - started)
 
     def execute(self, ctx: SessionContext, jobs: List[Job], slot: int = 0) -> None:
@@ -298,11 +356,13 @@ class RayBackend:
         # every frame of the batch is sent before any is waited for: serve.batch on the
         # replica gathers them into one infer_batch
         refs = [ray.put(job.arrays) for job in jobs]  # once: a retry sends the reference
-        responses = [self._send(handle, name, job, ref) for job, ref in zip(jobs, refs)]
+        keys = [uuid.uuid4().hex for _ in jobs]  # the frames' names on the CancelBoard
+        responses = [self._send(handle, name, job, ref, key)
+                     for job, ref, key in zip(jobs, refs, keys)]
         failure: Optional[Exception] = None
-        for job, ref, response in zip(jobs, refs, responses):
+        for job, ref, key, response in zip(jobs, refs, keys, responses):
             try:
-                outcome = self._wait(handle, name, job, ref, response)
+                outcome = self._wait(handle, name, job, ref, key, response)
             except DLError as exc:
                 failure = failure or exc
                 continue
@@ -316,14 +376,25 @@ class RayBackend:
         if failure is not None:
             raise failure
 
-    def _send(self, handle: Any, name: str, job: Job, ref: Any) -> Any:
-        response = handle.infer.remote(name, ref, job.options, job.tile)
-        job.on_cancel = response.cancel
-        if job.cancel_requested:  # a cancel came before the hook was set
+    def _send(self, handle: Any, name: str, job: Job, ref: Any, key: str) -> Any:
+        response = handle.infer.remote(name, ref, job.options, job.tile, key)
+
+        def cancel() -> None:
+            # on the board before the cancel is acknowledged: a replica that hasn't
+            # started the frame drops it; Serve's cancel stops one waiting in Serve
+            try:
+                ray.get(self.board.cancel.remote([key]), timeout=30)
+            except RayError as exc:  # the cluster is failing: Serve's cancel alone
+                log.warning("%s: the cancel could not be recorded on the cluster: %s",
+                            name, exc)
             response.cancel()
+        job.on_cancel = cancel
+        if job.cancel_requested:  # a cancel came before the hook was set
+            cancel()
         return response
 
-    def _wait(self, handle: Any, name: str, job: Job, ref: Any, response: Any) -> Any:
+    def _wait(self, handle: Any, name: str, job: Job, ref: Any, key: str,
+              response: Any) -> Any:
         """The replica's answer; once more, on a new replica, when this one died."""
         try:
             for attempt in (1, 2):
@@ -340,7 +411,7 @@ class RayBackend:
                                 "replaces it: sending the frame once more", name,
                                 type(exc).__name__)
                     self.retries += 1
-                    response = self._send(handle, name, job, ref)
+                    response = self._send(handle, name, job, ref, key)
         except (FutureCancelled, TaskCancelledError):
             raise Cancelled("cancelled while it ran on the Ray cluster") from None
         except RayError as exc:
@@ -352,7 +423,7 @@ class RayBackend:
 
     def stats(self) -> Dict[str, Any]:
         """For the `stats` request: how the application was deployed, frames retried."""
-        return {"app": APP_NAME, "started": self.handle is not None, **self.replicas,
+        return {"app": self.app, "started": self.handle is not None, **self.replicas,
                 "retries": self.retries}
 
     def close(self) -> None:
@@ -362,12 +433,12 @@ class RayBackend:
             if self.handle is not None:
                 self.handle = None
                 try:
-                    serve.delete(APP_NAME)
+                    serve.delete(self.app)
                 except Exception as exc:  # the cluster may be gone already
-                    log.warning("could not delete the Ray application %r: %s", APP_NAME, exc)
+                    log.warning("could not delete the Ray application %r: %s", self.app, exc)
             if ray.is_initialized():
                 ray.shutdown()
 
 
-__all__ = ["APP_NAME", "DEPLOYMENT_NAME", "ModelRunner", "RayBackend", "RaySettings",
+__all__ = ["APP_PREFIX", "DEPLOYMENT_NAME", "ModelRunner", "RayBackend", "RaySettings",
            "ReplicaError"]

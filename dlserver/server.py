@@ -83,14 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
         "protocol, token and TLS; docs/scale-out.md); needs `python install.py --ray`")
     ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                      help="run frames on the Ray cluster at ADDRESS (HOST:6379 of its head); "
-                          "without ADDRESS: $RAY_ADDRESS, else a cluster started on this "
-                          "machine (`ray start`), else a new one on this machine")
-    ray.add_argument("--min-replicas", type=int, default=1, metavar="N",
-                     help="model runners kept up (default 1; 0 lets an idle cluster give "
-                          "its GPUs back)")
+                          "without ADDRESS (or 'local'): $RAY_ADDRESS, else a cluster "
+                          "started on this machine (`ray start`), else a new one here")
     ray.add_argument("--max-replicas", type=int, default=None, metavar="N",
-                     help="model runners at most, autoscaled on frames in flight "
-                          "(default: one per GPU of the cluster)")
+                     help="model runners at most (default: one per GPU of the cluster, "
+                          "1 on a CPU-only one)")
+    ray.add_argument("--min-replicas", type=int, default=None, metavar="N",
+                     help="model runners always up; below --max-replicas, Serve autoscales "
+                          "between them on frames in flight (default: --max-replicas, no "
+                          "autoscaling; 0 gives the GPUs back while idle)")
     ray.add_argument("--gpus-per-replica", type=float, default=None, metavar="F",
                      help="GPUs of one model runner (default 1 on a GPU cluster, 0 on a "
                           "CPU-only one; 0.5: two runners share a GPU, for small models)")
@@ -303,7 +304,7 @@ def make_ray_backend(args: argparse.Namespace, models_dirs: Sequence[Any]) -> An
         raise ImportError(f"--ray needs Ray Serve ({exc}): `python install.py --ray`, or "
                           f"pip install 'ray[serve]' into the server's environment") from None
     return RayBackend(RaySettings(
-        address=args.ray or None, min_replicas=args.min_replicas,
+        address=None if args.ray in ("", "local") else args.ray, min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica,
         cpus_per_replica=args.cpus_per_replica, models_per_replica=args.models_per_replica,
         models_dirs=[os.path.abspath(d) for d in models_dirs],

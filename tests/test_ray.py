@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import ray
 from ray import serve
-from support import PYTHON, ROOT, TcpServer, make_plate, raw_inline, wait_for_exit
+from support import PYTHON, ROOT, TEST_MODELS, TcpServer, make_plate, raw_inline, wait_for_exit
 
 from dlserver.client import Client, DLServerError
-from dlserver.ray_backend import APP_NAME
+from dlserver.errors import InternalError
+from dlserver.ray_backend import RaySettings
 
 pytestmark = pytest.mark.slow  # a Ray cluster and two servers: ~30 s on 2 cores
 
@@ -137,9 +138,12 @@ def error_of(client: Client, model: str, options: Dict[str, Any]) -> Any:
     return err.value.code, err.value.message
 
 
-def replica_stats() -> Dict[str, Any]:
-    """Asked of the replica itself, through Ray (the test process is on the cluster)."""
-    return serve.get_app_handle(APP_NAME).stats.remote().result(timeout_s=60)
+def replica_stats(client: Client, app: str = "") -> Dict[str, Any]:
+    """Asked of the replica itself, through Ray (the test process is on the cluster).
+    `app`: the server's application, when its session is busy (its replies keep their
+    order)."""
+    app = app or client.stats()["ray"]["app"]
+    return serve.get_app_handle(app).stats.remote().result(timeout_s=60)
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -189,7 +193,7 @@ def test_models_per_replica_evicts_the_least_recently_used(ray_client: Client) -
     plate = make_plate(8, 8)
     for model in ("blur", "identity", "blur", "batcher"):  # identity is the oldest now
         infer(ray_client, model, plate, {})
-    assert sorted(replica_stats()["models_loaded"]) == ["batcher", "blur"]
+    assert sorted(replica_stats(ray_client)["models_loaded"]) == ["batcher", "blur"]
 
 
 # --- failures ------------------------------------------------------------------------------
@@ -247,34 +251,83 @@ def open_gate(fifo: Path, timeout: float = 60.0) -> Any:
     return opened[0]
 
 
+def wait_for(condition: Any, what: str, timeout: float = 60.0) -> None:
+    """Until `condition()` holds (it asks the cluster: a real state, not a delay)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
 def test_cancel_reaches_the_replica(ray_client: Client, tmp_path: Path) -> None:
-    """The plain server lets a frame inside a model finish; through Ray the cancel goes
-    to the replica, which drops the frame: the reply comes while the model still blocks,
-    and the frames queued behind it never run there."""
+    """The plain server lets a frame inside a model finish; through Ray the reply is
+    `cancelled` at once (while the model still blocks), and the frames waiting on the
+    replica behind it are dropped there, never run."""
     fifo = tmp_path / "gate"
     os.mkfifo(fifo)
     plate = make_plate(8, 8)
-    before = replica_stats()
+    app = ray_client.stats()["ray"]["app"]
+    before = replica_stats(ray_client, app)
     args = {"inputs": {"src": raw_inline(plate)}}
     first = ray_client.send("infer", [plate.data], model="gate",
                             options={"gate": str(fifo)}, **args)
-    queued = [ray_client.send("infer", [plate.data], model="identity", **args)
-              for _ in range(2)]
-    with open_gate(fifo) as gate:
+    with open_gate(fifo) as gate:  # the gate frame is inside the model
+        queued = [ray_client.send("infer", [plate.data], model="identity", **args)
+                  for _ in range(2)]
+        wait_for(lambda: replica_stats(ray_client, app)["received"] - before["received"] == 3,
+                 "the frames reaching the replica")
         ray_client.cancel("all")
         for rid in (first, *queued):
             with pytest.raises(DLServerError) as err:
                 ray_client.receive(rid, timeout=60)
             assert err.value.code == "cancelled"
         gate.write(b"x")
-    # the one worker thread runs frames in order: this one runs after the gate's
+    # the replica's one worker thread runs frames in order: this one comes after them
     assert np.array_equal(infer(ray_client, "identity", plate, {})[0], plate)
-    after = replica_stats()
-    assert after["cancelled"] - before["cancelled"] >= 1
+    after = replica_stats(ray_client)
     assert after["frames"] - before["frames"] == 2, "a cancelled frame ran on the replica"
+    assert after["dropped"] + after["cancelled"] - before["dropped"] - before["cancelled"] >= 2
 
 
 # --- the front end -------------------------------------------------------------------------
+
+def test_the_embedded_server_runs_on_ray_and_deletes_its_application(
+        cluster: str, plain_server: TcpServer) -> None:
+    """`dlserver infer --ray ADDRESS` starts the embedded server so: Ray is reached on the
+    first frame (once the protocol owns stdout), and the application goes with the
+    server."""
+    plate = make_plate(20, 30, seed=9)
+    client = Client.spawn(models_dirs=[str(TEST_MODELS)], extra_args=["--ray", cluster],
+                          timeout=120)
+    try:
+        out, _ = infer(client, "blur", plate, {"size": 1.5})
+        app = client.stats()["ray"]["app"]
+        assert app in serve.status().applications
+    finally:
+        client.close()
+    with plain_server.connect() as plain:
+        assert out.tobytes() == infer(plain, "blur", plate, {"size": 1.5})[0].tobytes()
+    assert client.process is not None and client.process.wait(timeout=60) == 0
+    assert app not in serve.status().applications
+
+
+def test_replicas_follow_the_cluster_and_the_flags() -> None:
+    two_gpus = {"GPU": 2.0, "CPU": 16.0}
+    plan = RaySettings().replicas(two_gpus)  # one runner per GPU, all kept up
+    assert (plan["min_replicas"], plan["max_replicas"], plan["gpus_per_replica"],
+            plan["device"]) == (2, 2, 1.0, "cuda")
+    plan = RaySettings(gpus_per_replica=0.5, min_replicas=0).replicas(two_gpus)
+    assert (plan["min_replicas"], plan["max_replicas"]) == (0, 4)
+    plan = RaySettings().replicas({"CPU": 2.0})  # a CPU-only cluster
+    assert (plan["max_replicas"], plan["gpus_per_replica"], plan["device"]) == (1, 0.0, "cpu")
+    with pytest.raises(InternalError, match="don't fit"):
+        RaySettings(min_replicas=3).replicas(two_gpus)
+    with pytest.raises(ValueError, match="above --max-replicas"):
+        RaySettings(min_replicas=3, max_replicas=2).check()
+
 
 @pytest.mark.parametrize("token", ["wrong", ""])
 def test_the_token_is_still_required(ray_server: TcpServer, token: str) -> None:
