@@ -226,7 +226,7 @@ class RaySettings:
     min_replicas: Optional[int] = None  # None: max_replicas (no autoscaling)
     max_replicas: Optional[int] = None  # None: one per GPU of the cluster (1 on CPUs)
     gpus_per_replica: Optional[float] = None  # None: 1 on a GPU cluster, 0 on a CPU one
-    cpus_per_replica: float = 1.0
+    cpus_per_replica: Optional[float] = None  # None: the cluster's CPUs shared out
     models_per_replica: int = 3
     models_dirs: List[str] = field(default_factory=list)
     cpu_fallback: bool = False
@@ -243,7 +243,8 @@ class RaySettings:
         if self.gpus_per_replica is not None and not 0 <= self.gpus_per_replica <= 8:
             raise ValueError("--gpus-per-replica must be 0 (CPU), a fraction of a GPU "
                              "(e.g. 0.5: two replicas share one) or a whole number")
-        if self.cpus_per_replica < 0 or self.models_per_replica < 1:
+        if (self.cpus_per_replica is not None and self.cpus_per_replica < 0) or \
+                self.models_per_replica < 1:
             raise ValueError("--cpus-per-replica must be 0 or more, --models-per-replica "
                              "1 or more")
 
@@ -256,13 +257,15 @@ class RaySettings:
         most = self.max_replicas or (int(cluster.get("GPU", 0) // gpus) if gpus > 0 else 1)
         most = max(1, most, self.min_replicas or 0)
         least = most if self.min_replicas is None else self.min_replicas
-        for kind, each in (("GPU", gpus), ("CPU", self.cpus_per_replica)):
+        cpus = self.cpus_per_replica if self.cpus_per_replica is not None \
+            else float(max(1, int(cluster.get("CPU", 1) // most)))
+        for kind, each in (("GPU", gpus), ("CPU", cpus)):
             if max(1, least) * each > cluster.get(kind, 0) + 1e-9:
                 raise InternalError(
                     f"{max(1, least)} model runner(s) of {each:g} {kind} each don't fit on "
                     f"this Ray cluster ({cluster.get(kind, 0):g} {kind}): lower "
                     f"--min-replicas or --{kind.lower()}s-per-replica, or add machines")
-        return {"gpus_per_replica": gpus, "cpus_per_replica": self.cpus_per_replica,
+        return {"gpus_per_replica": gpus, "cpus_per_replica": cpus,
                 "min_replicas": least, "max_replicas": most,
                 "device": "cuda" if gpus > 0 else "cpu"}  # Ray sets CUDA_VISIBLE_DEVICES
 
@@ -287,6 +290,9 @@ class RayBackend:
         # its own application: front ends sharing a cluster don't replace each other's
         self.app = f"{APP_PREFIX}-{socket.gethostname()}-{os.getpid()}"
         self._lock = threading.Lock()
+        # ray.init and ray.shutdown in one thread: a local cluster started in one thread
+        # and shut down from another leaves its dashboard and runtime-env agents running
+        self._owner = ThreadPoolExecutor(1, thread_name_prefix="dlserver-ray")
 
     @property
     def slots(self) -> int:
@@ -296,7 +302,7 @@ class RayBackend:
         """Connect, deploy, and wait until the replicas are up. Idempotent."""
         with self._lock:
             if self.handle is None:
-                self._start()
+                self._owner.submit(self._start).result()
 
     def _start(self) -> None:
         s = self.settings
@@ -437,7 +443,7 @@ class RayBackend:
                 except Exception as exc:  # the cluster may be gone already
                     log.warning("could not delete the Ray application %r: %s", self.app, exc)
             if ray.is_initialized():
-                ray.shutdown()
+                self._owner.submit(ray.shutdown).result()
 
 
 __all__ = ["APP_PREFIX", "DEPLOYMENT_NAME", "ModelRunner", "RayBackend", "RaySettings",

@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--gpus-per-replica", type=float, default=None, metavar="F",
                      help="GPUs of one model runner (default 1 on a GPU cluster, 0 on a "
                           "CPU-only one; 0.5: two runners share a GPU, for small models)")
-    ray.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="F",
-                     help="CPU cores of one model runner (default 1; Ray sets the runner's "
+    ray.add_argument("--cpus-per-replica", type=float, default=None, metavar="F",
+                     help="CPU cores of one model runner (default: the cluster's cores "
+                          "shared among --max-replicas; Ray sets the runner's "
                           "OMP_NUM_THREADS to it)")
     ray.add_argument("--models-per-replica", type=int, default=3, metavar="N",
                      help="models one runner keeps loaded; the least recently used is "
@@ -243,7 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"dlserver: {exc}", file=sys.stderr)
             backend.close()
             return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # after ray.init, which sets its own
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     def exit_now() -> None:
         cleanup(state)

@@ -107,7 +107,7 @@ def cluster() -> Iterator[str]:
 def ray_server(cluster: str, models_dir: Path) -> Iterator[TcpServer]:
     server = TcpServer(token=secrets.token_hex(8), extra=(
         "--models-dir", str(models_dir), "--ray", cluster, "--min-replicas", "1",
-        "--max-replicas", "1", "--models-per-replica", "2"))
+        "--max-replicas", "1", "--cpus-per-replica", "1", "--models-per-replica", "2"))
     yield server
     server.stop()
     assert server.process.returncode == 0, "".join(server.log)[-3000:]
@@ -300,8 +300,8 @@ def test_the_embedded_server_runs_on_ray_and_deletes_its_application(
     first frame (once the protocol owns stdout), and the application goes with the
     server."""
     plate = make_plate(20, 30, seed=9)
-    client = Client.spawn(models_dirs=[str(TEST_MODELS)], extra_args=["--ray", cluster],
-                          timeout=120)
+    client = Client.spawn(models_dirs=[str(TEST_MODELS)], timeout=120,
+                          extra_args=["--ray", cluster, "--cpus-per-replica", "1"])
     try:
         out, _ = infer(client, "blur", plate, {"size": 1.5})
         app = client.stats()["ray"]["app"]
@@ -318,7 +318,7 @@ def test_replicas_follow_the_cluster_and_the_flags() -> None:
     two_gpus = {"GPU": 2.0, "CPU": 16.0}
     plan = RaySettings().replicas(two_gpus)  # one runner per GPU, all kept up
     assert (plan["min_replicas"], plan["max_replicas"], plan["gpus_per_replica"],
-            plan["device"]) == (2, 2, 1.0, "cuda")
+            plan["cpus_per_replica"], plan["device"]) == (2, 2, 1.0, 8.0, "cuda")
     plan = RaySettings(gpus_per_replica=0.5, min_replicas=0).replicas(two_gpus)
     assert (plan["min_replicas"], plan["max_replicas"]) == (0, 4)
     plan = RaySettings().replicas({"CPU": 2.0})  # a CPU-only cluster
