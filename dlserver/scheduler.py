@@ -3,8 +3,10 @@ write N-1) with bounded read-ahead. Reads and writes run on the server's I/O thr
 replies leave in request order, and queued frames with the same model, options and size
 share one `Model.infer_batch` call. With several device slots (`--devices`), up to one
 batch per slot runs at once, each on the least-loaded device of the server's pool:
-frames may finish out of order, their replies still leave in request order. Sees the
-session context and the shared state it is handed; knows nothing of transports or login."""
+frames may finish out of order, their replies still leave in request order. A batch
+runs through `inference.execute`, or the backend the state names (`state.backend`:
+Ray Serve with --ray). Sees the session context and the shared state it is handed;
+knows nothing of transports or login."""
 
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ class Scheduler:
         self.ctx = ctx
         self.send = send
         self.pool = ctx.registry.pool
+        # where batches run: this process's devices, or the backend's (Ray)
+        self.execute = state.backend.execute if state.backend is not None else execute
         # frames of this session on the devices at once: one batch per device slot
         self.devices = self.pool.size
         self.room = threading.Semaphore(self.devices)
@@ -65,6 +69,8 @@ class Scheduler:
         self.last_seq = 0  # requests read so far
         self.cancel_upto = 0  # requests up to this one were cancelled with target "all"
         self.cancelled: set = set()
+        self.running: Dict[int, Item] = {}  # seq -> item whose batch is on a device now
+        self.running_lock = threading.Lock()
         self.threads: List[threading.Thread] = []
 
     def start(self) -> None:
@@ -101,6 +107,12 @@ class Scheduler:
             self.send(error_reply(rid, "bad_request",
                                   "cancel needs 'target': a request id or 'all'"), ())
             return
+        with self.running_lock:  # frames on a device now: a backend that can stop them does
+            hit = [i for i in self.running.values() if target == "all"
+                   or i.msg.header.get("id") == target]
+        for item in hit:
+            self.cancelled.discard(item.msg.header.get("id"))
+            item.job.cancel()
         self.send(ok_reply(rid), ())
 
     def _is_cancelled(self, item: Item) -> bool:
@@ -191,9 +203,11 @@ class Scheduler:
         """One batch on device slot `slot` (a runner thread): the model, then its writing
         handed to the I/O workers. Never raises: failures become the frames' replies."""
         done = 0
+        with self.running_lock:
+            self.running.update((one.seq, one) for one in batch)
         try:
             try:
-                execute(self.ctx, [i.job for i in batch], slot)
+                self.execute(self.ctx, [i.job for i in batch], slot)
                 done = len(batch)
             except Exception as exc:
                 if len(batch) == 1:
@@ -201,7 +215,7 @@ class Scheduler:
                 else:  # find the frame that failed: one at a time
                     for one in batch:
                         try:
-                            execute(self.ctx, [one.job], slot)
+                            self.execute(self.ctx, [one.job], slot)
                             done += 1
                         except Exception as exc_one:
                             one.reply = self._error(one.msg, exc_one)
@@ -211,6 +225,9 @@ class Scheduler:
                     one.reply = self._error(one.msg, Exception(f"{type(exc).__name__}: {exc}"))
             raise
         finally:
+            with self.running_lock:
+                for one in batch:
+                    self.running.pop(one.seq, None)
             self.pool.release(slot, len(batch), done)
             self.room.release()
         for one in batch:

@@ -78,6 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="several devices, one model instance each, frames spread over "
                         "them (least-loaded first): cuda:0,cuda:1,... or 'all' (every "
                         "GPU); cpu,cpu stands in for two GPUs in tests")
+    ray = p.add_argument_group(
+        "Ray Serve", "run the models on a Ray cluster behind this front end (the same "
+        "protocol, token and TLS; docs/scale-out.md); needs `python install.py --ray`")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run frames on the Ray cluster at ADDRESS (HOST:6379 of its head); "
+                          "without ADDRESS (or 'local'): $RAY_ADDRESS, else a cluster "
+                          "started on this machine (`ray start`), else a new one here")
+    ray.add_argument("--max-replicas", type=int, default=None, metavar="N",
+                     help="model runners at most (default: one per GPU of the cluster, "
+                          "1 on a CPU-only one)")
+    ray.add_argument("--min-replicas", type=int, default=None, metavar="N",
+                     help="model runners always up; below --max-replicas, Serve autoscales "
+                          "between them on frames in flight (default: --max-replicas, no "
+                          "autoscaling; 0 gives the GPUs back while idle)")
+    ray.add_argument("--gpus-per-replica", type=float, default=None, metavar="F",
+                     help="GPUs of one model runner (default 1 on a GPU cluster, 0 on a "
+                          "CPU-only one; 0.5: two runners share a GPU, for small models)")
+    ray.add_argument("--cpus-per-replica", type=float, default=None, metavar="F",
+                     help="CPU cores of one model runner (default: the cluster's cores "
+                          "shared among --max-replicas; Ray sets the runner's "
+                          "OMP_NUM_THREADS to it)")
+    ray.add_argument("--models-per-replica", type=int, default=3, metavar="N",
+                     help="models one runner keeps loaded; the least recently used is "
+                          "unloaded past it (default 3)")
     p.add_argument("--exchange-dir", default=None,
                    help="folder for frame files of local sessions (default: a new folder "
                         "in /dev/shm, else the temp dir)")
@@ -178,8 +202,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.info("MPS may be used: operators it lacks run on the CPU "
                  "(PYTORCH_ENABLE_MPS_FALLBACK=1)")
 
+    if args.ray is not None and (args.device is not None or args.devices is not None):
+        print("dlserver: with --ray the model runners' devices come from the cluster: give "
+              "--gpus-per-replica instead of --device/--devices", file=sys.stderr)
+        return 2
+
     limits = Limits(max_body=args.max_message_mb << 20, max_pixels=args.max_pixels)
-    registry = Registry(default_models_dirs(args.models_dir), args.device, devices)
+    models_dirs = default_models_dirs(args.models_dir)
+    registry = Registry(models_dirs, args.device, devices)
+    backend = None
+    if args.ray is not None:
+        try:
+            backend = make_ray_backend(args, models_dirs)
+        except (ImportError, ValueError) as exc:
+            print(f"dlserver: {exc}", file=sys.stderr)
+            return 2
+        registry.pool.assume(["ray"] * backend.slots)  # frames a session hands to Ray
     if args.devices is not None:  # said now, and a device that isn't there fails now
         try:
             log.info("devices: %s", ", ".join(registry.devices))
@@ -189,6 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     exchange = make_exchange_dir(args.exchange_dir) if not remote else None
     state = ServerState(registry, limits, token, exchange)
     state.cpu_fallback = args.cpu_fallback
+    state.backend = backend
     state.login_timeout = args.login_timeout
     state.max_connections = args.max_connections
     state.max_unauthenticated = args.max_unauthenticated
@@ -198,6 +237,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.tls_cert:
         state.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         state.tls.load_cert_chain(args.tls_cert, args.tls_key)
+    if backend is not None and not args.stdio:  # embedded: on the first frame, once the
+        try:                                    # protocol owns stdout
+            backend.start()
+        except Exception as exc:
+            print(f"dlserver: {exc}", file=sys.stderr)
+            backend.close()
+            return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     def exit_now() -> None:
@@ -250,6 +296,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def make_ray_backend(args: argparse.Namespace, models_dirs: Sequence[Any]) -> Any:
+    """The Ray backend of --ray (ImportError saying how to install Ray, ValueError for a
+    bad flag). Ray is imported here only: the plain server never loads it."""
+    try:
+        from .ray_backend import RayBackend, RaySettings
+    except ImportError as exc:
+        raise ImportError(f"--ray needs Ray Serve ({exc}): `python install.py --ray`, or "
+                          f"pip install 'ray[serve]' into the server's environment") from None
+    return RayBackend(RaySettings(
+        address=None if args.ray in ("", "local") else args.ray, min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica,
+        cpus_per_replica=args.cpus_per_replica, models_per_replica=args.models_per_replica,
+        models_dirs=[os.path.abspath(d) for d in models_dirs],
+        cpu_fallback=args.cpu_fallback))
+
+
 def open_seed_port(args: argparse.Namespace, state: ServerState,
                    announced: Dict[str, Any]) -> Optional[socket.socket]:
     """The listener of the seed's protocol (`--seed-port`), or None. It has no
@@ -295,10 +357,16 @@ def set_switch_interval(ms: Optional[str]) -> None:
 
 
 def cleanup(state: ServerState) -> None:
-    """Remove what local sessions may have left: shm blocks named with this server's
-    prefix and the exchange dir. Never raises (e.g. out of file descriptors)."""
+    """Close the Ray backend (--ray) and remove what local sessions may have left: shm
+    blocks named with this server's prefix and the exchange dir. Never raises (e.g. out
+    of file descriptors)."""
     from .shm import sweep
 
+    if state.backend is not None:
+        try:
+            state.backend.close()
+        except Exception as exc:  # the cluster may be gone
+            log.warning("closing the Ray backend: %s", exc)
     try:
         swept = sweep(state.shm_prefix)
         if swept:
@@ -310,4 +378,4 @@ def cleanup(state: ServerState) -> None:
 
 
 __all__: List[str] = ["build_parser", "cleanup", "main", "make_exchange_dir",
-                      "open_seed_port", "set_switch_interval"]
+                      "make_ray_backend", "open_seed_port", "set_switch_interval"]

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Protocol
 
 from . import __version__
 from .protocol import VERSION, Limits
@@ -29,6 +29,17 @@ def io_workers() -> int:
         return min(64, int(env))
     cores = os.cpu_count() or 1
     return max(2, min(4, cores), min(16, cores // 2))
+
+class Backend(Protocol):
+    """Somewhere else that runs the frames (--ray): `execute` is called as
+    `inference.execute` is (session context, jobs, device slot) and does what it does."""
+
+    def execute(self, ctx: Any, jobs: List[Any], slot: int = 0) -> None: ...
+
+    def stats(self) -> Dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
 
 LOGIN_TIMEOUT_S = 10.0  # from accepting a connection to its `hello` (and TLS handshake)
 MAX_CONNECTIONS = 128  # open network connections, logged in or not
@@ -66,6 +77,9 @@ class ServerState:
         self.unauthenticated = 0  # of which not logged in yet
         self.lock = threading.Lock()
         self.on_stop: List[Callable[[], None]] = []  # transports: close listeners, exit
+        # where frames run: None for this process's devices (inference.execute); with
+        # --ray the Ray backend (dlserver.ray_backend.RayBackend)
+        self.backend: Optional[Backend] = None
 
     def stop(self) -> None:
         """After a `shutdown` request: stop accepting, let main() clean up and exit."""
@@ -90,6 +104,8 @@ class ServerState:
             "devices": devices,
             "torch_imported": "torch" in sys.modules,
         }
+        if self.backend is not None:
+            stats["ray"] = self.backend.stats()
         if "torch" in sys.modules:
             import torch
             if torch.cuda.is_available() and torch.cuda.is_initialized():
