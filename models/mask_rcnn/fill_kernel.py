@@ -109,7 +109,8 @@ def _fill(rgb, out, union, bits, masks, boxes, colours, height, width, count, wo
     tl.store(union + pix, matte, mask=inside)
 
 
-@triton.jit
+# rows and counts vary per band and frame: not specialised on (one compile per M, SOFT)
+@triton.jit(do_not_specialize=["count", "first", "stop"])
 def _union(union, masks, boxes, width, count, first, stop, M: tl.constexpr,
            SOFT: tl.constexpr, BY: tl.constexpr, BX: tl.constexpr):
     py = tl.program_id(0)
