@@ -480,10 +480,11 @@ def test_cuda_fused_union_matte_equals_tensor_path(soft):
         return union
 
     assert render._fill_kernel() is not None, "triton could not be imported"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a fallback warns: fail on it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         fused = union_in_bands()
-    assert render.FUSED, "the fused union kernel failed on this GPU (fell back to tensors)"
+    fell_back = [str(w.message) for w in caught if "fused" in str(w.message)]
+    assert render.FUSED and not fell_back, f"the fused union kernel failed: {fell_back}"
     render.FUSED = False
     try:
         tensors = union_in_bands()

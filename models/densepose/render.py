@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -83,7 +83,7 @@ def result(src: np.ndarray, out: Dict[str, torch.Tensor], o: Dict[str, Any],
                    "box_nuke": [round(float(c), 3) for c in (b[0], h - b[3], b[2], h - b[1])]}
                   for i, (b, s) in enumerate(zip(boxes, scores))]
     data = {"detections": detections, "width": w, "height": h}
-    from_input = {"rgba": ("R", "G", "B")} if mode == "matte" else {}
+    from_input: Dict[str, Tuple[str, ...]] = {"rgba": ("R", "G", "B")} if mode == "matte" else {}
     return Result(outputs, data=data, from_input=from_input)
 
 
