@@ -368,7 +368,9 @@ def test_fused_union_kernel_in_the_triton_interpreter(tmp_path):
             fill_kernel.launch_union(exact, torch.from_numpy(data["cells"]),
                                      torch.from_numpy(data["aligned"]), soft, (0, 9))
             out[f"exact{{soft}}"] = exact.numpy()
-        np.savez(sys.argv[2], **out)
+        none = torch.full((4, 8), -1.0)  # no detections: zeros
+        fill_kernel.launch_union(none, masks[:0], boxes[:0], True, (0, 4))
+        np.savez(sys.argv[2], none=none.numpy(), **out)
     """)
     masks, boxes = _matte_scene(7, 40, h, w)
     # M = 4 cells over 4-pixel boxes at whole pixels: pixel x samples cell x - x0 exactly
@@ -383,6 +385,7 @@ def test_fused_union_kernel_in_the_triton_interpreter(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     r = np.load(dst)
+    assert not r["none"].any()
     mattes = _reference_paste(masks.numpy(), boxes.numpy(), h, w)
     assert np.abs(mattes - 0.5).min() > 1e-5  # nothing within rounding of the threshold
     for soft in (True, False):
