@@ -14,17 +14,24 @@ matte mode does not have, each timed alone on the device (synchronised):
                    random 28x28 masks (the cost depends on the boxes, not the masks);
   drawing, tensors the same with render.FUSED off (the tensor path CPUs use);
   download         the RGBA frame overlay mode returns against matte mode's alpha.
+Mask R-CNN's matte mode is also timed with render.FUSED off ("matte ..., tensors": the
+union pasted with tensor operations instead of the fused kernel), whole and its union
+alone (render.union_matte in the model's bands of rows). `--matte-only` times just that:
+
+    python3 benchmarks/bench_overlay.py --device cuda --models mask_rcnn --precisions fp16 \
+        --matte-only                                              # fused vs tensors, ~1 min
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 import numpy as np
 
@@ -35,9 +42,20 @@ from dlserver.color import linear_to_srgb_torch, srgb_to_linear  # noqa: E402
 from dlserver.gpu import to_host  # noqa: E402
 
 
-def ratio_row(label: str, size: str, config: str, t: Dict[str, float], base: float) -> None:
+def ratio_row(label: str, size: str, config: str, t: Dict[str, float], base: float,
+              what: str = "(overlay / matte)") -> None:
     bm.record(model=label, size=size, config=config, baseline_ms=base, **t)
-    bm.log(f"  {'':<13} {'':<6} {'(overlay / matte)':<34} {t['median_ms'] / base:9.2f} x")
+    bm.log(f"  {'':<13} {'':<6} {what:<34} {t['median_ms'] / base:9.2f} x")
+
+
+@contextlib.contextmanager
+def tensors_only(render: Any) -> Iterator[None]:
+    """Mask R-CNN's masks pasted with tensor operations (the fused kernels off)."""
+    render.FUSED = False
+    try:
+        yield
+    finally:
+        render.FUSED = True
 
 
 def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str) -> None:
@@ -61,10 +79,15 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
                 for mode in ("matte", "overlay")}
         base = timer(lambda o=opts["matte"]: m.infer({"src": lin}, o))
         bm.record(model=label, size=size, config=f"ours matte {prec} (baseline)", **base)
-        t = timer(lambda o=opts["overlay"]: m.infer({"src": lin}, o))
-        ratio_row(label, size, f"ours overlay {prec}", t, base["median_ms"])
-    # the overlay's own parts, on this frame's detections
-    res = m.infer({"src": lin}, opts["overlay"])
+        with tensors_only(render):
+            t = timer(lambda o=opts["matte"]: m.infer({"src": lin}, o))
+        ratio_row(label, size, f"ours matte {prec}, tensors", t, base["median_ms"],
+                  "(tensors / fused)")
+        if not args.matte_only:
+            t = timer(lambda o=opts["overlay"]: m.infer({"src": lin}, o))
+            ratio_row(label, size, f"ours overlay {prec}", t, base["median_ms"])
+    # the matte's union and the overlay's own parts, on this frame's detections
+    res = m.infer({"src": lin}, opts["matte"])
     dets = res.data["detections"]
     m.unload()
     with torch.inference_mode():
@@ -76,13 +99,24 @@ def bench_mask_rcnn(args: argparse.Namespace, variant: str, size: str, tmp: str)
                              device=dev).reshape(-1, 4)
         scores = [d["score"] for d in dets]
         names = [d["class"] for d in dets]
-        o = opts["overlay"]
+        support = render.mask_support(boxes.cpu(), 28)
+        soft = bool(opts["matte"]["soft_mattes"])
+        step = -(-h // max(1, min(M.MATTE_BANDS, h // M.MATTE_BAND_ROWS)))  # as the model
+
+        def union() -> None:
+            alpha = torch.zeros((h, w), dtype=torch.float32, device=dev)
+            for a in range(0, h, step):
+                render.union_matte(alpha, masks, boxes, support, soft, rows=(a, min(h, a + step)))
+
         for fused in (True, False):
-            render.FUSED = fused
-            try:
+            with contextlib.nullcontext() if fused else tensors_only(render):
+                t = timer(union)
+            config = f"matte union alone{'' if fused else ', tensors'} ({len(dets)} objects)"
+            bm.record(model=label, size=size, config=config, **t)
+        o = opts["overlay"]
+        for fused in (True, False) if not args.matte_only else ():
+            with contextlib.nullcontext() if fused else tensors_only(render):
                 t = timer(lambda: render.overlay(srgb, masks, boxes, scores, names, o))
-            finally:
-                render.FUSED = True
             bm.record(model=label, size=size, config=f"drawing alone{'' if fused else ', tensors'}"
                       f" ({len(dets)} objects)", **t)
         if dev.startswith("cuda"):
@@ -134,6 +168,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=None, help="timed runs (median reported)")
     p.add_argument("--precisions", nargs="+", default=["fp32", "fp16"],
                    choices=["fp32", "fp16"], help="Mask R-CNN's (fp16: CUDA only)")
+    p.add_argument("--matte-only", action="store_true",
+                   help="Mask R-CNN matte mode only: fused kernel against tensors, no overlay")
     p.add_argument("--json", help="also write every figure here (one JSON object)")
     args = p.parse_args()
     if args.repeat is None:

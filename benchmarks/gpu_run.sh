@@ -7,6 +7,8 @@
 #       io: end to end and transport only; e2e: end to end (with --nuke) only;
 #       models: model benchmarks and CUDA tests only;
 #       overlay: overlay against matte (bench_overlay.py) and the drawing's CUDA test;
+#       matte: Mask R-CNN matte fp16, fused union kernel against tensors, 1080p and 4K,
+#       and the CUDA tests of the fused kernels (about a minute);
 #       devices: one server over every GPU (--devices): 1 GPU vs 2, 200 1080p frames
 #       (FRAMES=N and COUNTS=1,2,4 change that);
 #       detectors: first result, 1080p detector figures with batches, CUDA tests
@@ -144,6 +146,13 @@ if [ "$QUICK" = overlay ]; then
     step bench_overlay "${LIMIT:-300}" python3 benchmarks/bench_overlay.py --device cuda \
         ${OVERLAY_ARGS:-} --json "$OUT/bench_overlay.json"
     step pytest_cuda_overlay 120 python3 -m pytest -m cuda tests/test_overlay_drawing.py \
+        -s -rs -p no:cacheprovider
+    exit 0
+fi
+if [ "$QUICK" = matte ]; then
+    step bench_matte 60 python3 benchmarks/bench_overlay.py --device cuda --models mask_rcnn \
+        --precisions fp16 --matte-only --json "$OUT/bench_matte.json"
+    step pytest_cuda_matte 60 python3 -m pytest -m cuda tests/test_overlay_drawing.py \
         -s -rs -p no:cacheprovider
     exit 0
 fi

@@ -28,6 +28,7 @@ import torchvision  # noqa: F401
 
 from dlserver import weights as W
 from dlserver.color import srgb_to_linear
+from dlserver.frames import fill_from_input
 from dlserver.model import Result
 from dlserver.registry import import_model_folder
 
@@ -206,6 +207,13 @@ def results(model, pkl_path):
     return src, out
 
 
+def _filled(result: Result, src: np.ndarray) -> Dict[str, np.ndarray]:
+    """The outputs as the server completes them: the channels a result takes from the
+    input (`Result.from_input`) filled in from `src`."""
+    return fill_from_input("densepose", dict(M.DensePose.outputs), result.outputs,
+                           result.from_input, M.DensePose.inputs["src"], src)
+
+
 # --- declaration, import -----------------------------------------------------------------
 
 def test_declaration():
@@ -314,10 +322,15 @@ def test_outputs_have_declared_channels_and_size(results, mode):
     src, res = results
     r = res[mode]
     assert isinstance(r, Result)
+    # matte mode returns alpha only: its RGB is the input's, filled in by the server
+    assert r.from_input == ({"rgba": ("R", "G", "B")} if mode == "matte" else {})
+    if mode == "matte":
+        assert r.outputs["rgba"].shape == src.shape[:2] + (1,)
     h, w = src.shape[:2]
-    assert set(r.outputs) == set(M.DensePose.outputs)
+    outputs = _filled(r, src)
+    assert set(outputs) == set(M.DensePose.outputs)
     for name, layer in M.DensePose.outputs.items():
-        a = r.outputs[name]
+        a = outputs[name]
         assert a.dtype == np.float32 and a.shape == (h, w, len(layer.channels)), name
         assert np.isfinite(a).all(), name
     iuv = r.outputs["iuv"]
@@ -328,7 +341,7 @@ def test_outputs_have_declared_channels_and_size(results, mode):
     matte = r.outputs["parts"][..., 0]
     assert set(np.unique(matte)) <= {0.0, 1.0}
     assert np.array_equal(matte, (i > 0).astype(np.float32))  # matte_parts = all
-    assert np.array_equal(r.outputs["rgba"][..., 3], matte)
+    assert np.array_equal(outputs["rgba"][..., 3], matte)
     human = r.outputs["human"][..., 0]
     dets = r.data["detections"]
     assert 1 <= len(dets) <= FAST["max_instances"]
@@ -351,11 +364,12 @@ def test_matches_detectron2_reference(results):
 
 def test_modes_agree_and_matte_passes_rgb(results):
     src, res = results
-    base = res["matte"].outputs
+    base = _filled(res["matte"], src)
     for mode in ("overlay", "iuv"):
         for layer in ("iuv", "parts", "human"):
             assert np.array_equal(res[mode].outputs[layer], base[layer])
     assert np.array_equal(base["rgba"][..., :3], src[..., :3])
+    assert np.array_equal(base["rgba"][..., 3], res["overlay"].outputs["rgba"][..., 3])
     iuv = base["iuv"]
     prev = res["iuv"].outputs["rgba"]
     # the preview is an sRGB picture of I/24, U, V, returned scene-linear

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 import types
 from pathlib import Path
@@ -415,6 +416,63 @@ def test_matte_mode_passes_rgb_and_is_soft(fixed):
     assert ((a > 0.05) & (a < 0.95)).any()  # soft edges
     hard = fixed.infer({"src": src}, {"output_mode": "matte", "soft_mattes": False})
     assert set(np.unique(hard.outputs["rgba"][..., -1])) == {0.0, 1.0}
+
+
+def test_matte_through_the_fused_kernel_in_the_triton_interpreter(tmp_path):
+    """The matte mode's wiring of the fused union kernel (fill_kernel.launch_union, one
+    launch per band of rows into the alpha layer), run on the CPU by Triton's interpreter
+    (its own process: TRITON_INTERPRET is read when triton is imported) with the kernel
+    forced on: the same matte as the tensor path, soft and hard, 30 detections of every
+    size on a 152 x 300 frame in four bands."""
+    pytest.importorskip("triton", reason="triton (torch's CUDA wheels ship it) not installed")
+    script = textwrap.dedent(f"""
+        import importlib, sys, types, numpy as np, torch
+        from pathlib import Path
+        from dlserver.registry import import_model_folder
+        M = import_model_folder(Path({str(MODEL_DIR)!r}))
+        fill_kernel = importlib.import_module(M.__package__ + ".fill_kernel")
+        render = importlib.import_module(M.__package__ + ".render")
+        g = torch.Generator().manual_seed(1)
+        xy = torch.rand(30, 2, generator=g) * torch.tensor([310.0, 150.0]) - 10
+        wh = torch.rand(30, 2, generator=g) * 100 + 0.3
+        det = {{"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.ones(30, dtype=torch.long),
+               "scores": torch.rand(30, generator=g),
+               "masks": torch.rand(30, 1, 28, 28, generator=g) ** 0.5}}
+        m = M.MaskRCNN()
+        m.load("cpu")
+        net = types.SimpleNamespace(transform=types.SimpleNamespace(),
+                                    roi_heads=types.SimpleNamespace())
+        m._network = lambda variant, weights, half=False: net
+        m._detect = lambda net, images, half: [{{k: v.clone() for k, v in det.items()}}
+                                               for _ in images]
+        M.MATTE_BAND_ROWS = 32  # four bands of 38 rows
+        launched = []
+        launch = fill_kernel.launch_union
+        fill_kernel.launch_union = lambda *a: launched.append(a[-1]) or launch(*a)
+        src = np.random.default_rng(0).random((152, 300, 4), dtype=np.float32)
+        out = {{}}
+        for soft in (True, False):
+            o = {{"output_mode": "matte", "soft_mattes": soft, "threshold": 0.0,
+                 "max_instances": 100}}
+            for fused in (True, False):
+                render._fused = lambda device, paste: fill_kernel if fused else None
+                res = m.infer({{"src": src}}, o)
+                out[f"{{soft}}{{fused}}"] = res.outputs["rgba"][..., 0]
+        np.savez(sys.argv[1], launched=np.array(launched), **out)
+    """)
+    path = tmp_path / "mattes.npz"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(MODEL_DIR.parent.parent)}
+    done = subprocess.run([sys.executable, "-c", script, str(path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = np.load(path)
+    bands = [[0, 38], [38, 76], [76, 114], [114, 152]]
+    assert r["launched"].tolist() == bands * 2  # one launch per band, soft then hard
+    soft_fused, soft_tensors = r["TrueTrue"], r["TrueFalse"]
+    assert 0.3 < soft_fused.mean() < 0.9 and ((soft_fused > 0.05) & (soft_fused < 0.95)).any()
+    np.testing.assert_allclose(soft_fused, soft_tensors, rtol=0, atol=3e-7)  # rounding order
+    np.testing.assert_array_equal(r["FalseTrue"], r["FalseFalse"])
+    assert set(np.unique(r["FalseTrue"])) == {0.0, 1.0}
 
 
 def test_instances_layers_and_ids(fixed):

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import cv2
@@ -278,6 +279,131 @@ def test_fused_fill_kernel_in_the_triton_interpreter(tmp_path):
         assert not (bits[1] >> (len(m) - render.PER_WORD)).any()  # unused bits clear
 
 
+def _matte_scene(seed: int, k: int, h: int, w: int) -> tuple:
+    """Masks and boxes of every kind for the union matte: inside, clipped by each edge,
+    wholly outside the frame, tiny (under a pixel), overlapping."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.rand(k, M, M, generator=g) ** 0.5
+    xy = torch.rand(k, 2, generator=g) * torch.tensor([w + 40.0, h + 40.0]) - 30
+    wh = torch.rand(k, 2, generator=g) * torch.tensor([w / 2, h / 2]) + 0.02
+    wh[: k // 8] = torch.rand(k // 8, 2, generator=g) * 0.9 + 0.02  # tiny
+    boxes = torch.cat([xy, xy + wh], 1)
+    boxes[-1] = torch.tensor([w + 3.5, 10.0, w + 30.0, 40.0])  # beyond the right edge
+    boxes[-2] = torch.tensor([5.0, -40.0, 50.0, -2.5])  # above the top edge
+    return masks, boxes
+
+
+def _union_tensors(masks, boxes, h, w, soft, rows=None):
+    """render.union_matte's tensor path (CPU) into a fresh (H, W) zero frame."""
+    union = torch.zeros(h, w)
+    render.union_matte(union, masks, boxes, render.mask_support(boxes, M), soft, rows=rows)
+    return union
+
+
+def test_union_matte_tensor_path_equals_reference():
+    """The matte mode's union on the tensor path: the max of the pasted mattes (numpy,
+    float64), thresholded at 0.5 before the max for hard mattes; bands of rows written
+    only where asked."""
+    h, w = 72, 160
+    masks, boxes = _matte_scene(5, 40, h, w)
+    mattes = _reference_paste(masks.numpy(), boxes.numpy(), h, w)
+    assert np.abs(mattes - 0.5).min() > 1e-5  # nothing within rounding of the threshold
+    for soft in (True, False):
+        want = (mattes if soft else (mattes >= 0.5).astype(np.float64)).max(0)
+        got = _union_tensors(masks, boxes, h, w, soft)
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=3e-6)  # float32 paste
+        band = _union_tensors(masks, boxes, h, w, soft, rows=(20, 50))
+        assert not band[:20].any() and not band[50:].any()
+        np.testing.assert_array_equal(band[20:50].numpy(), got[20:50].numpy())
+
+
+def test_union_matte_falls_back_to_tensors(monkeypatch):
+    """A fused kernel that fails (Triton cannot compile for the GPU) costs a warning,
+    not the matte: the band it may have scribbled on is rewritten by the tensor path,
+    and later calls use tensors."""
+    h, w = 72, 160
+    masks = torch.rand(2, M, M, generator=torch.Generator().manual_seed(6))
+    boxes = torch.tensor([[10.0, 10.0, 40.0, 30.0], [20.2, 5.5, 60.7, 50.1]])  # left part
+    want = _union_tensors(masks, boxes, h, w, soft=True, rows=(20, 50))
+
+    class Broken:
+        @staticmethod
+        def launch_union(union, masks, boxes, soft, rows):
+            union[rows[0]:rows[1]] = 7.0  # a partial write before the failure
+            raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(render, "_fused", lambda device, paste: Broken if render.FUSED else None)
+    monkeypatch.setattr(render, "FUSED", True)
+    union = torch.zeros(h, w)
+    with pytest.warns(UserWarning, match="a fused kernel failed.*no kernel image"):
+        render.union_matte(union, masks, boxes, render.mask_support(boxes, M), True,
+                           rows=(20, 50))
+    assert not render.FUSED
+    assert want[20:50, 70:].sum() == 0 and want[20:50].any()
+    np.testing.assert_array_equal(union.numpy(), want.numpy())
+
+
+def test_fused_union_kernel_in_the_triton_interpreter(tmp_path):
+    """fill_kernel's union kernel (the matte mode) on the CPU in Triton's interpreter,
+    soft and hard, in bands of rows: against the numpy reference paste and the tensor
+    path; and, exactly, pixel-aligned boxes of M pixels (each pixel centre on a cell
+    centre) whose pasted values are the mask cells themselves, 0.5 included."""
+    pytest.importorskip("triton", reason="triton (torch's CUDA wheels ship it) not installed")
+    h, w = 72, 160
+    script = textwrap.dedent(f"""
+        import importlib, sys, numpy as np, torch
+        from pathlib import Path
+        from dlserver.registry import import_model_folder
+        pkg = import_model_folder(Path({str(ROOT / 'models' / 'mask_rcnn')!r})).__package__
+        fill_kernel = importlib.import_module(pkg + ".fill_kernel")
+        data = np.load(sys.argv[1])
+        masks, boxes = torch.from_numpy(data["masks"]), torch.from_numpy(data["boxes"])
+        out = {{}}
+        for soft in (True, False):
+            union = torch.full(({h}, {w}), -1.0)
+            for rows in ((0, 5), (5, 40), (40, 71)):  # row 71 left alone
+                fill_kernel.launch_union(union, masks, boxes, soft, rows)
+            out[f"union{{soft}}"] = union.numpy()
+            exact = torch.zeros(9, 13)
+            fill_kernel.launch_union(exact, torch.from_numpy(data["cells"]),
+                                     torch.from_numpy(data["aligned"]), soft, (0, 9))
+            out[f"exact{{soft}}"] = exact.numpy()
+        none = torch.full((4, 8), -1.0)  # no detections: zeros
+        fill_kernel.launch_union(none, masks[:0], boxes[:0], True, (0, 4))
+        np.savez(sys.argv[2], none=none.numpy(), **out)
+    """)
+    masks, boxes = _matte_scene(7, 40, h, w)
+    # M = 4 cells over 4-pixel boxes at whole pixels: pixel x samples cell x - x0 exactly
+    rng = np.random.default_rng(7)
+    cells = rng.choice(np.float32([0.0, 0.25, 0.5, 0.5, 0.75, 1.0]), (5, 4, 4))
+    corners = np.array([[0, 0], [2, 3], [9, 5], [-2, -1], [11, 7]], np.float32)
+    aligned = np.concatenate([corners, corners + 4], 1)
+    src, dst = tmp_path / "in.npz", tmp_path / "out.npz"
+    np.savez(src, masks=masks.numpy(), boxes=boxes.numpy(), cells=cells, aligned=aligned)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script, str(src), str(dst)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = np.load(dst)
+    assert not r["none"].any()
+    mattes = _reference_paste(masks.numpy(), boxes.numpy(), h, w)
+    assert np.abs(mattes - 0.5).min() > 1e-5  # nothing within rounding of the threshold
+    for soft in (True, False):
+        got = r[f"union{soft}"]
+        assert (got[71] == -1.0).all()  # rows outside the bands untouched
+        want = (mattes if soft else (mattes >= 0.5).astype(np.float64)).max(0)
+        np.testing.assert_allclose(got[:71], want[:71], rtol=0, atol=3e-6)  # float32 paste
+        tensors = _union_tensors(masks, boxes, h, w, soft).numpy()
+        np.testing.assert_allclose(got[:71], tensors[:71], rtol=0, atol=2e-7)  # rounding order
+        exact = np.zeros((9, 13), np.float32)
+        for cell, (x0, y0, _, _) in zip(cells, aligned.astype(int).tolist()):
+            v = cell if soft else (cell >= 0.5).astype(np.float32)
+            for (y, x), value in np.ndenumerate(v):
+                if 0 <= y0 + y < 9 and 0 <= x0 + x < 13:
+                    exact[y0 + y, x0 + x] = max(exact[y0 + y, x0 + x], value)
+        np.testing.assert_array_equal(r[f"exact{soft}"], exact)
+
+
 # --- DensePose's box outlines ------------------------------------------------------------------
 
 @pytest.mark.parametrize("thickness,by_person", [(2, False), (3, True), (1, True)])
@@ -335,3 +461,42 @@ def test_cuda_fused_overlay_equals_tensor_path():
     # H200: median 6.0e-8, 3 pixels over 1e-5 where a border flipped)
     assert int((diff > 1e-5).sum()) <= 20 and float(diff.median()) <= 1.2e-7
     torch.testing.assert_close(fused[1], tensors[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("soft", [True, False])
+def test_cuda_fused_union_matte_equals_tensor_path(soft):
+    """On the GPU the matte mode's fused union kernel makes what the tensor path makes, on
+    a 1080p frame with 100 objects in the model's four bands of rows, without falling
+    back (no warning, the kernel still enabled)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    h, w = 1080, 1920
+    masks, boxes = _matte_scene(8, 100, h, w)
+    masks, boxes = masks.cuda(), boxes.cuda()
+    support = render.mask_support(boxes.cpu(), M)
+
+    def union_in_bands():
+        union = torch.zeros(h, w, device="cuda")
+        for a in range(0, h, 270):
+            render.union_matte(union, masks, boxes, support, soft, rows=(a, a + 270))
+        return union
+
+    assert render._fill_kernel() is not None, "triton could not be imported"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = union_in_bands()
+    fell_back = [str(w.message) for w in caught if "fused" in str(w.message)]
+    assert render.FUSED and not fell_back, f"the fused union kernel failed: {fell_back}"
+    render.FUSED = False
+    try:
+        tensors = union_in_bands()
+    finally:
+        render.FUSED = True
+    diff = (fused - tensors).abs()
+    print(f"\nfused vs tensors (soft={soft}): max diff {float(diff.max()):.2e}, pixels "
+          f"differing: {int((diff > 0).sum())}")
+    if soft:  # fused multiply-adds and another summation order: last bits
+        torch.testing.assert_close(fused, tensors, rtol=0, atol=1e-6)
+    else:  # a pixel whose value rounds to the other side of 0.5 flips
+        assert int((diff > 0).sum()) <= 20

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -40,8 +40,6 @@ def result(src: np.ndarray, out: Dict[str, torch.Tensor], o: Dict[str, Any],
     and brought to the host once each."""
     h, w = src.shape[:2]
     dev = out["boxes"].device
-    if frame is None:
-        frame = torch.from_numpy(np.array(src, np.float32)).to(dev)
     iuv_t, human_t = paste_iuv(out, h, w)
     iuv = iuv_t.permute(1, 2, 0)                                  # (H, W, 3): I, U, V
     part = iuv[..., 0].long()
@@ -49,22 +47,27 @@ def result(src: np.ndarray, out: Dict[str, torch.Tensor], o: Dict[str, Any],
     wanted[torch.as_tensor(list(matte_parts), dtype=torch.long, device=dev)] = True
     matte = wanted[part].float()
 
-    rgba = torch.empty((h, w, 4), dtype=torch.float32, device=dev)
     mode = o["output_mode"]
     boxes_np = out["boxes"].cpu().numpy()
-    # `frame` is scene-linear (the model converts colour itself): the matte mode passes it
-    # through untouched; the drawing and the IUV preview are sRGB pictures, converted
-    if mode == "overlay":
-        srgb = linear_to_srgb_torch(frame[..., :3])
-        drawn = overlay_t(srgb, iuv, human_t, boxes_np, o)
-        changed = (drawn != srgb).any(-1, keepdim=True)  # untouched pixels stay exact
-        rgba[..., :3] = torch.where(changed, srgb_to_linear_torch(drawn), frame[..., :3])
-    elif mode == "iuv":
-        preview = torch.stack([iuv[..., 0] / NUM_PARTS, iuv[..., 1], iuv[..., 2]], -1)
-        rgba[..., :3] = srgb_to_linear_torch(preview)
+    if mode == "matte":
+        # alpha only: the RGB is the input's, filled in by the server (Result.from_input),
+        # so nothing of it is composed or downloaded here
+        rgba = matte[..., None].clone()  # its own array, not the parts layer's
     else:
-        rgba[..., :3] = frame[..., :3]
-    rgba[..., 3] = matte
+        rgba = torch.empty((h, w, 4), dtype=torch.float32, device=dev)
+        # `frame` is scene-linear (the model converts colour itself); the drawing and the
+        # IUV preview are sRGB pictures, converted
+        if mode == "overlay":
+            if frame is None:
+                frame = torch.from_numpy(np.array(src, np.float32)).to(dev)
+            srgb = linear_to_srgb_torch(frame[..., :3])
+            drawn = overlay_t(srgb, iuv, human_t, boxes_np, o)
+            changed = (drawn != srgb).any(-1, keepdim=True)  # untouched pixels stay exact
+            rgba[..., :3] = torch.where(changed, srgb_to_linear_torch(drawn), frame[..., :3])
+        else:
+            preview = torch.stack([iuv[..., 0] / NUM_PARTS, iuv[..., 1], iuv[..., 2]], -1)
+            rgba[..., :3] = srgb_to_linear_torch(preview)
+        rgba[..., 3] = matte
     host = {"rgba": to_host(rgba), "iuv": to_host(iuv), "parts": to_host(matte[..., None]),
             "human": to_host(human_t[..., None].float())}
     if dev.type == "cuda":
@@ -80,7 +83,8 @@ def result(src: np.ndarray, out: Dict[str, torch.Tensor], o: Dict[str, Any],
                    "box_nuke": [round(float(c), 3) for c in (b[0], h - b[3], b[2], h - b[1])]}
                   for i, (b, s) in enumerate(zip(boxes, scores))]
     data = {"detections": detections, "width": w, "height": h}
-    return Result(outputs, data=data)
+    from_input: Dict[str, Tuple[str, ...]] = {"rgba": ("R", "G", "B")} if mode == "matte" else {}
+    return Result(outputs, data=data, from_input=from_input)
 
 
 def _blend(img: torch.Tensor, where: torch.Tensor, colour: torch.Tensor,

@@ -1,6 +1,6 @@
 """Mask R-CNN post-processing: masks pasted at full resolution and the overlay, as
 batched tensor operations (no per-instance loop over full-resolution images); on CUDA
-the overlay's fills are one fused kernel (fill_kernel.py).
+the overlay's fills and the matte's union are fused kernels (fill_kernel.py).
 
 Imported by model.py inside `load()` only: this module imports torch.
 """
@@ -139,7 +139,7 @@ def composite_fills(rgb: torch.Tensor, mattes: torch.Tensor, colours: torch.Tens
 
 BAND_ELEMENTS = 1 << 26  # tensor path: K x rows x W elements per band of rows (~256 MB)
 PER_WORD = 31  # masks per int32 word of a pixel's hard-mask bit set (sign bit unused)
-FUSED = True  # on CUDA, the fills in one Triton kernel (fill_kernel.py); False: tensors
+FUSED = True  # on CUDA, fills and unions in Triton kernels (fill_kernel.py); False: tensors
 
 
 def overlay(rgb: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
@@ -162,7 +162,7 @@ def overlay(rgb: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
     order_t = torch.from_numpy(order).to(dev)
     colours = torch.from_numpy(palette(len(order))[order]).to(dev)  # colour by rank
     soft, alpha = bool(o["soft_mattes"]), float(o["overlay_alpha"])
-    kernel = _fill_kernel() if FUSED and dev.type == "cuda" and paste is paste_masks else None
+    kernel = _fused(dev, paste)
     if kernel is not None:
         try:
             out, union, bits = kernel.launch(rgb, masks[order_t], boxes[order_t], colours,
@@ -194,6 +194,14 @@ def overlay(rgb: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
     return out, union
 
 
+def _fused(device: torch.device, paste: Callable) -> Any:
+    """fill_kernel where its kernels apply (CUDA, the continuous paste, not failed
+    before), else None: the tensor path."""
+    if not (FUSED and device.type == "cuda" and paste is paste_masks):
+        return None
+    return _fill_kernel()
+
+
 @functools.lru_cache(maxsize=1)
 def _fill_kernel() -> Any:
     """fill_kernel, or None where Triton is missing (torch's Windows wheels lack it):
@@ -201,7 +209,7 @@ def _fill_kernel() -> Any:
     try:
         from . import fill_kernel
     except ImportError as e:
-        warnings.warn(f"mask_rcnn overlay: no fused fills ({e}); drawing with tensors",
+        warnings.warn(f"mask_rcnn: no fused kernels ({e}); pasting masks with tensors",
                       stacklevel=3)
         return None
     return fill_kernel
@@ -210,8 +218,44 @@ def _fill_kernel() -> Any:
 def _fill_kernel_failed(error: Exception) -> None:
     global FUSED
     FUSED = False
-    warnings.warn(f"mask_rcnn overlay: the fused fill kernel failed ({error}); drawing "
-                  "with tensors from now on", stacklevel=3)
+    warnings.warn(f"mask_rcnn: a fused kernel failed ({error}); pasting masks with "
+                  "tensors from now on", stacklevel=3)
+
+
+def union_matte(union: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
+                support: torch.Tensor, soft: bool, paste: Callable = paste_masks,
+                rows: tuple | None = None) -> None:
+    """Write the union (max) of the mattes of `masks` (K, M, M) pasted in `boxes` (K, 4)
+    into rows (start, stop) (default all) of `union` (H, W) float32, which holds zeros
+    there: soft values, or the hard masks (>= 0.5 before the max) unless `soft`.
+    `support`: render.mask_support of the boxes, on the host (the tensor path pastes only
+    the masks that reach the rows, over the columns they reach).
+
+    On CUDA with the continuous paste: one fused kernel launch (fill_kernel._union);
+    should it fail, the tensor path from then on (with a warning)."""
+    h, w = union.shape
+    start, stop = rows if rows is not None else (0, h)
+    kernel = _fused(union.device, paste)
+    if kernel is not None:
+        try:
+            kernel.launch_union(union, masks, boxes, soft, (start, stop))
+            return
+        except Exception as e:  # noqa: BLE001 - Triton compiles at first launch
+            _fill_kernel_failed(e)
+            union[start:stop] = 0.0  # whatever the failed launch may have written
+    near = torch.nonzero((support[:, 3] > start) & (support[:, 1] < stop)).flatten()
+    if not near.numel():
+        return
+    x0 = max(0, int(support[near, 0].min().floor()))
+    x1 = min(w, int(support[near, 2].max().ceil()))
+    if x1 <= x0:
+        return
+    sel = near.to(union.device)
+    band = paste(masks[sel], boxes[sel], h, w, clamp=not soft, rows=(start, stop),
+                 cols=(x0, x1))
+    if not soft:
+        band = (band >= 0.5).float()
+    union[start:stop, x0:x1] = band.amax(0).clamp_(0.0, 1.0)  # max and clamp commute
 
 
 def fill_tensors(rgb: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor,
