@@ -762,8 +762,12 @@ def test_cuda_batch_matches_single_frames(v1_weights):
         single = m.infer(frame, opts)
         da, db = single.data["detections"], res.data["detections"]
         assert len(da) == len(db) > 0
-        same = sum(x["class_index"] == y["class_index"] and
-                   np.abs(np.subtract(x["box"], y["box"])).max() < 0.5 for x, y in zip(da, db))
+        # matched as sets: random weights give many tied scores, whose order a batch's
+        # rounding may swap (25 of 32 stayed in place on an H200, run 32)
+        same = sum(any(x["class_index"] == y["class_index"] and
+                       abs(x["score"] - y["score"]) < 1e-3 and
+                       np.abs(np.subtract(x["box"], y["box"])).max() < 0.5 for y in db)
+                   for x in da)
         alpha_a, alpha_b = single.outputs["rgba"][..., -1], res.outputs["rgba"][..., -1]
         agree = float(((alpha_a >= 0.5) == (alpha_b >= 0.5)).mean())
         print(f"batched vs single {w}x{h}: {same}/{len(da)} detections equal, thresholded "
@@ -888,12 +892,8 @@ def test_cuda_graphs_equal_eager(tv_and_ours):
             assert not graphed._graphs.error, graphed._graphs.error
             da, db = a.data["detections"], b.data["detections"]
             assert len(da) == len(db) == 50
-            # matched as sets: random weights give many tied scores, whose order a
-            # batch's rounding may swap (25 of 32 in the same place on an H200)
-            same = sum(any(x["class_index"] == y["class_index"] and
-                           abs(x["score"] - y["score"]) < 1e-3 and
-                           np.abs(np.subtract(x["box"], y["box"])).max() < 0.5 for y in db)
-                       for x in da)
+            same = sum(x["class_index"] == y["class_index"] and
+                       np.abs(np.subtract(x["box"], y["box"])).max() < 0.5 for x, y in zip(da, db))
             alpha_a, alpha_b = a.outputs["rgba"][..., -1], b.outputs["rgba"][..., -1]
             agree = float(((alpha_a >= 0.5) == (alpha_b >= 0.5)).mean())
             print(f"\ngraphs vs eager {w}x{h}: {same}/50 detections equal, thresholded alpha "

@@ -460,7 +460,9 @@ def test_cuda_fused_overlay_equals_tensor_path():
     # the kernel blends with fused multiply-adds: last-bit differences (measured on an
     # H200: median 6.0e-8, 3 pixels over 1e-5 where a border flipped)
     assert int((diff > 1e-5).sum()) <= 20 and float(diff.median()) <= 1.2e-7
-    torch.testing.assert_close(fused[1], tensors[1], rtol=0, atol=1e-6)
+    # both paths sample in float32 box coordinates, each within ~3e-6 of exact (CPU, against
+    # float64); on an H200 they differed by up to 5.0e-6 (run 33)
+    torch.testing.assert_close(fused[1], tensors[1], rtol=0, atol=8e-6)
 
 
 @pytest.mark.cuda
@@ -496,7 +498,7 @@ def test_cuda_fused_union_matte_equals_tensor_path(soft):
     diff = (fused - tensors).abs()
     print(f"\nfused vs tensors (soft={soft}): max diff {float(diff.max()):.2e}, pixels "
           f"differing: {int((diff > 0).sum())}")
-    if soft:  # fused multiply-adds and another summation order: last bits
-        torch.testing.assert_close(fused, tensors, rtol=0, atol=1e-6)
+    if soft:  # float32 box coordinates, fused multiply-adds: up to 3.7e-6 on an H200 (run 33)
+        torch.testing.assert_close(fused, tensors, rtol=0, atol=8e-6)
     else:  # a pixel whose value rounds to the other side of 0.5 flips
         assert int((diff > 0).sum()) <= 20
