@@ -1,5 +1,6 @@
-"""docs/images/make_model_pictures.py: it runs, its PNGs stay small, and the depth maps
-it draws are the planted scene's (numpy oracle from the scene's distances)."""
+"""docs/images/make_model_pictures.py: it runs, its PNGs stay small and are the ones
+committed in docs/images, and the depth maps it draws are the planted scene's (numpy
+oracle from the scene's distances)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ pictures = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(pictures)
 
 
-def test_pictures_are_written_and_small(tmp_path) -> None:
+def test_pictures_are_written_small_and_match_the_committed_ones(tmp_path) -> None:
     written = pictures.main(tmp_path)  # raises when the RAFT vectors aren't the plate's shift
     assert sorted(p.name for p in written) == sorted(
         p.name for p in SCRIPT.parent.glob("*.png") if p.name.startswith(("raft_", "depth_")))
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size < 150_000, path
+        assert path.read_bytes() == (SCRIPT.parent / path.name).read_bytes(), (
+            f"docs/images/{path.name} is not what the script makes now: run "
+            f".venv/bin/python docs/images/make_model_pictures.py")
 
 
 def test_depth_per_frame_and_per_sequence_are_the_scenes() -> None:
