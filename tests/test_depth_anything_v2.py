@@ -25,9 +25,10 @@ import pytest
 
 # torch is a hard dependency: a broken install fails here, never skips.
 import torch
+from planted import PlantedScene, linear_input
+from planted import depth_plate as plate
 
 from dlserver import weights as W
-from dlserver.color import srgb_to_linear
 from dlserver.model import OptionError
 from dlserver.registry import import_model_folder
 
@@ -85,21 +86,6 @@ def random_state(seed: int = 0) -> Dict[str, np.ndarray]:
     state[last + "weight"] = np.abs(state[last + "weight"]) * np.float32(0.01)
     state[last + "bias"][:] = 0.1
     return state
-
-
-def plate(h: int = 37, w: int = 53, seed: int = 1) -> np.ndarray:
-    """An 8-bit sRGB RGB picture (uint8 H×W×3): gradients, a disc and noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
-    disc = ((yy - 0.4) ** 2 + (xx - 0.6) ** 2 < 0.05).astype(float)
-    rgb = np.stack([xx, yy, 0.5 * disc + 0.25 * (1 - xx)], axis=-1)
-    rgb = rgb + rng.normal(0.0, 0.08, rgb.shape)
-    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
-
-
-def linear_input(rgb8: np.ndarray) -> np.ndarray:
-    """The scene-linear frame whose sRGB picture is `rgb8` (what Nuke would send)."""
-    return srgb_to_linear(rgb8.astype(np.float32) / 255.0).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -284,23 +270,6 @@ def test_reference_file_is_small():
 
 
 # --- output convention, with a planted network ------------------------------------------
-
-class PlantedScene(torch.nn.Module):
-    """Stands in for the trained network: returns the inverse depth 1/z of a known scene
-    at the network's resolution, whatever the picture: a wall at distance `far_z` with a
-    box at `near_z` in the top-left quarter (rows and columns 0-45 % of the frame, top =
-    row 0, as EXR and Nuke's viewer show it)."""
-
-    def __init__(self, near_z: float = 2.0, far_z: float = 10.0) -> None:
-        super().__init__()
-        self.near_z, self.far_z = near_z, far_z
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        z = torch.full((b, h, w), self.far_z)
-        z[:, : int(0.45 * h), : int(0.45 * w)] = self.near_z
-        return 1.0 / z
-
 
 def planted(model, monkeypatch, scene: PlantedScene) -> None:
     monkeypatch.setattr(model, "predictor", lambda *a: network.Predictor(scene))

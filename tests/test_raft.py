@@ -16,6 +16,7 @@ import pytest
 
 # torch and torchvision are hard dependencies: a broken install fails here, never skips.
 import torch
+from planted import shifted_plate, translation_search_flow
 from support import write_plate_exr
 from torchvision.models.optical_flow import raft_large, raft_small
 
@@ -100,38 +101,14 @@ def test_same_numbers_as_torchvision_eager(weights, network, size) -> None:
         np.testing.assert_allclose(got[..., 1], -want[..., 1], rtol=0, atol=2e-5)
 
 
-def shifted_plate(height: int, width: int, frame: int, right: int, up: int) -> np.ndarray:
-    """A textured plate moved `right` pixels right and `up` pixels up (Nuke's y) per frame:
-    on image rows (top first) that is `up` rows towards the top."""
-    rng = np.random.default_rng(7)
-    big = rng.random((height + 64, width + 64, 3), dtype=np.float32)
-    top, left = 32 + up * frame, 32 - right * frame
-    plate = big[top:top + height, left:left + width]
-    plate.flags.writeable = False
-    return np.ascontiguousarray(plate)
-
-
 def test_shifted_plate_in_nukes_convention(weights, monkeypatch) -> None:
     """Random weights make no meaningful flow, so the network is replaced by a planted
     one: `flow.flow_pairs` is mocked by a brute-force translation search that answers
-    as a trained RAFT would, in RAFT's convention (x right, y down in image rows) — for
-    each pair it finds the integer shift (dx, dy) with frames[k](p + (dx, dy)) ==
-    frames[0](p) and returns it at every pixel. The model's own code still picks the
+    as a trained RAFT would, in RAFT's convention (x right, y down in image rows)
+    (planted.translation_search_flow). The model's own code still picks the
     neighbours, pads, crops and converts; the plate moves 3 px right and 2 px up
     (Nuke's y) per frame, so forward must be (3, 2) and backward (-3, -2)."""
-
-    def planted(net, images, pairs, iterations, delta, scale, half):
-        h, w = images.shape[-2:]
-        out = torch.zeros(pairs, 2, h, w)
-        core = images[0, :, 16:-16, 16:-16]
-        for k in range(pairs):
-            best = min((float((images[1 + k, :, 16 + dy:h - 16 + dy, 16 + dx:w - 16 + dx]
-                               - core).abs().mean()), dx, dy)
-                        for dx in range(-8, 9) for dy in range(-8, 9))
-            out[k, 0], out[k, 1] = best[1], best[2]
-        return out
-
-    monkeypatch.setattr(flow, "flow_pairs", planted)
+    monkeypatch.setattr(flow, "flow_pairs", translation_search_flow)
     h, w = 96, 112  # padded to 128 x 128 on the way: crop and shift must survive it
     plates = {f: shifted_plate(h, w, f, right=3, up=2) for f in (4, 5, 6)}
     model = M.Raft()
