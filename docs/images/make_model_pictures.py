@@ -113,7 +113,16 @@ def raft_vectors(scratch: Path) -> Tuple[Dict[int, np.ndarray], Dict[int, Dict[s
     frame 6 (the sequence's last: no next frame), planted pass in place of the network."""
     model_module = import_model_folder(ROOT / "models" / "raft")
     flow = importlib.import_module(f"{model_module.__package__}.flow")
+    real_pass = flow.flow_pairs
     flow.flow_pairs = translation_search_flow  # the planted pass (the test's monkeypatch)
+    try:
+        return _raft_vectors_planted(model_module, scratch)
+    finally:  # the module is shared with whoever imports the model next (the tests)
+        flow.flow_pairs = real_pass
+
+
+def _raft_vectors_planted(model_module, scratch: Path
+                          ) -> Tuple[Dict[int, np.ndarray], Dict[int, Dict[str, np.ndarray]]]:
     # the loader still reads a weights file: a random-init raft_small (ignored by the plant)
     weights = scratch / "random_raft_small.pth"
     torch.manual_seed(1)
