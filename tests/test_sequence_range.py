@@ -192,3 +192,92 @@ def test_a_missing_channel_is_an_error_and_changes_nothing(results):
         rs.rescale_files(results, ["disparity.X"], 1.0, 0.0, "r")
     assert {p: open(p, "rb").read() for p in results} == original
     assert len(os.listdir(os.path.dirname(results[0]))) == 3
+
+
+# --- results and files that lie (hostile inputs, docs/security.md) -----------------------
+
+@pytest.mark.parametrize("data", [
+    {"lo": 10 ** 400, "hi": 1.0},  # JSON's integers are unbounded: no float holds it
+    {"lo": 0.0, "hi": "1.0"}, {"lo": None, "hi": 1.0}, {"lo": [0.0], "hi": 1.0},
+    {"lo": -1e300, "hi": 1e300},  # finite, but beyond any float32 output's values
+])
+def test_a_range_that_lies_is_a_value_error_naming_the_frame(data):
+    declared = Ranged.describe()["sequence_range"]
+    with pytest.raises(ValueError, match="frame 7: ") as info:
+        frame_range(declared, data, "frame 7")
+    assert "process the frame again" in str(info.value)
+
+
+def test_a_range_that_lies_in_a_cached_files_attributes(tmp_path):
+    path = str(tmp_path / "lies.exr")
+    exrio.write_exr(path, exrio.ExrImage({"depth.Z": np.zeros((2, 2), np.float32)},
+                                         {"dlserver/lo": "1" * 400, "dlserver/hi": "NaN"}))
+    declared = Ranged.describe()["sequence_range"]
+    with pytest.raises(ValueError, match="frame 3: "):
+        frame_range(declared, header_data(path, ("lo", "hi")), "frame 3")
+
+
+@pytest.mark.parametrize("replacement", ["fifo", "folder", "link", "text"])
+def test_a_file_replaced_between_the_passes_stops_the_second_pass(results, replacement,
+                                                                  tmp_path):
+    """Nothing is rescaled (the other files untouched), no temporary file is left, and
+    the error names the file; a FIFO never blocks the pass."""
+    victim = results[1]
+    os.remove(victim)
+    elsewhere = tmp_path / "elsewhere.exr"
+    write_result(elsewhere, 9)
+    if replacement == "fifo":
+        os.mkfifo(victim)
+    elif replacement == "folder":
+        os.mkdir(victim)
+    elif replacement == "link":  # a result of its own, outside: never read nor rewritten
+        os.symlink(elsewhere, victim)
+    else:
+        with open(victim, "w") as f:
+            f.write("not an EXR")
+    original = {p: open(p, "rb").read() for p in (results[0], results[2], elsewhere)}
+    with pytest.raises(ValueError, match=victim):
+        rs.rescale_files(results, ["depth.Z"], 1.0, 0.0, "r")
+    assert {p: open(p, "rb").read() for p in original} == original
+    assert sorted(os.listdir(os.path.dirname(victim))) == sorted(
+        [os.path.basename(p) for p in results] + ["elsewhere.exr"])
+
+
+def test_a_folder_that_refuses_new_files_is_a_value_error_and_changes_nothing(
+        results, monkeypatch):
+    """A read-only output folder (simulated: the tests may run as root, who may write
+    anywhere): the temporary file can't be created beside the original."""
+    original = {p: open(p, "rb").read() for p in results}
+    real = rs.open_exclusive
+    calls = []
+
+    def refused(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(rs, "open_exclusive", refused)
+    with pytest.raises(ValueError, match="Permission denied") as info:
+        rs.rescale_files(results, ["depth.Z"], 1.0, 0.0, "r")
+    assert "raw results are left as they were" in str(info.value)
+    assert {p: open(p, "rb").read() for p in results} == original
+    assert len(os.listdir(os.path.dirname(results[0]))) == 3
+
+
+def test_a_rename_that_fails_says_which_files_are_rescaled(results, monkeypatch):
+    real = os.replace
+
+    def replace(src, dst):
+        if dst == results[1]:
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(rs.os, "replace", replace)
+    with pytest.raises(ValueError) as info:
+        rs.rescale_files(results, ["depth.Z"], 1.0, 0.0, "r")
+    message = str(info.value)
+    assert "1 of 3" in message and results[1] in message and "run again" in message
+    assert ATTRIBUTE in exrio.read_exr(results[0]).header
+    assert ATTRIBUTE not in exrio.read_exr(results[2]).header
+    assert len(os.listdir(os.path.dirname(results[0]))) == 3
