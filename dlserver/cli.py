@@ -28,8 +28,13 @@ from .sequence import frame_offset, image_inputs, input_frames
 
 # --- frame patterns ------------------------------------------------------------------------------
 
+# More frames than any shot has: a range past it is a typo (1-10000000000), refused
+# before a list of that many frames is built or as many files are looked for.
+MAX_FRAMES = 1_000_000
+
+
 def parse_frames(spec: str) -> List[int]:
-    """"1-10", "1-10x2", "1,3,7", "5" → frame numbers in order."""
+    """"1-10", "1-10x2", "1,3,7", "5" → frame numbers in order (at most MAX_FRAMES)."""
     frames: List[int] = []
     for part in spec.split(","):
         m = re.fullmatch(r"\s*(-?\d+)(?:-(-?\d+)(?:x(\d+))?)?\s*", part)
@@ -40,6 +45,11 @@ def parse_frames(spec: str) -> List[int]:
         step = int(m.group(3) or 1)
         if last < first or step < 1:
             raise ValueError(f"bad frame range {part!r}")
+        count = len(frames) + (last - first) // step + 1  # len(range) overflows past 2**63
+        if count > MAX_FRAMES:
+            raise ValueError(f"--frames {spec!r} names {count} "
+                             f"frames; one run takes {MAX_FRAMES} frames at most: check the "
+                             f"range for a typo, or split it over several runs")
         frames.extend(range(first, last + 1, step))
     return frames
 
