@@ -106,7 +106,9 @@ def convert_value(name: str, kind: str, text: str) -> Any:
 # --- progress ------------------------------------------------------------------------------------
 
 class Progress:
-    def __init__(self, total: int, stream: Any = sys.stderr) -> None:
+    def __init__(self, total: int, stream: Any = None) -> None:
+        # sys.stderr as it is now, not as it was at import (it may have been replaced)
+        stream = stream if stream is not None else sys.stderr
         self.total, self.done, self.stream = total, 0, stream
         self.started = time.perf_counter()
         self.tty = hasattr(stream, "isatty") and stream.isatty()

@@ -281,3 +281,64 @@ def test_a_rename_that_fails_says_which_files_are_rescaled(results, monkeypatch)
     assert ATTRIBUTE in exrio.read_exr(results[0]).header
     assert ATTRIBUTE not in exrio.read_exr(results[2]).header
     assert len(os.listdir(os.path.dirname(results[0]))) == 3
+
+
+LIAR = '''
+from dlserver.model import Choice, Layer, Model, Result, SequenceRange
+
+
+class Liar(Model):
+    """Depth = the plate's R (its frame number); frame 3's range lies as `lie` says."""
+    name = "liar"
+    uses_torch = False
+    inputs = {"src": Layer(("R",))}
+    outputs = {"depth": Layer(("depth.Z",), color=False)}
+    options = (Choice("normalize", choices=("off", "per sequence")),
+               Choice("lie", choices=("huge", "text", "reversed", "none")))
+    sequence_range = SequenceRange(output="depth", low="lo", high="hi",
+                                   option="normalize", value="per sequence")
+
+    def infer(self, inputs, options):
+        z = inputs["src"][..., :1].copy()
+        frame = int(z[0, 0, 0])
+        lies = {"huge": 10 ** 400, "text": "0.0", "reversed": frame + 1, "none": frame}
+        low = lies[options["lie"]] if frame == 3 else frame
+        return Result({"depth": z}, data={"lo": low, "hi": frame})
+'''
+
+
+@pytest.mark.parametrize("lie", ["huge", "text", "reversed"])
+def test_dlserver_infer_with_a_lying_frame_exits_1_and_rescales_nothing(tmp_path, capsys, lie):
+    """Through `dlserver infer` and its embedded server: the lie is an error naming the
+    frame (exit 1), and no file carries the sequence range; the honest run rescales
+    every frame (exit 0; the oracle: frame f of 1..4 maps to (f - 1) / 3)."""
+    from support import write_plate_exr
+
+    from dlserver import cli
+
+    models = tmp_path / "models" / "liar"
+    models.mkdir(parents=True)
+    (models / "model.py").write_text(LIAR)
+    for f in range(1, 5):
+        rgba = np.zeros((4, 6, 4), np.float32)
+        rgba[..., 0] = f
+        write_plate_exr(tmp_path / f"plate.{f:04d}.exr", rgba)
+    out = tmp_path / "out"
+
+    def run(lie_option: str) -> int:
+        return cli.main(["infer", "--model", "liar", "--models-dir", str(tmp_path / "models"),
+                         str(tmp_path / "plate.####.exr"), str(out / "z.####.exr"),
+                         "--frames", "1-4", "--set", "normalize=per sequence",
+                         "--set", f"lie={lie_option}"])
+
+    assert run(lie) == 1
+    err = capsys.readouterr().err
+    assert "z.0003.exr" in err and "'lo'" in err and "Traceback" not in err
+    for path in out.glob("*.exr"):  # the raw results of the frames done, none rescaled
+        assert ATTRIBUTE not in exrio.read_exr(str(path)).header
+    assert run("none") == 0
+    for f in range(1, 5):
+        image = exrio.read_exr(str(out / f"z.{f:04d}.exr"))
+        assert ATTRIBUTE in image.header
+        np.testing.assert_array_equal(image.channels["depth.Z"],
+                                      np.full((4, 6), (f - 1) / 3, np.float32))
