@@ -10,6 +10,7 @@ import os
 import resource
 import select
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -532,6 +533,34 @@ def test_declared_buffers_cost_only_the_bytes_that_arrive(server: TcpServer) -> 
     for raw in raws:
         raw.close()
     assert settled(pid, base) == {"descriptors": 0, "mappings": 0, "all": base}
+
+
+def test_clients_gone_before_their_inline_results_leave_nothing(server: TcpServer,
+                                                              tmp_path: Path) -> None:
+    """Four clients each send two 1.9 MiB EXRs (memfds in) asking for inline EXR results
+    (encoded into memfds out) and reset their connections once a reply has started to
+    come, without reading it: the server is cut off mid-send."""
+    pid = server.process.pid
+    base = len(server_fds(pid))
+    data = exr_of(tmp_path, make_plate(400, 300))
+    assert len(data) > 1 << 20
+    request = {"type": "infer", "model": "identity", "output_exr": {"kind": "inline"},
+               "inputs": {"src": {"kind": "inline", "format": "exr", "buffer": 0}}}
+    raws = []
+    for _ in range(4):
+        raw = Raw.tcp(server.host, server.port)
+        raw.login(TOKEN)
+        for i in range(2):
+            raw.send({**request, "id": i}, [data])
+        raws.append(raw)
+    for raw in raws:  # a reply is on its way (its result encoded), the rest unread...
+        assert select.select([raw.sock], [], [], 20)[0], "no reply started"
+    for raw in raws:  # ...when the client resets (RST), as a killed client's kernel does
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()
+    assert settled(pid, base) == {"descriptors": 0, "mappings": 0, "all": base}
+    with server.connect() as client:  # still serving
+        assert client.models()
 
 
 # --- 9. frame-offset inputs (dlserver/sequence.py, the `neighbours` test model) -------------
