@@ -563,6 +563,44 @@ def test_clients_gone_before_their_inline_results_leave_nothing(server: TcpServe
         assert client.models()
 
 
+def test_memfds_take_at_most_a_quarter_of_the_descriptors(server: TcpServer,
+                                                          tmp_path: Path) -> None:
+    """Each memfd costs two descriptors (its own and the mapping's). One client holds a
+    frame in the `gate` model and sends as many 64-buffer messages as its queues take
+    (each buffer 1 MiB: a memfd each): at most a quarter of the server's descriptor
+    limit (here 256) goes to memfds, the rest are received as bytes, and another
+    client is served meanwhile, its EXR in and out through memfds or bytes alike."""
+    pid = server.process.pid
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (256, 256))
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    plate = make_plate(8, 8)
+    hog = Raw.tcp(server.host, server.port)
+    hog.login(TOKEN)
+    hog.send({"type": "infer", "id": 0, "model": "gate", "options": {"gate": str(gate)},
+              "inputs": {"src": raw_ref(plate)}}, [plate.tobytes()])
+    blob = bytes(1 << 20)
+    for i in range(1, 5):  # 4 x 63 memfd-sized buffers: 504 descriptors without a cap
+        hog.send({"type": "infer", "id": i, "model": "identity",
+                  "inputs": {"src": raw_ref(plate)}}, [plate.tobytes()] + [blob] * 63)
+    wait_until_read([hog.sock])
+    held = memfds(pid)
+    assert held["descriptors"] <= 256 // 4, held
+    assert len(server_fds(pid)) < 256 // 2
+    data = exr_of(tmp_path, make_plate(400, 300, seed=2))
+    assert len(data) > 1 << 20
+    with server.connect() as client:  # another client is served
+        reply = client.infer("identity", {"src": {"kind": "inline", "format": "exr",
+                                                  "buffer": 0}},
+                             buffers=[data], output_exr={"kind": "inline"})
+        assert bytes(reply.buffers[0])[:4] == b"\x76\x2f\x31\x01"
+    with open(gate, "wb") as g:  # the gate opens: every frame of the hog is answered
+        g.write(b"x")
+    assert [hog.read()[0]["ok"] for _ in range(5)] == [True] * 5
+    hog.close()
+    assert settled(pid) == {"descriptors": 0, "mappings": 0}
+
+
 # --- 9. frame-offset inputs (dlserver/sequence.py, the `neighbours` test model) -------------
 
 def plane_ref(buffer: int, shape, channels) -> dict:

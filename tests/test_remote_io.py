@@ -269,3 +269,22 @@ def test_without_memfds_frames_go_through_bytes(monkeypatch) -> None:
     back = exr.read_exr(encoded)
     for c in "RGBA":
         np.testing.assert_array_equal(back.channels[c], image.channels[c])
+
+
+def test_memfds_stay_within_their_share_of_the_descriptors(monkeypatch) -> None:
+    """A budget of 4 descriptors: two MemFiles (two descriptors each, counted from
+    /proc/self/fd), then bytes; a freed MemFile gives its descriptors back."""
+    monkeypatch.setattr(memfile, "fd_budget", lambda: 4)
+    start, held = own_fds(), memfile.descriptors.held
+    assert held == 0, "MemFiles of another test still alive"
+    first, second = memfile.receive_buffer(2 << 20), memfile.receive_buffer(2 << 20)
+    assert isinstance(first, memfile.MemFile) and isinstance(second, memfile.MemFile)
+    assert own_fds() == start + 4
+    assert isinstance(memfile.receive_buffer(2 << 20), bytearray)
+    with pytest.raises(OSError):  # encoding a result: exr.exr_bytes falls back to bytes
+        memfile.written(lambda path: open(path, "wb").write(b"x"))
+    del first
+    third = memfile.receive_buffer(2 << 20)
+    assert isinstance(third, memfile.MemFile) and own_fds() == start + 4
+    del second, third
+    assert own_fds() == start and memfile.descriptors.held == 0
