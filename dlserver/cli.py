@@ -406,11 +406,15 @@ class SequenceRanges:
 
         self.declared = active(declaration, options)
         self.ranges: Dict[Optional[int], Tuple[float, float]] = {}
+        # each frame's reply data: its file must still hold them as attributes
+        self.data: Dict[Optional[int], Dict[str, Any]] = {}
 
     def add(self, job: Any, reply: Any) -> None:
         from .sequence_range import frame_range
 
         self.ranges[job[2]] = frame_range(self.declared or {}, reply.data, job[1])
+        keys = (self.declared or {})["low"], (self.declared or {})["high"]
+        self.data[job[2]] = {k: reply.data[k] for k in keys}
 
     def rescale(self, jobs: List[Any]) -> None:
         if not self.declared:
@@ -429,7 +433,7 @@ class SequenceRanges:
         progress = Progress(len(jobs))
         rescale_files([job[1] for job in jobs], channels, scale, offset,
                       attribute_value(self.declared, low, high, [job[2] for job in jobs]),
-                      progress.step)
+                      progress.step, expected=[self.data[job[2]] for job in jobs])
 
 
 def read_frame(path: str) -> bytes:

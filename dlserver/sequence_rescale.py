@@ -7,7 +7,8 @@ original (the originals untouched; an interrupt or a failure removes the tempora
 files and leaves the raw results as they were), then all are renamed over the originals
 with SIGINT and SIGTERM held back (raised after), so Ctrl-C cannot leave a sequence half rescaled.
 A file that is no longer the result the first pass wrote (replaced by a link, a folder, a
-FIFO, a file that is no EXR) stops the pass before any rename; a rename that fails anyway (an I/O
+FIFO, a file that is no EXR, another result whose range attributes are not the ones its
+reply had) stops the pass before any rename; a rename that fails anyway (an I/O
 error) is a ValueError that says how many files were replaced.
 
 Everything else in a file is kept: other channels, layers and parts (decoded and
@@ -19,12 +20,13 @@ stays half), the header's attributes; the ATTRIBUTE is added.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import stat
 import threading
 from contextlib import contextmanager
-from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -52,16 +54,21 @@ def rescale_channels(image: exrio.ExrImage, channels: Sequence[str], scale: floa
 
 def rescale_files(paths: Sequence[str], channels: Sequence[str], scale: float,
                   offset: float, attribute: str,
-                  progress: Optional[Callable[[str], None]] = None) -> None:
+                  progress: Optional[Callable[[str], None]] = None,
+                  expected: Optional[Sequence[Mapping[str, Any]]] = None) -> None:
     """Rescale `channels` of every file of `paths` and set their ATTRIBUTE to
-    `attribute`: all files or none (see the module's doc). ValueError, naming the file
-    and what was left as it was, when a file is no longer a readable EXR result or a
+    `attribute`: all files or none (see the module's doc). `expected`: for each path,
+    the result data ({key: value}) its reply had, which the file's `dlserver/<key>`
+    attributes must hold. ValueError, naming the file and what was left as it was,
+    when a file is no longer the readable EXR result that was written there or a
     rescaled file can't be written or renamed."""
     written: List[Tuple[str, str]] = []  # (temporary file, original)
     untouched = "nothing was normalised: the raw results are left as they were"
     try:
-        for path in paths:
+        for i, path in enumerate(paths):
             image = read_result(path, untouched)
+            if expected is not None:
+                check_same_result(path, image, expected[i], untouched)
             rescale_channels(image, channels, scale, offset, path)
             image.header[ATTRIBUTE] = attribute
             tmp = os.path.join(os.path.dirname(os.path.abspath(path)), tmp_name())
@@ -95,6 +102,22 @@ def rescale_files(paths: Sequence[str], channels: Sequence[str], scale: float,
                 os.remove(tmp)
             except FileNotFoundError:
                 pass
+
+
+def check_same_result(path: str, image: exrio.ExrImage, data: Mapping[str, Any],
+                      untouched: str) -> None:
+    """The file's `dlserver/<key>` attributes (the server writes each result data item
+    as one, JSON) must hold `data`, the values its reply had."""
+    for key, value in data.items():
+        text = image.header.get(f"dlserver/{key}")
+        try:
+            found = json.loads(text) if isinstance(text, str) else None
+        except ValueError:
+            found = None
+        if found != value:
+            raise ValueError(f"{path}: is not the result written there (its 'dlserver/{key}' "
+                             f"is {text!r}, the reply said {value!r}): was it replaced "
+                             f"since? {untouched}")
 
 
 def open_exclusive(path: str) -> BinaryIO:

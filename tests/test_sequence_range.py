@@ -342,3 +342,19 @@ def test_dlserver_infer_with_a_lying_frame_exits_1_and_rescales_nothing(tmp_path
         assert ATTRIBUTE in image.header
         np.testing.assert_array_equal(image.channels["depth.Z"],
                                       np.full((4, 6), (f - 1) / 3, np.float32))
+
+
+def test_a_result_swapped_for_another_result_is_refused(results, tmp_path):
+    """Another valid result (same channels) put in a file's place between the passes:
+    its range attributes are not the ones the first pass's reply had for that file."""
+    expected = [header_data(p, ("lo", "hi")) for p in results]
+    os.replace(tmp_path / "out.0002.exr", tmp_path / "kept.exr")
+    write_result(results[1], 9)  # frame 9's result in frame 2's place
+    original = {p: open(p, "rb").read() for p in results}
+    with pytest.raises(ValueError, match="out.0002.exr: .*not the result") as info:
+        rs.rescale_files(results, ["depth.Z"], 1.0, 0.0, "r", expected=expected)
+    assert "nothing was normalised" in str(info.value)
+    assert {p: open(p, "rb").read() for p in results} == original
+    os.replace(tmp_path / "kept.exr", results[1])  # the right file back: rescaled
+    rs.rescale_files(results, ["depth.Z"], 1.0, 0.0, "r", expected=expected)
+    assert all(exrio.read_exr(p).header[ATTRIBUTE] == "r" for p in results)
