@@ -28,8 +28,13 @@ from .sequence import frame_offset, image_inputs, input_frames
 
 # --- frame patterns ------------------------------------------------------------------------------
 
+# More frames than any shot has: a range past it is a typo (1-10000000000), refused
+# before a list of that many frames is built or as many files are looked for.
+MAX_FRAMES = 1_000_000
+
+
 def parse_frames(spec: str) -> List[int]:
-    """"1-10", "1-10x2", "1,3,7", "5" → frame numbers in order."""
+    """"1-10", "1-10x2", "1,3,7", "5" → frame numbers in order (at most MAX_FRAMES)."""
     frames: List[int] = []
     for part in spec.split(","):
         m = re.fullmatch(r"\s*(-?\d+)(?:-(-?\d+)(?:x(\d+))?)?\s*", part)
@@ -40,6 +45,11 @@ def parse_frames(spec: str) -> List[int]:
         step = int(m.group(3) or 1)
         if last < first or step < 1:
             raise ValueError(f"bad frame range {part!r}")
+        count = len(frames) + (last - first) // step + 1  # len(range) overflows past 2**63
+        if count > MAX_FRAMES:
+            raise ValueError(f"--frames {spec!r} names {count} "
+                             f"frames; one run takes {MAX_FRAMES} frames at most: check the "
+                             f"range for a typo, or split it over several runs")
         frames.extend(range(first, last + 1, step))
     return frames
 
@@ -96,7 +106,9 @@ def convert_value(name: str, kind: str, text: str) -> Any:
 # --- progress ------------------------------------------------------------------------------------
 
 class Progress:
-    def __init__(self, total: int, stream: Any = sys.stderr) -> None:
+    def __init__(self, total: int, stream: Any = None) -> None:
+        # sys.stderr as it is now, not as it was at import (it may have been replaced)
+        stream = stream if stream is not None else sys.stderr
         self.total, self.done, self.stream = total, 0, stream
         self.started = time.perf_counter()
         self.tty = hasattr(stream, "isatty") and stream.isatty()
@@ -394,11 +406,15 @@ class SequenceRanges:
 
         self.declared = active(declaration, options)
         self.ranges: Dict[Optional[int], Tuple[float, float]] = {}
+        # each frame's reply data: its file must still hold them as attributes
+        self.data: Dict[Optional[int], Dict[str, Any]] = {}
 
     def add(self, job: Any, reply: Any) -> None:
         from .sequence_range import frame_range
 
         self.ranges[job[2]] = frame_range(self.declared or {}, reply.data, job[1])
+        keys = (self.declared or {})["low"], (self.declared or {})["high"]
+        self.data[job[2]] = {k: reply.data[k] for k in keys}
 
     def rescale(self, jobs: List[Any]) -> None:
         if not self.declared:
@@ -417,7 +433,7 @@ class SequenceRanges:
         progress = Progress(len(jobs))
         rescale_files([job[1] for job in jobs], channels, scale, offset,
                       attribute_value(self.declared, low, high, [job[2] for job in jobs]),
-                      progress.step)
+                      progress.step, expected=[self.data[job[2]] for job in jobs])
 
 
 def read_frame(path: str) -> bytes:

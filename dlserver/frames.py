@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -269,7 +269,8 @@ def inside(real: str, root: str) -> bool:
 
 class FrameReader:
     """Reads the frames of one request. `exr_images` keeps the EXR each input came from,
-    so an EXR result can carry the first input's other layers through."""
+    so an EXR result can carry the first input's other layers through; `channels` the
+    names (lower case) of the channels each input's frame held."""
 
     def __init__(self, buffers: Sequence[memoryview], shm: ShmCache, exchange: ExchangeDir,
                  limits: Limits) -> None:
@@ -278,6 +279,7 @@ class FrameReader:
         self.exchange = exchange
         self.limits = limits
         self.exr_images: Dict[str, exrio.ExrImage] = {}
+        self.channels: Dict[str, FrozenSet[str]] = {}
 
     def content_hash(self, input_name: str, raw_ref: Any) -> str:
         """The content hash of an EXR input (dlserver.content_hash), from the file (mapped,
@@ -308,6 +310,7 @@ class FrameReader:
         else:
             data = self.shm.view(ref.name, ref.nbytes)  # type: ignore[arg-type]
         pixels = np.frombuffer(data, dtype=ref.dtype).reshape(ref.shape)
+        self.channels[input_name] = frozenset(c.lower() for c in ref.channels)
         return select_channels(pixels, ref.channels, layer)
 
     def _read_exr(self, input_name: str, ref: FrameRef, layer: Layer) -> np.ndarray:
@@ -330,6 +333,7 @@ class FrameReader:
         except exrio.ExrError as exc:
             raise BadFrame(f"input {input_name!r}: {exc}") from None
         self.exr_images[input_name] = image
+        self.channels[input_name] = frozenset(c.lower() for c in image.channels)
         return exrio.gather(image, layer.channels, layer.fill)
 
 

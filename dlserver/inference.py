@@ -159,6 +159,7 @@ def prepare(ctx: SessionContext, msg: Message) -> Job:
         if server_converts(cls):
             pixels = convert_color(pixels, layer, to_srgb=True)
         arrays[name] = pixels
+    check_neighbour_channels(cls, reader)
     height, width = next(iter(arrays.values())).shape[:2]
     job = Job(entry, options, arrays, reader, out_specs, exr_spec, tile, (height, width),
               content_hash=content_hash, cache=cache_dir is not None)
@@ -178,6 +179,24 @@ def check_input_names(cls: Type[Model], refs: Any) -> Dict[str, Any]:
             f"frame-offset inputs)" if optional else "")
     raise BadRequest(f"model {cls.name!r} takes inputs {sorted(cls.inputs)}{also}; "
                      f"got {got!r}")
+
+
+def check_neighbour_channels(cls: Type[Model], reader: FrameReader) -> None:
+    """An input at a frame offset is the first input at another frame: its frame must
+    hold the layer's channels that the first input's frame holds. A missing one would
+    be filled in (0) and compared with a real one: a frame of another sequence, or the
+    first input's frame with other layers, makes motion out of nothing."""
+    first = next(iter(cls.inputs))
+    for name, layer in cls.inputs.items():
+        if not layer.frame_offset or name not in reader.channels:
+            continue
+        lacks = [c for c in layer.channels if c.lower() in reader.channels[first]
+                 and c.lower() not in reader.channels[name]]
+        if lacks:
+            raise BadFrame(f"input {name!r} is input {first!r} at frame offset "
+                           f"{layer.frame_offset:+d}, but its frame lacks channel(s) "
+                           f"{', '.join(lacks)} that {first!r} has: send the same "
+                           f"sequence's frame, with the same layers")
 
 
 def check_version(cls: Type[Model], header: Dict[str, Any]) -> None:

@@ -14,7 +14,6 @@ Nuke (its internal Grade) and leaves the shared cache files raw.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from .content_hash import OutOfData, parse_attributes
@@ -23,6 +22,7 @@ from .content_hash import OutOfData, parse_attributes
 # frames it was measured over.
 ATTRIBUTE = "dlserver/sequence_range"
 EXR_MAGIC = b"\x76\x2f\x31\x01"
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 
 def active(decl: Mapping[str, Any], options: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
@@ -44,12 +44,19 @@ def frame_range(declared: Mapping[str, Any], data: Mapping[str, Any],
     values = []
     for key in (declared["low"], declared["high"]):
         value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value):
-            raise ValueError(f"{where}: the result has no finite {key!r} (got {value!r}), "
+        number = float("nan")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:  # JSON's integers are unbounded: 10**400 is no float
+                number = float(value)
+            except OverflowError:
+                pass
+        # the output's channels are float32: a value beyond its range is no pixel's
+        if not abs(number) <= FLOAT32_MAX:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ValueError(f"{where}: the result has no finite {key!r} (got {shown}), "
                              f"which normalising {declared['output']!r} over the sequence "
                              f"needs; process the frame again")
-        values.append(float(value))
+        values.append(number)
     if values[0] > values[1]:
         raise ValueError(f"{where}: {declared['low']!r} {values[0]} is above "
                          f"{declared['high']!r} {values[1]}")

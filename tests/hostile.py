@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import select
 import socket
 import struct
@@ -133,3 +134,40 @@ class Raw:
                 pass
         if self.sock is not None:
             self.sock.close()
+
+
+# --- what a server process holds (/proc) -------------------------------------------------
+
+def server_fds(pid: int) -> List[str]:
+    """What the server process holds open: its descriptors' targets."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass  # closed while listed
+    return out
+
+
+def memfds(pid: int) -> Dict[str, int]:
+    """The server's memfd descriptors and mappings of frames (dlserver.memfile)."""
+    with open(f"/proc/{pid}/maps") as f:
+        mapped = sum("memfd:dlserver-frame" in line for line in f)
+    held = sum("memfd:dlserver-frame" in t for t in server_fds(pid))
+    return {"descriptors": held, "mappings": mapped}
+
+
+def settled(pid: int, fds: int = -1, timeout: float = 10.0) -> Dict[str, int]:
+    """The server's frame memfds once it has dropped what it no longer needs, polled
+    (a session's threads end after its client has gone) until none are left (and, with
+    `fds`, it holds that many descriptors again) or `timeout` passes; with `fds`, the
+    count it holds is returned too."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = memfds(pid)
+        if fds >= 0:
+            held["all"] = len(server_fds(pid))
+        if held == {"descriptors": 0, "mappings": 0, **({"all": fds} if fds >= 0 else {})} \
+                or time.monotonic() > deadline:
+            return held
+        select.select([], [], [], 0.01)

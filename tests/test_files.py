@@ -19,6 +19,7 @@ from typing import Iterator, List
 import numpy as np
 import OpenEXR
 import pytest
+from hostile import settled
 from support import ROOT, TEST_MODELS, make_plate, raw_inline, write_plate_exr
 
 from dlserver import exr, files
@@ -182,6 +183,9 @@ def test_zip_exr_bomb_is_refused_before_decoding(tcp_server, tmp_path: Path) -> 
     grown = vm_hwm_kib(tcp_server.process.pid) - before
     print(f"bomb {len(data)} bytes; server peak RSS grew {grown} KiB")
     assert grown < 64 << 10  # < 64 MiB (the message itself and its bookkeeping)
+    # over 1 MiB, it was received into a memfd: gone with the request
+    assert len(data) > 1 << 20
+    assert settled(tcp_server.process.pid) == {"descriptors": 0, "mappings": 0}
 
 
 def test_decoded_size_from_the_header_is_exact(tmp_path: Path) -> None:

@@ -140,3 +140,16 @@ def test_cli_models_lists_frame_offsets(capsys) -> None:
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("neighbours"))
     assert "next(R at frame +1, omitted at the ends)" in line
     assert "previous(R at frame -1, nearest frame held at the ends)" in line
+
+
+def test_an_absurd_frame_range_is_refused_before_any_work() -> None:
+    """A typo (1-10000000000) must not build a list of ten billion frames (nor stat as
+    many files): refused at once, naming the limit. The oracle: the count of the range."""
+    assert len(cli.parse_frames(f"1-{cli.MAX_FRAMES}")) == cli.MAX_FRAMES
+    for spec in (f"1-{cli.MAX_FRAMES + 1}", "1-10000000000", f"1-{10 ** 30}x2",
+                 f"1-{cli.MAX_FRAMES // 2},1-{cli.MAX_FRAMES // 2 + 1}"):
+        with pytest.raises(ValueError, match="frames at most"):
+            cli.parse_frames(spec)
+    # absurd frame numbers themselves are frame numbers: padded as far as they need
+    assert cli.frame_path("a.####.exr", -12) == "a.-012.exr"
+    assert cli.frame_path("a.####.exr", 10 ** 12) == "a.1000000000000.exr"

@@ -10,6 +10,7 @@ import os
 import resource
 import select
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -18,8 +19,17 @@ from typing import Iterator, List
 
 import numpy as np
 import pytest
-from hostile import MAGIC, PREFIX, Raw, pack, status
-from support import PYTHON, ROOT, TEST_MODELS, TcpServer, make_plate
+from hostile import MAGIC, PREFIX, Raw, memfds, pack, server_fds, settled, status, wait_until_read
+from support import (
+    PYTHON,
+    ROOT,
+    TEST_MODELS,
+    TcpServer,
+    make_plate,
+    oracle_combine,
+    oracle_exr_hash,
+    write_plate_exr,
+)
 
 from dlserver.client import Client, DLServerError
 from dlserver.shm import SharedBlock
@@ -448,3 +458,236 @@ def test_a_write_that_fails_on_the_disk_is_an_io_error(tmp_path: Path) -> None:
 def test_pack_is_the_wire_format() -> None:
     data = pack({"type": "x"}, [b"ab"])
     assert data[:4] == MAGIC and PREFIX.unpack(data[:16])[2] == 2
+
+
+# --- 8. inline frames in memfds (dlserver/memfile.py) ----------------------------------------
+
+def exr_of(tmp_path: Path, plate: np.ndarray, name: str = "f.exr", **extra) -> bytes:
+    path = tmp_path / name
+    write_plate_exr(path, plate, extra or None)
+    return path.read_bytes()
+
+
+def test_memfds_are_released_on_every_error_path(server: TcpServer) -> None:
+    """Each bad request carries buffers of 1 MiB or more (received into memfds): every
+    one is a clear error, the session goes on, and no memfd, mapping or descriptor of
+    the server outlives the requests."""
+    pid = server.process.pid
+    raw = Raw.tcp(server.host, server.port)
+    raw.login(TOKEN)
+    before = len(server_fds(pid))
+    big = np.zeros((300, 520, 4), np.float32)  # 2.4 MiB: over memfile.MIN_SIZE
+    exr = {"kind": "inline", "format": "exr", "buffer": 0}
+    garbage = b"\x76\x2f\x31\x01" + bytes(range(256)) * (8 << 10)
+    assert len(garbage) > 1 << 20  # an EXR bomb in a memfd: test_files.py's bomb test
+    cases = [  # (request, buffers, error code, a phrase of its message)
+        ({"model": "identity", "inputs": {"src": exr}, "output_exr": {"kind": "inline"}},
+         [garbage], "bad_frame", "input 'src'"),
+        ({"model": "identity", "inputs": {"src": raw_ref(big, shape=[10, 10, 4])}},
+         [big.tobytes()], "bad_frame", "shape and dtype need 1600"),
+        ({"model": "no_such_model", "inputs": {"src": raw_ref(big)}},
+         [big.tobytes(), big.tobytes()], "unknown_model", "no model named"),
+        ({"model": "identity", "inputs": {"src": raw_ref(big, buffer=1)}},
+         [big.tobytes()], "bad_frame", "'buffer' must index"),
+    ]
+    for i, (request, buffers, code, phrase) in enumerate(cases):
+        reply = raw.ask({"type": "infer", "id": i, **request}, buffers)[0]
+        assert reply["error"]["code"] == code and phrase in reply["error"]["message"], reply
+        assert "/proc" not in reply["error"]["message"]
+    # an unused extra buffer: served, and released with the request
+    reply, out = raw.ask({"type": "infer", "id": 9, "model": "identity",
+                          "inputs": {"src": raw_ref(big, buffer=1)}},
+                         [big.tobytes(), (big + 1).tobytes()])
+    assert reply["ok"] and np.frombuffer(out[0], np.float32).max() == 1.0
+    # 65 buffers; a body longer than the buffers' sum: refused, the body skipped
+    assert raw.ask({"type": "infer", "id": 10}, [b"x"] * 65)[0]["error"]["code"] == \
+        "bad_message"
+    header = json.dumps({"type": "infer", "id": 11, "buffers": [10]}).encode()
+    raw.send_bytes(PREFIX.pack(MAGIC, len(header), 3 << 20) + header + bytes(3 << 20))
+    reply = raw.read()[0]
+    assert reply["error"]["code"] == "bad_message" and "summing to the body" in \
+        reply["error"]["message"]
+    assert raw.ask({"type": "stats", "id": 12})[0]["ok"]  # still serving
+    assert settled(pid, before) == {"descriptors": 0, "mappings": 0, "all": before}
+    raw.close()
+
+
+def test_declared_buffers_cost_only_the_bytes_that_arrive(server: TcpServer) -> None:
+    """Five logged-in clients each declare five 800 MiB buffers (4000 MiB: under the
+    4 GiB limit), send 1000 bytes and vanish: the server's memory grows by what arrived
+    (a memfd commits pages as bytes come), one memfd each, all gone once they are."""
+    pid = server.process.pid
+    base = len(server_fds(pid))
+    before = status(pid)["VmRSS"]
+    raws = []
+    for _ in range(5):
+        raw = Raw.tcp(server.host, server.port)
+        raw.login(TOKEN)
+        header = json.dumps({"type": "infer", "id": 1, "buffers": [800 << 20] * 5}).encode()
+        raw.send_bytes(PREFIX.pack(MAGIC, len(header), 4000 << 20) + header + b"z" * 1000)
+        raws.append(raw)
+    wait_until_read([r.sock for r in raws])
+    assert status(pid)["VmRSS"] - before < 8 << 10  # KiB
+    held = memfds(pid)
+    assert held["mappings"] == 5 and 5 <= held["descriptors"] <= 10  # mmap keeps a dup
+    for raw in raws:
+        raw.close()
+    assert settled(pid, base) == {"descriptors": 0, "mappings": 0, "all": base}
+
+
+def test_clients_gone_before_their_inline_results_leave_nothing(server: TcpServer,
+                                                              tmp_path: Path) -> None:
+    """Four clients each send two 1.9 MiB EXRs (memfds in) asking for inline EXR results
+    (encoded into memfds out) and reset their connections once a reply has started to
+    come, without reading it: the server is cut off mid-send."""
+    pid = server.process.pid
+    base = len(server_fds(pid))
+    data = exr_of(tmp_path, make_plate(400, 300))
+    assert len(data) > 1 << 20
+    request = {"type": "infer", "model": "identity", "output_exr": {"kind": "inline"},
+               "inputs": {"src": {"kind": "inline", "format": "exr", "buffer": 0}}}
+    raws = []
+    for _ in range(4):
+        raw = Raw.tcp(server.host, server.port)
+        raw.login(TOKEN)
+        for i in range(2):
+            raw.send({**request, "id": i}, [data])
+        raws.append(raw)
+    for raw in raws:  # a reply is on its way (its result encoded), the rest unread...
+        assert select.select([raw.sock], [], [], 20)[0], "no reply started"
+    for raw in raws:  # ...when the client resets (RST), as a killed client's kernel does
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()
+    assert settled(pid, base) == {"descriptors": 0, "mappings": 0, "all": base}
+    with server.connect() as client:  # still serving
+        assert client.models()
+
+
+def test_memfds_take_at_most_a_quarter_of_the_descriptors(server: TcpServer,
+                                                          tmp_path: Path) -> None:
+    """Each memfd costs two descriptors (its own and the mapping's). One client holds a
+    frame in the `gate` model and sends as many 64-buffer messages as its queues take
+    (each buffer 1 MiB: a memfd each): at most a quarter of the server's descriptor
+    limit (here 256) goes to memfds, the rest are received as bytes, and another
+    client is served meanwhile, its EXR in and out through memfds or bytes alike."""
+    pid = server.process.pid
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (256, 256))
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    plate = make_plate(8, 8)
+    hog = Raw.tcp(server.host, server.port)
+    hog.login(TOKEN)
+    hog.send({"type": "infer", "id": 0, "model": "gate", "options": {"gate": str(gate)},
+              "inputs": {"src": raw_ref(plate)}}, [plate.tobytes()])
+    blob = bytes(1 << 20)
+    for i in range(1, 5):  # 4 x 63 memfd-sized buffers: 504 descriptors without a cap
+        hog.send({"type": "infer", "id": i, "model": "identity",
+                  "inputs": {"src": raw_ref(plate)}}, [plate.tobytes()] + [blob] * 63)
+    wait_until_read([hog.sock])
+    held = memfds(pid)
+    assert held["descriptors"] <= 256 // 4, held
+    assert len(server_fds(pid)) < 256 // 2
+    data = exr_of(tmp_path, make_plate(400, 300, seed=2))
+    assert len(data) > 1 << 20
+    with server.connect() as client:  # another client is served
+        reply = client.infer("identity", {"src": {"kind": "inline", "format": "exr",
+                                                  "buffer": 0}},
+                             buffers=[data], output_exr={"kind": "inline"})
+        assert bytes(reply.buffers[0])[:4] == b"\x76\x2f\x31\x01"
+    with open(gate, "wb") as g:  # the gate opens: every frame of the hog is answered
+        g.write(b"x")
+    assert [hog.read()[0]["ok"] for _ in range(5)] == [True] * 5
+    hog.close()
+    assert settled(pid) == {"descriptors": 0, "mappings": 0}
+
+
+# --- 9. frame-offset inputs (dlserver/sequence.py, the `neighbours` test model) -------------
+
+def plane_ref(buffer: int, shape, channels) -> dict:
+    return {"kind": "inline", "buffer": buffer, "shape": list(shape), "dtype": "float32",
+            "channels": list(channels)}
+
+
+def test_neighbour_frames_must_be_the_first_inputs_size_and_channels(
+        server: TcpServer, tmp_path: Path) -> None:
+    raw = Raw.tcp(server.host, server.port)
+    raw.login(TOKEN)
+    five, six = np.full((8, 12, 1), 5, np.float32), np.full((8, 12, 1), 6, np.float32)
+    wide = np.full((8, 13, 1), 6, np.float32)
+
+    def ask(inputs: dict, buffers) -> dict:
+        return raw.ask({"type": "infer", "id": 1, "model": "neighbours", "inputs": inputs},
+                       [b.tobytes() for b in buffers])[0]
+
+    src, prev = plane_ref(0, five.shape, "R"), plane_ref(0, five.shape, "R")
+    reply = ask({"src": src, "next": plane_ref(1, wide.shape, "R"), "previous": prev},
+                [five, wide])
+    assert reply["error"]["code"] == "bad_frame" and "'next' is 13x8" in \
+        reply["error"]["message"]
+    # a neighbour without the channel the first input has: never filled in silently
+    reply = ask({"src": src, "next": plane_ref(1, six.shape, "G"), "previous": prev},
+                [five, six])
+    assert reply["error"]["code"] == "bad_frame", reply
+    assert "'next'" in reply["error"]["message"] and "R" in reply["error"]["message"]
+    # the same as EXRs: the neighbour holds G only
+    plate = np.full((8, 12, 4), 5, np.float32)
+    only_g = tmp_path / "g.exr"
+    import OpenEXR
+    OpenEXR.File({"compression": OpenEXR.NO_COMPRESSION, "type": OpenEXR.scanlineimage},
+                 {"G": np.full((8, 12), 6, np.float32)}).write(str(only_g))
+    exr = lambda i: {"kind": "inline", "format": "exr", "buffer": i}  # noqa: E731
+    reply = raw.ask({"type": "infer", "id": 2, "model": "neighbours",
+                     "inputs": {"src": exr(0), "next": exr(1), "previous": exr(0)}},
+                    [exr_of(tmp_path, plate), only_g.read_bytes()])[0]
+    assert reply["error"]["code"] == "bad_frame" and "'next'" in reply["error"]["message"]
+    # an unknown input; a "hold" input left out: bad_request naming what the model takes
+    for inputs in ({"src": src, "nxt": plane_ref(1, six.shape, "R"), "previous": prev},
+                   {"src": src, "next": plane_ref(1, six.shape, "R")}):
+        reply = ask(inputs, [five, six])
+        assert reply["error"]["code"] == "bad_request"
+        assert "takes inputs ['next', 'previous', 'src']" in reply["error"]["message"]
+    # a neighbour with more channels than the first input is fine; the session goes on
+    reply, out = raw.ask({"type": "infer", "id": 3, "model": "neighbours",
+                          "inputs": {"src": src, "next": plane_ref(1, (8, 12, 2), "RG"),
+                                     "previous": prev}},
+                         [five.tobytes(), np.full((8, 12, 2), 6, np.float32).tobytes()])
+    assert reply["ok"], reply
+    assert np.frombuffer(out[0], np.float32).reshape(8, 12, 3)[0, 0].tolist() == [5, 6, 5]
+    raw.close()
+
+
+def test_one_buffer_for_several_inputs_and_neighbour_sets_hash_apart(
+        server: TcpServer, tmp_path: Path) -> None:
+    """A buffer (a memfd: its descriptor closed after the first decode) may feed several
+    inputs; the content hash is in the declared input order, so swapping the neighbours
+    or leaving one out never gives another request's key (oracle: support's hash)."""
+    h, w = 300, 520  # 2.4 MiB EXRs: memfds
+    frames = {f: exr_of(tmp_path, np.full((h, w, 4), f, np.float32), f"{f}.exr")
+              for f in (4, 5, 6)}
+    hashes = {f: oracle_exr_hash(data, h, w, list("RGBA")) for f, data in frames.items()}
+    raw = Raw.tcp(server.host, server.port)
+    raw.login(TOKEN)
+    exr = lambda i: {"kind": "inline", "format": "exr", "buffer": i}  # noqa: E731
+    cases = [  # (inputs by frame, buffers' frames)
+        ({"src": 5, "next": 5, "previous": 5}, [5]),
+        ({"src": 5, "next": 6, "previous": 4}, [5, 6, 4]),
+        ({"src": 5, "next": 4, "previous": 6}, [5, 6, 4]),
+        ({"src": 5, "previous": 4}, [5, 6, 4]),
+    ]
+    keys = []
+    for i, (inputs, order) in enumerate(cases):
+        reply, out = raw.ask({"type": "infer", "id": i, "model": "neighbours",
+                              "content_hash": True,
+                              "inputs": {n: exr(order.index(f)) for n, f in inputs.items()}},
+                             [frames[f] for f in order])
+        assert reply["ok"], reply
+        seen = np.frombuffer(out[0], np.float32).reshape(h, w, 3)
+        want = [inputs["src"], inputs.get("next", -1), inputs["previous"]]
+        assert (seen == np.array(want, np.float32)).all()
+        assert reply["content_hash"] == oracle_combine(
+            [hashes[inputs[n]] if n in inputs else "absent"
+             for n in ("src", "next", "previous")])
+        keys.append(reply["content_hash"])
+    assert len(set(keys)) == len(keys)
+    raw.close()
+    assert settled(server.process.pid) == {"descriptors": 0, "mappings": 0}

@@ -329,6 +329,52 @@ def test_replicas_follow_the_cluster_and_the_flags() -> None:
         RaySettings(min_replicas=3, max_replicas=2).check()
 
 
+def test_a_client_names_no_model_path_and_no_replica(ray_server: TcpServer) -> None:
+    """Model names are identifiers (a path is an unknown model, as on the plain server);
+    fields naming a replica, an application or Serve's multiplexed id are not read: the
+    front end picks them (raw client of the tests' own: nothing dlserver's client adds)."""
+    from hostile import Raw
+
+    raw = Raw.tcp(ray_server.host, ray_server.port)
+    raw.login(ray_server.token)
+    plate = make_plate(8, 8)
+    for i, name in enumerate([str(TEST_MODELS / "identity"), "../identity", "identity.model",
+                              "ray_probe/../identity"]):
+        reply = raw.ask({"type": "infer", "id": i, "model": name,
+                         "inputs": {"src": raw_inline(plate)}}, [plate.tobytes()])[0]
+        assert reply["error"]["code"] == "unknown_model", reply
+    steer = {"replica": "nope", "app": "dlserver-other", "multiplexed_model_id": "../x",
+             "deployment": "Other", "models_dir": "/tmp"}
+    reply, out = raw.ask({"type": "infer", "id": 9, "model": "ray_probe", **steer,
+                          "inputs": {"src": raw_inline(plate)}}, [plate.tobytes()])
+    assert reply["ok"] and reply["data"] == {"ray": True} and "ray_s" in reply["timing"]
+    assert np.frombuffer(out[0], np.float32).tobytes() == plate.tobytes()
+    raw.close()
+
+
+def test_frames_received_into_memfds_go_through_ray_and_leave_nothing(
+        ray_server: TcpServer, tmp_path: Path) -> None:
+    """A 2.4 MiB raw frame and an EXR (both over memfile.MIN_SIZE: received into memfds)
+    through the replica: bit-exact, and no memfd or mapping of the front end is left."""
+    from hostile import settled
+    from support import write_plate_exr
+
+    from dlserver import exr
+
+    plate = make_plate(300, 520, seed=5)
+    with ray_server.connect() as client:
+        through_ray, reply = infer(client, "identity", plate, {})
+        assert "ray_s" in reply.timing and through_ray.tobytes() == plate.tobytes()
+        src, out = tmp_path / "in.exr", tmp_path / "out.exr"
+        write_plate_exr(src, plate)
+        assert src.stat().st_size > 1 << 20
+        client.infer_exr("identity", {"src": str(src)}, str(out))
+    got = exr.read_exr(str(out)).channels
+    for i, c in enumerate("RGBA"):
+        np.testing.assert_array_equal(got[c], plate[..., i])
+    assert settled(ray_server.process.pid) == {"descriptors": 0, "mappings": 0}
+
+
 @pytest.mark.parametrize("token", ["wrong", ""])
 def test_the_token_is_still_required(ray_server: TcpServer, token: str) -> None:
     with pytest.raises(DLServerError) as err:

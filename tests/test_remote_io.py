@@ -5,18 +5,17 @@ bit for bit, bad frames refused with nothing left behind (descriptors, mappings)
 from __future__ import annotations
 
 import errno
+import gc
 import os
-import select
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Dict, Iterator, List
 
 import numpy as np
 import OpenEXR
 import pytest
-from hostile import Raw
+from hostile import Raw, server_fds, settled
 from support import TcpServer
 
 from dlserver import exr, memfile
@@ -34,41 +33,6 @@ def server() -> Iterator[TcpServer]:
     srv = TcpServer(token=TOKEN)
     yield srv
     srv.stop()
-
-
-def server_fds(pid: int) -> List[str]:
-    """What the server process holds open: its descriptors' targets."""
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            pass  # closed while listed
-    return out
-
-
-def memfds(pid: int) -> Dict[str, int]:
-    """The server's memfd descriptors and mappings of frames (dlserver.memfile)."""
-    with open(f"/proc/{pid}/maps") as f:
-        mapped = sum("memfd:dlserver-frame" in line for line in f)
-    held = sum("memfd:dlserver-frame" in t for t in server_fds(pid))
-    return {"descriptors": held, "mappings": mapped}
-
-
-def settled(pid: int, fds: int = -1, timeout: float = 10.0) -> Dict[str, int]:
-    """The server's frame memfds once it has dropped what it no longer needs, polled
-    (a session's threads end after its client has gone) until none are left (and, with
-    `fds`, it holds that many descriptors again) or `timeout` passes; with `fds`, the
-    count it holds is returned too."""
-    deadline = time.monotonic() + timeout
-    while True:
-        held = memfds(pid)
-        if fds >= 0:
-            held["all"] = len(server_fds(pid))
-        if held == {"descriptors": 0, "mappings": 0, **({"all": fds} if fds >= 0 else {})} \
-                or time.monotonic() > deadline:
-            return held
-        select.select([], [], [], 0.01)
 
 
 def write_exr(path: Path, parts: List[tuple]) -> None:
@@ -306,3 +270,22 @@ def test_without_memfds_frames_go_through_bytes(monkeypatch) -> None:
     back = exr.read_exr(encoded)
     for c in "RGBA":
         np.testing.assert_array_equal(back.channels[c], image.channels[c])
+
+
+def test_memfds_stay_within_their_share_of_the_descriptors(monkeypatch) -> None:
+    """A budget of 4 more descriptors: two MemFiles (two descriptors each, counted from
+    /proc/self/fd), then bytes; a freed MemFile gives its descriptors back."""
+    gc.collect()  # MemFiles other tests left to the collector
+    start, held = own_fds(), memfile.descriptors.held  # those still alive keep theirs
+    monkeypatch.setattr(memfile, "fd_budget", lambda: held + 4)
+    first, second = memfile.receive_buffer(2 << 20), memfile.receive_buffer(2 << 20)
+    assert isinstance(first, memfile.MemFile) and isinstance(second, memfile.MemFile)
+    assert own_fds() == start + 4
+    assert isinstance(memfile.receive_buffer(2 << 20), bytearray)
+    with pytest.raises(OSError):  # encoding a result: exr.exr_bytes falls back to bytes
+        memfile.written(lambda path: open(path, "wb").write(b"x"))
+    del first
+    third = memfile.receive_buffer(2 << 20)
+    assert isinstance(third, memfile.MemFile) and own_fds() == start + 4
+    del second, third
+    assert own_fds() == start and memfile.descriptors.held == held
