@@ -18,7 +18,7 @@ import types
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 from .devices import DevicePool, empty_cache
 from .devices import resolve_device as resolve_device  # where callers found it before
@@ -76,7 +76,10 @@ class Registry:
         self.pool = DevicePool(list(devices) if devices else [device])
         self.entries: Dict[str, Entry] = {}
         self.broken: Dict[str, str] = {}  # source -> why it could not be used
-        self._load_lock = threading.Lock()
+        # one lock per (model, slot): loading one model (seconds: imports, weights) must not
+        # hold up frames of a model that is loaded already, or another model's load
+        self._load_locks: Dict[Tuple[str, int], threading.Lock] = {}
+        self._load_locks_guard = threading.Lock()
         self.discover()
 
     # --- discovery -------------------------------------------------------------------------
@@ -151,7 +154,9 @@ class Registry:
         when given, e.g. the CPU fallback, else the slot's). Callers hold
         `entry.lock_for(slot)` to infer."""
         entry = self.get(name)
-        with self._load_lock:
+        with self._load_locks_guard:
+            load_lock = self._load_locks.setdefault((name, slot), threading.Lock())
+        with load_lock:
             model = entry.instances.get(slot)
             if model is not None and device and model.device != device:
                 self.unload(name, slot)

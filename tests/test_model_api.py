@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from dlserver.client import Client
 from dlserver.frames import linear_to_srgb, srgb_to_linear
 from dlserver.model import Bool, Button, Choice, Float, Int, Layer, Model, OptionError, String
 from dlserver.registry import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Example(Model):
@@ -133,3 +136,40 @@ def test_converts_color_must_be_a_bool() -> None:
     with pytest.raises(ValueError, match="converts_color"):
         Wrong.check_declaration()
     assert Model.converts_color is False
+
+
+def test_a_model_loading_holds_up_no_other_model(tmp_path):
+    """Loading is locked per model and slot: while one model's load() runs (seconds on a
+    GPU box: imports, weights), another model is looked up and loaded at once."""
+    import threading
+
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "model.py").write_text(
+        "import threading\n"
+        "from dlserver.model import Layer, Model, Result\n"
+        "STARTED, RELEASE = threading.Event(), threading.Event()\n"
+        "class Slow(Model):\n"
+        "    name = 'slow'\n"
+        "    inputs = {'src': Layer(('R',))}\n"
+        "    outputs = {'out': Layer(('R',))}\n"
+        "    def load(self, device):\n"
+        "        super().load(device)\n"
+        "        STARTED.set()\n"
+        "        assert RELEASE.wait(30)\n"
+        "    def infer(self, inputs, options):\n"
+        "        return Result({'out': inputs['src']})\n")
+    registry = Registry([tmp_path, ROOT / "models"])
+    slow_module = sys.modules[registry.get("slow").cls.__module__]
+    loader = threading.Thread(target=registry.instance, args=("slow",), daemon=True)
+    loader.start()
+    assert slow_module.STARTED.wait(30)
+    try:
+        # would wait for the slow load (30 s, then fail) under one registry-wide lock
+        done = threading.Event()
+        threading.Thread(target=lambda: (registry.instance("blur"), done.set()),
+                         daemon=True).start()
+        assert done.wait(20), "loading blur waited for another model's load"
+    finally:
+        slow_module.RELEASE.set()
+        loader.join(30)
+    assert set(registry.loaded()) == {"slow", "blur"}
