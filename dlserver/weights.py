@@ -63,6 +63,14 @@ from .errors import DLError
 
 log = logging.getLogger(__name__)
 
+# The terms every torchvision-published weights file comes with (its README, "Pre-trained
+# Model License"); a model adds what its training data says (WeightsFile.licence).
+TORCHVISION_WEIGHTS_TERMS = (
+    "torchvision's code is BSD-3-Clause; for its pre-trained weights its README "
+    "('Pre-trained Model License') says: \"The pre-trained models provided in this "
+    "library may have their own licenses or terms and conditions derived from the "
+    "dataset used for training. It is your responsibility to determine whether you "
+    "have permission to use the models for your use case.\"")
 ENV_WEIGHTS_DIR = "DLSERVER_WEIGHTS_DIR"
 ENV_OFFLINE = "DLSERVER_OFFLINE"
 

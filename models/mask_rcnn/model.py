@@ -28,6 +28,7 @@ from dlserver.detection import (
 from dlserver.gpu import upload
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
 from dlserver.weights import (
+    TORCHVISION_WEIGHTS_TERMS,
     WeightsError,
     WeightsFile,
     WeightsMissing,
@@ -45,13 +46,8 @@ MATTE_BAND_ROWS = 256  # ... of at least this many rows
 ALL = "all"
 ALL_PEOPLE = "all people"
 
-_TORCHVISION_TERMS = (
-    "torchvision's code is BSD-3-Clause; for its pre-trained weights its README "
-    "('Pre-trained Model License') says: \"The pre-trained models provided in this "
-    "library may have their own licenses or terms and conditions derived from the "
-    "dataset used for training. It is your responsibility to determine whether you "
-    "have permission to use the models for your use case.\" These were trained on "
-    "COCO (annotations CC BY 4.0; images under their Flickr owners' terms).")
+_TORCHVISION_TERMS = TORCHVISION_WEIGHTS_TERMS + (
+    " These were trained on COCO (annotations CC BY 4.0; images under their Flickr owners' terms).")
 
 VARIANTS: Dict[str, Tuple[str, WeightsFile]] = {
     # option value: (torchvision builder, the file its COCO_V1 weights enum names)

@@ -28,15 +28,17 @@ from dlserver.color import linear_to_srgb_torch
 from dlserver.devices import is_cuda
 from dlserver.gpu import to_host, upload
 from dlserver.model import Bool, Choice, Int, Layer, Model, Result, String
-from dlserver.weights import WeightsError, WeightsFile, load_state_dict, resolve
+from dlserver.weights import (
+    TORCHVISION_WEIGHTS_TERMS,
+    WeightsError,
+    WeightsFile,
+    load_state_dict,
+    resolve,
+)
 
-_TORCHVISION_TERMS = (
-    "torchvision's code is BSD-3-Clause; for its pre-trained weights its README "
-    "('Pre-trained Model License') says: \"The pre-trained models provided in this "
-    "library may have their own licenses or terms and conditions derived from the "
-    "dataset used for training. It is your responsibility to determine whether you "
-    "have permission to use the models for your use case.\" RAFT's weights are ported "
-    "from princeton-vl/RAFT (BSD-3-Clause) or trained with torchvision's recipe on "
+_TORCHVISION_TERMS = TORCHVISION_WEIGHTS_TERMS + (
+    " RAFT's weights are ported from "
+    "princeton-vl/RAFT (BSD-3-Clause) or trained with torchvision's recipe on "
     "FlyingChairs + FlyingThings3D, then Sintel, KITTI and HD1K (each dataset under "
     "its own terms: research use for several).")
 

@@ -17,9 +17,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # nukesupport
 
 import nukesupport as ns  # noqa: E402
 from test_depth_anything_v2 import random_state  # noqa: E402 - tests/ (conftest path)
-from test_real_server import assert_same_image, connect, make_dlclient  # noqa: E402
-
-DLSERVER_CLI = os.path.join(os.path.dirname(sys.executable), "dlserver")
+from test_real_server import (  # noqa: E402
+    DLSERVER_CLI,
+    assert_same_image,
+    connect,
+    make_dlclient,
+)
 
 
 @pytest.fixture
@@ -31,28 +34,40 @@ def session(tmp_path, monkeypatch):
     plugin.shutdown_clients()
 
 
-@pytest.mark.slow
-def test_process_range_matches_dlserver_infer(session, tmp_path):
+def depth_node(plugin, tmp_path, normalize: str):
+    """A DLServerClient on a 3-frame sequence, connected, running depth_anything_v2 with a
+    random-weights checkpoint; returns (node, input pattern, the options set)."""
     weights = tmp_path / "random_vits.pth"
     torch.save({k: torch.from_numpy(v) for k, v in random_state().items()}, weights)
-    options = {"weights": str(weights), "network_size": 56, "normalize": "per frame"}
-    plugin = session
+    options = {"weights": str(weights), "network_size": 56, "normalize": normalize}
     node, pattern = make_dlclient(tmp_path, frames=range(1, 4))
     connect(plugin, node)
     node["model"].setValue("depth_anything_v2")
-    assert node["dlopt_normalize"].values() == ["off", "per frame", "per sequence",
-                                                "fixed range"]
     for name, value in options.items():
         node[f"dlopt_{name}"].setValue(value)
-    ns.press(node, "process_range")
-    ns.wait_idle(plugin, timeout=300)
-    assert "processed 3 of 3" in node["status"].value(), node["status"].value()
-    out = tmp_path / "cli" / "out.####.exr"
+    return node, pattern, options
+
+
+def dlserver_infer(pattern: str, out, options) -> None:
+    """`dlserver infer` of frames 1-3 with the same options, into `out`."""
     args = [DLSERVER_CLI, "infer", "--model", "depth_anything_v2", "--frames", "1-3"]
     for name, value in options.items():
         args += ["--set", f"{name}={value}"]
     subprocess.run([*args, pattern, str(out)], check=True, capture_output=True, text=True,
                    timeout=300)
+
+
+@pytest.mark.slow
+def test_process_range_matches_dlserver_infer(session, tmp_path):
+    plugin = session
+    node, pattern, options = depth_node(plugin, tmp_path, "per frame")
+    assert node["dlopt_normalize"].values() == ["off", "per frame", "per sequence",
+                                                "fixed range"]
+    ns.press(node, "process_range")
+    ns.wait_idle(plugin, timeout=300)
+    assert "processed 3 of 3" in node["status"].value(), node["status"].value()
+    out = tmp_path / "cli" / "out.####.exr"
+    dlserver_infer(pattern, out, options)
     for f in range(1, 4):
         got = node.node("DLRead")._image(f)
         assert_same_image(got, ns.exrio.read_exr(str(out).replace("####", f"{f:04d}")))
@@ -69,15 +84,8 @@ def test_per_sequence_range_matches_dlserver_infer_and_survives_reopen(session, 
     saved with the script; a single frame processed later is mapped with it."""
     import nuke
 
-    weights = tmp_path / "random_vits.pth"
-    torch.save({k: torch.from_numpy(v) for k, v in random_state().items()}, weights)
-    options = {"weights": str(weights), "network_size": 56, "normalize": "per sequence"}
     plugin = session
-    node, pattern = make_dlclient(tmp_path, frames=range(1, 4))
-    connect(plugin, node)
-    node["model"].setValue("depth_anything_v2")
-    for name, value in options.items():
-        node[f"dlopt_{name}"].setValue(value)
+    node, pattern, options = depth_node(plugin, tmp_path, "per sequence")
     assert node["seq_apply"].value() is False  # no range measured yet
     ns.press(node, "process_range")
     ns.wait_idle(plugin, timeout=300)
@@ -93,11 +101,7 @@ def test_per_sequence_range_matches_dlserver_infer_and_survives_reopen(session, 
     assert high > low and any(r.max() < high for r in raw.values())  # frames differ
     assert (node["seq_low"].value(), node["seq_high"].value()) == (low, high)
     out = tmp_path / "cli" / "out.####.exr"
-    args = [DLSERVER_CLI, "infer", "--model", "depth_anything_v2", "--frames", "1-3"]
-    for name, value in options.items():
-        args += ["--set", f"{name}={value}"]
-    subprocess.run([*args, pattern, str(out)], check=True, capture_output=True, text=True,
-                   timeout=300)
+    dlserver_infer(pattern, out, options)
 
     def check_pixels() -> None:
         for f in range(1, 4):
