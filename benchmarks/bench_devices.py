@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,12 +38,16 @@ def device_list(kind: str, count: int) -> str:
 
 
 def run_infer(devices: str, sets: List[str], src: str, out: str, frames: int,
-              pipeline: int) -> Dict[str, Any]:
+              pipeline: int, env: Optional[Dict[str, str]] = None,
+              model: str = "mask_rcnn") -> Dict[str, Any]:
     """`dlserver infer --devices LIST` (embedded server, frames by file reference); steady
-    after load and warm-up (10 frames)."""
+    after load and warm-up (10 frames). `env`: the variables to set for it."""
+    flags = ["--model", model, "--devices", devices, "--pipeline", str(pipeline)]
+    if model == "identity":
+        flags += ["--models-dir", str(ROOT / "tests" / "models")]
     try:
-        return time_infer(["--model", "mask_rcnn", "--devices", devices,
-                           "--pipeline", str(pipeline)], sets, src, out, frames, skip=10)
+        return time_infer(flags, sets, src, out, frames, skip=min(10, frames // 4),
+                          env={**os.environ, **(env or {})})
     except RuntimeError as exc:
         return {"error": str(exc)}
 
@@ -82,6 +86,35 @@ def compare(reference: str, other: str, frames: int) -> Dict[str, Any]:
             "differing_frames": differing[:20], "max_abs_diff": worst}
 
 
+def deterministic_runs(args: argparse.Namespace, counts: List[int], sets: List[str], src: str,
+                       work: str, frames: int, env: Dict[str, str]) -> Dict[str, Any]:
+    """DLSERVER_DETERMINISTIC=1 (cuDNN's deterministic kernels, no autotuning, frames one
+    at a time): one device twice (run to run), then each count, against the first."""
+    env = {**env, "DLSERVER_DETERMINISTIC": "1"}
+    out: Dict[str, Any] = {"frames": frames}
+    reference = None
+    runs = [("1 device", 1), ("1 device, again", 1)]
+    runs += [(f"{c} devices", c) for c in counts if c > 1]
+    for label, count in runs:
+        folder = os.path.join(work, "det " + label)
+        os.makedirs(folder)
+        res = run_infer(device_list(args.device, count), sets, src,
+                        os.path.join(folder, "r.####.exr"), frames, 6 * count + 4, env)
+        if reference is None:
+            reference = folder
+        elif "error" not in res:
+            res["identical_to_one_device"] = compare(reference, folder, frames)
+            shutil.rmtree(folder, ignore_errors=True)
+        out[label] = res
+        same = res.get("identical_to_one_device")
+        log(f"deterministic, {label}: " + (res["error"] if "error" in res else
+            f"{res['fps_steady']:.2f} frames/s steady" + (
+                f"; outputs {same['byte_identical']}/{frames} byte-identical, "
+                f"{same['pixel_identical']}/{frames} pixel-identical to 1 device, max |diff| "
+                f"{same['max_abs_diff']:.3g}" if same else "")))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -91,7 +124,13 @@ def main() -> None:
     p.add_argument("--size", default="1080p", choices=list(SIZES))
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--pipeline", type=int, default=None,
-                   help="frames in flight (default: 2 per device + 2)")
+                   help="frames in flight (default: 6 per device + 4)")
+    p.add_argument("--io-threads", type=int, default=None,
+                   help="the server's I/O threads (DLSERVER_IO_THREADS; default: half the "
+                        "cores, at most 16: this path reads and writes 2 EXRs a frame)")
+    p.add_argument("--deterministic-frames", type=int, default=40,
+                   help="then with DLSERVER_DETERMINISTIC=1: this many frames on 1 device "
+                        "twice and on every count, outputs compared bit for bit (0: skip)")
     p.add_argument("--half", default=None, choices=("true", "false"),
                    help="mask_rcnn half precision (default: true on CUDA)")
     p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -135,15 +174,30 @@ def main() -> None:
         if args.size == "small":
             sets.append("network_size=256")
         results["options"] = sets
+        io_threads = args.io_threads or max(2, min(16, (os.cpu_count() or 2) // 2))
+        env = {"DLSERVER_IO_THREADS": str(io_threads)}
+        results["io_threads"] = io_threads
+        log(f"server I/O threads: {io_threads}")
+        # the ceiling: the same files through the identity model (the EXR I/O alone)
+        out = os.path.join(work, "identity")
+        os.makedirs(out)
+        pipeline = args.pipeline or 6 * max(counts) + 4
+        res = run_infer(device_list(args.device, 1), [], src, os.path.join(out, "r.####.exr"),
+                        frames, pipeline, env, model="identity")
+        shutil.rmtree(out, ignore_errors=True)
+        results["identity"] = res
+        if "error" not in res:
+            log(f"identity (the I/O alone), pipeline {pipeline}: {res['fps_steady']:.2f} "
+                f"frames/s steady")
         base_fps = None
         reference = None
         for count in counts:
             devices = device_list(args.device, count)
-            pipeline = args.pipeline or 2 * count + 2
+            pipeline = args.pipeline or 6 * count + 4
             out = os.path.join(work, f"out{count}")
             os.makedirs(out)
             res = run_infer(devices, sets, src, os.path.join(out, "r.####.exr"), frames,
-                            pipeline)
+                            pipeline, env)
             res.update(devices=devices, pipeline=pipeline)
             if "error" in res:
                 log(f"{devices}: {res['error']}")
@@ -154,6 +208,7 @@ def main() -> None:
             else:
                 res["speedup_steady"] = res["fps_steady"] / base_fps
                 res["identical_to_one_device"] = compare(reference, out, frames)
+                shutil.rmtree(out, ignore_errors=True)  # room for the next run
             results["runs"][devices] = res
             line = (f"{devices:<24} pipeline {pipeline}: {res['fps_overall']:.2f} frames/s "
                     f"overall ({res['total_s']:.1f} s with start, load and warm-up), "
@@ -165,6 +220,9 @@ def main() -> None:
                          f"{same['pixel_identical']}/{frames} pixel-identical, max |diff| "
                          f"{same['max_abs_diff']:.3g}")
             log(line)
+        if args.deterministic_frames:
+            results["deterministic"] = deterministic_runs(
+                args, counts, sets, src, work, min(frames, args.deterministic_frames), env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

@@ -94,7 +94,19 @@ def overhead(frames: int, size: str) -> Dict[str, Any]:
     return result
 
 
-def gpu(frames: int, size: str, counts: List[int]) -> Dict[str, Any]:
+def gpu(frames: int, size: str, counts: List[int],
+        deterministic_frames: int = 40) -> Dict[str, Any]:
+    """Throughput with the default settings, then (DLSERVER_DETERMINISTIC=1) outputs
+    compared bit for bit on `deterministic_frames` frames."""
+    results = gpu_runs(frames, size, counts, {})
+    if deterministic_frames:
+        log("DLSERVER_DETERMINISTIC=1 (cuDNN's deterministic kernels, frames one at a time):")
+        results["deterministic"] = gpu_runs(min(frames, deterministic_frames), size, counts,
+                                            {"DLSERVER_DETERMINISTIC": "1"})
+    return results
+
+
+def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str]) -> Dict[str, Any]:
     import torch
     from bench_devices import compare
     from bench_models import maskrcnn_weights
@@ -119,6 +131,8 @@ def gpu(frames: int, size: str, counts: List[int]) -> Dict[str, Any]:
         sets = ["variant=resnet50_fpn", f"weights={weights}", "threshold=0",
                 "max_instances=100", "output_mode=matte", "half_precision=true"]
         results["options"] = sets
+        io_threads = max(2, min(16, (os.cpu_count() or 2) // 2))  # as bench_devices.py
+        results["io_threads"] = io_threads
         reference, base = None, None
         for count in counts:
             gpus = ",".join(str(i) for i in range(count))
@@ -126,14 +140,16 @@ def gpu(frames: int, size: str, counts: List[int]) -> Dict[str, Any]:
                 label = f"{path} {count} GPU"
                 out = os.path.join(work, f"{path}{count}")
                 os.makedirs(out)
-                flags = ["--model", "mask_rcnn", "--pipeline", str(2 * count + 2)]
+                flags = ["--model", "mask_rcnn", "--pipeline", str(6 * count + 4)]
                 flags += (["--devices", ",".join(f"cuda:{i}" for i in range(count))]
                           if path == "plain" else ["--ray", "local"])
                 saved = os.environ.get("CUDA_VISIBLE_DEVICES")
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpus  # what the Ray cluster sees
                 try:
                     res = time_infer(flags, sets, src, os.path.join(out, "r.####.exr"),
-                                     frames, skip=10)
+                                     frames, skip=min(10, frames // 4), env={
+                                         **os.environ, "DLSERVER_IO_THREADS": str(io_threads),
+                                         **env})
                 except RuntimeError as exc:
                     res = {"error": str(exc)}
                 finally:
@@ -150,6 +166,7 @@ def gpu(frames: int, size: str, counts: List[int]) -> Dict[str, Any]:
                 else:
                     res["speedup_steady"] = res["fps_steady"] / base
                     res["identical_to_plain_1"] = compare(reference, out, frames)
+                    shutil.rmtree(out, ignore_errors=True)  # room for the next run
                 same = res.get("identical_to_plain_1")
                 log(f"{label:<12} {res['fps_overall']:.2f} frames/s overall "
                     f"({res['total_s']:.1f} s with start, load and warm-up), "

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, MutableMapping, Optional, Sequence
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MPS_FALLBACK_ENV = "PYTORCH_ENABLE_MPS_FALLBACK"
+DETERMINISTIC_ENV = "DLSERVER_DETERMINISTIC"
 
 
 def parse_devices(spec: Optional[str]) -> List[Optional[str]]:
@@ -94,6 +95,29 @@ def resolve_devices(requested: Sequence[Optional[str]]) -> List[str]:
             return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         return ["mps" if mps_available() else "cpu"]
     return [resolve_device(r) for r in requested]
+
+
+def deterministic() -> bool:
+    """DLSERVER_DETERMINISTIC=1: the same output bits on every run and on every GPU of
+    one kind, whatever the timing: cuDNN's deterministic kernels chosen by its
+    heuristics (no autotuning: timing picks other kernels on each GPU and run) and
+    frames run one at a time (a batch of 4 runs other kernels than a frame alone).
+    Slower; for comparing runs, devices and scale-out paths (benchmarks/bench_devices.py)."""
+    return os.environ.get(DETERMINISTIC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def tune_convolutions(device: Any) -> None:
+    """For models whose frame sizes repeat (a sequence): let cuDNN autotune its kernels on
+    CUDA, or, with DLSERVER_DETERMINISTIC=1, use its deterministic ones. No-op elsewhere."""
+    if not is_cuda(device):
+        return
+    import torch
+
+    if deterministic():
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = True
 
 
 def mps_available() -> bool:
@@ -224,6 +248,6 @@ class DevicePool:
         return rows
 
 
-__all__ = ["DevicePool", "empty_cache", "is_cuda", "memory", "mps_available",
+__all__ = ["DevicePool", "deterministic", "empty_cache", "is_cuda", "memory", "mps_available",
            "parse_devices", "resolve_device", "resolve_devices", "set_mps_fallback",
-           "wants_mps"]
+           "tune_convolutions", "wants_mps"]

@@ -43,6 +43,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayError, TaskCancelledError
 
 from .context import SessionContext
+from .devices import DETERMINISTIC_ENV, deterministic
 from .errors import Cancelled, DLError, InternalError, ModelFailed, describe_error
 from .frames import FrameReader
 from .inference import Job, execute, model_failed
@@ -166,8 +167,9 @@ class ModelRunner:
         """Frames queued on this replica for models that batch, from any session: one
         `infer_batch` per model, options and size (what the plain server batches)."""
         groups: Dict[Any, List[int]] = {}
+        alone = deterministic()  # DLSERVER_DETERMINISTIC=1: frames one at a time
         for i, (job, _) in enumerate(frames):
-            groups.setdefault(job.batch_key(), []).append(i)
+            groups.setdefault(i if alone else job.batch_key(), []).append(i)
         outcomes: List[Dict[str, Any]] = [{} for _ in frames]
         for indices in groups.values():
             done = await self._in_worker(self._run, [frames[i] for i in indices])
@@ -327,6 +329,9 @@ class RayBackend:
             "max_ongoing_requests": MAX_ONGOING,
             "health_check_period_s": 2.0,
         }
+        if deterministic():  # replicas run as the plain server's devices would
+            options["ray_actor_options"]["runtime_env"] = {
+                "env_vars": {DETERMINISTIC_ENV: "1"}}
         if least == most:
             options["num_replicas"] = most
         else:

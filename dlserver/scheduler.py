@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .context import SessionContext
+from .devices import deterministic
 from .errors import BadRequest, Cancelled, describe_error
 from .inference import execute, finish, prepare
 from .protocol import REQUESTS, Message, error_reply, ok_reply
@@ -57,6 +58,8 @@ class Scheduler:
         # frames of this session on the devices at once: one batch per device slot
         self.devices = self.pool.size
         self.room = threading.Semaphore(self.devices)
+        # DLSERVER_DETERMINISTIC=1: frames one at a time (a batch runs other kernels)
+        self.batch_limit = 1 if deterministic() else MAX_BATCH
         self.runners: Optional[ThreadPoolExecutor] = None  # made on the first batch
         # enough read ahead to fill every device, and frames for half the I/O threads to
         # read while the other half write
@@ -172,7 +175,8 @@ class Scheduler:
                 continue
             batch = [item]
             key = item.job.batch_key()
-            while key is not None and len(batch) < MAX_BATCH and not self.to_execute.empty():
+            while key is not None and len(batch) < self.batch_limit \
+                    and not self.to_execute.empty():
                 following = self._prepared(self.to_execute.get())
                 if following is None or following.job is None or following.reply is not None \
                         or following.job.batch_key() != key or self._is_cancelled(following):

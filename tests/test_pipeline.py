@@ -91,3 +91,47 @@ def test_io_threads_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
                         ("-3", default), ("", default)):
         monkeypatch.setenv("DLSERVER_IO_THREADS", value)
         assert io_workers() == want, value
+
+
+def test_deterministic_mode_runs_frames_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DLSERVER_DETERMINISTIC=1: frames that would share a batch run alone (a batch of 4
+    runs other kernels than a frame alone: the bits would depend on the timing), with the
+    same results; any other value keeps batching."""
+    from dlserver.devices import deterministic
+
+    for value, want in (("1", True), ("true", True), ("ON", True), ("0", False), ("", False),
+                        ("no", False)):
+        monkeypatch.setenv("DLSERVER_DETERMINISTIC", value)
+        assert deterministic() is want, value
+    monkeypatch.setenv("DLSERVER_DETERMINISTIC", "1")
+    state = ServerState(Registry([TEST_MODELS]))
+    ctx = SessionContext.for_login("test", False, state.registry, state.limits, None, [],
+                                   state.shm_prefix, False, state.count)
+    session = Scheduler(state, ctx, lambda header, buffers: None)
+    batcher = sys.modules["dlserver_models.batcher.model"].Batcher
+    batcher.batches = []
+    plates = [make_plate(seed=i) for i in range(3)]
+    done = run_stages(session, [infer_item(session, i + 1, p) for i, p in enumerate(plates)])
+    assert batcher.batches == [1, 1, 1]
+    for item, plate in zip(done, plates):
+        np.testing.assert_array_equal(item.job.result["rgba"], plate * 2)
+
+
+def test_deterministic_mode_turns_cudnn_autotuning_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models call tune_convolutions at load: autotuning on CUDA (timing picks other kernels
+    on every GPU and run), cuDNN's deterministic kernels with DLSERVER_DETERMINISTIC=1, and
+    nothing on the CPU."""
+    torch = pytest.importorskip("torch")
+    from dlserver.devices import tune_convolutions
+
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(cudnn, "benchmark", False)
+    monkeypatch.setattr(cudnn, "deterministic", False)
+    monkeypatch.delenv("DLSERVER_DETERMINISTIC", raising=False)
+    tune_convolutions("cpu")
+    assert (cudnn.benchmark, cudnn.deterministic) == (False, False)
+    tune_convolutions("cuda:1")  # settings only: no device is touched
+    assert (cudnn.benchmark, cudnn.deterministic) == (True, False)
+    monkeypatch.setenv("DLSERVER_DETERMINISTIC", "1")
+    tune_convolutions("cuda")
+    assert (cudnn.benchmark, cudnn.deterministic) == (False, True)

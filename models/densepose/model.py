@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Dict, List, Sequence, Tuple
 
 from dlserver.color import linear_to_srgb_torch
 from dlserver.detection import NetworkCache, SideStreams, detections_data, input_size, weights_key
+from dlserver.devices import tune_convolutions
 from dlserver.gpu import upload
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
 from dlserver.weights import WeightsError, WeightsFile, load_state_dict, locate, resolve
@@ -131,12 +132,11 @@ class DensePose(Model):
     def load(self, device: str) -> None:
         """Imports torch; on a GPU, cuDNN's autotuning on and, when the weights file is
         present (no download here), the network built."""
-        import torch  # fail here, not in the first infer, when it is missing
         import torchvision  # noqa: F401
 
         self.device = device
+        tune_convolutions(device)  # frame sizes repeat across a sequence
         if device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = True  # frame sizes repeat across a sequence
             if locate(WEIGHTS).found:
                 try:
                     self.network()

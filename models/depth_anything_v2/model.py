@@ -11,7 +11,7 @@ import os
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
 from dlserver.color import linear_to_srgb_torch
-from dlserver.devices import is_cuda
+from dlserver.devices import is_cuda, tune_convolutions
 from dlserver.gpu import upload
 from dlserver.model import (
     Bool,
@@ -129,11 +129,10 @@ class DepthAnythingV2(Model):
 
     # --- life cycle ----------------------------------------------------------------------
     def load(self, device: str) -> None:
-        import torch
+        import torch  # noqa: F401  (fail here, not in the first infer, when it is missing)
 
         self.device = device
-        if is_cuda(device):
-            torch.backends.cudnn.benchmark = True  # frame sizes repeat across a sequence
+        tune_convolutions(device)  # frame sizes repeat across a sequence
 
     def unload(self) -> None:
         self._predictor = self._key = self._graphs = None

@@ -25,6 +25,7 @@ from dlserver.detection import (
     settings_view,
     weights_key,
 )
+from dlserver.devices import tune_convolutions
 from dlserver.gpu import upload
 from dlserver.model import Bool, Choice, Float, Int, Layer, Model, Result, String
 from dlserver.weights import (
@@ -192,13 +193,11 @@ class MaskRCNN(Model):
     def load(self, device: str) -> None:
         """Checks torchvision's categories; on a GPU, cuDNN's autotuning on and, when the
         default network's file is present (no download here), that network built."""
-        import torch  # fail here, not in the first infer, when it is missing
+        import torch  # noqa: F401  (fail here, not in the first infer, when it is missing)
         from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
         self.device = device
-        if self._cuda():
-            # frame sizes repeat across a sequence: let cuDNN pick the fastest kernels
-            torch.backends.cudnn.benchmark = True
+        tune_convolutions(device)  # frame sizes repeat across a sequence
         self._categories = list(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
         missing = set(self.options_by_name()["class_filter"].choices[2:]) - set(self._categories)
         if missing:  # the declaration was read from torchvision's source: must agree

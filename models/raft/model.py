@@ -25,7 +25,7 @@ import os
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
 from dlserver.color import linear_to_srgb_torch
-from dlserver.devices import is_cuda
+from dlserver.devices import is_cuda, tune_convolutions
 from dlserver.gpu import to_host, upload
 from dlserver.model import Bool, Choice, Int, Layer, Model, Result, String
 from dlserver.weights import (
@@ -114,11 +114,10 @@ class Raft(Model):
         self._scale = 0.0
 
     def load(self, device: str) -> None:
-        import torch  # fail here, not in the first infer, when it is missing
+        import torch  # noqa: F401  (fail here, not in the first infer, when it is missing)
 
         self.device = device
-        if is_cuda(device):
-            torch.backends.cudnn.benchmark = True  # a sequence repeats one frame size
+        tune_convolutions(device)  # a sequence repeats one frame size
 
     def unload(self) -> None:
         self._key = None
