@@ -10,10 +10,16 @@ torch is imported inside the function only: importing dlserver never loads it.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, List, Tuple
 
 from .devices import is_cuda
 from .errors import DLError
+
+# torch.cuda.graph: "only one capture may be underway at a time in the process"; and the
+# retry below flips cuDNN's process-wide autotuning flag. Several device slots capture in
+# their own threads: one at a time.
+CAPTURE_LOCK = threading.Lock()
 
 
 class CaptureFailed(DLError, RuntimeError):
@@ -37,6 +43,11 @@ def capture(fn: Callable[[], Any], device: Any) -> Tuple[Any, Any, str]:
     if not is_cuda(device):
         raise CaptureFailed(f"CUDA graphs need a CUDA device, not {str(device)!r}: "
                             f"run the part eagerly")
+    with CAPTURE_LOCK:
+        return _capture(fn, device)
+
+
+def _capture(fn: Callable[[], Any], device: Any) -> Tuple[Any, Any, str]:
     import torch
 
     stream = torch.cuda.current_stream(device)
@@ -52,7 +63,10 @@ def capture(fn: Callable[[], Any], device: Any) -> Tuple[Any, Any, str]:
                     fn()
             stream.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            # a capture stream of this device: torch.cuda.graph's default one is made once
+            # per process on whatever device was current then, and shared by every device
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device),
+                                  capture_error_mode="thread_local"):
                 out = fn()
             return graph, out, errors[0] if errors else ""
         except torch.cuda.OutOfMemoryError:

@@ -11,11 +11,12 @@ importing dlserver, listing models and running models that don't use torch never
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import threading
-from typing import Any, Dict, List, MutableMapping, Optional, Sequence
+from typing import Any, ContextManager, Dict, List, MutableMapping, Optional, Sequence
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MPS_FALLBACK_ENV = "PYTORCH_ENABLE_MPS_FALLBACK"
@@ -212,6 +213,23 @@ class DevicePool:
 
     def device(self, slot: int) -> str:
         return self.devices[slot]
+
+    def current(self, slot: int) -> ContextManager[Any]:
+        """The slot's CUDA device made the calling thread's current device while a frame
+        runs: torch's calls that take no device (current_stream(), Event.record(), new
+        streams) and Triton's launches act on the current device, which is cuda:0 in every
+        new thread. A no-op for CPU and MPS slots, and before torch is imported for an
+        automatic device (it can only be cuda:0 then)."""
+        asked = self.requested[0] if self.requested == ["all"] else self.requested[slot]
+        if self._resolved is None and "torch" not in sys.modules and not (
+                asked is not None and (asked == "all" or asked.startswith("cuda"))):
+            return contextlib.nullcontext()
+        device = self.device(slot)
+        if not is_cuda(device):
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.cuda.device(device)
 
     def acquire(self, frames: int = 1) -> int:
         """The least-loaded slot, its load raised by `frames` until `release`."""

@@ -281,7 +281,8 @@ def execute(ctx: SessionContext, jobs: List[Job], slot: int = 0) -> None:
     job.result; raises for a single job only: an error of the hierarchy (ModelFailed
     for the model's own exceptions)."""
     try:
-        _execute(ctx, jobs, slot)
+        with ctx.registry.pool.current(slot):  # the slot's GPU: the thread's current device
+            _execute(ctx, jobs, slot)
     except Exception as exc:
         raise model_failed(jobs[0].entry.cls.name, exc) from exc
 

@@ -21,7 +21,7 @@ from dlserver.devices import DevicePool, parse_devices, resolve_device, resolve_
 from dlserver.errors import OutOfMemory
 from dlserver.inference import run_model
 from dlserver.model import Layer, Model
-from dlserver.protocol import Limits
+from dlserver.protocol import Limits, Message
 from dlserver.registry import Entry, Registry
 
 # --- the device list -------------------------------------------------------------------------
@@ -377,3 +377,91 @@ def test_single_device_server_has_one_slot(embedded: Client) -> None:
     stats = embedded.stats()
     assert len(stats["devices"]) == 1 and stats["devices"][0]["device"] == stats["device"]
     assert stats["torch_imported"] is False, "stats never import torch"
+
+
+class SeesDevice(Model):
+    """Records the CUDA device current in the thread while it runs (stood in for)."""
+
+    name = "sees_device"
+    inputs = {"src": Layer(("R", "G", "B", "A"))}
+    outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+    seen: List[Any] = []
+
+    def infer(self, inputs: Dict[str, Any], options: Dict[str, Any]) -> Any:
+        type(self).seen.append((self.device, list(CurrentDevice.stack)))
+        return {"rgba": inputs["src"]}
+
+
+class CurrentDevice:
+    """Stands in for torch.cuda.device: a new thread's current CUDA device is cuda:0, so
+    torch's calls without a device (current_stream(), Event.record(), Stream()) and
+    Triton's launches act on cuda:0 unless the slot's device is made current."""
+
+    stack: List[str] = []
+
+    def __init__(self, device: Any) -> None:
+        self.device = str(device)
+
+    def __enter__(self) -> None:
+        type(self).stack.append(self.device)
+
+    def __exit__(self, *exc: Any) -> None:
+        type(self).stack.pop()
+
+
+def test_frames_run_with_their_slots_gpu_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from dlserver.inference import execute, prepare
+
+    monkeypatch.setattr(torch.cuda, "device", CurrentDevice)
+    registry = Registry([])
+    registry.entries["sees_device"] = Entry(SeesDevice, "test")
+    registry.pool = DevicePool(["cuda:0", "cuda:1"])
+    registry.pool.assume(["cuda:0", "cuda:1"])  # pretend: nothing touches a real GPU
+    ctx = SessionContext.for_login("test", False, registry, Limits(), None, [], "dls_",
+                                   False, lambda key, n=1: None)
+    SeesDevice.seen = []
+    plate = make_plate()
+    for slot in (1, 0):
+        msg = Message({"type": "infer", "id": slot, "model": "sees_device", "options": {},
+                       "inputs": {"src": raw_inline(plate)}}, [memoryview(plate.data).cast("B")])
+        execute(ctx, [prepare(ctx, msg)], slot)
+    assert SeesDevice.seen == [("cuda:1", ["cuda:1"]), ("cuda:0", ["cuda:0"])]
+    assert CurrentDevice.stack == [], "left afterwards"
+    cpu = DevicePool(["cpu", "cpu"])
+    with cpu.current(1):  # CPU slots: nothing to make current
+        assert CurrentDevice.stack == []
+
+
+@pytest.mark.cuda
+def test_two_gpus_capture_at_once_each_on_its_own_device() -> None:
+    """Two device slots capturing CUDA graphs in their own threads at once (a two-GPU
+    server's first frames): each graph runs on its own GPU and replays what eager gives.
+    torch.cuda.graph's default capture stream is one per process, made on the device
+    current at the first capture: shared, it put cuda:1's capture on cuda:0's stream."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, {torch.cuda.device_count()} visible")
+    results: Dict[str, Any] = {}
+
+    def on(device: str) -> None:
+        with torch.cuda.device(device):
+            x = torch.linspace(0, 1, 1 << 20, device=device)
+            conv = torch.nn.Conv2d(4, 8, 3).to(device)
+            inp = x.view(1, 4, 512, 512)
+            with torch.inference_mode():
+                eager = conv(inp).relu().sum(dim=1)
+                graph, out, _ = cuda_graphs.capture(lambda: conv(inp).relu().sum(dim=1),
+                                                    device)
+                graph.replay()
+                torch.cuda.synchronize(device)
+            results[device] = (str(out.device), torch.equal(out, eager))
+
+    threads = [threading.Thread(target=on, args=(d,)) for d in ("cuda:0", "cuda:1")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {"cuda:0": ("cuda:0", True), "cuda:1": ("cuda:1", True)}
