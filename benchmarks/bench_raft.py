@@ -19,6 +19,7 @@ not meaningful motion, only the same computation; trained weights were not avail
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -111,10 +112,17 @@ def main(argv: Any = None) -> int:
     torch.cuda.empty_cache() if args.device.startswith("cuda") else None
 
     inputs = {"src": src, "next": following, "previous": previous}
-    for label, graphs, half in (("model_eager_fp32", False, False),
-                                ("model_graph_fp32", True, False),
-                                ("model_graph_fp16", True, True)):
+    flow = importlib.import_module(M.__package__ + ".flow")
+    # fused: the fused look-up (float16 pyramid with half precision, channels-last update
+    # block); off: torchvision's look-up tensors (the code before), same run
+    for label, graphs, half, fused in (
+            ("model_eager_fp32", False, False, True),
+            ("model_graph_fp32_tensor_look_up", True, False, False),
+            ("model_graph_fp32", True, False, True),
+            ("model_graph_fp16_tensor_look_up", True, True, False),
+            ("model_graph_fp16", True, True, True)):
         M.Raft.cuda_graphs = graphs
+        flow.FUSED = fused
         model = M.Raft()
         model.load(args.device)
         options = {"network": args.network, "iterations": args.iterations,

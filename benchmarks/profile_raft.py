@@ -112,6 +112,28 @@ def main() -> None:
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
                                         max_name_column_width=70))
+        # the fused look-up (lookup_kernel.py), float16 pyramid, channels-last update block
+        fused = flow.fused_look_up("cuda")
+        if fused is None:
+            continue
+        flow.channels_last(n)
+        with torch.inference_mode():
+            for _ in range(3):
+                flow.flow_pairs(n, frames, 2, args.iterations, delta, scale, half, fused)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            flow.flow_pairs(n, frames, 2, args.iterations, delta, scale, half, fused)
+            end.record()
+            torch.cuda.synchronize()
+            print(f"\n{'float16' if half else 'float32'}, fused look-up: "
+                  f"{start.elapsed_time(end):.2f} ms a frame (eager)")
+            with torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                flow.flow_pairs(n, frames, 2, args.iterations, delta, scale, half, fused)
+                torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
+                                        max_name_column_width=70))
+        n.to(memory_format=torch.contiguous_format)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def shifted_plate(height: int, width: int, frame: int, right: int, up: int) -> n
 
 
 def translation_search_flow(net: Any, images: torch.Tensor, pairs: int, iterations: int,
-                            delta: Any, scale: float, half: bool) -> torch.Tensor:
+                            delta: Any, scale: float, half: bool,
+                            fused: Any = None) -> torch.Tensor:
     """Stands in for models/raft/flow.py's `flow_pairs` (same arguments, network ignored):
     for each pair k it finds the integer shift (dx, dy), |dx|, |dy| <= 8, with
     images[1 + k](p + (dx, dy)) == images[0](p) (16-pixel border left out) and returns it

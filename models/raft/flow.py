@@ -24,6 +24,7 @@ torch is imported by the model's `load()` before this module.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -32,6 +33,9 @@ from torchvision.models.optical_flow._utils import grid_sample, make_coords_grid
 
 from dlserver.cuda_graphs import CaptureFailed, capture
 
+log = logging.getLogger("dlserver")
+FUSED = True  # the fused look-up where it can run (tests and benchmarks turn it off)
+_KERNEL: Any = None  # lookup_kernel once imported, False if it cannot be
 MAX_GRAPHS = 2  # captured shapes kept (each holds its pyramids: ~5 GB a pair at 1080p)
 
 
@@ -64,6 +68,41 @@ def build_pyramid(fmap1: torch.Tensor, fmap2: torch.Tensor, levels: int,
     return pyramid
 
 
+def build_pyramid_in(fmap1: torch.Tensor, fmap2: torch.Tensor, levels: int, scale: float
+                     ) -> List[torch.Tensor]:
+    """The pyramid for the fused look-up: in the feature maps' dtype (float16 with
+    half precision: half the bytes to write, pool and sample), the 1/sqrt(C) scale applied
+    to the first feature map before the product (no extra pass over the volume; exact
+    for raft_large, whose scale is 16)."""
+    batch, channels, h, w = fmap1.shape
+    a = (fmap1.reshape(batch, channels, h * w) * (1.0 / scale)).transpose(1, 2)
+    corr = torch.bmm(a, fmap2.reshape(batch, channels, h * w))
+    corr = corr.view(batch * h * w, 1, h, w)
+    pyramid = [corr]
+    for _ in range(levels - 1):
+        corr = F.avg_pool2d(corr, kernel_size=2, stride=2)
+        pyramid.append(corr)
+    return pyramid
+
+
+def fused_look_up(device: Any) -> Optional[Any]:
+    """The fused look-up kernel's module on a CUDA device, else None (torchvision's
+    look-up). A failure to import Triton is logged once and the tensor path kept."""
+    if not str(device).startswith("cuda") or not FUSED:
+        return None
+    global _KERNEL
+    if _KERNEL is None:
+        try:
+            from . import lookup_kernel
+
+            _KERNEL = lookup_kernel
+        except Exception as exc:  # no Triton in this torch build
+            log.warning("raft: the fused correlation look-up is unavailable (%s); using "
+                        "torchvision's", exc)
+            _KERNEL = False
+    return _KERNEL or None
+
+
 def index_pyramid(pyramid: List[torch.Tensor], coords: torch.Tensor,
                   delta: torch.Tensor) -> torch.Tensor:
     """torchvision's CorrBlock.index_pyramid with the pyramid and offsets passed in."""
@@ -78,15 +117,24 @@ def index_pyramid(pyramid: List[torch.Tensor], coords: torch.Tensor,
 
 
 def flow_pairs(net: Any, frames: torch.Tensor, pairs: int, iterations: int,
-               delta: torch.Tensor, scale: float, half: bool) -> torch.Tensor:
+               delta: torch.Tensor, scale: float, half: bool,
+               fused: Optional[Any] = None) -> torch.Tensor:
     """The flow from frames[0] to each of frames[1:1 + pairs], (pairs, 2, H, W) float32,
     x right and y down in pixels: torchvision's RAFT(frames[0], frames[k])[-1] for each
-    k. `frames`: (1 + pairs, 3, H, W), values in [-1, 1], H and W multiples of 8."""
+    k. `frames`: (1 + pairs, 3, H, W), values in [-1, 1], H and W multiples of 8.
+    `fused`: the look-up kernel module (fused_look_up), or None for torchvision's
+    tensors; with it the pyramid is in the network's dtype and the update block runs
+    channels-last (set on the network by `channels_last`)."""
     dtype = torch.float16 if half else torch.float32
     images = frames.to(dtype)
     fmaps = net.feature_encoder(images)
     fmap1 = fmaps[:1].expand(pairs, -1, -1, -1)
-    pyramid = build_pyramid(fmap1.contiguous(), fmaps[1:], net.corr_block.num_levels, scale)
+    levels = net.corr_block.num_levels
+    if fused is None:
+        pyramid = build_pyramid(fmap1.contiguous(), fmaps[1:], levels, scale)
+    else:
+        pyramid = build_pyramid_in(fmap1.contiguous(), fmaps[1:], levels, scale)
+        images = images.contiguous(memory_format=torch.channels_last)
     context_out = net.context_encoder(images[:1])
     hidden_size = net.update_block.hidden_state_size
     hidden, context = torch.split(context_out, [hidden_size, context_out.shape[1] - hidden_size],
@@ -96,12 +144,28 @@ def flow_pairs(net: Any, frames: torch.Tensor, pairs: int, iterations: int,
     _, _, h, w = fmaps.shape
     coords0 = make_coords_grid(pairs, h, w, device=str(frames.device))  # made there: no copy
     coords1 = coords0.clone()
+    radius = net.corr_block.radius
     for _ in range(iterations):
-        corr = index_pyramid(pyramid, coords1, delta).to(dtype)
+        if fused is None:
+            corr = index_pyramid(pyramid, coords1, delta).to(dtype)
+        else:
+            corr = fused.index_pyramid(pyramid, coords1, radius, dtype)
         hidden, delta_flow = net.update_block(hidden, context, corr, (coords1 - coords0).to(dtype))
         coords1 = coords1 + delta_flow.float()
     up_mask = None if net.mask_predictor is None else net.mask_predictor(hidden).float()
     return upsample_flow(coords1 - coords0, up_mask=up_mask)
+
+
+def channels_last(net: Any) -> Any:
+    """The parts that run on 1/8-resolution maps every iteration (update block, mask
+    predictor) and the context encoder (batch norm) in channels-last memory: cuDNN's
+    fast float16 kernels want NHWC, and NCHW tensors are converted before and after
+    every convolution (12 ms of a 1080p frame, benchmarks/profile_raft.py). The feature
+    encoder stays NCHW: its instance norms make tensors contiguous again."""
+    for part in (net.update_block, net.mask_predictor, net.context_encoder):
+        if part is not None:
+            part.to(memory_format=torch.channels_last)
+    return net
 
 
 class GraphedFlow:
@@ -109,8 +173,9 @@ class GraphedFlow:
     the frames are copied into the graph's input tensor and the graph replayed. A shape
     whose capture fails runs eagerly (the reason is kept in `failed`)."""
 
-    def __init__(self, net: Any, delta: torch.Tensor, scale: float) -> None:
-        self.net, self.delta, self.scale = net, delta, scale
+    def __init__(self, net: Any, delta: torch.Tensor, scale: float,
+                 fused: Optional[Any] = None) -> None:
+        self.net, self.delta, self.scale, self.fused = net, delta, scale, fused
         self.graphs: Dict[Tuple[Any, ...], Tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self.failed: Dict[Tuple[Any, ...], str] = {}
 
@@ -118,13 +183,14 @@ class GraphedFlow:
                  half: bool) -> torch.Tensor:
         key = (tuple(frames.shape), pairs, iterations, half)
         if key in self.failed:
-            return flow_pairs(self.net, frames, pairs, iterations, self.delta, self.scale, half)
+            return flow_pairs(self.net, frames, pairs, iterations, self.delta, self.scale, half,
+                              self.fused)
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(key, frames)
             if entry is None:
                 return flow_pairs(self.net, frames, pairs, iterations, self.delta, self.scale,
-                                  half)
+                                  half, self.fused)
         graph, static_in, static_out = entry
         static_in.copy_(frames)
         graph.replay()
@@ -138,7 +204,7 @@ class GraphedFlow:
         try:
             graph, static_out, _ = capture(
                 lambda: flow_pairs(self.net, static_in, pairs, iterations, self.delta,
-                                   self.scale, half), frames.device)
+                                   self.scale, half, self.fused), frames.device)
         except CaptureFailed as exc:
             self.failed[key] = str(exc)
             return None
