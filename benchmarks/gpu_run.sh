@@ -9,11 +9,13 @@
 #       overlay: overlay against matte (bench_overlay.py) and the drawing's CUDA test;
 #       matte: Mask R-CNN matte fp16, fused union kernel against tensors, 1080p and 4K,
 #       and the CUDA tests of the fused kernels (about a minute);
-#       devices: one server over every GPU (--devices): 1 GPU vs 2, 200 1080p frames
+#       devices: the CUDA test of two devices, then one server over every GPU (--devices):
+#       1 GPU vs 2, 200 1080p frames, the identity ceiling, a deterministic comparison
 #       (FRAMES=N and COUNTS=1,2,4 change that);
 #       detectors: first result, 1080p detector figures with batches, CUDA tests
 #       depth: depth_anything_v2 at 1080p, fp16 / CUDA graph vs fp32 eager, and its CUDA test
-#       raft: RAFT at 1080p, the model's paths against eager torchvision (bench_raft.py)
+#       raft: RAFT's CUDA test, then at 1080p the model's paths against eager torchvision
+#       (bench_raft.py); PROFILE=1 adds benchmarks/profile_raft.py (stages, top kernels)
 #       remote: `dlserver infer --server` (frames inline over loopback TCP), this checkout
 #       against BASELINE (default .baseline: a copy of the code before, made on the host
 #       with `mkdir .baseline && git archive c394a3e | tar -x -C .baseline` and carried),
@@ -98,8 +100,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 
 if [ "$QUICK" = raft ]; then
+    step pytest_cuda_raft 200 python3 -m pytest -m cuda tests/test_raft.py -s -rs \
+        -p no:cacheprovider
     step bench_raft 280 python3 benchmarks/bench_raft.py --device cuda \
         --json "$OUT/bench_raft.json"
+    [ -n "${PROFILE:-}" ] && step profile_raft 150 python3 benchmarks/profile_raft.py
     exit 0
 fi
 
@@ -123,6 +128,8 @@ if [ "$QUICK" = ray ]; then
     exit 0
 fi
 if [ "$QUICK" = devices ]; then
+    step pytest_cuda_devices 90 python3 -m pytest -m cuda tests/test_devices.py -s -rs \
+        -p no:cacheprovider
     step bench_devices 590 python3 benchmarks/bench_devices.py --frames "${FRAMES:-200}" \
         ${COUNTS:+--counts "$COUNTS"} --json "$OUT/bench_devices.json"
     exit 0
