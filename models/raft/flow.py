@@ -73,15 +73,19 @@ def build_pyramid_in(fmap1: torch.Tensor, fmap2: torch.Tensor, levels: int, scal
     """The pyramid for the fused look-up: in the feature maps' dtype (float16 with
     half precision: half the bytes to write, pool and sample), the 1/sqrt(C) scale applied
     to the first feature map before the product (no extra pass over the volume; exact
-    for raft_large, whose scale is 16)."""
+    for raft_large, whose scale is 16).
+    Level k is the product with fmap2 average-pooled k times, not the pooled volume: the
+    correlation is linear in fmap2, so both are the same numbers (up to rounding), and
+    this never reads the level-0 volume again (2 GB a pair at 1080p in float16)."""
     batch, channels, h, w = fmap1.shape
     a = (fmap1.reshape(batch, channels, h * w) * (1.0 / scale)).transpose(1, 2)
-    corr = torch.bmm(a, fmap2.reshape(batch, channels, h * w))
-    corr = corr.view(batch * h * w, 1, h, w)
-    pyramid = [corr]
-    for _ in range(levels - 1):
-        corr = F.avg_pool2d(corr, kernel_size=2, stride=2)
-        pyramid.append(corr)
+    pyramid = []
+    for level in range(levels):
+        if level:
+            fmap2 = F.avg_pool2d(fmap2, kernel_size=2, stride=2)
+        h2, w2 = fmap2.shape[-2:]
+        corr = torch.bmm(a, fmap2.reshape(batch, channels, h2 * w2))
+        pyramid.append(corr.view(batch * h * w, 1, h2, w2))
     return pyramid
 
 
@@ -127,14 +131,15 @@ def flow_pairs(net: Any, frames: torch.Tensor, pairs: int, iterations: int,
     channels-last (set on the network by `channels_last`)."""
     dtype = torch.float16 if half else torch.float32
     images = frames.to(dtype)
+    if fused is not None:
+        images = images.contiguous(memory_format=torch.channels_last)
     fmaps = net.feature_encoder(images)
     fmap1 = fmaps[:1].expand(pairs, -1, -1, -1)
     levels = net.corr_block.num_levels
     if fused is None:
         pyramid = build_pyramid(fmap1.contiguous(), fmaps[1:], levels, scale)
     else:
-        pyramid = build_pyramid_in(fmap1.contiguous(), fmaps[1:], levels, scale)
-        images = images.contiguous(memory_format=torch.channels_last)
+        pyramid = build_pyramid_in(fmap1, fmaps[1:], levels, scale)
     context_out = net.context_encoder(images[:1])
     hidden_size = net.update_block.hidden_state_size
     hidden, context = torch.split(context_out, [hidden_size, context_out.shape[1] - hidden_size],
@@ -156,16 +161,38 @@ def flow_pairs(net: Any, frames: torch.Tensor, pairs: int, iterations: int,
     return upsample_flow(coords1 - coords0, up_mask=up_mask)
 
 
+class InstanceNorm(torch.nn.Module):
+    """nn.InstanceNorm2d's numbers (biased variance, eps, optional affine; no running
+    statistics, as RAFT's feature encoder has none) in any memory layout. torch's
+    instance_norm makes its input NCHW-contiguous and runs batch norm over it: in a
+    channels-last network, two layout copies and cuDNN conversions around each of the
+    encoder's 15 norms at 1/2 to 1/8 resolution."""
+
+    def __init__(self, norm: torch.nn.InstanceNorm2d) -> None:
+        super().__init__()
+        if norm.track_running_stats:
+            raise ValueError("InstanceNorm: running statistics are not supported")
+        self.eps = norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return y
+
+
 def channels_last(net: Any) -> Any:
-    """The parts that run on 1/8-resolution maps every iteration (update block, mask
-    predictor) and the context encoder (batch norm) in channels-last memory: cuDNN's
-    fast float16 kernels want NHWC, and NCHW tensors are converted before and after
-    every convolution (12 ms of a 1080p frame, benchmarks/profile_raft.py). The feature
-    encoder stays NCHW: its instance norms make tensors contiguous again."""
-    for part in (net.update_block, net.mask_predictor, net.context_encoder):
-        if part is not None:
-            part.to(memory_format=torch.channels_last)
-    return net
+    """The whole network in channels-last memory: cuDNN's fast float16 kernels want
+    NHWC, and NCHW tensors are converted before and after every convolution (12 ms of
+    a 1080p frame, benchmarks/profile_raft.py); the feature encoder's instance norms
+    replaced by `InstanceNorm` (the same numbers in any layout)."""
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.InstanceNorm2d):
+                setattr(module, name, InstanceNorm(child))
+    return net.to(memory_format=torch.channels_last)
 
 
 class GraphedFlow:
