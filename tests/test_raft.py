@@ -334,3 +334,30 @@ def test_pyramid_from_pooled_features_is_the_pooled_volume() -> None:
     assert [tuple(p.shape[-2:]) for p in got] == [(17, 23), (8, 11), (4, 5), (2, 2)]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("network", ["large", "small"])
+def test_split_update_is_torchvisions_update_block(weights, network) -> None:
+    """flow.SplitUpdate (the fused path's update block: no concatenation along channels,
+    each ConvGRU's convolutions split by input and merged by output, the context's part
+    computed once) gives torchvision's UpdateBlock's hidden state and flow step, for
+    raft_large (two GRUs, 1x5 and 5x1) and raft_small (one 3x3 GRU), to float rounding."""
+    net = BUILDERS[network](weights=None).eval()
+    net.load_state_dict(torch.load(weights[network], weights_only=True))
+    block = net.update_block
+    hs = block.hidden_state_size
+    ctx = int(net.context_encoder.conv.out_channels) - hs
+    split = flow.SplitUpdate(block, ctx)
+    g = torch.Generator().manual_seed(7)
+    size = (2, 11, 13)
+    hidden = torch.tanh(torch.randn(size[0], hs, *size[1:], generator=g))
+    context = torch.relu(torch.randn(1, ctx, *size[1:], generator=g)).expand(size[0], -1, -1, -1)
+    corr = torch.randn(size[0], block.motion_encoder.convcorr1[0].in_channels, *size[1:],
+                       generator=g)
+    flow_now = torch.randn(size[0], 2, *size[1:], generator=g) * 3
+    with torch.inference_mode():
+        want_h, want_d = block(hidden, context, corr, flow_now)
+        got_h, got_d = split(hidden, split.context_terms(context[:1]), corr, flow_now)
+    assert want_d.abs().max() > 0.05
+    torch.testing.assert_close(got_h, want_h, rtol=0, atol=2e-6)
+    torch.testing.assert_close(got_d, want_d, rtol=0, atol=1e-5)

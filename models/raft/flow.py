@@ -150,12 +150,18 @@ def flow_pairs(net: Any, frames: torch.Tensor, pairs: int, iterations: int,
     coords0 = make_coords_grid(pairs, h, w, device=str(frames.device))  # made there: no copy
     coords1 = coords0.clone()
     radius = net.corr_block.radius
+    split = getattr(net, "split_update", None)  # channels_last(net) attached it
+    terms = None if split is None else split.context_terms(context[:1])
     for _ in range(iterations):
         if fused is None:
             corr = index_pyramid(pyramid, coords1, delta).to(dtype)
         else:
             corr = fused.index_pyramid(pyramid, coords1, radius, dtype)
-        hidden, delta_flow = net.update_block(hidden, context, corr, (coords1 - coords0).to(dtype))
+        flow = (coords1 - coords0).to(dtype)
+        if split is None:
+            hidden, delta_flow = net.update_block(hidden, context, corr, flow)
+        else:
+            hidden, delta_flow = split(hidden, terms, corr, flow)
         coords1 = coords1 + delta_flow.float()
     up_mask = None if net.mask_predictor is None else net.mask_predictor(hidden).float()
     return upsample_flow(coords1 - coords0, up_mask=up_mask)
@@ -183,15 +189,90 @@ class InstanceNorm(torch.nn.Module):
         return y
 
 
+class SplitUpdate(torch.nn.Module):
+    """torchvision's UpdateBlock (motion encoder, recurrent block, flow head) without
+    concatenating along channels: every convolution over a concatenation is the sum of
+    convolutions over its parts (zero padding acts per channel), so each ConvGRU's
+    weights are split by input part and its z, r and q convolutions merged by output:
+
+    * the context's part of all three (the same every iteration) is computed once a
+      frame (`context_terms`), with the biases;
+    * per iteration: the motion features' and the flow's part (z, r, q at once), the
+      hidden state's part of z and r, and r·h's part of q.
+
+    In channels-last memory a concatenation along channels is a strided copy (7 ms of a
+    1080p frame in float16, 72 of them: benchmarks/profile_raft.py); a third of the
+    GRUs' work (the context's) goes too. The same numbers up to rounding (tests)."""
+
+    def __init__(self, block: Any, context_channels: int) -> None:
+        super().__init__()
+        me = block.motion_encoder
+        self.motion = me
+        conv = me.conv[0]  # Conv2dNormActivation(conv, ReLU) over [corr, flow features]
+        corr_channels = conv.in_channels - me.convflow2[0].out_channels
+        self.mix_padding = conv.padding
+        self.register_buffer("mix_corr", conv.weight[:, :corr_channels].clone())
+        self.register_buffer("mix_flow", conv.weight[:, corr_channels:].clone())
+        self.register_buffer("mix_bias", conv.bias.clone())
+        grus = [block.recurrent_block.convgru1, block.recurrent_block.convgru2]
+        grus = [g for g in grus if isinstance(g, torch.nn.Module)]  # raft_small: one
+        self.paddings = [g.convz.padding for g in grus]
+        self.hidden_size = block.hidden_state_size
+        h, c = self.hidden_size, context_channels
+        for i, gru in enumerate(grus):
+            w = torch.cat([gru.convz.weight, gru.convr.weight, gru.convq.weight])  # z, r, q
+            self.register_buffer(f"h_zr{i}", w[:2 * h, :h].clone())
+            self.register_buffer(f"h_q{i}", w[2 * h:, :h].clone())
+            self.register_buffer(f"ctx{i}", w[:, h:h + c].clone())
+            self.register_buffer(f"motion{i}", w[:, h + c:-2].clone())  # motion features
+            self.register_buffer(f"flow{i}", w[:, -2:].clone())  # the flow, appended last
+            self.register_buffer(f"bias{i}", torch.cat(
+                [gru.convz.bias, gru.convr.bias, gru.convq.bias]).clone())
+        self.flow_head = block.flow_head
+
+    def _w(self, name: str, i: int) -> torch.Tensor:
+        return getattr(self, f"{name}{i}")
+
+    def context_terms(self, context: torch.Tensor) -> List[torch.Tensor]:
+        """Each GRU's z, r, q pre-activations from the context (after its ReLU), biases
+        included: once a frame."""
+        return [F.conv2d(context, self._w("ctx", i), self._w("bias", i), padding=pad)
+                for i, pad in enumerate(self.paddings)]
+
+    def forward(self, hidden: torch.Tensor, terms: List[torch.Tensor], corr: torch.Tensor,
+                flow: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        me = self.motion
+        corr_f = me.convcorr2(me.convcorr1(corr))
+        flow_f = me.convflow2(me.convflow1(flow))
+        mixed = F.relu(F.conv2d(corr_f, self.mix_corr, self.mix_bias, padding=self.mix_padding)
+                       + F.conv2d(flow_f, self.mix_flow, None, padding=self.mix_padding))
+        h, size = hidden, self.hidden_size
+        for i, pad in enumerate(self.paddings):
+            x = (terms[i] + F.conv2d(mixed, self._w("motion", i), None, padding=pad)
+                 + F.conv2d(flow, self._w("flow", i), None, padding=pad))
+            zr = torch.sigmoid(F.conv2d(h, self._w("h_zr", i), None, padding=pad)
+                               + x[:, :2 * size])
+            z, r = zr[:, :size], zr[:, size:]
+            q = torch.tanh(F.conv2d(r * h, self._w("h_q", i), None, padding=pad)
+                           + x[:, 2 * size:])
+            h = torch.lerp(h, q, z)  # (1 - z) * h + z * q in one kernel
+        return h, self.flow_head(h)
+
+
 def channels_last(net: Any) -> Any:
     """The whole network in channels-last memory: cuDNN's fast float16 kernels want
     NHWC, and NCHW tensors are converted before and after every convolution (12 ms of
     a 1080p frame, benchmarks/profile_raft.py); the feature encoder's instance norms
-    replaced by `InstanceNorm` (the same numbers in any layout)."""
+    replaced by `InstanceNorm` (the same numbers in any layout), and the update block's
+    concatenation-free twin `SplitUpdate` attached as `net.split_update` (flow_pairs
+    uses it when present)."""
     for module in list(net.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.InstanceNorm2d):
                 setattr(module, name, InstanceNorm(child))
+    if not hasattr(net, "split_update"):  # the context encoder's output: [hidden, context]
+        context = int(net.context_encoder.conv.out_channels) - net.update_block.hidden_state_size
+        net.split_update = SplitUpdate(net.update_block, context)
     return net.to(memory_format=torch.channels_last)
 
 
