@@ -361,3 +361,17 @@ def test_split_update_is_torchvisions_update_block(weights, network) -> None:
     assert want_d.abs().max() > 0.05
     torch.testing.assert_close(got_h, want_h, rtol=0, atol=2e-6)
     torch.testing.assert_close(got_d, want_d, rtol=0, atol=1e-5)
+
+
+def test_channels_last_network_copies_and_halves(weights) -> None:
+    """The model keeps a float16 copy of the float32 network (copy.deepcopy, then
+    .half()): the fused path's network (split update buffers, instance norms) must
+    survive both, buffers in float16 and channels-last."""
+    import copy
+
+    net = raft_large(weights=None).eval()
+    net.load_state_dict(torch.load(weights["large"], weights_only=True))
+    half = copy.deepcopy(flow.channels_last(net)).half()
+    assert half.split_update.h_zr0.dtype == torch.float16
+    assert half.split_update.h_zr0.is_contiguous(memory_format=torch.channels_last)
+    assert net.split_update.h_zr0.dtype == torch.float32

@@ -206,6 +206,10 @@ class SplitUpdate(torch.nn.Module):
 
     def __init__(self, block: Any, context_channels: int) -> None:
         super().__init__()
+        with torch.no_grad():  # plain buffers (a copy of the network must deep-copy them)
+            self._split(block, context_channels)
+
+    def _split(self, block: Any, context_channels: int) -> None:
         me = block.motion_encoder
         self.motion = me
         conv = me.conv[0]  # Conv2dNormActivation(conv, ReLU) over [corr, flow features]
