@@ -14,10 +14,17 @@ backward vectors share their first image, so here:
 
 `flow_pairs` is the whole pass as a function of tensors that stay put, so on a CUDA GPU
 `GraphedFlow` captures it into one CUDA graph (dlserver.cuda_graphs.capture): one launch
-instead of ~50 per iteration. `half=True` runs the encoders, the update block and the
-correlation matmul in float16; the pyramid, the coordinates and the flow stay float32
-(look-up positions and the accumulated flow need float32's precision: in float16 a
-coordinate near 240 at 1/8 resolution moves in steps of 1/8, a full-resolution pixel).
+instead of ~50 per iteration.
+
+On CUDA the pass also takes the fused path (`fused_look_up`; torchvision's tensors on the
+CPU, and wherever Triton is missing): the look-up is one Triton kernel per pyramid level
+(lookup_kernel.py), the pyramid is built in the network's dtype from average-pooled
+feature maps (`build_pyramid_in`), and the network runs channels-last with
+`InstanceNorm` and `SplitUpdate` standing in for the modules that would copy layouts or
+concatenate along channels (benchmarks/profile_raft.py shows where the time went).
+`half=True` runs the network and the correlation pyramid in float16; the coordinates,
+the bilinear weights of the look-up and the flow stay float32 (in float16 a coordinate
+near 240 at 1/8 resolution moves in steps of 1/8, a full-resolution pixel).
 
 torch is imported by the model's `load()` before this module.
 """
