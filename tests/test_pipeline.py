@@ -121,7 +121,8 @@ def test_deterministic_mode_turns_cudnn_autotuning_off(monkeypatch: pytest.Monke
     """Models call tune_convolutions at load: autotuning on CUDA (timing picks other kernels
     on every GPU and run), cuDNN's deterministic kernels with DLSERVER_DETERMINISTIC=1, and
     nothing on the CPU."""
-    torch = pytest.importorskip("torch")
+    import torch  # a hard dependency: a broken install fails here, never skips
+
     from dlserver.devices import tune_convolutions
 
     cudnn = torch.backends.cudnn

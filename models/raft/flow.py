@@ -241,8 +241,9 @@ class SplitUpdate(torch.nn.Module):
                 [gru.convz.bias, gru.convr.bias, gru.convq.bias]).clone())
         self.flow_head = block.flow_head
 
-    def _w(self, name: str, i: int) -> torch.Tensor:
-        return getattr(self, f"{name}{i}")
+    def _w(self, name: str, i: Optional[int] = None) -> torch.Tensor:
+        """A buffer (of GRU `i` when given)."""
+        return getattr(self, name if i is None else f"{name}{i}")
 
     def context_terms(self, context: torch.Tensor) -> List[torch.Tensor]:
         """Each GRU's z, r, q pre-activations from the context (after its ReLU), biases
@@ -255,8 +256,9 @@ class SplitUpdate(torch.nn.Module):
         me = self.motion
         corr_f = me.convcorr2(me.convcorr1(corr))
         flow_f = me.convflow2(me.convflow1(flow))
-        mixed = F.relu(F.conv2d(corr_f, self.mix_corr, self.mix_bias, padding=self.mix_padding)
-                       + F.conv2d(flow_f, self.mix_flow, None, padding=self.mix_padding))
+        pad = self.mix_padding
+        mixed = F.relu(F.conv2d(corr_f, self._w("mix_corr"), self._w("mix_bias"), padding=pad)
+                       + F.conv2d(flow_f, self._w("mix_flow"), None, padding=pad))
         h, size = hidden, self.hidden_size
         for i, pad in enumerate(self.paddings):
             x = (terms[i] + F.conv2d(mixed, self._w("motion", i), None, padding=pad)
