@@ -186,12 +186,16 @@ def main() -> None:
                    help="frames (default: 30 for overhead, 200 for gpu)")
     p.add_argument("--size", default="1080p", choices=list(SIZES))
     p.add_argument("--counts", default="1,2", help="gpu mode: GPU counts (default 1,2)")
+    p.add_argument("--deterministic-frames", type=int, default=40,
+                   help="gpu mode: then with DLSERVER_DETERMINISTIC=1 on this many frames, "
+                        "outputs compared bit for bit (0: skip)")
     p.add_argument("--json")
     args = p.parse_args()
     if args.mode == "overhead":
         result = overhead(args.frames or 30, args.size)
     else:
-        result = gpu(args.frames or 200, args.size, [int(c) for c in args.counts.split(",")])
+        result = gpu(args.frames or 200, args.size, [int(c) for c in args.counts.split(",")],
+                     args.deterministic_frames)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

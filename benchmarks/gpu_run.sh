@@ -124,7 +124,8 @@ fi
 if [ "$QUICK" = ray ]; then
     python3 -c "import ray; print('ray', ray.__version__)" >> "$MODELS_LOG" 2>&1
     step bench_ray 590 python3 benchmarks/bench_ray.py --mode gpu --frames "${FRAMES:-200}" \
-        ${COUNTS:+--counts "$COUNTS"} --json "$OUT/bench_ray.json"
+        ${COUNTS:+--counts "$COUNTS"} --deterministic-frames "${DET_FRAMES:-40}" \
+        --json "$OUT/bench_ray.json"
     exit 0
 fi
 if [ "$QUICK" = devices ]; then

@@ -68,6 +68,25 @@ RAY_MODELS = {
             def infer(self, inputs, options):
                 return Result({"rgba": inputs["src"]}, data={"ray": "ray" in sys.modules})
     ''',
+    "gated": '''
+        """Waits in infer until the FIFO `gate` has a writer (a gate the test opens: no
+        sleeps), then answers with its process id."""
+        import os
+
+        from dlserver.model import Layer, Model, Result, String
+
+
+        class Gated(Model):
+            name = "gated"
+            uses_torch = False
+            inputs = {"src": Layer(("R", "G", "B", "A"))}
+            outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+            options = (String("gate"),)
+
+            def infer(self, inputs, options):
+                os.close(os.open(options["gate"], os.O_RDONLY))  # blocks until opened to write
+                return Result({"rgba": inputs["src"]}, data={"pid": os.getpid()})
+    ''',
     "bad_load": '''
         """Fails to load."""
         from dlserver.model import Layer, Model
@@ -173,6 +192,41 @@ def test_frames_of_a_batching_model_come_back_to_their_requests(ray_client: Clie
     for rid, plate in zip(ids, plates):
         out = np.frombuffer(ray_client.receive(rid).buffers[0], np.float32)
         assert np.array_equal(out.reshape(plate.shape), plate * np.float32(3.0))
+
+
+def test_frames_in_flight_spread_over_the_replicas(cluster: str, models_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """Two replicas, one model, more frames in flight than one replica holds: both
+    replicas run frames. Serve sends a multiplexed model's requests to the replicas that
+    have it loaded until they are full (max_ongoing_requests), so a replica's limit above
+    a session's frames in flight kept every frame on one replica (and one GPU). The
+    frames wait at a gate (a FIFO) until all are sent."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    server = TcpServer(token=secrets.token_hex(8), extra=(
+        "--models-dir", str(models_dir), "--ray", cluster, "--min-replicas", "2",
+        "--max-replicas", "2", "--cpus-per-replica", "0.5"))
+    try:
+        with server.connect() as client:
+            plate = make_plate(8, 8)
+            options = {"gate": str(gate)}
+            first = client.send("infer", [plate.data], model="gated", options=options,
+                                inputs={"src": raw_inline(plate)})
+            writer = os.open(gate, os.O_WRONLY)  # the first frame is in: let it through
+            try:
+                assert client.receive(first).header["data"]["pid"] > 0  # loaded there
+            finally:
+                os.close(writer)
+            ids = [client.send("infer", [plate.data], model="gated", options=options,
+                               inputs={"src": raw_inline(plate)}) for _ in range(12)]
+            writer = os.open(gate, os.O_WRONLY)  # a replica's frame waits for this
+            try:
+                pids = {client.receive(rid).header["data"]["pid"] for rid in ids}
+            finally:
+                os.close(writer)
+        assert len(pids) == 2, f"frames ran on {len(pids)} replica(s)"
+    finally:
+        server.stop()
 
 
 def test_the_plain_server_never_imports_ray(ray_client: Client, plain_server: TcpServer,
