@@ -55,12 +55,13 @@ log = logging.getLogger("dlserver")
 
 APP_PREFIX = "dlserver"  # an application per front end: dlserver-<host>-<pid>
 DEPLOYMENT_NAME = "ModelRunner"
-# Frames a replica holds at once (running and queued): a batch of 4 (mask_rcnn's) or a
-# frame running and the next ones waiting. Small on purpose: Serve routes a multiplexed
-# model's requests to the replicas that have it loaded until those are at this limit, so
-# with 16 (as before) one session's frames all went to one replica and a second GPU
-# never got any (run 38: 2 GPUs 45.8 frames/s against 44.0 on one).
-MAX_ONGOING = 4
+# Frames a replica holds at once (running and queued). Serve routes a multiplexed model's
+# requests to the replicas that have it loaded until those are at this limit: at 16, one
+# session's 16 frames in flight all went to one replica and a second GPU got none (run
+# 38: 2 GPUs 45.8 frames/s, 1 GPU 44.0). At 4 both replicas ran frames but one replica
+# fell to 32.3 frames/s (too little queued to batch and overlap; run 43). 8: a batch
+# running and the next gathering, and a session's 16 frames reach two replicas.
+MAX_ONGOING = 8
 MAX_CANCELLED = 10_000  # keys a CancelBoard remembers
 MIN_SLOTS = 16  # frames one session hands to the cluster at once (the client's
 # pipeline bounds it in practice); MAX_ONGOING per replica with more replicas
