@@ -175,7 +175,7 @@ def apply_models(node: nuke.Node, key: Any, models: Sequence[Dict[str, Any]]) ->
     decl = decls[names.index(chosen)]
     warnings += _adopt(node, decl, state, names)
     text = f"connected to {describe_server(key)}: {len(names)} models"
-    kn.set_status(node, text + (" | " + "; ".join(warnings) if warnings else ""))
+    load_ahead(node, text + (" | " + "; ".join(warnings) if warnings else ""))
 
 
 def model_chosen(node: nuke.Node) -> None:
@@ -191,7 +191,40 @@ def model_chosen(node: nuke.Node) -> None:
     enum = kn.knob(node, "model")
     assert isinstance(enum, nuke.Enumeration_Knob)
     warnings = _adopt(node, decl, state, list(enum.values()))
-    kn.set_status(node, f"model {model}" + (" | " + "; ".join(warnings) if warnings else ""))
+    load_ahead(node, f"model {model}" + (" | " + "; ".join(warnings) if warnings else ""))
+
+
+def load_ahead(node: nuke.Node, shown: str) -> None:
+    """Show `shown` and, in the GUI, have the server load the node's model now (a worker
+    thread), so the artist's first frame does not wait for the model's import and
+    weights: "loading <model>…", then "<model> ready" (or the error its first frame would
+    get). A terminal session processes in line: its first frame loads the model."""
+    state, _ = kn.load_state(node)
+    decl, model = state["decl"], state["model"]
+    key = fr.server_key(node)
+    if not nuke.env["gui"] or decl is None or not model or (key[0] == "remote" and not key[1]):
+        kn.set_status(node, shown)
+        return
+    loading = st.plain_text(f"loading {model}… | {shown}")
+    kn.set_status(node, loading)
+    name, cache = node.fullName(), kn.sync_cache_path(node)
+    options, version = dict(state["options"]), decl["version"]
+
+    def done(result: Any, error: Optional[BaseException]) -> None:
+        target = nuke.toNode(name)
+        if target is None or kn.text(target, "status") != loading:
+            return  # the node has moved on (another model, a frame's status)
+        if error is not None:
+            kn.set_error(target, f"cannot load {model}: {fr.error_text(error)}")
+        elif result is None:  # a server older than `load`: the first frame loads it
+            kn.set_status(target, shown)
+        else:
+            kn.set_status(target, f"{model} ready | {shown}")
+
+    threads.run(lambda: connections.call_with_restart(
+                    key, lambda client: client.load(model, options, version=version), cache),
+                done, background=True,
+                quiet=lambda exc: isinstance(exc, connections.DLServerError))
 
 
 def options_changed(node: nuke.Node) -> None:

@@ -163,6 +163,9 @@ class StubClient:
     spawn_threads: List[str] = []
     connects: List[Dict[str, Any]] = []  # Client.connect's arguments, in call order
     tls_only = False  # a remote server started with --tls-cert
+    loads: List[Dict[str, Any]] = []  # Client.load's calls: model, options, version, thread
+    load_answer: Any = "loaded"  # None: a server older than `load`; an exception: raised
+    before_load: Optional[Any] = None  # test hook: called with the request
 
     def __init__(self, exchange_dir: Optional[str], allow_dirs: Any = ()) -> None:
         self.exchange_dir = exchange_dir
@@ -179,6 +182,9 @@ class StubClient:
         cls.spawn_threads = []
         cls.connects = []
         cls.tls_only = False
+        cls.loads = []
+        cls.load_answer = "loaded"
+        cls.before_load = None
 
     @classmethod
     def spawn(cls, python: Optional[str] = None, models_dirs: Any = (), device: Any = None,
@@ -260,6 +266,21 @@ class StubClient:
         if request["options"].get("report_brightest"):
             message = decl.get("press_message", "brightest pixel: 1.0")
         return Reply(message, output_path)
+
+    def load(self, model: str, options: Optional[Dict[str, Any]] = None,
+             version: Optional[str] = None,
+             timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        import threading
+        request = {"model": model, "options": dict(options or {}), "version": version,
+                   "thread": threading.current_thread().name}
+        StubClient.loads.append(request)
+        if StubClient.before_load is not None:
+            StubClient.before_load(request)
+        if isinstance(StubClient.load_answer, BaseException):
+            raise StubClient.load_answer
+        if StubClient.load_answer is None:
+            return None
+        return {"model": model, "version": version, "devices": ["cpu"], "load_s": 0.0}
 
     def close(self) -> None:
         self._alive = False

@@ -187,6 +187,82 @@ class MenuAndGizmoTest(PluginTest):
         self.assertIsNotNone(node.node("DLWrite1"))
 
 
+class LoadAheadTest(PluginTest):
+    """The server loads the chosen model before the artist's first frame."""
+
+    def test_connect_loads_the_model_off_the_main_thread_and_the_status_follows(self) -> None:
+        import threading
+        gate = threading.Event()
+        StubClient.before_load = lambda request: gate.wait(30)
+        node = self.make_node()
+        ns.press(node, "connect")
+        nuke._run_main_loop(lambda: bool(StubClient.loads), 30)
+        self.assertEqual(node["status"].value(),
+                         "loading blur… | connected to the embedded server: 1 models")
+        gate.set()
+        ns.wait_idle(self.plugin)
+        self.assertEqual(node["status"].value(),
+                         "blur ready | connected to the embedded server: 1 models")
+        self.assertEqual(len(StubClient.loads), 1)
+        load = StubClient.loads[0]
+        self.assertEqual((load["model"], load["version"]), ("blur", "1"))
+        self.assertEqual(load["options"], {"size": 0.0, "channels": "rgba"})
+        self.assertNotEqual(load["thread"], threading.main_thread().name)
+
+    def test_choosing_a_model_loads_it_with_its_options(self) -> None:
+        StubClient.decls = [ns.blur_decl(), {
+            "name": "pair", "label": "Pair", "version": "3",
+            "inputs": {"image": {}, "matte": {}}, "outputs": {"rgba": {}},
+            "options": [{"name": "gain", "type": "int", "label": "gain", "help": "",
+                         "default": 2, "min": 0, "max": 10}]}]
+        node = self.make_node()
+        self.connect(node)
+        node["model"].setValue("pair")
+        self.assertEqual(node["status"].value(), "loading pair… | model pair")
+        ns.wait_idle(self.plugin)
+        self.assertEqual(node["status"].value(), "pair ready | model pair")
+        self.assertEqual([(x["model"], x["options"], x["version"]) for x in StubClient.loads],
+                         [("blur", {"size": 0.0, "channels": "rgba"}, "1"),
+                          ("pair", {"gain": 2}, "3")])
+        self.assertEqual(StubClient.spawned, 1)
+
+    def test_a_failed_load_shows_the_error_its_first_frame_would_get(self) -> None:
+        StubClient.load_answer = ns.DLServerError(
+            "weights_missing", "weights file blur.pth not found in /models/weights")
+        node = self.make_node()
+        self.connect(node)
+        self.assertEqual(node["status"].value(), "ERROR: cannot load blur: weights file "
+                                                 "blur.pth not found in /models/weights")
+
+    def test_an_older_server_leaves_the_connect_status(self) -> None:
+        StubClient.load_answer = None
+        node = self.make_node()
+        self.connect(node)
+        self.assertEqual(node["status"].value(), "connected to the embedded server: 1 models")
+
+    def test_a_status_set_meanwhile_is_not_overwritten(self) -> None:
+        import threading
+        gate = threading.Event()
+        StubClient.before_load = lambda request: gate.wait(30)
+        node = self.make_node()
+        ns.press(node, "connect")
+        nuke._run_main_loop(lambda: bool(StubClient.loads), 30)
+        node["status"].setValue("processed 1 of 1")
+        gate.set()
+        ns.wait_idle(self.plugin)
+        self.assertEqual(node["status"].value(), "processed 1 of 1")
+
+
+class TerminalLoadTest(PluginTest):
+    gui = False
+
+    def test_a_terminal_session_loads_with_its_first_frame(self) -> None:
+        node = self.make_node()
+        self.connect(node)
+        self.assertEqual(StubClient.loads, [])
+        self.assertEqual(node["status"].value(), "connected to the embedded server: 1 models")
+
+
 class ProcessingTest(PluginTest):
     def test_process_range_caches_results_and_knob_changes_never_show_stale(self) -> None:
         node = self.make_node()
