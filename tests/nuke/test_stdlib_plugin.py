@@ -253,6 +253,25 @@ class LoadAheadTest(PluginTest):
         self.assertEqual(node["status"].value(), "processed 1 of 1")
 
 
+    def test_opening_a_script_loads_the_models_its_nodes_use(self) -> None:
+        import threading
+        node = self.make_node()
+        self.connect(node)
+        path = os.path.join(self.tmp, "comp.nk")
+        nuke.scriptSaveAs(path)
+        for gui, loads in ((False, []), (True, [("blur", {"size": 0.0, "channels": "rgba"})])):
+            self.plugin = ns.start_nuke(gui=gui)
+            ns.use_client(StubClient)
+            StubClient.reset()
+            nuke.scriptOpen(path)
+            ns.wait_idle(self.plugin)
+            self.assertEqual([(x["model"], x["options"]) for x in StubClient.loads], loads)
+            self.assertEqual(StubClient.spawned, len(loads))
+        self.assertNotEqual(StubClient.loads[0]["thread"], threading.main_thread().name)
+        self.assertTrue(nuke.toNode("DLServerClient1")["status"].value().startswith(
+            "blur ready"))
+
+
 class TerminalLoadTest(PluginTest):
     gui = False
 
