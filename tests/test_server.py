@@ -550,3 +550,17 @@ def test_an_older_server_without_load_is_answered_quietly() -> None:
         listener.close()
         thread.join(10)
     assert asked == ["hello", "load", "dance"]
+
+
+def test_load_loads_on_every_device_slot(tmp_path: Path) -> None:
+    (tmp_path / "counting").mkdir()
+    (tmp_path / "counting" / "model.py").write_text(LOAD_MODELS["counting"])
+    plate = make_plate(4, 4)
+    with Client.spawn(models_dirs=[str(tmp_path)], timeout=60,
+                      extra_args=["--devices", "cpu,cpu"]) as client:
+        reply = client.load("counting")
+        assert reply is not None and reply["devices"] == ["cpu", "cpu"]
+        pending = [client.send("infer", [plate.data], model="counting",
+                               inputs={"src": raw_inline(plate)}) for _ in range(6)]
+        loads = {client.receive(rid).header["data"]["loads"] for rid in pending}
+    assert loads == {2}  # one per slot, at `load`; no frame loaded again
