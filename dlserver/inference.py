@@ -183,9 +183,11 @@ def load(ctx: SessionContext, entry: Entry) -> Dict[str, Any]:
     reply's fields; raises what a frame's load would (ModelFailed, WeightsMissing, ...)."""
     name = entry.cls.name
     started = time.perf_counter()
+    devices: List[str] = []
     try:
-        devices = [ctx.registry.instance(name, slot=slot).device
-                   for slot in range(ctx.registry.pool.size)]
+        for slot in range(ctx.registry.pool.size):
+            with ctx.registry.pool.current(slot):  # as `execute` loads it: the slot's GPU
+                devices.append(ctx.registry.instance(name, slot=slot).device)
     except Exception as exc:
         raise model_failed(name, exc) from exc
     return {"model": name, "version": str(entry.cls.version), "devices": devices,

@@ -33,6 +33,7 @@ class PluginTest(unittest.TestCase):
         self._client_class = ns.use_client(StubClient)
 
     def tearDown(self) -> None:
+        ns.wait_idle(self.plugin)  # no worker of this test (a load ahead) runs into the next
         self.plugin.shutdown_clients()
         ns.use_client(self._client_class)
         os.environ.clear()
@@ -252,6 +253,76 @@ class LoadAheadTest(PluginTest):
         ns.wait_idle(self.plugin)
         self.assertEqual(node["status"].value(), "processed 1 of 1")
 
+    def test_a_load_that_sees_the_server_lost_leaves_the_frames_restarted_server_alone(
+            self) -> None:
+        """The embedded server dies under a load and a frame: the frame's worker restarts
+        it first, then the load's worker sees the loss. It must not close the server the
+        frame now runs on (it did: forget() dropped whichever client was current)."""
+        import threading
+        lost = ns.DLServerError("server_gone", "the embedded server exited (code -9)")
+        load_sees_loss, load_redone = threading.Event(), threading.Event()
+        infers = []
+
+        def load(request: dict) -> None:
+            if len(StubClient.loads) == 1:  # on the first server, until it is lost
+                load_sees_loss.wait(30)
+                raise lost
+            load_redone.set()
+
+        def infer(request: dict) -> None:
+            infers.append(request)
+            if len(infers) == 1:  # the first server is lost under the frame
+                raise lost
+            load_sees_loss.set()  # the frame is on the restarted server now
+            self.assertTrue(load_redone.wait(30))
+
+        StubClient.before_load, StubClient.before_infer = load, infer
+        node = self.make_node(range(1, 2))
+        ns.press(node, "connect")
+        nuke._run_main_loop(lambda: bool(StubClient.loads), 30)  # the load is in flight
+        ns.press(node, "process_frame")
+        ns.wait_idle(self.plugin)
+        self.assertEqual(node["status"].value(), "processed 1 of 1 frame(s) with blur")
+        self.assertEqual(StubClient.spawned, 2)  # one restart, shared by both
+        first, second = StubClient.spawned_clients
+        self.assertEqual((first.alive(), second.alive()), (False, True))
+        self.result_frame(node, 1)
+
+    def test_a_load_still_starting_the_server_when_the_session_ends_leaves_nothing(
+            self) -> None:
+        """A script opened in the GUI starts its load-ahead worker; the session is shut
+        down (connections closed, another script, a new test) while that worker is still
+        starting the embedded server. The worker must not register its server in the new
+        session, nor its completion count against the new session's work."""
+        import threading
+
+        from dlclient import connections
+        node = self.make_node()
+        self.connect(node)
+        path = os.path.join(self.tmp, "comp.nk")
+        nuke.scriptSaveAs(path)
+        self.plugin = ns.start_nuke(gui=True)
+        StubClient.reset()
+        starting, may_start = threading.Event(), threading.Event()
+        StubClient.before_spawn = lambda: (starting.set(), may_start.wait(30))
+        nuke.scriptOpen(path)  # the GUI loads the node's model ahead: a worker thread
+        self.assertTrue(starting.wait(30))
+        workers = [t for t in threading.enumerate() if t.name == "dlclient-worker"]
+        self.assertEqual(len(workers), 1)
+        self.plugin = ns.start_nuke(gui=True)  # a new session
+        may_start.set()
+        workers[0].join(30)
+        self.assertFalse(workers[0].is_alive())
+        nuke._run_main_loop(lambda: True, 30)  # what the worker queued for the main thread
+        self.assertEqual(connections._clients, {})
+        self.assertEqual(StubClient.spawned, 1)
+        self.assertFalse(StubClient.spawned_clients[0].alive())  # its server was closed
+        self.assertTrue(self.plugin.idle())
+        # the new session works as if the old worker had never been
+        node = self.make_node()
+        self.connect(node)
+        self.assertEqual(StubClient.spawned, 2)
+        self.assertTrue(node["status"].value().startswith("blur ready"))
 
     def test_opening_a_script_loads_the_models_its_nodes_use(self) -> None:
         import threading
