@@ -349,6 +349,10 @@ def infer_range(args: argparse.Namespace, frames: List[Optional[int]], extra: Di
         where = f"the server at {args.server}" if args.server else "the embedded server"
         declaration = model_declaration(client, args.model, where)
         options = parse_settings(args.set, declaration)
+        # the server loads the model while the first frame is read (a faster first
+        # result, docs/performance.md); the frame gets the same error if the load fails,
+        # so the reply is not waited for (an older server's "unknown request" neither)
+        client.send("load", model=args.model, options=options)
         input_names = image_inputs(declaration["inputs"])
         patterns = {input_names[0]: args.input, **extra}
         missing = [n for n in input_names if n not in patterns]

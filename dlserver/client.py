@@ -595,6 +595,23 @@ class Client:
     def stats(self) -> Dict[str, Any]:
         return self.request("stats")["stats"]
 
+    def load(self, model: str, options: Optional[Dict[str, Any]] = None,
+             version: Optional[str] = None,
+             timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """Have the server load `model` now, ahead of its first frame (the `load`
+        request); errors as that frame would get them (weights_missing, model_error,
+        bad_option, ...). Returns the reply (`model`, `version`, `devices`, `load_s`), or
+        None from a server older than the request: its first frame loads the model."""
+        fields: Dict[str, Any] = {"model": model, "options": options or {}}
+        if version is not None:
+            fields["version"] = version
+        try:
+            return self.request("load", timeout=timeout, **fields)
+        except DLServerError as exc:
+            if exc.code == "bad_request" and str(exc).startswith("unknown request type"):
+                return None
+            raise
+
     def unload(self, model: Optional[str] = None) -> List[str]:
         return self.request("unload", model=model)["unloaded"]
 

@@ -167,6 +167,33 @@ def prepare(ctx: SessionContext, msg: Message) -> Job:
     return job
 
 
+def check_load(ctx: SessionContext, header: Dict[str, Any]) -> Entry:
+    """A `load` request: its model, `version` and options checked as an `infer`'s are,
+    so it fails with the error that model's first frame would get."""
+    entry = ctx.registry.get(header.get("model"))
+    check_version(entry.cls, header)
+    options = entry.cls.resolve_options(header.get("options"))
+    ctx.check_path_options(entry.cls, options)
+    return entry
+
+
+def load(ctx: SessionContext, entry: Entry) -> Dict[str, Any]:
+    """Load `entry`'s model on every device slot, where its frames run (the model's own
+    `load()`: networks built, weights read), without running a frame. Returns the
+    reply's fields; raises what a frame's load would (ModelFailed, WeightsMissing, ...)."""
+    name = entry.cls.name
+    started = time.perf_counter()
+    devices: List[str] = []
+    try:
+        for slot in range(ctx.registry.pool.size):
+            with ctx.registry.pool.current(slot):  # as `execute` loads it: the slot's GPU
+                devices.append(ctx.registry.instance(name, slot=slot).device)
+    except Exception as exc:
+        raise model_failed(name, exc) from exc
+    return {"model": name, "version": str(entry.cls.version), "devices": devices,
+            "load_s": round(time.perf_counter() - started, 6)}
+
+
 def check_input_names(cls: Type[Model], refs: Any) -> Dict[str, Any]:
     """`inputs` (returned) must name every declared input, except those declared
     `at_sequence_end="omit"`, which a client leaves out at a sequence's end."""

@@ -25,7 +25,7 @@ VERSION = 1
 MAGIC = b"DLSV"
 PREFIX = struct.Struct("!4sIQ")
 
-REQUESTS = ("hello", "list_models", "infer", "cancel", "stats", "unload", "shutdown")
+REQUESTS = ("hello", "list_models", "infer", "load", "cancel", "stats", "unload", "shutdown")
 DTYPES = {"float32": 4, "float16": 2}
 FRAME_KINDS = ("inline", "shm", "file")
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .context import SessionContext
 from .devices import deterministic
 from .errors import BadRequest, Cancelled, describe_error
-from .inference import execute, finish, prepare
+from .inference import check_load, execute, finish, load, prepare
 from .protocol import REQUESTS, Message, error_reply, ok_reply
 from .state import ServerState
 
@@ -133,8 +133,14 @@ class Scheduler:
     def _prepare_stage(self) -> None:
         while (item := self.pending.get()) is not None:
             if not self._is_cancelled(item):
-                if item.msg.header.get("type") == "infer":  # read on the I/O workers
+                kind = item.msg.header.get("type")
+                if kind == "infer":  # read on the I/O workers
                     item.work = self.state.workers.submit(prepare, self.ctx, item.msg)
+                elif kind == "load":  # checked here, loaded where frames run
+                    try:
+                        item.job = check_load(self.ctx, item.msg.header)
+                    except Exception as exc:
+                        item.reply = self._error(item.msg, exc)
                 else:
                     item.reply = self.handle(item.msg)
             self.to_execute.put(item)
@@ -173,6 +179,14 @@ class Scheduler:
                 self.room.release()
                 self.to_finish.put(item)
                 continue
+            if item.msg.header.get("type") == "load":
+                try:
+                    item.running = self._runner_pool().submit(self._load, item)
+                except RuntimeError as exc:  # the interpreter is exiting
+                    self.room.release()
+                    item.reply = self._error(item.msg, exc)
+                self.to_finish.put(item)
+                continue
             batch = [item]
             key = item.job.batch_key()
             while key is not None and len(batch) < self.batch_limit \
@@ -184,11 +198,8 @@ class Scheduler:
                     break
                 batch.append(following)
             slot = self.pool.acquire(len(batch))
-            if self.runners is None:
-                self.runners = ThreadPoolExecutor(self.devices,
-                                                  thread_name_prefix=f"infer {self.ctx.peer}")
             try:
-                running = self.runners.submit(self._run_batch, batch, slot)
+                running = self._runner_pool().submit(self._run_batch, batch, slot)
             except RuntimeError as exc:  # the interpreter is exiting
                 self.pool.release(slot, len(batch))
                 self.room.release()
@@ -202,6 +213,31 @@ class Scheduler:
         if self.runners is not None:
             self.runners.shutdown(wait=False)  # the finish stage waits for the batches
         self.to_finish.put(None)
+
+    def _runner_pool(self) -> ThreadPoolExecutor:
+        """The threads that run this session's models (made on first need)."""
+        if self.runners is None:
+            self.runners = ThreadPoolExecutor(self.devices,
+                                              thread_name_prefix=f"infer {self.ctx.peer}")
+        return self.runners
+
+    def _load(self, item: Item) -> None:
+        """A `load` request on a runner thread, as a frame's load would run (holding a
+        device slot of this session's room). Never raises: the outcome is its reply.
+        With a backend (Ray) the models load on its replicas at their first frame: the
+        request was only checked."""
+        rid = item.msg.header.get("id")
+        try:
+            if self.state.backend is not None:
+                item.reply = ok_reply(rid, model=item.job.cls.name,
+                                      version=str(item.job.cls.version), devices=[],
+                                      load_s=0.0), []
+            else:
+                item.reply = ok_reply(rid, **load(self.ctx, item.job)), []
+        except Exception as exc:
+            item.reply = self._error(item.msg, exc)
+        finally:
+            self.room.release()
 
     def _run_batch(self, batch: List[Item], slot: int) -> None:
         """One batch on device slot `slot` (a runner thread): the model, then its writing
@@ -267,7 +303,7 @@ class Scheduler:
         return error_reply(msg.header.get("id"), *describe_error(exc, msg.header.get("model"))), []
 
     def handle(self, msg: Message) -> Reply:
-        """Every request but `infer` (which goes through the stages)."""
+        """Every request but `infer` and `load` (which go through the stages)."""
         rid, kind = msg.header.get("id"), msg.header.get("type")
         try:
             if kind not in REQUESTS or kind in ("hello", "cancel"):

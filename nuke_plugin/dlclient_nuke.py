@@ -12,6 +12,7 @@ Nothing a server sends is executed or evaluated: its text goes through
 
 from __future__ import annotations
 
+import traceback
 from typing import Any, Dict, List, Optional, Sequence
 
 import dlclient_state as st
@@ -93,9 +94,13 @@ def update_ui() -> None:
 
 def on_script_load() -> None:
     """After a script has loaded: reconnect inputs that Nuke dropped because the node had
-    fewer Inputs when it connected them than its model has."""
-    for node in kn.all_dlclients():
+    fewer Inputs when it connected them than its model has; in the GUI, have the servers
+    load the models the nodes use (the artist's first frame then does not wait)."""
+    nodes = list(kn.all_dlclients())
+    for node in nodes:
         kn.reconnect_inputs(node)
+    chosen = [n for n in nodes if kn.load_state(n)[0]["model"]]
+    _send_loads(chosen, [kn.text(n, "status") for n in chosen])  # in the GUI only
 
 
 def on_script_save() -> None:
@@ -175,7 +180,7 @@ def apply_models(node: nuke.Node, key: Any, models: Sequence[Dict[str, Any]]) ->
     decl = decls[names.index(chosen)]
     warnings += _adopt(node, decl, state, names)
     text = f"connected to {describe_server(key)}: {len(names)} models"
-    kn.set_status(node, text + (" | " + "; ".join(warnings) if warnings else ""))
+    load_ahead(node, text + (" | " + "; ".join(warnings) if warnings else ""))
 
 
 def model_chosen(node: nuke.Node) -> None:
@@ -191,7 +196,70 @@ def model_chosen(node: nuke.Node) -> None:
     enum = kn.knob(node, "model")
     assert isinstance(enum, nuke.Enumeration_Knob)
     warnings = _adopt(node, decl, state, list(enum.values()))
-    kn.set_status(node, f"model {model}" + (" | " + "; ".join(warnings) if warnings else ""))
+    load_ahead(node, f"model {model}" + (" | " + "; ".join(warnings) if warnings else ""))
+
+
+def load_ahead(node: nuke.Node, shown: str) -> None:
+    """Show `shown` and, in the GUI, have the server load the node's model now (a worker
+    thread), so the artist's first frame does not wait for the model's import and
+    weights: "loading <model>…", then "<model> ready" (or the error its first frame would
+    get). A terminal session processes in line: its first frame loads the model."""
+    _send_loads([node], [shown])
+
+
+def _send_loads(nodes: Sequence[nuke.Node], shown: Sequence[str]) -> None:
+    """`load` for each node's model, one after the other in one worker thread (one
+    server start for all of them); each node's status follows its own answer."""
+    asks = []
+    for node, text in zip(nodes, shown):
+        state, _ = kn.load_state(node)
+        decl, model = state["decl"], state["model"]
+        key = fr.server_key(node)
+        if not nuke.env["gui"] or decl is None or not model or \
+                (key[0] == "remote" and not key[1]):
+            kn.set_status(node, text)
+            continue
+        loading = st.plain_text(f"loading {model}… | {text}" if text else f"loading {model}…")
+        kn.set_status(node, loading)
+        asks.append({"name": node.fullName(), "key": key, "cache": kn.sync_cache_path(node),
+                     "model": model, "options": dict(state["options"]),
+                     "version": decl["version"], "loading": loading, "shown": text})
+    if not asks:
+        return
+
+    def work() -> List[Any]:
+        answers: List[Any] = []
+        for ask in asks:
+            try:
+                answers.append((_load(ask), None))
+            except Exception as exc:  # noqa: BLE001 - shown on its node
+                if not isinstance(exc, connections.DLServerError):
+                    traceback.print_exc()  # a bug, not a server's answer: keep the trace
+                answers.append((None, exc))
+        return answers
+
+    def done(answers: Any, error: Optional[BaseException]) -> None:
+        for ask, (reply, failure) in zip(asks, answers or []):
+            target = nuke.toNode(ask["name"])
+            if target is None or kn.text(target, "status") != ask["loading"]:
+                continue  # the node has moved on (another model, a frame's status)
+            model, shown = ask["model"], ask["shown"]
+            if failure is not None:
+                kn.set_error(target, f"cannot load {model}: {fr.error_text(failure)}")
+            elif reply is None:  # a server older than `load`: the first frame loads it
+                kn.set_status(target, shown)
+            else:
+                kn.set_status(target, f"{model} ready" + (f" | {shown}" if shown else ""))
+
+    threads.run(work, done, background=True)
+
+
+def _load(ask: Dict[str, Any]) -> Any:
+    """Client.load for one node's model (a worker thread): the reply, None from an older
+    server."""
+    return connections.call_with_restart(
+        ask["key"], lambda client: client.load(ask["model"], ask["options"],
+                                               version=ask["version"]), ask["cache"])
 
 
 def options_changed(node: nuke.Node) -> None:

@@ -434,6 +434,39 @@ def test_frames_run_with_their_slots_gpu_current(monkeypatch: pytest.MonkeyPatch
         assert CurrentDevice.stack == []
 
 
+class LoadSeesDevice(SeesDevice):
+    """Records the CUDA device current in the thread while it loads."""
+
+    name = "load_sees_device"
+    loaded: List[Any] = []
+
+    def load(self, device: str) -> None:
+        super().load(device)
+        type(self).loaded.append((device, list(CurrentDevice.stack)))
+
+
+def test_the_load_request_loads_each_slot_with_its_gpu_current(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`load` loads a model where its frames run, as a frame's own load would: on each
+    slot with that slot's GPU current (a model's load may capture graphs, make streams)."""
+    import torch
+
+    from dlserver.inference import load
+
+    monkeypatch.setattr(torch.cuda, "device", CurrentDevice)
+    registry = Registry([])
+    registry.entries["load_sees_device"] = Entry(LoadSeesDevice, "test")
+    registry.pool = DevicePool(["cuda:0", "cuda:1"])
+    registry.pool.assume(["cuda:0", "cuda:1"])  # pretend: nothing touches a real GPU
+    ctx = SessionContext.for_login("test", False, registry, Limits(), None, [], "dls_",
+                                   False, lambda key, n=1: None)
+    LoadSeesDevice.loaded = []
+    reply = load(ctx, registry.get("load_sees_device"))
+    assert reply["devices"] == ["cuda:0", "cuda:1"]
+    assert LoadSeesDevice.loaded == [("cuda:0", ["cuda:0"]), ("cuda:1", ["cuda:1"])]
+    assert CurrentDevice.stack == [], "left afterwards"
+
+
 @pytest.mark.cuda
 def test_two_gpus_capture_at_once_each_on_its_own_device() -> None:
     """Two device slots capturing CUDA graphs in their own threads at once (a two-GPU

@@ -691,3 +691,30 @@ def test_one_buffer_for_several_inputs_and_neighbour_sets_hash_apart(
     assert len(set(keys)) == len(keys)
     raw.close()
     assert settled(server.process.pid) == {"descriptors": 0, "mappings": 0}
+
+
+# --- 12. load ------------------------------------------------------------------------------------
+
+def test_load_before_login_is_refused_and_loads_nothing(server: TcpServer) -> None:
+    raw = Raw.tcp(server.host, server.port)
+    raw.read()
+    reply, _ = raw.ask({"type": "load", "id": 1, "model": "blur"})
+    assert reply["ok"] is False and reply["error"]["code"] == "auth"
+    assert raw.read() is None  # the connection is closed
+    raw.close()
+    with server.connect() as client:
+        assert client.stats()["models_loaded"] == []
+
+
+@pytest.mark.parametrize("name", ["../blur", "/etc/passwd", "blur/../../x", "models.blur",
+                                  "", 7, None])
+def test_load_of_a_path_like_model_name_is_refused(server: TcpServer, name) -> None:
+    raw = Raw.tcp(server.host, server.port)
+    raw.login(TOKEN)
+    reply, _ = raw.ask({"type": "load", "id": 1, "model": name})
+    assert reply["ok"] is False and reply["error"]["code"] == "unknown_model", reply
+    assert "never paths" in reply["error"]["message"]
+    reply, _ = raw.ask({"type": "load", "id": 2, "model": "blur",
+                        "options": {"size": 1.0}})  # the session goes on
+    assert reply["ok"] is True and reply["model"] == "blur"
+    raw.close()

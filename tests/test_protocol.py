@@ -31,6 +31,7 @@ EXAMPLES = {
                                  "shape": [2, 2, 4], "dtype": "float32",
                                  "channels": ["R", "G", "B", "A"]}},
               "outputs": {"rgba": {"kind": "shm", "name": "dls1_x"}}},
+    "load": {"model": "blur", "options": {"size": 2.5}},
     "cancel": {"target": 3},
     "stats": {},
     "unload": {"model": "blur"},

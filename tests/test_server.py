@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from support import TcpServer, make_plate, raw_inline, self_signed_certificate, 
 from dlserver import exr
 from dlserver.arrays import ArrayIO
 from dlserver.client import Client, DLServerError
+from dlserver.protocol import ConnectionClosed, error_reply, ok_reply, read_message, write_message
 
 # --- embedded --------------------------------------------------------------------------------
 
@@ -380,3 +383,184 @@ def test_switch_interval_from_the_environment_and_bad_values_ignored() -> None:
         assert sys.getswitchinterval() == pytest.approx(0.001)
     finally:
         sys.setswitchinterval(before)
+
+
+# --- load: a model loaded ahead of its first frame ---------------------------------------------
+
+LOAD_MODELS = {
+    "counting": '''
+import threading
+from dlserver.model import Layer, Model, Result
+
+
+class Counting(Model):
+    """Counts its loads; each frame reports the count and the threads involved."""
+    name = "counting"
+    uses_torch = False
+    inputs = {"src": Layer(("R", "G", "B", "A"))}
+    outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+    loads = 0
+    load_thread = ""
+
+    def load(self, device):
+        super().load(device)
+        Counting.loads += 1
+        Counting.load_thread = threading.current_thread().name
+
+    def infer(self, inputs, options):
+        return Result({"rgba": inputs["src"]}, data={
+            "loads": Counting.loads, "load_thread": Counting.load_thread,
+            "infer_thread": threading.current_thread().name})
+''',
+    "broken_load": '''
+from dlserver.model import Layer, Model
+
+
+class BrokenLoad(Model):
+    name = "broken_load"
+    uses_torch = False
+    inputs = {"src": Layer(("R", "G", "B", "A"))}
+    outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+
+    def load(self, device):
+        raise RuntimeError("deliberate load failure")
+
+    def infer(self, inputs, options):
+        return {"rgba": inputs["src"]}
+''',
+    "needs_weights": '''
+from dlserver.model import Float, Layer, Model
+from dlserver.weights import WeightsFile, resolve
+
+WEIGHTS = WeightsFile.from_url("https://example.invalid/dlserver-absent-test-weights.pth")
+
+
+class NeedsWeights(Model):
+    name = "needs_weights"
+    uses_torch = False
+    inputs = {"src": Layer(("R", "G", "B", "A"))}
+    outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+    options = (Float("gain", 1.0, min=0.0, max=2.0),)
+
+    def load(self, device):
+        resolve(WEIGHTS, allow_download=False)
+
+    def infer(self, inputs, options):
+        return {"rgba": inputs["src"]}
+''',
+}
+
+
+@pytest.fixture(scope="module")
+def load_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    folder = tmp_path_factory.mktemp("load_models")
+    for name, source in LOAD_MODELS.items():
+        (folder / name).mkdir()
+        (folder / name / "model.py").write_text(source)
+    client = Client.spawn(models_dirs=[str(folder)], timeout=60)
+    yield client
+    client.close()
+
+
+def test_load_loads_once_where_frames_run_and_the_frame_does_not_load_again(
+        load_server: Client) -> None:
+    load_server.unload()
+    plate = make_plate(4, 4)
+    reply = load_server.load("counting")
+    assert reply is not None and reply["model"] == "counting" and reply["devices"] == ["cpu"]
+    assert "counting" in load_server.stats()["models_loaded"]
+    assert load_server.load("counting")["model"] == "counting"  # loaded already: no reload
+    data = load_server.infer("counting", {"src": raw_inline(plate)}, buffers=[plate.data]).data
+    assert data["loads"] == 1
+    # loaded by the session's own model runners, the threads its frames run on
+    assert data["load_thread"].startswith("infer ") and data["infer_thread"].startswith("infer ")
+    load_server.unload("counting")  # the count is real: a load after unload counts again
+    data = load_server.infer("counting", {"src": raw_inline(plate)}, buffers=[plate.data]).data
+    assert data["loads"] == 2
+
+
+def test_a_failing_load_is_the_frames_error_and_the_server_goes_on(load_server: Client) -> None:
+    plate = make_plate(4, 4)
+    for model, code, fragment in [("broken_load", "model_error", "deliberate load failure"),
+                                  ("needs_weights", "weights_missing",
+                                   "dlserver-absent-test-weights.pth")]:
+        with pytest.raises(DLServerError) as loading:
+            load_server.load(model)
+        with pytest.raises(DLServerError) as frame:
+            load_server.infer(model, {"src": raw_inline(plate)}, buffers=[plate.data])
+        assert (loading.value.code, loading.value.message) == \
+            (frame.value.code, frame.value.message)
+        assert loading.value.code == code and fragment in loading.value.message
+    assert load_server.infer("counting", {"src": raw_inline(plate)},
+                             buffers=[plate.data]).outputs  # still serving
+
+
+@pytest.mark.parametrize("model, options, version, code", [
+    ("nope", {}, None, "unknown_model"),
+    ("../counting", {}, None, "unknown_model"),
+    ("/etc/passwd", {}, None, "unknown_model"),
+    ("needs_weights", {"gain": 9.0}, None, "bad_option"),
+    ("needs_weights", {"colour": 1}, None, "bad_option"),
+    ("counting", {}, "7", "version_mismatch"),
+])
+def test_load_refuses_what_a_frame_would_refuse(load_server: Client, model, options,
+                                                version, code) -> None:
+    with pytest.raises(DLServerError) as err:
+        load_server.load(model, options, version=version)
+    assert err.value.code == code
+    assert "needs_weights" not in load_server.stats()["models_loaded"]
+
+
+def test_an_older_server_without_load_is_answered_quietly() -> None:
+    """A server of before the `load` request answers it as any unknown request type."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    asked: list = []
+
+    def old_server() -> None:
+        conn, _ = listener.accept()
+        reader, writer = conn.makefile("rb"), conn.makefile("wb")
+        write_message(writer, {"type": "welcome", "version": 1, "server": "dlserver 0.0.9",
+                               "nonce": "0" * 32, "auth_required": False})
+        try:
+            while True:
+                msg = read_message(reader)
+                rid, kind = msg.header["id"], msg.header["type"]
+                asked.append(kind)
+                if kind == "hello":
+                    write_message(writer, ok_reply(rid, version=1, server="dlserver 0.0.9"))
+                else:  # the words of the scheduler before `load` existed
+                    write_message(writer, error_reply(
+                        rid, "bad_request", f"unknown request type {kind!r}; requests are: "
+                        "list_models, infer, cancel, stats, unload, shutdown"))
+        except ConnectionClosed:
+            conn.close()
+
+    thread = threading.Thread(target=old_server, daemon=True)
+    thread.start()
+    client = Client.connect("127.0.0.1", listener.getsockname()[1], timeout=10)
+    try:
+        assert client.load("blur", {"size": 2.0}) is None
+        with pytest.raises(DLServerError) as err:  # other bad requests still raise
+            client.request("dance")
+        assert err.value.code == "bad_request"
+    finally:
+        client.close()
+        listener.close()
+        thread.join(10)
+    assert asked == ["hello", "load", "dance"]
+
+
+def test_load_loads_on_every_device_slot(tmp_path: Path) -> None:
+    (tmp_path / "counting").mkdir()
+    (tmp_path / "counting" / "model.py").write_text(LOAD_MODELS["counting"])
+    plate = make_plate(4, 4)
+    with Client.spawn(models_dirs=[str(tmp_path)], timeout=60,
+                      extra_args=["--devices", "cpu,cpu"]) as client:
+        reply = client.load("counting")
+        assert reply is not None and reply["devices"] == ["cpu", "cpu"]
+        pending = [client.send("infer", [plate.data], model="counting",
+                               inputs={"src": raw_inline(plate)}) for _ in range(6)]
+        loads = {client.receive(rid).header["data"]["loads"] for rid in pending}
+    assert loads == {2}  # one per slot, at `load`; no frame loaded again

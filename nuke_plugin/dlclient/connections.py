@@ -1,7 +1,13 @@
 """Connections to servers: one shared client per server (embedded or remote), started
 or connected on first use from a worker thread (never Nuke's main thread: the embedded
 server's start and handshake can take seconds), and a lost embedded server restarted
-once. Stdlib and dlserver.client only; no Nuke API here."""
+once. Stdlib and dlserver.client only; no Nuke API here.
+
+Several worker threads use one client at once (a frame range, a model's load ahead):
+dlserver.client routes each reply to its request. Two rules keep them from undoing each
+other's work: a worker that sees its server lost drops only the client it used (another
+worker may have restarted it already), and a client made while `shutdown` ran is closed,
+not kept (a worker of a closed session never hands the next one its server)."""
 
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ ServerKey = Tuple[Any, ...]
 _clients: Dict[ServerKey, Any] = {}
 _models: Dict[ServerKey, List[Dict[str, Any]]] = {}
 _lock = threading.Lock()
+_sessions = [0]  # shutdown() counts: a client made across one is closed, not kept
 _private_dir: List[str] = []
 
 
@@ -47,6 +54,7 @@ def client_for(key: ServerKey, cache_root: str = "") -> Any:
         raise RuntimeError("dlserver.client can't be imported: is the repository root on "
                            "sys.path (nuke_plugin/init.py puts it there)?")
     with _lock:
+        session = _sessions[0]
         client = _clients.get(key)
         if client is not None and client.alive():
             return client
@@ -62,13 +70,18 @@ def client_for(key: ServerKey, cache_root: str = "") -> Any:
         fresh = connect_remote(key)
     with _lock:
         current = _clients.get(key)
-        if current is not None and current.alive():  # another thread was quicker
+        if _sessions[0] != session:  # shut down meanwhile: nobody would close it
+            keep, drop = None, fresh
+        elif current is not None and current.alive():  # another thread was quicker
             keep, drop = current, fresh
         else:
             keep, drop = fresh, None
             _clients[key] = fresh
     if drop is not None:
         _close_quietly(drop)
+    if keep is None:
+        raise DLServerError("shut_down", f"the connection to {describe_server(key)} was "
+                                         f"closed while it was being made")
     return keep
 
 
@@ -93,24 +106,28 @@ def connect_remote(key: ServerKey) -> Any:
                                       f"on the node's TLS knob") from None
 
 
-def forget(key: ServerKey) -> None:
-    """Drop a lost server's client; closing it removes what the dead server left (its
-    exchange dir and shared memory)."""
+def forget(key: ServerKey, lost: Any) -> None:
+    """Drop `lost`, the client of a server found lost, if it is still the server's; a
+    client that replaced it (another thread restarted the server) stays. Closing `lost`
+    removes what the dead server left (its exchange dir and shared memory)."""
     with _lock:
-        lost = _clients.pop(key, None)
-    if lost is not None:
-        _close_quietly(lost)
+        if _clients.get(key) is lost:
+            del _clients[key]
+    _close_quietly(lost)
 
 
 def call_with_restart(key: ServerKey, call: Callable[[Any], Any], cache_root: str = "") -> Any:
     """call(client); a lost embedded server is restarted once, transparently."""
+    client = None
     try:
-        return call(client_for(key, cache_root))
+        client = client_for(key, cache_root)
+        return call(client)
     except DLServerError as exc:
         if key[0] != "embedded" or not is_server_gone(exc):
             raise
-        forget(key)
-        print("DLClient: the embedded server was lost; restarting it once", file=sys.stderr)
+        if client is not None:
+            forget(key, client)
+        print(f"DLClient: {exc}; restarting the embedded server once", file=sys.stderr)
         return call(client_for(key, cache_root))
 
 
@@ -137,6 +154,7 @@ def shutdown() -> None:
         clients = list(_clients.values())
         _clients.clear()
         _models.clear()
+        _sessions[0] += 1
     for client in clients:
         _close_quietly(client)
 

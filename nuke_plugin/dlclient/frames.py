@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import dlclient_state as st
@@ -223,15 +223,7 @@ def run_job(job: Job) -> Job:
     (GUI) or in line (terminal)."""
     task = nuke.ProgressTask(f"DLClient {job.model}") if job.gui and not job.live else None
     try:
-        try:
-            _pipeline(job, task)
-        except DLServerError as exc:
-            if job.server[0] != "embedded" or not connections.is_server_gone(exc):
-                raise
-            connections.forget(job.server)
-            job.rendered.clear()  # they were in the lost server's exchange dir
-            print(f"DLClient: {exc}; restarting the embedded server once", file=sys.stderr)
-            _pipeline(job, task)
+        connections.call_with_restart(job.server, partial(_pipeline, job, task), job.cache)
         if task is not None and not job.cancelled:
             task.setProgress(100)
     finally:
@@ -240,12 +232,12 @@ def run_job(job: Job) -> Job:
     return job
 
 
-def _pipeline(job: Job, task: Any) -> None:
+def _pipeline(job: Job, task: Any, client: Any) -> None:
     """Nuke renders chunk k+1 while the server works on chunk k, and chunk k+1 is
     submitted before chunk k is collected, so the server reads ahead (two chunks in
     flight). A cancel stops before the next chunk is rendered; the frames already at
     the server finish and are kept."""
-    client = connections.client_for(job.server, job.cache)
+    job.rendered.clear()  # after a restart: they were in the lost server's exchange dir
     exchange = connections.exchange_dir(client)
     todo = [f for f in job.frames if f not in job.done]
     in_flight: List[List[Tuple[int, Any]]] = []

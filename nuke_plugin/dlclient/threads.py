@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Optional
 import nuke
 
 _pending = [0]  # background tasks whose completion has not run on the main thread yet
+_session = [0]  # reset() counts: a task of an earlier session is not this one's
 
 
 def on_main_thread() -> bool:
@@ -54,7 +55,11 @@ def run(work: Callable[[], Any], done: Callable[[Any, Optional[BaseException]], 
         done(result, None)
         return
 
+    session = _session[0]
+
     def finish(result: Any, error: Optional[BaseException]) -> None:
+        if session != _session[0]:  # its session was reset: neither its nodes nor its count
+            return
         try:
             done(result, error)
         finally:
@@ -79,4 +84,7 @@ def idle() -> bool:
 
 
 def reset() -> None:
+    """A new session: tasks still running finish unseen (connections.shutdown closes
+    what they connect)."""
     _pending[0] = 0
+    _session[0] += 1

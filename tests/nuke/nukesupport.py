@@ -158,11 +158,16 @@ class StubClient:
     decls: List[Dict[str, Any]] = [blur_decl()]
     token = "right-token"
     spawned = 0
+    spawned_clients: List[StubClient] = []  # what spawn returned, in order
     calls: List[Dict[str, Any]] = []
     before_infer: Optional[Any] = None  # test hook: called with the request
     spawn_threads: List[str] = []
     connects: List[Dict[str, Any]] = []  # Client.connect's arguments, in call order
     tls_only = False  # a remote server started with --tls-cert
+    loads: List[Dict[str, Any]] = []  # Client.load's calls: model, options, version, thread
+    load_answer: Any = "loaded"  # None: a server older than `load`; an exception: raised
+    before_load: Optional[Any] = None  # test hook: called with the request
+    before_spawn: Optional[Any] = None  # test hook: called before an embedded stub starts
 
     def __init__(self, exchange_dir: Optional[str], allow_dirs: Any = ()) -> None:
         self.exchange_dir = exchange_dir
@@ -174,19 +179,28 @@ class StubClient:
     def reset(cls) -> None:
         cls.decls = [blur_decl()]
         cls.spawned = 0
+        cls.spawned_clients = []
         cls.calls = []
         cls.before_infer = None
         cls.spawn_threads = []
         cls.connects = []
         cls.tls_only = False
+        cls.loads = []
+        cls.load_answer = "loaded"
+        cls.before_load = None
+        cls.before_spawn = None
 
     @classmethod
     def spawn(cls, python: Optional[str] = None, models_dirs: Any = (), device: Any = None,
               timeout: float = 60.0, extra_args: Any = (), allow_dirs: Any = ()) -> StubClient:
         import threading
+        if cls.before_spawn is not None:
+            cls.before_spawn()
         cls.spawned += 1
         cls.spawn_threads.append(threading.current_thread().name)
-        return cls(tempfile.mkdtemp(prefix="stub-exchange-"), allow_dirs)
+        client = cls(tempfile.mkdtemp(prefix="stub-exchange-"), allow_dirs)
+        cls.spawned_clients.append(client)
+        return client
 
     def can_write(self, path: str) -> bool:
         real = os.path.realpath(path)
@@ -237,6 +251,8 @@ class StubClient:
                    "output_path": output_path, "version": version}
         if StubClient.before_infer is not None:
             StubClient.before_infer(request)
+        if not self._alive:  # what the real client says once its connection is closed
+            raise DLServerError("server_gone", "the server closed the connection")
         StubClient.calls.append(request)
         decl = next(d for d in self.decls if d["name"] == model)
         if version is not None and version != decl["version"]:
@@ -260,6 +276,21 @@ class StubClient:
         if request["options"].get("report_brightest"):
             message = decl.get("press_message", "brightest pixel: 1.0")
         return Reply(message, output_path)
+
+    def load(self, model: str, options: Optional[Dict[str, Any]] = None,
+             version: Optional[str] = None,
+             timeout: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        import threading
+        request = {"model": model, "options": dict(options or {}), "version": version,
+                   "thread": threading.current_thread().name}
+        StubClient.loads.append(request)
+        if StubClient.before_load is not None:
+            StubClient.before_load(request)
+        if isinstance(StubClient.load_answer, BaseException):
+            raise StubClient.load_answer
+        if StubClient.load_answer is None:
+            return None
+        return {"model": model, "version": version, "devices": ["cpu"], "load_s": 0.0}
 
     def close(self) -> None:
         self._alive = False

@@ -29,6 +29,7 @@ def session(tmp_path, monkeypatch):
     monkeypatch.delenv("DLSERVER_TOKEN", raising=False)
     plugin = ns.start_nuke(gui=True)
     yield plugin
+    ns.wait_idle(plugin)  # no worker of this test (a load ahead) runs into the next
     plugin.shutdown_clients()
 
 

@@ -33,6 +33,7 @@ class PluginTest(unittest.TestCase):
         self._client_class = ns.use_client(StubClient)
 
     def tearDown(self) -> None:
+        ns.wait_idle(self.plugin)  # no worker of this test (a load ahead) runs into the next
         self.plugin.shutdown_clients()
         ns.use_client(self._client_class)
         os.environ.clear()
@@ -185,6 +186,171 @@ class MenuAndGizmoTest(PluginTest):
                         key=lambda n: n["number"].value())
         self.assertEqual([n.name() for n in inputs], ["image", "matte"])
         self.assertIsNotNone(node.node("DLWrite1"))
+
+
+class LoadAheadTest(PluginTest):
+    """The server loads the chosen model before the artist's first frame."""
+
+    def test_connect_loads_the_model_off_the_main_thread_and_the_status_follows(self) -> None:
+        import threading
+        gate = threading.Event()
+        StubClient.before_load = lambda request: gate.wait(30)
+        node = self.make_node()
+        ns.press(node, "connect")
+        nuke._run_main_loop(lambda: bool(StubClient.loads), 30)
+        self.assertEqual(node["status"].value(),
+                         "loading blur… | connected to the embedded server: 1 models")
+        gate.set()
+        ns.wait_idle(self.plugin)
+        self.assertEqual(node["status"].value(),
+                         "blur ready | connected to the embedded server: 1 models")
+        self.assertEqual(len(StubClient.loads), 1)
+        load = StubClient.loads[0]
+        self.assertEqual((load["model"], load["version"]), ("blur", "1"))
+        self.assertEqual(load["options"], {"size": 0.0, "channels": "rgba"})
+        self.assertNotEqual(load["thread"], threading.main_thread().name)
+
+    def test_choosing_a_model_loads_it_with_its_options(self) -> None:
+        StubClient.decls = [ns.blur_decl(), {
+            "name": "pair", "label": "Pair", "version": "3",
+            "inputs": {"image": {}, "matte": {}}, "outputs": {"rgba": {}},
+            "options": [{"name": "gain", "type": "int", "label": "gain", "help": "",
+                         "default": 2, "min": 0, "max": 10}]}]
+        node = self.make_node()
+        self.connect(node)
+        node["model"].setValue("pair")
+        self.assertEqual(node["status"].value(), "loading pair… | model pair")
+        ns.wait_idle(self.plugin)
+        self.assertEqual(node["status"].value(), "pair ready | model pair")
+        self.assertEqual([(x["model"], x["options"], x["version"]) for x in StubClient.loads],
+                         [("blur", {"size": 0.0, "channels": "rgba"}, "1"),
+                          ("pair", {"gain": 2}, "3")])
+        self.assertEqual(StubClient.spawned, 1)
+
+    def test_a_failed_load_shows_the_error_its_first_frame_would_get(self) -> None:
+        StubClient.load_answer = ns.DLServerError(
+            "weights_missing", "weights file blur.pth not found in /models/weights")
+        node = self.make_node()
+        self.connect(node)
+        self.assertEqual(node["status"].value(), "ERROR: cannot load blur: weights file "
+                                                 "blur.pth not found in /models/weights")
+
+    def test_an_older_server_leaves_the_connect_status(self) -> None:
+        StubClient.load_answer = None
+        node = self.make_node()
+        self.connect(node)
+        self.assertEqual(node["status"].value(), "connected to the embedded server: 1 models")
+
+    def test_a_status_set_meanwhile_is_not_overwritten(self) -> None:
+        import threading
+        gate = threading.Event()
+        StubClient.before_load = lambda request: gate.wait(30)
+        node = self.make_node()
+        ns.press(node, "connect")
+        nuke._run_main_loop(lambda: bool(StubClient.loads), 30)
+        node["status"].setValue("processed 1 of 1")
+        gate.set()
+        ns.wait_idle(self.plugin)
+        self.assertEqual(node["status"].value(), "processed 1 of 1")
+
+    def test_a_load_that_sees_the_server_lost_leaves_the_frames_restarted_server_alone(
+            self) -> None:
+        """The embedded server dies under a load and a frame: the frame's worker restarts
+        it first, then the load's worker sees the loss. It must not close the server the
+        frame now runs on (it did: forget() dropped whichever client was current)."""
+        import threading
+        lost = ns.DLServerError("server_gone", "the embedded server exited (code -9)")
+        load_sees_loss, load_redone = threading.Event(), threading.Event()
+        infers = []
+
+        def load(request: dict) -> None:
+            if len(StubClient.loads) == 1:  # on the first server, until it is lost
+                load_sees_loss.wait(30)
+                raise lost
+            load_redone.set()
+
+        def infer(request: dict) -> None:
+            infers.append(request)
+            if len(infers) == 1:  # the first server is lost under the frame
+                raise lost
+            load_sees_loss.set()  # the frame is on the restarted server now
+            self.assertTrue(load_redone.wait(30))
+
+        StubClient.before_load, StubClient.before_infer = load, infer
+        node = self.make_node(range(1, 2))
+        ns.press(node, "connect")
+        nuke._run_main_loop(lambda: bool(StubClient.loads), 30)  # the load is in flight
+        ns.press(node, "process_frame")
+        ns.wait_idle(self.plugin)
+        self.assertEqual(node["status"].value(), "processed 1 of 1 frame(s) with blur")
+        self.assertEqual(StubClient.spawned, 2)  # one restart, shared by both
+        first, second = StubClient.spawned_clients
+        self.assertEqual((first.alive(), second.alive()), (False, True))
+        self.result_frame(node, 1)
+
+    def test_a_load_still_starting_the_server_when_the_session_ends_leaves_nothing(
+            self) -> None:
+        """A script opened in the GUI starts its load-ahead worker; the session is shut
+        down (connections closed, another script, a new test) while that worker is still
+        starting the embedded server. The worker must not register its server in the new
+        session, nor its completion count against the new session's work."""
+        import threading
+
+        from dlclient import connections
+        node = self.make_node()
+        self.connect(node)
+        path = os.path.join(self.tmp, "comp.nk")
+        nuke.scriptSaveAs(path)
+        self.plugin = ns.start_nuke(gui=True)
+        StubClient.reset()
+        starting, may_start = threading.Event(), threading.Event()
+        StubClient.before_spawn = lambda: (starting.set(), may_start.wait(30))
+        nuke.scriptOpen(path)  # the GUI loads the node's model ahead: a worker thread
+        self.assertTrue(starting.wait(30))
+        workers = [t for t in threading.enumerate() if t.name == "dlclient-worker"]
+        self.assertEqual(len(workers), 1)
+        self.plugin = ns.start_nuke(gui=True)  # a new session
+        may_start.set()
+        workers[0].join(30)
+        self.assertFalse(workers[0].is_alive())
+        nuke._run_main_loop(lambda: True, 30)  # what the worker queued for the main thread
+        self.assertEqual(connections._clients, {})
+        self.assertEqual(StubClient.spawned, 1)
+        self.assertFalse(StubClient.spawned_clients[0].alive())  # its server was closed
+        self.assertTrue(self.plugin.idle())
+        # the new session works as if the old worker had never been
+        node = self.make_node()
+        self.connect(node)
+        self.assertEqual(StubClient.spawned, 2)
+        self.assertTrue(node["status"].value().startswith("blur ready"))
+
+    def test_opening_a_script_loads_the_models_its_nodes_use(self) -> None:
+        import threading
+        node = self.make_node()
+        self.connect(node)
+        path = os.path.join(self.tmp, "comp.nk")
+        nuke.scriptSaveAs(path)
+        for gui, loads in ((False, []), (True, [("blur", {"size": 0.0, "channels": "rgba"})])):
+            self.plugin = ns.start_nuke(gui=gui)
+            ns.use_client(StubClient)
+            StubClient.reset()
+            nuke.scriptOpen(path)
+            ns.wait_idle(self.plugin)
+            self.assertEqual([(x["model"], x["options"]) for x in StubClient.loads], loads)
+            self.assertEqual(StubClient.spawned, len(loads))
+        self.assertNotEqual(StubClient.loads[0]["thread"], threading.main_thread().name)
+        self.assertTrue(nuke.toNode("DLServerClient1")["status"].value().startswith(
+            "blur ready"))
+
+
+class TerminalLoadTest(PluginTest):
+    gui = False
+
+    def test_a_terminal_session_loads_with_its_first_frame(self) -> None:
+        node = self.make_node()
+        self.connect(node)
+        self.assertEqual(StubClient.loads, [])
+        self.assertEqual(node["status"].value(), "connected to the embedded server: 1 models")
 
 
 class ProcessingTest(PluginTest):
