@@ -10,16 +10,16 @@ torch is imported inside the function only: importing dlserver never loads it.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, List, Tuple
 
-from .devices import is_cuda
+from .devices import CUDNN_LOCK, is_cuda
 from .errors import DLError
 
-# torch.cuda.graph: "only one capture may be underway at a time in the process"; and the
-# retry below flips cuDNN's process-wide autotuning flag. Several device slots capture in
-# their own threads: one at a time.
-CAPTURE_LOCK = threading.Lock()
+# torch.cuda.graph: "only one capture may be underway at a time in the process"; the
+# retry below flips cuDNN's process-wide autotuning flag, and no other thread may flip it
+# during a capture. Several device slots capture in their own threads: one at a time,
+# under the lock that guards cuDNN's flags.
+CAPTURE_LOCK = CUDNN_LOCK
 
 
 class CaptureFailed(DLError, RuntimeError):

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 from . import cuda_graphs
-from .devices import is_cuda
+from .devices import CUDNN_LOCK, is_cuda
 
 BOX_DECIMALS = 3  # pixels: boxes in the detections data
 SCORE_DECIMALS = 6
@@ -227,18 +227,20 @@ class GraphCache:
 def cudnn_heuristics(active: bool = True) -> Iterator[None]:
     """cuDNN's heuristics instead of its autotuning for the block (when `active`): a
     first eager pass takes its kernels at once instead of timing every candidate of
-    every convolution (seconds at 1080p). The serving thread's setting is restored."""
+    every convolution (seconds at 1080p). The setting is restored after; other device
+    slots' threads wait to change cuDNN's flags or capture a graph meanwhile (CUDNN_LOCK)."""
     if not active:
         yield
         return
     import torch
 
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
+    with CUDNN_LOCK:  # the flag is the process's: no other slot flips it meanwhile
+        saved = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = saved
 
 
 def use_graphs(graphs: Optional[GraphCache], device: Any) -> bool:

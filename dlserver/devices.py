@@ -107,6 +107,16 @@ def deterministic() -> bool:
     return os.environ.get(DETERMINISTIC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+# cuDNN's settings (torch.backends.cudnn.benchmark, .deterministic) are one per process,
+# read by every thread. Held while they change (tune_convolutions, the heuristics of a
+# first eager pass: detection.cudnn_heuristics) and while a CUDA graph is captured
+# (cuda_graphs.capture): with several device slots, another slot's thread flipping the
+# flag in the middle of a capture made it time kernels inside the capture, which fails,
+# and that device ran eagerly from then on (two GPUs at 15-61 frames/s against 71-84 with
+# the flag never changing: runs 37-43, docs/performance.md).
+CUDNN_LOCK = threading.RLock()
+
+
 def tune_convolutions(device: Any) -> None:
     """For models whose frame sizes repeat (a sequence): let cuDNN autotune its kernels on
     CUDA, or, with DLSERVER_DETERMINISTIC=1, use its deterministic ones. No-op elsewhere."""
@@ -114,11 +124,12 @@ def tune_convolutions(device: Any) -> None:
         return
     import torch
 
-    if deterministic():
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    else:
-        torch.backends.cudnn.benchmark = True
+    with CUDNN_LOCK:
+        if deterministic():
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        else:
+            torch.backends.cudnn.benchmark = True
 
 
 def mps_available() -> bool:
@@ -266,6 +277,6 @@ class DevicePool:
         return rows
 
 
-__all__ = ["DevicePool", "deterministic", "empty_cache", "is_cuda", "memory", "mps_available",
-           "parse_devices", "resolve_device", "resolve_devices", "set_mps_fallback",
-           "tune_convolutions", "wants_mps"]
+__all__ = ["CUDNN_LOCK", "DevicePool", "deterministic", "empty_cache", "is_cuda", "memory",
+           "mps_available", "parse_devices", "resolve_device", "resolve_devices",
+           "set_mps_fallback", "tune_convolutions", "wants_mps"]

@@ -498,3 +498,44 @@ def test_two_gpus_capture_at_once_each_on_its_own_device() -> None:
     for t in threads:
         t.join()
     assert results == {"cuda:0": ("cuda:0", True), "cuda:1": ("cuda:1", True)}
+
+
+def test_cudnn_flags_change_in_one_slot_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuDNN's autotuning flag is one per process: while one slot's first eager pass runs
+    with heuristics (detection.cudnn_heuristics), another slot's thread must not flip it
+    (a flip inside a capture made the capture time kernels and fail, and that GPU ran
+    eagerly from then on). The other thread waits for the block to end, then sets it."""
+    import torch
+
+    from dlserver.detection import cudnn_heuristics
+    from dlserver.devices import tune_convolutions
+
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(cudnn, "benchmark", True)
+    monkeypatch.setattr(cudnn, "deterministic", False)
+    monkeypatch.delenv("DLSERVER_DETERMINISTIC", raising=False)
+    inside, leave, other_done = threading.Event(), threading.Event(), threading.Event()
+    seen: List[bool] = []
+
+    def first_pass() -> None:
+        with cudnn_heuristics():
+            inside.set()
+            leave.wait(30)
+            seen.append(cudnn.benchmark)  # still heuristics at the end of the block
+
+    def other_slot() -> None:
+        inside.wait(30)
+        tune_convolutions("cuda:1")  # a model loading on another GPU (settings only)
+        other_done.set()
+
+    threads = [threading.Thread(target=first_pass), threading.Thread(target=other_slot)]
+    for t in threads:
+        t.start()
+    assert inside.wait(30)
+    # the other slot must still be waiting: a bounded wait for what must not happen
+    assert not other_done.wait(0.3), "cuDNN's flag changed inside another slot's block"
+    assert cudnn.benchmark is False
+    leave.set()
+    for t in threads:
+        t.join(30)
+    assert other_done.is_set() and seen == [False] and cudnn.benchmark is True
