@@ -132,7 +132,8 @@ if [ "$QUICK" = devices ]; then
     step pytest_cuda_devices 90 python3 -m pytest -m cuda tests/test_devices.py -s -rs \
         -p no:cacheprovider
     step bench_devices 590 python3 benchmarks/bench_devices.py --frames "${FRAMES:-200}" \
-        ${COUNTS:+--counts "$COUNTS"} --json "$OUT/bench_devices.json"
+        ${COUNTS:+--counts "$COUNTS"} --deterministic-frames "${DET_FRAMES:-40}" \
+        --json "$OUT/bench_devices.json"
     exit 0
 fi
 if [ "$QUICK" = remote ]; then
