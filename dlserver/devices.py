@@ -111,9 +111,8 @@ def deterministic() -> bool:
 # read by every thread. Held while they change (tune_convolutions, the heuristics of a
 # first eager pass: detection.cudnn_heuristics) and while a CUDA graph is captured
 # (cuda_graphs.capture): with several device slots, another slot's thread flipping the
-# flag in the middle of a capture made it time kernels inside the capture, which fails,
-# and that device ran eagerly from then on (two GPUs at 15-61 frames/s against 71-84 with
-# the flag never changing: runs 37-43, docs/performance.md).
+# flag in the middle of a capture would make it time kernels inside the capture, which
+# fails, and that device would run eagerly from then on.
 CUDNN_LOCK = threading.RLock()
 
 
