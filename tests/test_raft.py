@@ -215,7 +215,7 @@ def test_fused_look_up_in_the_triton_interpreter(weights, tmp_path) -> None:
         import importlib, sys, numpy as np, torch
         from pathlib import Path
         from dlserver.registry import import_model_folder
-        from torchvision.models.optical_flow import raft_large
+        from torchvision.models.optical_flow import raft_large, raft_small
         M = import_model_folder(Path({str(MODEL_DIR)!r}))
         flow = importlib.import_module(M.__package__ + ".flow")
         kernel = importlib.import_module(M.__package__ + ".lookup_kernel")
@@ -237,10 +237,20 @@ def test_fused_look_up_in_the_triton_interpreter(weights, tmp_path) -> None:
         with torch.inference_mode():
             tensors = flow.flow_pairs(net, frames, 2, 3, d, s, False)
             fused = flow.flow_pairs(flow.channels_last(net), frames, 2, 3, d, s, False, kernel)
+        # raft_small (look-up radius 3: 49 of 64 taps used) and one direction only (a
+        # batch of one pair)
+        small = raft_small(weights=None).eval()
+        small.load_state_dict(torch.load({str(weights["small"])!r}, weights_only=True))
+        ds, ss = flow.look_up_offsets(small.corr_block.radius, "cpu"), flow.corr_scale(128)
+        with torch.inference_mode():
+            small_tensors = flow.flow_pairs(small, frames[:2], 1, 3, ds, ss, False)
+            small_fused = flow.flow_pairs(flow.channels_last(small), frames[:2], 1, 3, ds, ss,
+                                          False, kernel)
         cl = got32.is_contiguous(memory_format=torch.channels_last)
         np.savez(sys.argv[1], want=want.numpy(), got32=got32.float().numpy(),
                  got16=got16.float().numpy(), cl=cl,
-                 tensors=tensors.numpy(), fused=fused.numpy())
+                 tensors=tensors.numpy(), fused=fused.numpy(),
+                 small_tensors=small_tensors.numpy(), small_fused=small_fused.numpy())
     """)
     path = tmp_path / "look_up.npz"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(MODEL_DIR.parent.parent)}
@@ -256,6 +266,10 @@ def test_fused_look_up_in_the_triton_interpreter(weights, tmp_path) -> None:
     np.testing.assert_allclose(r["got16"], want, rtol=0, atol=2.5e-3)  # measured 1.5e-3
     assert np.abs(r["tensors"]).max() > 0.5  # random weights still move pixels
     np.testing.assert_allclose(r["fused"], r["tensors"], rtol=0, atol=1e-5)  # measured 4.4e-6
+    assert r["small_fused"].shape == (1, 2, 128, 136) and np.abs(r["small_tensors"]).max() > 0.1
+    # raft_small's scale, sqrt(128), is not a power of two: one more rounding before the
+    # product (measured 1.5e-5 px)
+    np.testing.assert_allclose(r["small_fused"], r["small_tensors"], rtol=0, atol=3e-5)
 
 
 @pytest.mark.cuda
