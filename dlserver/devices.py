@@ -230,10 +230,10 @@ class DevicePool:
         streams) and Triton's launches act on the current device, which is cuda:0 in every
         new thread. A no-op for CPU and MPS slots, and before torch is imported for an
         automatic device (it can only be cuda:0 then)."""
-        asked = self.requested[0] if self.requested == ["all"] else self.requested[slot]
-        if self._resolved is None and "torch" not in sys.modules and not (
-                asked is not None and (asked == "all" or asked.startswith("cuda"))):
-            return contextlib.nullcontext()
+        if self._resolved is None and "torch" not in sys.modules:
+            asked = self.requested[min(slot, len(self.requested) - 1)]
+            if asked is None or not (asked == "all" or asked.startswith("cuda")):
+                return contextlib.nullcontext()
         device = self.device(slot)
         if not is_cuda(device):
             return contextlib.nullcontext()

@@ -432,6 +432,10 @@ def test_frames_run_with_their_slots_gpu_current(monkeypatch: pytest.MonkeyPatch
     cpu = DevicePool(["cpu", "cpu"])
     with cpu.current(1):  # CPU slots: nothing to make current
         assert CurrentDevice.stack == []
+    ray_front = DevicePool([None])
+    ray_front.assume(["ray"] * 16)  # a --ray front end: more slots than names asked for
+    with ray_front.current(15):
+        assert CurrentDevice.stack == []
 
 
 class LoadSeesDevice(SeesDevice):
