@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -50,6 +51,17 @@ def run_infer(devices: str, sets: List[str], src: str, out: str, frames: int,
                           env={**os.environ, **(env or {})})
     except RuntimeError as exc:
         return {"error": str(exc)}
+
+
+def captures(res: Dict[str, Any]) -> str:
+    """The server's CUDA graph captures in a run (its INFO log): how many, their total
+    time and the time spent waiting for another slot's capture."""
+    found = [re.search(r"capture on (\S+): (\d+) ms \((\d+) ms waiting", line)
+             for line in res.get("log", [])]
+    rows = [m for m in found if m]
+    firsts = sum("first pass of a new shape" in line for line in res.get("log", []))
+    return (f"{len(rows)} captures, {sum(int(m.group(2)) for m in rows)} ms "
+            f"(+{sum(int(m.group(3)) for m in rows)} ms waiting), {firsts} first passes")
 
 
 def pixels(path: str) -> Dict[str, Any]:
@@ -175,7 +187,9 @@ def main() -> None:
             sets.append("network_size=256")
         results["options"] = sets
         io_threads = args.io_threads or max(2, min(16, (os.cpu_count() or 2) // 2))
-        env = {"DLSERVER_IO_THREADS": str(io_threads)}
+        # the server's INFO log (each CUDA graph capture and first pass, timed) is kept
+        # in the JSON beside each run's figures
+        env = {"DLSERVER_IO_THREADS": str(io_threads), "DLSERVER_LOG_LEVEL": "INFO"}
         results["io_threads"] = io_threads
         log(f"server I/O threads: {io_threads}")
         # the ceiling: the same files through the identity model (the EXR I/O alone)
@@ -210,6 +224,7 @@ def main() -> None:
                 res["identical_to_one_device"] = compare(reference, out, frames)
                 shutil.rmtree(out, ignore_errors=True)  # room for the next run
             results["runs"][devices] = res
+            log(f"  server: {captures(res)}")
             line = (f"{devices:<24} pipeline {pipeline}: {res['fps_overall']:.2f} frames/s "
                     f"overall ({res['total_s']:.1f} s with start, load and warm-up), "
                     f"{res['fps_steady']:.2f} frames/s steady")

@@ -132,7 +132,8 @@ def time_infer(flags: List[str], sets: List[str], src: str, out: str, frames: in
     skip = min(skip, max(0, len(stamps) - 2))  # steady state: after the first frames
     steady = ((len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip])
               if len(stamps) - 1 > skip else float("nan"))
-    return {"frames": len(stamps), "total_s": total, "first_frame_s": stamps[0] if stamps else None,
+    return {"log": tail[-300:],  # what the command and its server said (DLSERVER_LOG_LEVEL)
+            "frames": len(stamps), "total_s": total, "first_frame_s": stamps[0] if stamps else None,
             "fps_overall": len(stamps) / total, "fps_steady": steady}
 
 

@@ -10,6 +10,8 @@ torch is imported inside the function only: importing dlserver never loads it.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, Callable, List, Tuple
 
 from .devices import CUDNN_LOCK, is_cuda
@@ -20,6 +22,7 @@ from .errors import DLError
 # during a capture. Several device slots capture in their own threads: one at a time,
 # under the lock that guards cuDNN's flags.
 CAPTURE_LOCK = CUDNN_LOCK
+log = logging.getLogger("dlserver")
 
 
 class CaptureFailed(DLError, RuntimeError):
@@ -43,8 +46,15 @@ def capture(fn: Callable[[], Any], device: Any) -> Tuple[Any, Any, str]:
     if not is_cuda(device):
         raise CaptureFailed(f"CUDA graphs need a CUDA device, not {str(device)!r}: "
                             f"run the part eagerly")
+    asked = time.perf_counter()
     with CAPTURE_LOCK:
-        return _capture(fn, device)
+        started = time.perf_counter()
+        try:
+            return _capture(fn, device)
+        finally:  # what each capture costs a server with several GPUs (INFO)
+            log.info("CUDA graph capture on %s: %.0f ms (%.0f ms waiting for another "
+                     "slot's capture or cuDNN settings)", device,
+                     1000 * (time.perf_counter() - started), 1000 * (started - asked))
 
 
 def _capture(fn: Callable[[], Any], device: Any) -> Tuple[Any, Any, str]:

@@ -21,7 +21,9 @@ torch is imported inside the functions only: importing dlserver never loads it.
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,6 +32,7 @@ from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Sequ
 from . import cuda_graphs
 from .devices import CUDNN_LOCK, is_cuda
 
+log = logging.getLogger("dlserver")
 BOX_DECIMALS = 3  # pixels: boxes in the detections data
 SCORE_DECIMALS = 6
 
@@ -237,10 +240,13 @@ def cudnn_heuristics(active: bool = True) -> Iterator[None]:
     with CUDNN_LOCK:  # the flag is the process's: no other slot flips it meanwhile
         saved = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = False
+        started = time.perf_counter()
         try:
             yield
         finally:
             torch.backends.cudnn.benchmark = saved
+            log.info("first pass of a new shape, cuDNN's heuristics: %.0f ms",
+                     1000 * (time.perf_counter() - started))
 
 
 def use_graphs(graphs: Optional[GraphCache], device: Any) -> bool:

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=int, default=Limits.max_body >> 20)
     p.add_argument("--max-pixels", type=int, default=Limits.max_pixels)
     p.add_argument("--log-level", default=None,
-                   help="DEBUG, INFO, WARNING (default: INFO; WARNING when embedded)")
+                   help="DEBUG, INFO, WARNING (default: $DLSERVER_LOG_LEVEL, else INFO; "
+                        "WARNING when embedded)")
     return p
 
 
@@ -161,7 +162,9 @@ def resolve_token(args: argparse.Namespace, argv: Sequence[str]) -> Optional[str
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    level = args.log_level or ("WARNING" if args.stdio else "INFO")
+    # DLSERVER_LOG_LEVEL: for an embedded server, whose command line the client writes
+    level = args.log_level or os.environ.get("DLSERVER_LOG_LEVEL", "").strip() or (
+        "WARNING" if args.stdio else "INFO")
     logging.basicConfig(stream=sys.stderr, level=level.upper(),
                         format="dlserver %(levelname)s: %(message)s")
     set_switch_interval(os.environ.get("DLSERVER_SWITCH_INTERVAL_MS"))

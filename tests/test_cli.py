@@ -75,3 +75,20 @@ def test_frame_patterns() -> None:
     assert frame_path("b.%05d.exr", 12) == "b.00012.exr"
     with pytest.raises(ValueError):
         parse_frames("3-1")
+
+
+def test_the_embedded_servers_log_level_follows_the_environment(tmp_path: Path) -> None:
+    """DLSERVER_LOG_LEVEL=INFO makes the embedded server (whose command line the client
+    writes, WARNING by default) log at INFO on the command's stderr: what benchmarks read
+    to time each CUDA graph capture."""
+    import os
+
+    args = ("infer", "--model", "blur", str(ROOT / "examples/plate.####.exr"),
+            str(tmp_path / "out/blur.####.exr"), "--frames", "1")
+    quiet = run_cli(*args)
+    env = {**os.environ, "DLSERVER_LOG_LEVEL": "INFO"}
+    loud = subprocess.run([DLSERVER, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env=env)
+    assert quiet.returncode == 0 and loud.returncode == 0, loud.stderr
+    assert "dlserver INFO:" not in quiet.stderr
+    assert "dlserver INFO: loaded blur" in loud.stderr
