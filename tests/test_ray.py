@@ -69,8 +69,8 @@ RAY_MODELS = {
                 return Result({"rgba": inputs["src"]}, data={"ray": "ray" in sys.modules})
     ''',
     "gated": '''
-        """Waits in infer until the FIFO `gate` has a writer (a gate the test opens: no
-        sleeps), then answers with its process id."""
+        """Writes its process id to the FIFO `arrivals` when a frame starts, then waits
+        for a byte on the FIFO `gate` (the test holds both open: no sleeps)."""
         import os
 
         from dlserver.model import Layer, Model, Result, String
@@ -81,10 +81,17 @@ RAY_MODELS = {
             uses_torch = False
             inputs = {"src": Layer(("R", "G", "B", "A"))}
             outputs = {"rgba": Layer(("R", "G", "B", "A"))}
-            options = (String("gate"),)
+            options = (String("arrivals"), String("gate"))
 
             def infer(self, inputs, options):
-                os.close(os.open(options["gate"], os.O_RDONLY))  # blocks until opened to write
+                fd = os.open(options["arrivals"], os.O_WRONLY)
+                os.write(fd, f"{os.getpid()}\\n".encode())
+                os.close(fd)
+                fd = os.open(options["gate"], os.O_RDONLY)
+                try:
+                    os.read(fd, 1)  # one byte from the test lets one frame through
+                finally:
+                    os.close(fd)
                 return Result({"rgba": inputs["src"]}, data={"pid": os.getpid()})
     ''',
     "bad_load": '''
@@ -199,34 +206,54 @@ def test_frames_in_flight_spread_over_the_replicas(cluster: str, models_dir: Pat
     """Two replicas, one model, more frames in flight than one replica holds: both
     replicas run frames. Serve sends a multiplexed model's requests to the replicas that
     have it loaded until they are full (max_ongoing_requests), so a replica's limit above
-    a session's frames in flight kept every frame on one replica (and one GPU). The
-    frames wait at a gate (a FIFO) until all are sent."""
-    gate = tmp_path / "gate"
+    a session's frames in flight kept every frame on one replica (and one GPU). No frame
+    finishes until the test lets it (a FIFO gate), so the first replica cannot drain
+    while the frames are routed; each frame says where it started (another FIFO)."""
+    import select
+
+    arrivals, gate = tmp_path / "arrivals", tmp_path / "gate"
+    os.mkfifo(arrivals)
     os.mkfifo(gate)
+    # held open read-write: the model's opens never block, its gate read waits for a byte
+    arrived_fd, gate_fd = os.open(arrivals, os.O_RDWR), os.open(gate, os.O_RDWR)
+    seen: List[int] = []
+
+    def next_arrival(timeout: float) -> bool:
+        """Reads arrivals until one more frame started, or `timeout` s with none."""
+        count = len(seen)
+        while len(seen) == count:
+            if not select.select([arrived_fd], [], [], timeout)[0]:
+                return False
+            seen.extend(int(p) for p in os.read(arrived_fd, 4096).split())
+        return True
+
     server = TcpServer(token=secrets.token_hex(8), extra=(
         "--models-dir", str(models_dir), "--ray", cluster, "--min-replicas", "2",
         "--max-replicas", "2", "--cpus-per-replica", "0.5"))
     try:
         with server.connect() as client:
             plate = make_plate(8, 8)
-            options = {"gate": str(gate)}
+            options = {"arrivals": str(arrivals), "gate": str(gate)}
             first = client.send("infer", [plate.data], model="gated", options=options,
                                 inputs={"src": raw_inline(plate)})
-            writer = os.open(gate, os.O_WRONLY)  # the first frame is in: let it through
-            try:
-                assert client.receive(first).header["data"]["pid"] > 0  # loaded there
-            finally:
-                os.close(writer)
+            assert next_arrival(120), "the first frame never started"
+            os.write(gate_fd, b"x")
+            assert client.receive(first).header["data"]["pid"] == seen[0]  # loaded there
             ids = [client.send("infer", [plate.data], model="gated", options=options,
                                inputs={"src": raw_inline(plate)}) for _ in range(12)]
-            writer = os.open(gate, os.O_WRONLY)  # a replica's frame waits for this
-            try:
-                pids = {client.receive(rid).header["data"]["pid"] for rid in ids}
-            finally:
-                os.close(writer)
-        assert len(pids) == 2, f"frames ran on {len(pids)} replica(s)"
+            # the first frame of the burst starts at once; a second replica starts one
+            # only if the first replica, holding frames it cannot finish, was full
+            while len(set(seen[1:])) < 2 and next_arrival(30):
+                pass
+            spread = len(set(seen[1:]))
+            os.write(gate_fd, b"x" * 12)  # every frame of the burst may finish now
+            pids = {client.receive(rid).header["data"]["pid"] for rid in ids}
+        assert spread == 2 and len(pids) == 2, f"frames ran on {len(pids)} replica(s)"
     finally:
+        os.write(gate_fd, b"x" * 64)  # nothing left waiting at the gate
         server.stop()
+        os.close(arrived_fd)
+        os.close(gate_fd)
 
 
 def test_the_plain_server_never_imports_ray(ray_client: Client, plain_server: TcpServer,
