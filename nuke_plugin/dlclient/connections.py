@@ -32,6 +32,7 @@ ServerKey = Tuple[Any, ...]
 _clients: Dict[ServerKey, Any] = {}
 _models: Dict[ServerKey, List[Dict[str, Any]]] = {}
 _lock = threading.Lock()
+_starting: Dict[ServerKey, threading.Lock] = {}  # held while that server's client is made
 _sessions = [0]  # shutdown() counts: a client made across one is closed, not kept
 _private_dir: List[str] = []
 
@@ -54,9 +55,21 @@ def client_for(key: ServerKey, cache_root: str = "") -> Any:
         raise RuntimeError("dlserver.client can't be imported: is the repository root on "
                            "sys.path (nuke_plugin/init.py puts it there)?")
     with _lock:
-        session = _sessions[0]
         client = _clients.get(key)
         if client is not None and client.alive():
+            return client
+        starting = _starting.setdefault(key, threading.Lock())
+    # one thread makes a server's client (a Connect's load and a frame's worker would
+    # each start an embedded server, one of them closed again); the others wait for it
+    with starting:
+        return _make_client(key, cache_root)
+
+
+def _make_client(key: ServerKey, cache_root: str) -> Any:
+    with _lock:
+        session = _sessions[0]
+        client = _clients.get(key)
+        if client is not None and client.alive():  # made while this thread waited
             return client
         stale = _clients.pop(key, None)
     if stale is not None:

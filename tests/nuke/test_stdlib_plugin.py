@@ -288,6 +288,39 @@ class LoadAheadTest(PluginTest):
         self.assertEqual((first.alive(), second.alive()), (False, True))
         self.result_frame(node, 1)
 
+    def test_two_workers_needing_the_server_at_once_start_it_once(self) -> None:
+        """A Connect's load and a frame's worker both find no embedded server: one starts
+        it, the other waits for that one (they used to start two, and close one)."""
+        import threading
+
+        from dlclient import connections
+        StubClient.reset()
+        entered, may_start, second = threading.Event(), threading.Event(), threading.Event()
+
+        def before_spawn() -> None:
+            if entered.is_set():
+                second.set()
+            entered.set()
+            may_start.wait(30)
+
+        StubClient.before_spawn = before_spawn
+        key = ("embedded",)
+        got: list = []
+        workers = [threading.Thread(target=lambda: got.append(
+            connections.client_for(key, self.cache))) for _ in range(2)]
+        workers[0].start()
+        self.assertTrue(entered.wait(30))
+        workers[1].start()
+        # the second must wait: a bounded wait for a start that must not happen
+        self.assertFalse(second.wait(0.5))
+        may_start.set()
+        for t in workers:
+            t.join(30)
+        self.assertEqual(StubClient.spawned, 1)
+        self.assertEqual(len(got), 2)
+        self.assertIs(got[0], got[1])
+        self.assertTrue(got[0].alive())
+
     def test_a_load_still_starting_the_server_when_the_session_ends_leaves_nothing(
             self) -> None:
         """A script opened in the GUI starts its load-ahead worker; the session is shut
