@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_end_to_end import SIZES, log, time_infer, write_sequence  # noqa: E402
 
+from dlserver.state import io_workers  # noqa: E402
+
 
 def device_list(kind: str, count: int) -> str:
     return ",".join(["cpu"] * count if kind == "cpu" else [f"cuda:{i}" for i in range(count)])
@@ -138,8 +140,8 @@ def main() -> None:
     p.add_argument("--pipeline", type=int, default=None,
                    help="frames in flight (default: 6 per device + 4)")
     p.add_argument("--io-threads", type=int, default=None,
-                   help="the server's I/O threads (DLSERVER_IO_THREADS; default: half the "
-                        "cores, at most 16: this path reads and writes 2 EXRs a frame)")
+                   help="the server's I/O threads (DLSERVER_IO_THREADS; default: the "
+                        "server's, dlserver.state.io_workers: half the cores, 2 to 16)")
     p.add_argument("--deterministic-frames", type=int, default=40,
                    help="then with DLSERVER_DETERMINISTIC=1: this many frames on 1 device "
                         "twice and on every count, outputs compared bit for bit (0: skip)")
@@ -186,7 +188,7 @@ def main() -> None:
         if args.size == "small":
             sets.append("network_size=256")
         results["options"] = sets
-        io_threads = args.io_threads or max(2, min(16, (os.cpu_count() or 2) // 2))
+        io_threads = args.io_threads or io_workers()  # the server's own default
         # the server's INFO log (each CUDA graph capture and first pass, timed) is kept
         # in the JSON beside each run's figures
         env = {"DLSERVER_IO_THREADS": str(io_threads), "DLSERVER_LOG_LEVEL": "INFO"}

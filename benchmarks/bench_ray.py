@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from bench_end_to_end import SIZES, log, time_infer, write_sequence  # noqa: E402
 
+from dlserver.state import io_workers  # noqa: E402
+
 
 def overhead(frames: int, size: str) -> Dict[str, Any]:
     import secrets
@@ -131,7 +133,7 @@ def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str]) -> 
         sets = ["variant=resnet50_fpn", f"weights={weights}", "threshold=0",
                 "max_instances=100", "output_mode=matte", "half_precision=true"]
         results["options"] = sets
-        io_threads = max(2, min(16, (os.cpu_count() or 2) // 2))  # as bench_devices.py
+        io_threads = io_workers()  # the server's own default, as bench_devices.py
         results["io_threads"] = io_threads
         reference, base = None, None
         for count in counts:

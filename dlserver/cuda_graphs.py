@@ -17,11 +17,6 @@ from typing import Any, Callable, List, Tuple
 from .devices import CUDNN_LOCK, is_cuda
 from .errors import DLError
 
-# torch.cuda.graph: "only one capture may be underway at a time in the process"; the
-# retry below flips cuDNN's process-wide autotuning flag, and no other thread may flip it
-# during a capture. Several device slots capture in their own threads: one at a time,
-# under the lock that guards cuDNN's flags.
-CAPTURE_LOCK = CUDNN_LOCK
 log = logging.getLogger("dlserver")
 
 
@@ -47,7 +42,11 @@ def capture(fn: Callable[[], Any], device: Any) -> Tuple[Any, Any, str]:
         raise CaptureFailed(f"CUDA graphs need a CUDA device, not {str(device)!r}: "
                             f"run the part eagerly")
     asked = time.perf_counter()
-    with CAPTURE_LOCK:
+    # torch.cuda.graph: "only one capture may be underway at a time in the process"; the
+    # retry below flips cuDNN's process-wide autotuning flag, and no other thread may flip
+    # it during a capture. Several device slots capture in their own threads: one at a
+    # time, under the lock that guards cuDNN's flags.
+    with CUDNN_LOCK:
         started = time.perf_counter()
         try:
             return _capture(fn, device)
