@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 
@@ -93,6 +93,22 @@ def self_signed_certificate(folder: Path) -> Tuple[Path, Path]:
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
+
+
+def triton_interpreted(script: str, *argv: Path, timeout: float = 300) -> Any:
+    """Runs `script` (Python source; `argv` are its sys.argv[1:]) in a process of its own
+    under Triton's interpreter, which runs the Triton kernels on CPU tensors (numpy): its
+    own process because TRITON_INTERPRET is read when triton is imported. The repository
+    is on its path. Returns the arrays it saved (np.savez) to its last argument. Skips,
+    saying why, where Triton is not installed (torch's CUDA wheels ship it)."""
+    import pytest
+
+    pytest.importorskip("triton", reason="triton (torch's CUDA wheels ship it) not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script, *map(str, argv)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.load(argv[-1])
 
 
 def raw_inline(array: np.ndarray) -> dict:

@@ -23,6 +23,7 @@ import pytest
 # torch and torchvision are hard dependencies: a broken install fails here, never skips.
 import torch
 import torchvision  # noqa: F401
+from support import triton_interpreted
 
 from dlserver import weights as W
 from dlserver.color import srgb_to_linear
@@ -424,7 +425,6 @@ def test_matte_through_the_fused_kernel_in_the_triton_interpreter(tmp_path):
     (its own process: TRITON_INTERPRET is read when triton is imported) with the kernel
     forced on: the same matte as the tensor path, soft and hard, 30 detections of every
     size on a 152 x 300 frame in four bands."""
-    pytest.importorskip("triton", reason="triton (torch's CUDA wheels ship it) not installed")
     script = textwrap.dedent(f"""
         import importlib, sys, types, numpy as np, torch
         from pathlib import Path
@@ -460,12 +460,7 @@ def test_matte_through_the_fused_kernel_in_the_triton_interpreter(tmp_path):
                 out[f"{{soft}}{{fused}}"] = res.outputs["rgba"][..., 0]
         np.savez(sys.argv[1], launched=np.array(launched), **out)
     """)
-    path = tmp_path / "mattes.npz"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(MODEL_DIR.parent.parent)}
-    done = subprocess.run([sys.executable, "-c", script, str(path)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    r = np.load(path)
+    r = triton_interpreted(script, tmp_path / "mattes.npz")
     bands = [[0, 38], [38, 76], [76, 114], [114, 152]]
     assert r["launched"].tolist() == bands * 2  # one launch per band, soft then hard
     soft_fused, soft_tensors = r["TrueTrue"], r["TrueFalse"]

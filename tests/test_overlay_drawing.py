@@ -6,9 +6,6 @@ pasting, blending and morphology written out here."""
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -17,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from support import triton_interpreted
 
 from dlserver import drawing
 from dlserver.registry import import_model_folder
@@ -231,7 +229,6 @@ def test_fused_fill_kernel_in_the_triton_interpreter(tmp_path):
     """fill_kernel's Triton kernel, run on the CPU by Triton's interpreter (a process of
     its own: TRITON_INTERPRET must be set before triton is imported), against the numpy
     reference: fills, union matte and the hard-mask bit sets."""
-    pytest.importorskip("triton", reason="triton (torch's CUDA wheels ship it) not installed")
     script = textwrap.dedent(f"""
         import importlib, sys, numpy as np, torch
         from pathlib import Path
@@ -254,12 +251,7 @@ def test_fused_fill_kernel_in_the_triton_interpreter(tmp_path):
         np.savez(sys.argv[1], masks=masks.numpy(), boxes=boxes.numpy(), rgb=rgb.numpy(),
                  colours=colours.numpy(), **out)
     """)
-    path = tmp_path / "kernel.npz"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", script, str(path)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    r = np.load(path)
+    r = triton_interpreted(script, tmp_path / "kernel.npz")
     mattes = _reference_paste(r["masks"], r["boxes"], 72, 160)
     assert np.abs(mattes - 0.5).min() > 1e-5
     hard = mattes >= 0.5
@@ -348,7 +340,6 @@ def test_fused_union_kernel_in_the_triton_interpreter(tmp_path):
     soft and hard, in bands of rows: against the numpy reference paste and the tensor
     path; and, exactly, pixel-aligned boxes of M pixels (each pixel centre on a cell
     centre) whose pasted values are the mask cells themselves, 0.5 included."""
-    pytest.importorskip("triton", reason="triton (torch's CUDA wheels ship it) not installed")
     h, w = 72, 160
     script = textwrap.dedent(f"""
         import importlib, sys, numpy as np, torch
@@ -380,11 +371,7 @@ def test_fused_union_kernel_in_the_triton_interpreter(tmp_path):
     aligned = np.concatenate([corners, corners + 4], 1)
     src, dst = tmp_path / "in.npz", tmp_path / "out.npz"
     np.savez(src, masks=masks.numpy(), boxes=boxes.numpy(), cells=cells, aligned=aligned)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", script, str(src), str(dst)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    r = np.load(dst)
+    r = triton_interpreted(script, src, dst)
     assert not r["none"].any()
     mattes = _reference_paste(masks.numpy(), boxes.numpy(), h, w)
     assert np.abs(mattes - 0.5).min() > 1e-5  # nothing within rounding of the threshold

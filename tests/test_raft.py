@@ -8,9 +8,6 @@ option naming the file)."""
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -21,7 +18,7 @@ import pytest
 # torch and torchvision are hard dependencies: a broken install fails here, never skips.
 import torch
 from planted import shifted_plate, translation_search_flow
-from support import write_plate_exr
+from support import triton_interpreted, write_plate_exr
 from torchvision.models.optical_flow import raft_large, raft_small
 
 from dlserver import cli, exr
@@ -210,7 +207,6 @@ def test_fused_look_up_in_the_triton_interpreter(weights, tmp_path) -> None:
     grid's normalisation round trip) and a float16 one to float16's; and a whole
     raft_large pass with it (pyramid scaled before the product, channels-last update
     block) against the tensor path."""
-    pytest.importorskip("triton", reason="triton (torch's CUDA wheels ship it) not installed")
     script = textwrap.dedent(f"""
         import importlib, sys, numpy as np, torch
         from pathlib import Path
@@ -252,12 +248,7 @@ def test_fused_look_up_in_the_triton_interpreter(weights, tmp_path) -> None:
                  tensors=tensors.numpy(), fused=fused.numpy(),
                  small_tensors=small_tensors.numpy(), small_fused=small_fused.numpy())
     """)
-    path = tmp_path / "look_up.npz"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(MODEL_DIR.parent.parent)}
-    done = subprocess.run([sys.executable, "-c", script, str(path)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    r = np.load(path)
+    r = triton_interpreted(script, tmp_path / "look_up.npz", timeout=600)
     want = r["want"]
     assert want.shape == (2, 324, 16, 20) and r["got32"].shape == want.shape and r["cl"]
     assert (want == 0).mean() > 0.05 and np.abs(want).max() > 1, "windows out and in"
