@@ -8,7 +8,7 @@ import os
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -202,17 +202,26 @@ class Other(Model):
         return {"rgba": inputs["src"]}
 
 
-def two_gpus(fallback: bool) -> tuple:
+def pretend_two_gpus(models: List[type], fallback: bool = False,
+                     counted: Optional[List[str]] = None) -> tuple:
+    """A registry of these test models over two pretended GPUs (nothing touches a real
+    one) and a session context on it; the counters it bumps go to `counted`."""
     registry = Registry([])
-    registry.entries["oom_on_one"] = Entry(OomOnOne, "test")
-    registry.entries["other"] = Entry(Other, "test")
+    for cls in models:
+        registry.entries[cls.name] = Entry(cls, "test")
     registry.pool = DevicePool(["cuda:0", "cuda:1"])
-    registry.pool.assume(["cuda:0", "cuda:1"])  # pretend: nothing touches a real GPU
+    registry.pool.assume(["cuda:0", "cuda:1"])
+    sink = counted if counted is not None else []
+    ctx = SessionContext.for_login("test", False, registry, Limits(), None, [], "dls_",
+                                   fallback, lambda key, n=1: sink.append(key))
+    return registry, ctx
+
+
+def two_gpus(fallback: bool) -> tuple:
+    counted: List[str] = []
+    registry, ctx = pretend_two_gpus([OomOnOne, Other], fallback, counted)
     for slot in (0, 1):  # another model holds memory on both devices
         registry.instance("other", slot=slot)
-    counted: List[str] = []
-    ctx = SessionContext.for_login("test", False, registry, Limits(), None, [], "dls_",
-                                   fallback, lambda key, n=1: counted.append(key))
     OomOnOne.seen = []
     return registry, ctx, counted
 
@@ -415,12 +424,7 @@ def test_frames_run_with_their_slots_gpu_current(monkeypatch: pytest.MonkeyPatch
     from dlserver.inference import execute, prepare
 
     monkeypatch.setattr(torch.cuda, "device", CurrentDevice)
-    registry = Registry([])
-    registry.entries["sees_device"] = Entry(SeesDevice, "test")
-    registry.pool = DevicePool(["cuda:0", "cuda:1"])
-    registry.pool.assume(["cuda:0", "cuda:1"])  # pretend: nothing touches a real GPU
-    ctx = SessionContext.for_login("test", False, registry, Limits(), None, [], "dls_",
-                                   False, lambda key, n=1: None)
+    _, ctx = pretend_two_gpus([SeesDevice])
     SeesDevice.seen = []
     plate = make_plate()
     for slot in (1, 0):
@@ -458,12 +462,7 @@ def test_the_load_request_loads_each_slot_with_its_gpu_current(
     from dlserver.inference import load
 
     monkeypatch.setattr(torch.cuda, "device", CurrentDevice)
-    registry = Registry([])
-    registry.entries["load_sees_device"] = Entry(LoadSeesDevice, "test")
-    registry.pool = DevicePool(["cuda:0", "cuda:1"])
-    registry.pool.assume(["cuda:0", "cuda:1"])  # pretend: nothing touches a real GPU
-    ctx = SessionContext.for_login("test", False, registry, Limits(), None, [], "dls_",
-                                   False, lambda key, n=1: None)
+    registry, ctx = pretend_two_gpus([LoadSeesDevice])
     LoadSeesDevice.loaded = []
     reply = load(ctx, registry.get("load_sees_device"))
     assert reply["devices"] == ["cuda:0", "cuda:1"]

@@ -18,12 +18,18 @@ from dlserver.scheduler import Item, Scheduler
 from dlserver.state import ServerState
 
 
-@pytest.fixture
-def session() -> Scheduler:
+def make_session() -> Scheduler:
+    """A logged-in session's scheduler over the test models (made under the environment
+    of the moment: DLSERVER_DETERMINISTIC is read here)."""
     state = ServerState(Registry([TEST_MODELS]))
     ctx = SessionContext.for_login("test", False, state.registry, state.limits, None, [],
                                    state.shm_prefix, False, state.count)
     return Scheduler(state, ctx, lambda header, buffers: None)
+
+
+@pytest.fixture
+def session() -> Scheduler:
+    return make_session()
 
 
 def infer_item(session: Scheduler, seq: int, plate: np.ndarray, gain: float = 2.0) -> Item:
@@ -104,10 +110,7 @@ def test_deterministic_mode_runs_frames_one_at_a_time(monkeypatch: pytest.Monkey
         monkeypatch.setenv("DLSERVER_DETERMINISTIC", value)
         assert deterministic() is want, value
     monkeypatch.setenv("DLSERVER_DETERMINISTIC", "1")
-    state = ServerState(Registry([TEST_MODELS]))
-    ctx = SessionContext.for_login("test", False, state.registry, state.limits, None, [],
-                                   state.shm_prefix, False, state.count)
-    session = Scheduler(state, ctx, lambda header, buffers: None)
+    session = make_session()
     batcher = sys.modules["dlserver_models.batcher.model"].Batcher
     batcher.batches = []
     plates = [make_plate(seed=i) for i in range(3)]
