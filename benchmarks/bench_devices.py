@@ -36,6 +36,12 @@ from bench_end_to_end import SIZES, log, time_infer, write_sequence  # noqa: E40
 from dlserver.state import io_workers  # noqa: E402
 
 
+def frames_in_flight(devices: int) -> int:
+    """`dlserver infer --pipeline` for this many devices: enough to keep each busy (a
+    batch running, the next gathering) with the reads and writes around them."""
+    return 6 * devices + 4
+
+
 def device_list(kind: str, count: int) -> str:
     return ",".join(["cpu"] * count if kind == "cpu" else [f"cuda:{i}" for i in range(count)])
 
@@ -113,7 +119,8 @@ def deterministic_runs(args: argparse.Namespace, counts: List[int], sets: List[s
         folder = os.path.join(work, "det " + label)
         os.makedirs(folder)
         res = run_infer(device_list(args.device, count), sets, src,
-                        os.path.join(folder, "r.####.exr"), frames, 6 * count + 4, env)
+                        os.path.join(folder, "r.####.exr"), frames, frames_in_flight(count),
+                        env)
         if reference is None:
             reference = folder
         elif "error" not in res:
@@ -197,7 +204,7 @@ def main() -> None:
         # the ceiling: the same files through the identity model (the EXR I/O alone)
         out = os.path.join(work, "identity")
         os.makedirs(out)
-        pipeline = args.pipeline or 6 * max(counts) + 4
+        pipeline = args.pipeline or frames_in_flight(max(counts))
         res = run_infer(device_list(args.device, 1), [], src, os.path.join(out, "r.####.exr"),
                         frames, pipeline, env, model="identity")
         shutil.rmtree(out, ignore_errors=True)
@@ -209,7 +216,7 @@ def main() -> None:
         reference = None
         for count in counts:
             devices = device_list(args.device, count)
-            pipeline = args.pipeline or 6 * count + 4
+            pipeline = args.pipeline or frames_in_flight(count)
             out = os.path.join(work, f"out{count}")
             os.makedirs(out)
             res = run_infer(devices, sets, src, os.path.join(out, "r.####.exr"), frames,

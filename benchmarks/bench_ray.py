@@ -110,7 +110,7 @@ def gpu(frames: int, size: str, counts: List[int],
 
 def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str]) -> Dict[str, Any]:
     import torch
-    from bench_devices import compare
+    from bench_devices import compare, frames_in_flight
     from bench_models import maskrcnn_weights
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -142,7 +142,7 @@ def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str]) -> 
                 label = f"{path} {count} GPU"
                 out = os.path.join(work, f"{path}{count}")
                 os.makedirs(out)
-                flags = ["--model", "mask_rcnn", "--pipeline", str(6 * count + 4)]
+                flags = ["--model", "mask_rcnn", "--pipeline", str(frames_in_flight(count))]
                 flags += (["--devices", ",".join(f"cuda:{i}" for i in range(count))]
                           if path == "plain" else ["--ray", "local"])
                 saved = os.environ.get("CUDA_VISIBLE_DEVICES")
