@@ -113,6 +113,7 @@ class Raft(Model):
         self._graphs: Dict[bool, Any] = {}
         self._delta: Any = None
         self._scale = 0.0
+        self._fused: Any = None  # flow.fused_look_up's kernel module for the network built
 
     def load(self, device: str) -> None:
         import torch  # noqa: F401  (fail here, not in the first infer, when it is missing)
@@ -152,7 +153,8 @@ class Raft(Model):
                     f"network option to {other} if it is that network's file, or the "
                     f"weights option to a RAFT {network} file: {str(exc)[:400]}") from exc
             self._nets[False] = net.eval().to(self.device)
-            if flow.fused_look_up(self.device):  # the fused path's memory layout
+            self._fused = flow.fused_look_up(self.device)  # decided with the network:
+            if self._fused:  # the fused path runs it in its own memory layout
                 flow.channels_last(self._nets[False])
             self._delta = flow.look_up_offsets(net.corr_block.radius, self.device)
             self._scale = flow.corr_scale(_feature_channels(net))
@@ -181,14 +183,13 @@ class Raft(Model):
                 frames = torch.stack([self._prepare(inputs[name])
                                       for name in ["src", *(NEIGHBOUR[d] for d in run)]])
                 frames, crop = pad_to_network(frames)
-                fused = flow.fused_look_up(self.device)
                 if self.cuda_graphs and is_cuda(self.device):
                     graphed = self._graphs.setdefault(half, flow.GraphedFlow(
-                        net, self._delta, self._scale, fused))
+                        net, self._delta, self._scale, self._fused))
                     vectors = graphed(frames, len(run), o["iterations"], half)
                 else:
                     vectors = flow.flow_pairs(net, frames, len(run), o["iterations"],
-                                              self._delta, self._scale, half, fused)
+                                              self._delta, self._scale, half, self._fused)
                 vectors = vectors[:, :, crop[0]:crop[0] + height, crop[1]:crop[1] + width]
                 vectors = nuke_vectors(vectors)
                 host = to_host(vectors)
