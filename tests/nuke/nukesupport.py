@@ -114,6 +114,14 @@ def files_under(folder: str) -> List[str]:
 
 
 # --- the client contract without a server -------------------------------------------------
+def pair_decl() -> Dict[str, Any]:
+    """A model of two inputs and an int option: switching to it replaces knobs and inputs."""
+    return {"name": "pair", "label": "Pair", "version": "3", "help": "",
+            "inputs": {"image": {}, "matte": {}}, "outputs": {"rgba": {}},
+            "options": [{"name": "gain", "type": "int", "label": "gain", "help": "",
+                         "default": 2, "min": 0, "max": 10}]}
+
+
 def blur_decl(size_max: Optional[float] = None) -> Dict[str, Any]:
     return {"name": "blur", "label": "Gaussian blur", "version": "1", "colorspace": "linear",
             "help": "Blurs the input.",

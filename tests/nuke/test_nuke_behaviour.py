@@ -19,13 +19,6 @@ from nukesupport import StubClient, nuke  # noqa: E402
 from test_stdlib_plugin import PluginTest  # noqa: E402
 
 
-def pair_decl() -> dict:
-    return {"name": "pair", "label": "Pair", "version": "3", "help": "",
-            "inputs": {"image": {}, "matte": {}}, "outputs": {"rgba": {}},
-            "options": [{"name": "gain", "type": "int", "label": "gain", "help": "",
-                         "default": 2, "min": 0, "max": 10}]}
-
-
 class SavedScriptTest(PluginTest):
     def reopen(self) -> None:
         path = os.path.join(self.tmp, "comp.nk")
@@ -88,7 +81,7 @@ class SavedScriptTest(PluginTest):
         self.assertIn("channels rebuilt", node["status"].value())
 
     def test_two_inputs_reconnect_on_reopen(self) -> None:
-        StubClient.decls = [ns.blur_decl(), pair_decl()]
+        StubClient.decls = [ns.blur_decl(), ns.pair_decl()]
         node = self.make_node()
         self.connect(node)
         node["model"].setValue("pair")
@@ -376,7 +369,7 @@ class GuiRenderAndLiveTest(PluginTest):
         self.assertEqual(grown, set())
 
     def test_int_options_get_a_slider_and_are_sent_as_ints(self) -> None:
-        StubClient.decls = [ns.blur_decl(), pair_decl()]
+        StubClient.decls = [ns.blur_decl(), ns.pair_decl()]
         node = self.make_node(range(1, 2))
         self.connect(node)
         node["model"].setValue("pair")

@@ -172,11 +172,7 @@ class MenuAndGizmoTest(PluginTest):
         self.assertEqual([n.name() for n in node.nodes() if n.Class() == "Input"], ["src"])
 
     def test_switching_models_replaces_knobs_and_inputs(self) -> None:
-        StubClient.decls = [ns.blur_decl(), {
-            "name": "pair", "label": "Pair", "version": "3",
-            "inputs": {"image": {}, "matte": {}}, "outputs": {"rgba": {}},
-            "options": [{"name": "gain", "type": "int", "label": "gain", "help": "",
-                         "default": 2, "min": 0, "max": 10}]}]
+        StubClient.decls = [ns.blur_decl(), ns.pair_decl()]
         node = self.make_node()
         self.connect(node)
         node["model"].setValue("pair")
@@ -211,11 +207,7 @@ class LoadAheadTest(PluginTest):
         self.assertNotEqual(load["thread"], threading.main_thread().name)
 
     def test_choosing_a_model_loads_it_with_its_options(self) -> None:
-        StubClient.decls = [ns.blur_decl(), {
-            "name": "pair", "label": "Pair", "version": "3",
-            "inputs": {"image": {}, "matte": {}}, "outputs": {"rgba": {}},
-            "options": [{"name": "gain", "type": "int", "label": "gain", "help": "",
-                         "default": 2, "min": 0, "max": 10}]}]
+        StubClient.decls = [ns.blur_decl(), ns.pair_decl()]
         node = self.make_node()
         self.connect(node)
         node["model"].setValue("pair")
