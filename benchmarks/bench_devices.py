@@ -142,6 +142,12 @@ def main() -> None:
     p.add_argument("--counts", default=None,
                    help="device counts to run, e.g. 1,2,4 (default 1,2; counts above the "
                         "GPUs visible are reported as not measured)")
+    p.add_argument("--lists", default=None,
+                   help="device lists to run instead of --counts, ';'-separated, the first "
+                        "the baseline, e.g. 'cuda:0;cuda:0,cuda:0;cuda:0,cuda:1' (a device "
+                        "named twice: two model instances on it)")
+    p.add_argument("--max-batch", default=None,
+                   help="DLSERVER_MAX_BATCH values to run each list with, e.g. 8,1")
     p.add_argument("--size", default="1080p", choices=list(SIZES))
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--pipeline", type=int, default=None,
@@ -212,38 +218,14 @@ def main() -> None:
         if "error" not in res:
             log(f"identity (the I/O alone), pipeline {pipeline}: {res['fps_steady']:.2f} "
                 f"frames/s steady")
-        base_fps = None
-        reference = None
-        for count in counts:
-            devices = device_list(args.device, count)
-            pipeline = args.pipeline or frames_in_flight(count)
-            out = os.path.join(work, f"out{count}")
-            os.makedirs(out)
-            res = run_infer(devices, sets, src, os.path.join(out, "r.####.exr"), frames,
-                            pipeline, env)
-            res.update(devices=devices, pipeline=pipeline)
-            if "error" in res:
-                log(f"{devices}: {res['error']}")
-                results["runs"][devices] = res
-                continue
-            if base_fps is None:
-                base_fps, reference = res["fps_steady"], out
-            else:
-                res["speedup_steady"] = res["fps_steady"] / base_fps
-                res["identical_to_one_device"] = compare(reference, out, frames)
-                shutil.rmtree(out, ignore_errors=True)  # room for the next run
-            results["runs"][devices] = res
-            log(f"  server: {captures(res)}")
-            line = (f"{devices:<24} pipeline {pipeline}: {res['fps_overall']:.2f} frames/s "
-                    f"overall ({res['total_s']:.1f} s with start, load and warm-up), "
-                    f"{res['fps_steady']:.2f} frames/s steady")
-            if "speedup_steady" in res:
-                same = res["identical_to_one_device"]
-                line += (f", x{res['speedup_steady']:.2f} of one device; outputs: "
-                         f"{same['byte_identical']}/{frames} byte-identical, "
-                         f"{same['pixel_identical']}/{frames} pixel-identical, max |diff| "
-                         f"{same['max_abs_diff']:.3g}")
-            log(line)
+        lists = ([d.strip() for d in args.lists.split(";")] if args.lists else
+                 [device_list(args.device, count) for count in counts])
+        for max_batch in (args.max_batch.split(",") if args.max_batch else [None]):
+            run_env = {**env, "DLSERVER_MAX_BATCH": max_batch} if max_batch else env
+            if max_batch:
+                log(f"DLSERVER_MAX_BATCH={max_batch}")
+            run_lists(args, lists, sets, src, work, frames, run_env, results,
+                      f" max_batch {max_batch}" if max_batch else "")
         if args.deterministic_frames:
             results["deterministic"] = deterministic_runs(
                 args, counts, sets, src, work, min(frames, args.deterministic_frames), env)
@@ -252,6 +234,46 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def run_lists(args: argparse.Namespace, lists: List[str], sets: List[str], src: str,
+              work: str, frames: int, env: Dict[str, str], results: Dict[str, Any],
+              label: str) -> None:
+    """Each device list in turn; the first is the baseline of the speed-ups and outputs."""
+    base_fps = None
+    reference = None
+    for i, devices in enumerate(lists):
+        count = len(devices.split(","))
+        pipeline = args.pipeline or frames_in_flight(count)
+        out = os.path.join(work, f"out{i}")
+        os.makedirs(out)
+        res = run_infer(devices, sets, src, os.path.join(out, "r.####.exr"), frames,
+                        pipeline, env)
+        res.update(devices=devices, pipeline=pipeline)
+        if "error" in res:
+            log(f"{devices}: {res['error']}")
+            results["runs"][devices + label] = res
+            continue
+        if base_fps is None:
+            base_fps, reference = res["fps_steady"], out
+        else:
+            res["speedup_steady"] = res["fps_steady"] / base_fps
+            res["identical_to_one_device"] = compare(reference, out, frames)
+            shutil.rmtree(out, ignore_errors=True)  # room for the next run
+        results["runs"][devices + label] = res
+        log(f"  server: {captures(res)}")
+        line = (f"{devices:<24} pipeline {pipeline}: {res['fps_overall']:.2f} frames/s "
+                f"overall ({res['total_s']:.1f} s with start, load and warm-up), "
+                f"{res['fps_steady']:.2f} frames/s steady")
+        if "speedup_steady" in res:
+            same = res["identical_to_one_device"]
+            line += (f", x{res['speedup_steady']:.2f} of one device; outputs: "
+                     f"{same['byte_identical']}/{frames} byte-identical, "
+                     f"{same['pixel_identical']}/{frames} pixel-identical, max |diff| "
+                     f"{same['max_abs_diff']:.3g}")
+        log(line)
+    if reference is not None:
+        shutil.rmtree(reference, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@
 #       and the CUDA tests of the fused kernels (about a minute);
 #       devices: the CUDA test of two devices, then one server over every GPU (--devices):
 #       1 GPU vs 2, 200 1080p frames, the identity ceiling, a deterministic comparison
-#       (FRAMES=N and COUNTS=1,2,4 change that);
+#       (FRAMES=N and COUNTS=1,2,4 change that; LISTS='cuda:0;cuda:0,cuda:0' runs those
+#       device lists instead, MAX_BATCH=8,1 each with those DLSERVER_MAX_BATCH values);
 #       detectors: first result, 1080p detector figures with batches, CUDA tests
 #       depth: depth_anything_v2 at 1080p, fp16 / CUDA graph vs fp32 eager, and its CUDA test
 #       raft: RAFT's CUDA test, then at 1080p the model's paths against eager torchvision
@@ -131,9 +132,15 @@ fi
 if [ "$QUICK" = devices ]; then
     step pytest_cuda_devices 90 python3 -m pytest -m cuda tests/test_devices.py -s -rs \
         -p no:cacheprovider
+    # GPU load beside the runs (a line per GPU every 0.2 s, with the time)
+    nvidia-smi --query-gpu=timestamp,index,utilization.gpu --format=csv,noheader -lms 200 \
+        > "$OUT/gpu_utilization.csv" 2>/dev/null &
+    smi=$!
     step bench_devices 590 python3 benchmarks/bench_devices.py --frames "${FRAMES:-200}" \
-        ${COUNTS:+--counts "$COUNTS"} --deterministic-frames "${DET_FRAMES:-40}" \
+        ${COUNTS:+--counts "$COUNTS"} ${LISTS:+--lists "$LISTS"} \
+        ${MAX_BATCH:+--max-batch "$MAX_BATCH"} --deterministic-frames "${DET_FRAMES:-40}" \
         --json "$OUT/bench_devices.json"
+    kill $smi 2>/dev/null
     exit 0
 fi
 if [ "$QUICK" = remote ]; then

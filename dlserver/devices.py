@@ -16,7 +16,7 @@ import os
 import re
 import sys
 import threading
-from typing import Any, ContextManager, Dict, List, MutableMapping, Optional, Sequence
+from typing import Any, ContextManager, Dict, Iterator, List, MutableMapping, Optional, Sequence
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MPS_FALLBACK_ENV = "PYTORCH_ENABLE_MPS_FALLBACK"
@@ -191,6 +191,7 @@ class DevicePool:
         self.in_flight: List[int] = [0] * self._count_hint()
         self.frames_done: List[int] = [0] * len(self.in_flight)
         self.oom_recoveries: List[int] = [0] * len(self.in_flight)
+        self._streams: Dict[int, Any] = {}  # slot -> its CUDA stream (made on first need)
 
     def _count_hint(self) -> int:
         return 1 if self.requested == ["all"] else len(self.requested)
@@ -208,6 +209,7 @@ class DevicePool:
         with it: no device is touched)."""
         with self._lock:
             self._resolved = list(devices)
+            self._streams.clear()
             n = len(self._resolved)
             grow = max(0, n - len(self.in_flight))
             for counts in (self.in_flight, self.frames_done, self.oom_recoveries):
@@ -225,11 +227,12 @@ class DevicePool:
         return self.devices[slot]
 
     def current(self, slot: int) -> ContextManager[Any]:
-        """The slot's CUDA device made the calling thread's current device while a frame
-        runs: torch's calls that take no device (current_stream(), Event.record(), new
-        streams) and Triton's launches act on the current device, which is cuda:0 in every
-        new thread. A no-op for CPU and MPS slots, and before torch is imported for an
-        automatic device (it can only be cuda:0 then)."""
+        """The slot's CUDA device and stream made the calling thread's current ones while
+        a frame runs (or the model loads): torch's calls that take no device
+        (current_stream(), Event.record(), new streams) and Triton's launches act on the
+        current device, which is cuda:0 in every new thread; and each slot's work goes to
+        a stream of its own (`stream`). A no-op for CPU and MPS slots, and before torch is
+        imported for an automatic device (it can only be cuda:0 then)."""
         if self._resolved is None and "torch" not in sys.modules:
             asked = self.requested[min(slot, len(self.requested) - 1)]
             if asked is None or not (asked == "all" or asked.startswith("cuda")):
@@ -237,9 +240,29 @@ class DevicePool:
         device = self.device(slot)
         if not is_cuda(device):
             return contextlib.nullcontext()
+        return self._on_cuda(device, slot)
+
+    @contextlib.contextmanager
+    def _on_cuda(self, device: str, slot: int) -> Iterator[None]:
         import torch
 
-        return torch.cuda.device(device)
+        with torch.cuda.device(device), torch.cuda.stream(self.stream(slot)):
+            yield
+
+    def stream(self, slot: int) -> Any:
+        """The CUDA stream of a slot (made on first need, on its device). On the device's
+        default stream two slots of one GPU (`--devices cuda:0,cuda:0`) would queue
+        behind each other and every host sync would wait for the other slot's kernels
+        too; on streams of their own one slot's kernels run while the other's thread does
+        its host work."""
+        device = self.device(slot)
+        with self._lock:
+            stream = self._streams.get(slot)
+            if stream is None:
+                import torch
+
+                stream = self._streams[slot] = torch.cuda.Stream(device)
+            return stream
 
     def acquire(self, frames: int = 1) -> int:
         """The least-loaded slot, its load raised by `frames` until `release`."""

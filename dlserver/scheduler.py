@@ -11,6 +11,7 @@ knows nothing of transports or login."""
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +30,28 @@ log = logging.getLogger("dlserver")
 Reply = Tuple[Dict[str, Any], List[Any]]
 Send = Callable[[Dict[str, Any], Sequence[Any]], None]
 MAX_BATCH = 8  # frames of a range that may share one forward pass
+MAX_BATCH_ENV = "DLSERVER_MAX_BATCH"
 MAX_QUEUED = 4  # requests read ahead of the one being prepared, per session (at least)
+
+
+def batch_limit() -> int:
+    """Frames that may share one `infer_batch` call: DLSERVER_MAX_BATCH (1 to MAX_BATCH,
+    default MAX_BATCH); 1 with DLSERVER_DETERMINISTIC=1 (a batch runs other kernels).
+    A value that is not a whole number in range is logged and the default used."""
+    if deterministic():
+        return 1
+    raw = os.environ.get(MAX_BATCH_ENV, "").strip()
+    if not raw:
+        return MAX_BATCH
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_BATCH:
+        log.warning("%s=%r: not a whole number from 1 to %d; using %d", MAX_BATCH_ENV, raw,
+                    MAX_BATCH, MAX_BATCH)
+        return MAX_BATCH
+    return value
 
 
 @dataclass
@@ -58,8 +80,7 @@ class Scheduler:
         # frames of this session on the devices at once: one batch per device slot
         self.devices = self.pool.size
         self.room = threading.Semaphore(self.devices)
-        # DLSERVER_DETERMINISTIC=1: frames one at a time (a batch runs other kernels)
-        self.batch_limit = 1 if deterministic() else MAX_BATCH
+        self.batch_limit = batch_limit()
         self.runners: Optional[ThreadPoolExecutor] = None  # made on the first batch
         # enough read ahead to fill every device, and frames for half the I/O threads to
         # read while the other half write

@@ -395,9 +395,12 @@ class SeesDevice(Model):
     inputs = {"src": Layer(("R", "G", "B", "A"))}
     outputs = {"rgba": Layer(("R", "G", "B", "A"))}
     seen: List[Any] = []
+    streams: List[Any] = []
 
     def infer(self, inputs: Dict[str, Any], options: Dict[str, Any]) -> Any:
-        type(self).seen.append((self.device, list(CurrentDevice.stack)))
+        type(self).seen.append((self.device, list(CurrentDevice.stack),
+                                [s.device for s in CurrentStream.stack]))
+        type(self).streams.append(CurrentStream.stack[-1] if CurrentStream.stack else None)
         return {"rgba": inputs["src"]}
 
 
@@ -418,21 +421,56 @@ class CurrentDevice:
         type(self).stack.pop()
 
 
-def test_frames_run_with_their_slots_gpu_current(monkeypatch: pytest.MonkeyPatch) -> None:
+class FakeStream:
+    """Stands in for torch.cuda.Stream(device): which device it was made on."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = str(device)
+
+
+class CurrentStream(CurrentDevice):
+    """Stands in for torch.cuda.stream(s): the stream current in the thread."""
+
+    stack: List[Any] = []  # type: ignore[assignment]
+
+    def __init__(self, stream: Any) -> None:
+        self.device = stream
+
+
+def pretend_cuda_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
+    monkeypatch.setattr(torch.cuda, "device", CurrentDevice)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", CurrentStream)
+
+
+def test_frames_run_with_their_slots_gpu_and_stream_current(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame runs with its slot's GPU and its slot's own stream current, the same
+    stream for every frame of the slot; two slots of one GPU get two streams (on the
+    device's default stream they would queue behind each other)."""
     from dlserver.inference import execute, prepare
 
-    monkeypatch.setattr(torch.cuda, "device", CurrentDevice)
+    pretend_cuda_calls(monkeypatch)
     _, ctx = pretend_two_gpus([SeesDevice])
-    SeesDevice.seen = []
+    SeesDevice.seen, SeesDevice.streams = [], []
     plate = make_plate()
-    for slot in (1, 0):
+    for slot in (1, 0, 1):
         msg = Message({"type": "infer", "id": slot, "model": "sees_device", "options": {},
                        "inputs": {"src": raw_inline(plate)}}, [memoryview(plate.data).cast("B")])
         execute(ctx, [prepare(ctx, msg)], slot)
-    assert SeesDevice.seen == [("cuda:1", ["cuda:1"]), ("cuda:0", ["cuda:0"])]
-    assert CurrentDevice.stack == [], "left afterwards"
+    assert SeesDevice.seen == [("cuda:1", ["cuda:1"], ["cuda:1"]),
+                               ("cuda:0", ["cuda:0"], ["cuda:0"]),
+                               ("cuda:1", ["cuda:1"], ["cuda:1"])]
+    first1, first0, again1 = SeesDevice.streams
+    assert again1 is first1 and first0 is not first1
+    assert CurrentDevice.stack == [] and CurrentStream.stack == [], "left afterwards"
+    one_gpu = DevicePool(["cuda:0", "cuda:0"])
+    one_gpu.assume(["cuda:0", "cuda:0"])
+    a, b = one_gpu.stream(0), one_gpu.stream(1)
+    assert a is not b and a.device == b.device == "cuda:0"
+    assert one_gpu.stream(0) is a
     cpu = DevicePool(["cpu", "cpu"])
     with cpu.current(1):  # CPU slots: nothing to make current
         assert CurrentDevice.stack == []
@@ -450,24 +488,25 @@ class LoadSeesDevice(SeesDevice):
 
     def load(self, device: str) -> None:
         super().load(device)
-        type(self).loaded.append((device, list(CurrentDevice.stack)))
+        type(self).loaded.append((device, list(CurrentDevice.stack),
+                                  [s.device for s in CurrentStream.stack]))
 
 
 def test_the_load_request_loads_each_slot_with_its_gpu_current(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`load` loads a model where its frames run, as a frame's own load would: on each
     slot with that slot's GPU current (a model's load may capture graphs, make streams)."""
-    import torch
 
     from dlserver.inference import load
 
-    monkeypatch.setattr(torch.cuda, "device", CurrentDevice)
+    pretend_cuda_calls(monkeypatch)
     registry, ctx = pretend_two_gpus([LoadSeesDevice])
     LoadSeesDevice.loaded = []
     reply = load(ctx, registry.get("load_sees_device"))
     assert reply["devices"] == ["cuda:0", "cuda:1"]
-    assert LoadSeesDevice.loaded == [("cuda:0", ["cuda:0"]), ("cuda:1", ["cuda:1"])]
-    assert CurrentDevice.stack == [], "left afterwards"
+    assert LoadSeesDevice.loaded == [("cuda:0", ["cuda:0"], ["cuda:0"]),
+                                     ("cuda:1", ["cuda:1"], ["cuda:1"])]
+    assert CurrentDevice.stack == [] and CurrentStream.stack == [], "left afterwards"
 
 
 @pytest.mark.cuda
@@ -501,6 +540,42 @@ def test_two_gpus_capture_at_once_each_on_its_own_device() -> None:
     for t in threads:
         t.join()
     assert results == {"cuda:0": ("cuda:0", True), "cuda:1": ("cuda:1", True)}
+
+
+@pytest.mark.cuda
+def test_two_slots_of_one_gpu_run_at_once_on_their_own_streams() -> None:
+    """`--devices cuda:0,cuda:0`: two slots' threads each capture a graph and replay it
+    many times at once, on their own streams: every replay gives what eager gives (a
+    missing stream order would let a replay read inputs the other slot's thread is
+    still writing, or an output be read before its replay ran)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pool = DevicePool(["cuda:0", "cuda:0"])
+    results: Dict[int, Any] = {}
+
+    def on(slot: int) -> None:
+        with pool.current(slot), torch.inference_mode():
+            assert torch.cuda.current_stream() == pool.stream(slot)
+            conv = torch.nn.Conv2d(4, 8, 3).to("cuda:0")
+            inp = torch.empty((1, 4, 512, 512), device="cuda:0")
+            graph, out, _ = cuda_graphs.capture(lambda: conv(inp).relu().sum(dim=1),
+                                                "cuda:0")
+            same = 0
+            for i in range(20):
+                inp.copy_(torch.linspace(0, i + slot, 1 << 20, device="cuda:0").view_as(inp))
+                graph.replay()
+                same += int(torch.equal(out, conv(inp).relu().sum(dim=1)))
+            results[slot] = same
+
+    threads = [threading.Thread(target=on, args=(slot,)) for slot in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {0: 20, 1: 20}
+    assert pool.stream(0) != pool.stream(1)
 
 
 def test_cudnn_flags_change_in_one_slot_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,12 +40,15 @@ def infer_item(session: Scheduler, seq: int, plate: np.ndarray, gain: float = 2.
     return item
 
 
-def run_stages(session: Scheduler, items: list) -> list:
+def run_stages(session: Scheduler, items: list, queued: int = 0) -> list:
     """Queue prepared items, run the execute stage, collect what it hands on (in a thread:
-    the queues are bounded)."""
+    the queues are bounded). `queued`: how many are queued before the stage starts (so
+    they are all waiting when it forms its first batch)."""
+    for item in items[:queued]:
+        session.to_execute.put(item)
     stage = threading.Thread(target=session._execute_stage)
     stage.start()
-    for item in items:
+    for item in items[queued:]:
         session.to_execute.put(item)
     session.to_execute.put(None)
     done = []
@@ -139,3 +142,28 @@ def test_deterministic_mode_turns_cudnn_autotuning_off(monkeypatch: pytest.Monke
     monkeypatch.setenv("DLSERVER_DETERMINISTIC", "1")
     tune_convolutions("cuda")
     assert (cudnn.benchmark, cudnn.deterministic) == (False, True)
+
+
+def test_max_batch_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DLSERVER_MAX_BATCH caps the frames that share one forward pass (1: one at a time,
+    one CUDA graph per device instead of one per batch size); values out of 1..MAX_BATCH
+    fall back to MAX_BATCH; DLSERVER_DETERMINISTIC=1 wins."""
+    from dlserver.scheduler import MAX_BATCH, batch_limit
+
+    monkeypatch.delenv("DLSERVER_DETERMINISTIC", raising=False)
+    for value, want in (("2", 2), ("1", 1), (str(MAX_BATCH), MAX_BATCH), ("", MAX_BATCH),
+                        ("0", MAX_BATCH), (str(MAX_BATCH + 1), MAX_BATCH), ("x", MAX_BATCH)):
+        monkeypatch.setenv("DLSERVER_MAX_BATCH", value)
+        assert batch_limit() == want, value
+    monkeypatch.setenv("DLSERVER_MAX_BATCH", "3")
+    session = make_session()
+    batcher = sys.modules["dlserver_models.batcher.model"].Batcher
+    batcher.batches = []
+    plates = [make_plate(seed=i) for i in range(4)]
+    items = [infer_item(session, i + 1, p) for i, p in enumerate(plates)]
+    done = run_stages(session, items, queued=len(items))
+    assert batcher.batches == [3, 1]
+    for item, plate in zip(done, plates):
+        np.testing.assert_array_equal(item.job.result["rgba"], plate * 2)
+    monkeypatch.setenv("DLSERVER_DETERMINISTIC", "1")
+    assert batch_limit() == 1
