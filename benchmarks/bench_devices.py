@@ -146,8 +146,10 @@ def main() -> None:
                    help="device lists to run instead of --counts, ';'-separated, the first "
                         "the baseline, e.g. 'cuda:0;cuda:0,cuda:0;cuda:0,cuda:1' (a device "
                         "named twice: two model instances on it)")
-    p.add_argument("--max-batch", default=None,
-                   help="DLSERVER_MAX_BATCH values to run each list with, e.g. 8,1")
+    p.add_argument("--env-sets", default=None,
+                   help="run every list under each of these environments, ';'-separated, "
+                        "each VAR=VALUE[,VAR=VALUE], e.g. 'DLSERVER_WORKER_PROCESSES=off;"
+                        "DLSERVER_WORKER_PROCESSES=on,DLSERVER_MAX_BATCH=1'")
     p.add_argument("--size", default="1080p", choices=list(SIZES))
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--pipeline", type=int, default=None,
@@ -220,12 +222,12 @@ def main() -> None:
                 f"frames/s steady")
         lists = ([d.strip() for d in args.lists.split(";")] if args.lists else
                  [device_list(args.device, count) for count in counts])
-        for max_batch in (args.max_batch.split(",") if args.max_batch else [None]):
-            run_env = {**env, "DLSERVER_MAX_BATCH": max_batch} if max_batch else env
-            if max_batch:
-                log(f"DLSERVER_MAX_BATCH={max_batch}")
-            run_lists(args, lists, sets, src, work, frames, run_env, results,
-                      f" max_batch {max_batch}" if max_batch else "")
+        for setting in (args.env_sets.split(";") if args.env_sets else [""]):
+            extra = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
+            if extra:
+                log(f"with {setting}")
+            run_lists(args, lists, sets, src, work, frames, {**env, **extra}, results,
+                      f" {setting}" if setting else "")
         if args.deterministic_frames:
             results["deterministic"] = deterministic_runs(
                 args, counts, sets, src, work, min(frames, args.deterministic_frames), env)

@@ -12,7 +12,8 @@
 #       devices: the CUDA test of two devices, then one server over every GPU (--devices):
 #       1 GPU vs 2, 200 1080p frames, the identity ceiling, a deterministic comparison
 #       (FRAMES=N and COUNTS=1,2,4 change that; LISTS='cuda:0;cuda:0,cuda:0' runs those
-#       device lists instead, MAX_BATCH=8,1 each with those DLSERVER_MAX_BATCH values);
+#       device lists instead, ENV_SETS='DLSERVER_MAX_BATCH=1;DLSERVER_MAX_BATCH=8' each list
+#       under each of those environments);
 #       detectors: first result, 1080p detector figures with batches, CUDA tests
 #       depth: depth_anything_v2 at 1080p, fp16 / CUDA graph vs fp32 eager, and its CUDA test
 #       raft: RAFT's CUDA test, then at 1080p the model's paths against eager torchvision
@@ -138,7 +139,7 @@ if [ "$QUICK" = devices ]; then
     smi=$!
     step bench_devices 590 python3 benchmarks/bench_devices.py --frames "${FRAMES:-200}" \
         ${COUNTS:+--counts "$COUNTS"} ${LISTS:+--lists "$LISTS"} \
-        ${MAX_BATCH:+--max-batch "$MAX_BATCH"} --deterministic-frames "${DET_FRAMES:-40}" \
+        ${ENV_SETS:+--env-sets "$ENV_SETS"} --deterministic-frames "${DET_FRAMES:-40}" \
         --json "$OUT/bench_devices.json"
     kill $smi 2>/dev/null
     exit 0

@@ -80,6 +80,15 @@ class Busy(DLError):
     code = "busy"
 
 
+class ReportedError(DLError):
+    """An error another process of the server answered a frame with (a worker process,
+    a Ray replica): that process's code and message, passed on as they are."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def io_failed(exc: BaseException, path: Any, doing: str = "write") -> IOFailed:
     """An IOFailed for an OSError (or a library's I/O RuntimeError) on `path`, saying
     what to do about it."""

@@ -314,6 +314,28 @@ def execute(ctx: SessionContext, jobs: List[Job], slot: int = 0) -> None:
         raise model_failed(jobs[0].entry.cls.name, exc) from exc
 
 
+def execute_each(ctx: SessionContext, jobs: List[Job], slot: int = 0) -> List[Optional[Exception]]:
+    """`execute` as the scheduler runs it, for a process that runs frames for another
+    (a worker process, a Ray replica): a batch that fails runs again one frame at a time,
+    to find the frame that failed. Per job: None (its result is set) or its error."""
+    try:
+        execute(ctx, jobs, slot)
+        return [None] * len(jobs)
+    except Exception as exc:
+        if len(jobs) == 1:
+            return [exc]
+    return [execute_each(ctx, [job], slot)[0] for job in jobs]
+
+
+def bare_job(entry: Entry, arrays: Dict[str, Any], options: Dict[str, Any], tile: int,
+             ctx: SessionContext) -> Job:
+    """A Job of inputs only, for a process that runs frames another one reads and writes
+    (a worker process, a Ray replica)."""
+    height, width = next(iter(arrays.values())).shape[:2]
+    reader = FrameReader([], ctx.shm, ctx.exchange, ctx.limits)
+    return Job(entry, options, arrays, reader, {}, None, tile, (height, width))
+
+
 def _execute(ctx: SessionContext, jobs: List[Job], slot: int) -> None:
     started = time.perf_counter()
     if len(jobs) > 1:

@@ -44,9 +44,8 @@ from ray.exceptions import RayActorError, RayError, TaskCancelledError
 
 from .context import SessionContext
 from .devices import DETERMINISTIC_ENV, deterministic
-from .errors import Cancelled, DLError, InternalError, ModelFailed, describe_error
-from .frames import FrameReader
-from .inference import Job, execute, model_failed
+from .errors import Cancelled, DLError, InternalError, ModelFailed, ReportedError, describe_error
+from .inference import Job, bare_job, execute_each, model_failed
 from .protocol import Limits
 from .registry import Entry, Registry
 from .scheduler import MAX_BATCH
@@ -65,14 +64,6 @@ MAX_ONGOING = 8
 MAX_CANCELLED = 10_000  # keys a CancelBoard remembers
 MIN_SLOTS = 16  # frames one session hands to the cluster at once (the client's
 # pipeline bounds it in practice); MAX_ONGOING per replica with more replicas
-
-
-class ReplicaError(DLError):
-    """An error a replica answered a frame with: the plain server's code and message."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # --- the replica ---------------------------------------------------------------------------
@@ -157,7 +148,7 @@ class ModelRunner:
                 await self.load_model(name)
             except Exception as exc:  # as the plain server reports a failed load
                 raise model_failed(name, exc) from exc
-            job = replica_job(entry, arrays, options, tile, self.ctx)
+            job = bare_job(entry, arrays, options, tile, self.ctx)
             if job.batch_key() is None:
                 return (await self._in_worker(self._run, [(job, key)]))[0]
             return await self._batched((job, key))
@@ -193,16 +184,15 @@ class ModelRunner:
                 if drop else next(done) for drop in dropped]
 
     def _execute(self, jobs: List[Job]) -> List[Dict[str, Any]]:
-        """inference.execute as the plain scheduler runs it: a batch that fails runs again
-        one frame at a time, to find the frame that failed."""
-        try:
-            execute(self.ctx, jobs, 0)
-        except Exception as exc:
-            if len(jobs) == 1:
-                return [self._error(exc, jobs[0].entry.cls.name)]
-            return [self._execute([job])[0] for job in jobs]
-        self.counters["frames"] += len(jobs)
-        return [{"result": job.result, "timing": job.timing} for job in jobs]
+        """inference.execute as the plain scheduler runs it (`execute_each`)."""
+        outcomes = []
+        for job, failure in zip(jobs, execute_each(self.ctx, jobs)):
+            if failure is not None:
+                outcomes.append(self._error(failure, job.entry.cls.name))
+            else:
+                self.counters["frames"] += 1
+                outcomes.append({"result": job.result, "timing": job.timing})
+        return outcomes
 
     def _error(self, exc: Exception, name: str) -> Dict[str, Any]:
         self.counters["errors"] += 1
@@ -212,15 +202,6 @@ class ModelRunner:
     def stats(self) -> Dict[str, Any]:
         return {"pid": os.getpid(), "device": self.registry.pool.requested[0],
                 "models_loaded": self.registry.loaded(), **self.counters}
-
-
-def replica_job(entry: Entry, arrays: Dict[str, Any], options: Dict[str, Any], tile: int,
-                ctx: SessionContext) -> Job:
-    """The replica's Job of a frame: inputs only (the front end read them and writes the
-    outputs)."""
-    height, width = next(iter(arrays.values())).shape[:2]
-    reader = FrameReader([], ctx.shm, ctx.exchange, ctx.limits)
-    return Job(entry, options, arrays, reader, {}, None, tile, (height, width))
 
 
 # --- the front end's side ------------------------------------------------------------------
@@ -286,6 +267,8 @@ class RayBackend:
     """Connects to (or starts) a Ray cluster, deploys the ModelRunner application and runs
     frames there. `start` is called at server start (TCP: a cluster that can't be reached
     fails the command), or on the first frame (embedded, once the protocol owns stdout)."""
+
+    name = "ray"
 
     def __init__(self, settings: RaySettings) -> None:
         settings.check()
@@ -383,7 +366,7 @@ class RayBackend:
                 failure = failure or exc
                 continue
             if "error" in outcome:
-                failure = failure or ReplicaError(*outcome["error"])
+                failure = failure or ReportedError(*outcome["error"])
                 continue
             job.result = outcome["result"]
             job.timing.update(outcome["timing"])
@@ -437,6 +420,16 @@ class RayBackend:
             job.on_cancel = None
         raise AssertionError("unreachable")
 
+    def load(self, ctx: SessionContext, entry: Entry) -> Dict[str, Any]:
+        """A `load` request: models load on a replica at its first frame there (Serve
+        picks the replica then), so the request was only checked."""
+        return {"model": entry.cls.name, "version": str(entry.cls.version), "devices": [],
+                "load_s": 0.0}
+
+    def unload(self, name: Optional[str]) -> List[str]:
+        """Replicas evict models themselves (least recently used): nothing unloaded here."""
+        return []
+
     def stats(self) -> Dict[str, Any]:
         """For the `stats` request: how the application was deployed, frames retried."""
         return {"app": self.app, "started": self.handle is not None, **self.replicas,
@@ -457,4 +450,4 @@ class RayBackend:
 
 
 __all__ = ["APP_PREFIX", "DEPLOYMENT_NAME", "ModelRunner", "RayBackend", "RaySettings",
-           "ReplicaError"]
+           ]

@@ -245,16 +245,12 @@ class Scheduler:
     def _load(self, item: Item) -> None:
         """A `load` request on a runner thread, as a frame's load would run (holding a
         device slot of this session's room). Never raises: the outcome is its reply.
-        With a backend (Ray) the models load on its replicas at their first frame: the
-        request was only checked."""
+        With a backend it loads there (Ray: on its replicas at their first frame, so the
+        request was only checked)."""
         rid = item.msg.header.get("id")
         try:
-            if self.state.backend is not None:
-                item.reply = ok_reply(rid, model=item.job.cls.name,
-                                      version=str(item.job.cls.version), devices=[],
-                                      load_s=0.0), []
-            else:
-                item.reply = ok_reply(rid, **load(self.ctx, item.job)), []
+            loader = self.state.backend.load if self.state.backend is not None else load
+            item.reply = ok_reply(rid, **loader(self.ctx, item.job)), []
         except Exception as exc:
             item.reply = self._error(item.msg, exc)
         finally:
@@ -338,7 +334,9 @@ class Scheduler:
             if kind == "stats":
                 return ok_reply(rid, stats=self.state.stats()), []
             if kind == "unload":
-                unloaded = self.ctx.registry.unload(msg.header.get("model"))
+                unloaded = (self.state.backend.unload(msg.header.get("model"))
+                            if self.state.backend is not None
+                            else self.ctx.registry.unload(msg.header.get("model")))
                 return ok_reply(rid, unloaded=unloaded), []
             return ok_reply(rid), []  # shutdown: acted on once the reply is sent
         except Exception as exc:

@@ -34,6 +34,8 @@ from .state import (
     ServerState,
 )
 from .transport import is_loopback, serve_seed_socket, serve_socket, serve_stdio
+from .worker_processes import WorkerProcesses
+from .worker_processes import wanted as wanted_workers
 
 log = logging.getLogger("dlserver")
 
@@ -105,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exchange-dir", default=None,
                    help="folder for frame files of local sessions (default: a new folder "
                         "in /dev/shm, else the temp dir)")
+    p.add_argument("--worker-processes", default=None, choices=("auto", "on", "off"),
+                   help="run each device slot's models in a process of its own (default "
+                        "auto, or $DLSERVER_WORKER_PROCESSES: on when --devices names more "
+                        "than one GPU; in one process every slot shares one GIL)")
     p.add_argument("--cpu-fallback", action="store_true",
                    help="run a frame on the CPU when it doesn't fit in GPU memory")
     p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
@@ -225,6 +231,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             log.info("devices: %s", ", ".join(registry.devices))
         except RuntimeError as exc:
+            print(f"dlserver: {exc}", file=sys.stderr)
+            return 2
+    if backend is None and (args.devices is not None or args.worker_processes == "on"):
+        try:
+            if wanted_workers(args.worker_processes, registry.devices):
+                backend = WorkerProcesses(models_dirs, registry.devices, args.cpu_fallback,
+                                          f"dls{os.getpid()}_")
+                log.info("device slots in worker processes: %s", ", ".join(registry.devices))
+        except (RuntimeError, ValueError) as exc:
             print(f"dlserver: {exc}", file=sys.stderr)
             return 2
     exchange = make_exchange_dir(args.exchange_dir) if not remote else None
@@ -360,7 +375,7 @@ def set_switch_interval(ms: Optional[str]) -> None:
 
 
 def cleanup(state: ServerState) -> None:
-    """Close the Ray backend (--ray) and remove what local sessions may have left: shm
+    """Close the backend (--ray, worker processes) and remove what local sessions may have left: shm
     blocks named with this server's prefix and the exchange dir. Never raises (e.g. out
     of file descriptors)."""
     from .shm import sweep
@@ -369,7 +384,7 @@ def cleanup(state: ServerState) -> None:
         try:
             state.backend.close()
         except Exception as exc:  # the cluster may be gone
-            log.warning("closing the Ray backend: %s", exc)
+            log.warning("closing the %s backend: %s", state.backend.name, exc)
     try:
         swept = sweep(state.shm_prefix)
         if swept:

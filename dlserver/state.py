@@ -31,10 +31,19 @@ def io_workers() -> int:
     return max(2, min(4, cores), min(16, cores // 2))
 
 class Backend(Protocol):
-    """Somewhere else that runs the frames (--ray): `execute` is called as
-    `inference.execute` is (session context, jobs, device slot) and does what it does."""
+    """Somewhere else that runs the frames (--ray, worker processes): `execute` is called
+    as `inference.execute` is (session context, jobs, device slot) and does what it does;
+    `load` answers a `load` request as `inference.load` does, `unload` an `unload`."""
+
+    name: str  # its key in the `stats` reply
+
+    def start(self) -> None: ...
 
     def execute(self, ctx: Any, jobs: List[Any], slot: int = 0) -> None: ...
+
+    def load(self, ctx: Any, entry: Any) -> Dict[str, Any]: ...
+
+    def unload(self, name: Optional[str]) -> List[str]: ...
 
     def stats(self) -> Dict[str, Any]: ...
 
@@ -78,7 +87,8 @@ class ServerState:
         self.lock = threading.Lock()
         self.on_stop: List[Callable[[], None]] = []  # transports: close listeners, exit
         # where frames run: None for this process's devices (inference.execute); with
-        # --ray the Ray backend (dlserver.ray_backend.RayBackend)
+        # --ray the Ray backend (dlserver.ray_backend.RayBackend); device slots in worker
+        # processes (dlserver.worker_processes.WorkerProcesses)
         self.backend: Optional[Backend] = None
 
     def stop(self) -> None:
@@ -105,7 +115,7 @@ class ServerState:
             "torch_imported": "torch" in sys.modules,
         }
         if self.backend is not None:
-            stats["ray"] = self.backend.stats()
+            stats[self.backend.name] = self.backend.stats()
         if "torch" in sys.modules:
             import torch
             if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -99,7 +99,8 @@ def test_server_sets_the_mps_fallback_before_torch(device: str, expected: Any) -
         with server.connect() as client:
             plate = make_plate()
             reply = client.infer("env_probe", {"src": raw_inline(plate)}, {}, [plate.data])
-            assert reply.data == {"mps_fallback": expected, "torch_imported": False}
+            assert reply.data == {"mps_fallback": expected, "torch_imported": False,
+                                  "pid": server.process.pid}
     finally:
         server.stop()
 

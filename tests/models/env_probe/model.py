@@ -1,5 +1,6 @@
 """Test model: returns its input and reports what the server process was started with
-(the MPS fallback variable, whether torch is imported), without importing torch."""
+(the MPS fallback variable, whether torch is imported, its process id), without
+importing torch."""
 
 import os
 import sys
@@ -16,4 +17,5 @@ class EnvProbe(Model):
     def infer(self, inputs, options):
         return Result({"rgba": inputs["src"]},
                       data={"mps_fallback": os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK"),
-                            "torch_imported": "torch" in sys.modules})
+                            "torch_imported": "torch" in sys.modules,
+                            "pid": os.getpid()})

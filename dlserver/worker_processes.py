@@ -1,0 +1,403 @@
+"""Device slots in processes of their own: with `--devices cuda:0,cuda:1` each slot's
+models run in a worker process of that slot (`--worker-processes`, on by default when
+the slots include more than one GPU).
+
+Why: in one process every slot's host work (Python between kernels, host syncs, upload
+copies) and the server's own (EXR decode and encode, colour, scheduling) share one GIL.
+Two H200s ran at 1.0-1.5x one and each GPU was busy about a third of the time
+(docs/performance.md, run 45). In a worker a slot's host work runs beside the server's.
+
+The front end is unchanged (transports, sessions, scheduler, reading and writing
+frames); only the step that runs a model moves, as with --ray (`state.backend`):
+
+* `execute` writes a batch's input arrays into the slot's input block (shared memory the
+  server makes) and sends a JSON header down the worker's stdin (dlserver.protocol
+  framing: nothing is pickled). The worker runs `inference.execute` on a registry of its
+  own over the same model folders (the plain server's code: the same outputs, out-of-
+  memory recovery and error replies), writes the outputs into its output block (shared
+  memory it makes, grown as needed) and answers with where they are, the results' data
+  and the timing. Each side removes the other's block names once it has mapped them:
+  a process killed outright leaves nothing in /dev/shm.
+* A worker that dies with a batch (a crash in native code, killed) is started again
+  and the batch sent once more; a second death is an error that says so.
+* `load` and `unload` requests reach every worker. A cancel lets a running frame finish,
+  as on the plain server's devices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .devices import is_cuda
+from .errors import DLError, ModelFailed, ReportedError, describe_error
+from .inference import Job, bare_job, execute_each, load, model_failed
+from .model import Result
+from .protocol import ConnectionClosed, Limits, read_message, write_message
+from .shm import SharedBlock
+
+log = logging.getLogger("dlserver")
+
+ENV = "DLSERVER_WORKER_PROCESSES"  # auto (default), 1 / on, 0 / off
+PIPE_LIMITS = Limits(max_header=256 << 20)  # headers only: outputs' data (detections)
+ALIGN = 64  # each array of a block starts on a cache line
+ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the dlserver package
+
+
+def wanted(setting: Optional[str], devices: Sequence[str]) -> bool:
+    """Whether the slots run in worker processes: `setting` (the flag, else $ENV) on or
+    off, or auto: on when more than one slot is a GPU."""
+    value = (setting or os.environ.get(ENV, "") or "auto").strip().lower()
+    if value in ("1", "on", "yes", "true"):
+        return True
+    if value in ("0", "off", "no", "false"):
+        return False
+    if value != "auto":
+        raise ValueError(f"--worker-processes / {ENV}: {setting or os.environ.get(ENV)!r}; "
+                         f"use auto, on or off")
+    return sum(1 for d in devices if is_cuda(d)) > 1
+
+
+# --- arrays in a shared block ----------------------------------------------------------------
+
+def layout(arrays: Sequence[np.ndarray]) -> Tuple[List[int], int]:
+    """Offsets of `arrays` packed in one block (each aligned), and the block's size."""
+    offsets, end = [], 0
+    for a in arrays:
+        offsets.append(end)
+        end += -(-a.nbytes // ALIGN) * ALIGN
+    return offsets, max(end, ALIGN)
+
+
+def place(arrays: Dict[str, np.ndarray], offsets: Sequence[int]) -> Dict[str, List[Any]]:
+    """The header's description of arrays at `offsets`: name -> [offset, shape, dtype]."""
+    return {name: [off, list(a.shape), a.dtype.str]
+            for (name, a), off in zip(arrays.items(), offsets)}
+
+
+def views(block: SharedBlock, placed: Dict[str, List[Any]],
+          writable: bool = False) -> Dict[str, np.ndarray]:
+    """The arrays a header describes, as views of `block` (checked to lie inside it)."""
+    out = {}
+    for name, (offset, shape, dtype) in placed.items():
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        if dt.hasobject or offset < 0 or offset + count * dt.itemsize > block.size:
+            raise ValueError(f"array {name!r} lies outside its shared block")
+        a = np.ndarray(tuple(shape), dt, buffer=block.buf, offset=offset)
+        a.flags.writeable = writable
+        out[name] = a
+    return out
+
+
+class Blocks:
+    """The block one side writes into (grown as needed), and the other side's block it
+    reads, mapped by name. Names are removed as soon as both sides have mapped them."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.own: Optional[SharedBlock] = None
+        self.theirs: Optional[SharedBlock] = None
+
+    def writable(self, size: int) -> SharedBlock:
+        if self.own is None or self.own.size < size:
+            self.close_own()
+            self.own = SharedBlock.create(size + size // 4, self.prefix)
+        return self.own
+
+    def read(self, name: str) -> SharedBlock:
+        if self.theirs is None or self.theirs.name != name:
+            if self.theirs is not None:
+                self.theirs.close()
+            self.theirs = SharedBlock.attach(name)
+            self.theirs.unlink()  # both sides hold it mapped now: the name can go
+        return self.theirs
+
+    def close_own(self) -> None:
+        if self.own is not None:
+            self.own.unlink()
+            self.own.close()
+            self.own = None
+
+    def close(self) -> None:
+        self.close_own()
+        if self.theirs is not None:
+            self.theirs.close()
+            self.theirs = None
+
+
+def write_arrays(blocks: Blocks, arrays: Dict[str, np.ndarray]) -> Tuple[str, Dict[str, Any]]:
+    """Copy `arrays` into the writable block: its name and their places."""
+    offsets, size = layout(list(arrays.values()))
+    block = blocks.writable(size)
+    placed = place(arrays, offsets)
+    for name, dst in views(block, placed, writable=True).items():
+        np.copyto(dst, arrays[name])
+    return block.name, placed
+
+
+# --- the worker ------------------------------------------------------------------------------
+
+class WorkerDied(Exception):
+    """The worker process ended (or broke the framing) with a request in it."""
+
+
+class Worker:
+    """One slot's worker process, seen from the server. Calls are one at a time."""
+
+    def __init__(self, models_dirs: Sequence[str], device: str, cpu_fallback: bool,
+                 prefix: str) -> None:
+        config = {"models_dirs": [str(d) for d in models_dirs], "device": device,
+                  "cpu_fallback": cpu_fallback, "prefix": prefix,
+                  "log_level": logging.getLogger("dlserver").getEffectiveLevel()}
+        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                f"from dlserver.worker_processes import worker_main; worker_main()")
+        # stdout is the pipe of replies; stderr is the server's (the worker's log)
+        self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(config)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.device = device
+        self.blocks = Blocks(prefix + "in_")
+        self.frames = 0
+
+    def call(self, header: Dict[str, Any]) -> Dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            write_message(self.proc.stdin, header)  # type: ignore[arg-type]
+            return read_message(self.proc.stdout, PIPE_LIMITS).header  # type: ignore[arg-type]
+        except (OSError, ConnectionClosed, ValueError, DLError) as exc:
+            raise WorkerDied(f"{type(exc).__name__}: {exc}") from exc
+
+    def run(self, jobs: List[Job]) -> List[Dict[str, Any]]:
+        """Each job's outcome: {"result": Result, "timing"} or {"error": (code, message)}."""
+        arrays = {f"{i}/{name}": a for i, job in enumerate(jobs) for name, a in job.arrays.items()}
+        block, placed = write_arrays(self.blocks, arrays)
+        first = jobs[0]
+        reply = self.call({"type": "run", "model": first.entry.cls.name,
+                           "options": first.options, "tile": first.tile, "block": block,
+                           "frames": [{name: placed[f"{i}/{name}"] for name in job.arrays}
+                                      for i, job in enumerate(jobs)]})
+        outcomes: List[Dict[str, Any]] = []
+        for answer in reply["frames"]:
+            if "error" in answer:
+                outcomes.append({"error": tuple(answer["error"])})
+                continue
+            out = self.blocks.read(reply["block"])
+            outputs = {name: np.array(a) for name, a in views(out, answer["outputs"]).items()}
+            result = Result(outputs, message=answer["message"], data=answer["data"],
+                            from_input={k: tuple(v) for k, v in answer["from_input"].items()})
+            outcomes.append({"result": result, "timing": answer["timing"]})
+        self.frames += sum("result" in o for o in outcomes)
+        return outcomes
+
+    def close(self, wait: float = 10.0) -> None:
+        """Ask it to end (its stdin closes), then kill it if it does not."""
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=wait)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.blocks.close()
+
+
+def worker_main() -> None:
+    """The worker process: requests on stdin, replies on stdout, until stdin closes."""
+    from .context import SessionContext
+    from .registry import Registry
+
+    config = json.loads(sys.argv[1])
+    logging.basicConfig(level=config["log_level"], stream=sys.stderr,
+                        format=f"dlserver worker {config['device']} %(levelname)s: "
+                               f"%(message)s")
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a model's print() must not break the framing
+    registry = Registry([Path(d) for d in config["models_dirs"]], config["device"])
+    ctx = SessionContext.for_login("worker", False, registry, Limits(), None, (), "",
+                                   config["cpu_fallback"], lambda key: None)
+    blocks = Blocks(config["prefix"] + "out_")
+    try:
+        while True:
+            try:
+                header = read_message(requests, PIPE_LIMITS).header
+            except ConnectionClosed:
+                break
+            write_message(replies, answer(ctx, blocks, header))
+    finally:
+        blocks.close()
+
+
+def answer(ctx: Any, blocks: Blocks, header: Dict[str, Any]) -> Dict[str, Any]:
+    """The worker's reply to one request of the server."""
+    kind = header.get("type")
+    name = header.get("model")
+    try:
+        if kind == "load":
+            return load(ctx, ctx.registry.get(name))
+        if kind == "unload":
+            return {"unloaded": ctx.registry.unload(name)}
+        if kind != "run":
+            raise ValueError(f"unknown worker request {kind!r}")
+        entry = ctx.registry.get(name)
+        source = blocks.read(header["block"])
+        jobs = [bare_job(entry, views(source, frame), header["options"], header["tile"], ctx)
+                for frame in header["frames"]]
+    except Exception as exc:
+        error = list(describe_error(model_failed(str(name), exc) if kind == "load" else exc,
+                                    name))
+        asked = header.get("frames")
+        return {"error": error, "block": "",
+                "frames": [{"error": error}] * (len(asked) if isinstance(asked, list) else 1)}
+    failures = execute_each(ctx, jobs)
+    frames: List[Dict[str, Any]] = []
+    results = {}
+    for i, (job, failure) in enumerate(zip(jobs, failures)):
+        if failure is not None:
+            frames.append({"error": list(describe_error(failure, name))})
+            continue
+        result = job.result if isinstance(job.result, Result) else Result(job.result)
+        try:
+            json.dumps(result.data, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            frames.append({"error": list(describe_error(model_failed(str(name), exc), name))})
+            continue
+        outputs = {k: np.ascontiguousarray(v) for k, v in dict(result.outputs).items()}
+        results.update({f"{i}/{k}": v for k, v in outputs.items()})
+        frames.append({"outputs": list(outputs), "message": result.message,
+                       "data": result.data, "from_input": result.from_input,
+                       "timing": job.timing})
+    block = ""
+    if results:
+        block, placed = write_arrays(blocks, results)
+        for i, frame in enumerate(frames):
+            if "outputs" in frame:
+                frame["outputs"] = {k: placed[f"{i}/{k}"] for k in frame["outputs"]}
+    return {"frames": frames, "block": block}
+
+
+# --- the server's side -----------------------------------------------------------------------
+
+class WorkerProcesses:
+    """The backend of the server's device slots when they run in worker processes: a
+    worker per slot, started at its first request."""
+
+    name = "worker_processes"
+
+    def __init__(self, models_dirs: Sequence[Any], devices: Sequence[str], cpu_fallback: bool,
+                 prefix: str) -> None:
+        self.models_dirs = [str(d) for d in models_dirs]
+        self.devices = list(devices)
+        self.cpu_fallback = cpu_fallback
+        self.prefix = prefix
+        self.workers: List[Optional[Worker]] = [None] * len(self.devices)
+        self.locks = [threading.Lock() for _ in self.devices]
+        self.restarts = 0
+        self.closed = False
+
+    @property
+    def slots(self) -> int:
+        return len(self.devices)
+
+    def start(self) -> None:
+        """Nothing to do at server start: a worker starts at its slot's first request."""
+
+    def _call(self, slot: int, what: str, fn: Any) -> Any:
+        """`fn(worker)` on the slot's worker (started when needed); once more on a new
+        worker when it dies. Holds the slot's lock (one request per worker)."""
+        with self.locks[slot]:
+            for attempt in (1, 2):
+                if self.closed:
+                    raise ModelFailed("the server is shutting down")
+                worker = self.workers[slot]
+                if worker is None:
+                    worker = self.workers[slot] = Worker(
+                        self.models_dirs, self.devices[slot], self.cpu_fallback,
+                        f"{self.prefix}w{slot}_")
+                try:
+                    return fn(worker)
+                except WorkerDied as exc:
+                    self.workers[slot] = None
+                    worker.close(wait=1.0)
+                    if attempt == 2:
+                        raise ModelFailed(
+                            f"{what}: the worker process of {self.devices[slot]} died twice "
+                            f"(exit code {worker.proc.returncode}: a crash in native code, "
+                            f"or killed, e.g. out of host memory); the server's log says "
+                            f"more") from exc
+                    self.restarts += 1
+                    log.warning("%s: the worker process of %s (slot %d) died (%s); starting "
+                                "it again, sending the request once more", what,
+                                self.devices[slot], slot, exc)
+        raise AssertionError("unreachable")
+
+    def execute(self, ctx: Any, jobs: List[Job], slot: int = 0) -> None:
+        """`inference.execute` in the slot's worker: sets each job's result; raises for a
+        single job only (the scheduler then runs a failed batch one frame at a time)."""
+        name = jobs[0].entry.cls.name
+        started = time.perf_counter()
+        outcomes = self._call(slot, f"model {name!r}", lambda w: w.run(jobs))
+        failure: Optional[Exception] = None
+        for job, outcome in zip(jobs, outcomes):
+            if "error" in outcome:
+                failure = failure or ReportedError(*outcome["error"])
+                continue
+            job.result = outcome["result"]
+            job.timing.update(outcome["timing"])
+            job.timing["worker_s"] = time.perf_counter() - started
+            if self.slots > 1:
+                job.timing["slot"] = slot
+            job.keep_source()
+        if failure is not None:
+            raise failure
+
+    def load(self, ctx: Any, entry: Any) -> Dict[str, Any]:
+        """The `load` request on every slot's worker (started when needed)."""
+        name = entry.cls.name
+        started = time.perf_counter()
+        devices = []
+        for slot in range(self.slots):
+            reply = self._call(slot, f"loading {name!r}",
+                               lambda w: w.call({"type": "load", "model": name}))
+            if "error" in reply:
+                raise ReportedError(*reply["error"])
+            devices += reply["devices"]
+        return {"model": name, "version": str(entry.cls.version), "devices": devices,
+                "load_s": round(time.perf_counter() - started, 6)}
+
+    def unload(self, name: Optional[str]) -> List[str]:
+        """The `unload` request on every running worker: the models unloaded."""
+        unloaded: List[str] = []
+        for slot, worker in enumerate(self.workers):
+            if worker is not None:
+                reply = self._call(slot, "unload",
+                                   lambda w: w.call({"type": "unload", "model": name}))
+                unloaded += [n for n in reply.get("unloaded", []) if n not in unloaded]
+        return unloaded
+
+    def stats(self) -> Dict[str, Any]:
+        return {"workers": [{"slot": i, "device": d, "pid": w.proc.pid if w else None,
+                             "frames": w.frames if w else 0}
+                            for i, (d, w) in enumerate(zip(self.devices, self.workers))],
+                "restarts": self.restarts}
+
+    def close(self) -> None:
+        """End every worker (they remove their blocks)."""
+        self.closed = True
+        for slot, worker in enumerate(self.workers):
+            if worker is not None:
+                self.workers[slot] = None
+                worker.close()
+
+
+__all__ = ["ENV", "WorkerProcesses", "wanted", "worker_main"]
