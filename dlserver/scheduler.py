@@ -77,8 +77,10 @@ class Scheduler:
         self.pool = ctx.registry.pool
         # where batches run: this process's devices, or the backend's (Ray)
         self.execute = state.backend.execute if state.backend is not None else execute
-        # frames of this session on the devices at once: one batch per device slot
-        self.devices = self.pool.size
+        # batches of this session on the devices at once: one per device slot
+        # (worker processes take two per slot: one's inputs are copied in while the other
+        # runs)
+        self.devices = self.pool.size * getattr(state.backend, "batches_per_slot", 1)
         self.room = threading.Semaphore(self.devices)
         self.batch_limit = batch_limit()
         self.runners: Optional[ThreadPoolExecutor] = None  # made on the first batch

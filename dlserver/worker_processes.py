@@ -29,10 +29,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -100,13 +102,16 @@ def views(block: SharedBlock, placed: Dict[str, List[Any]],
 
 
 class Blocks:
-    """The block one side writes into (grown as needed), and the other side's block it
-    reads, mapped by name. Names are removed as soon as both sides have mapped them."""
+    """The block one side writes into (grown as needed), and the other side's blocks it
+    reads, mapped by name (the `keep` most recently used: the server writes a batch into
+    one of two blocks while the worker reads the other). Names are removed as soon as
+    both sides have mapped them."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, keep: int = 1) -> None:
         self.prefix = prefix
+        self.keep = keep
         self.own: Optional[SharedBlock] = None
-        self.theirs: Optional[SharedBlock] = None
+        self.theirs: Dict[str, SharedBlock] = {}  # name -> block, least recent first
 
     def writable(self, size: int) -> SharedBlock:
         if self.own is None or self.own.size < size:
@@ -115,12 +120,14 @@ class Blocks:
         return self.own
 
     def read(self, name: str) -> SharedBlock:
-        if self.theirs is None or self.theirs.name != name:
-            if self.theirs is not None:
-                self.theirs.close()
-            self.theirs = SharedBlock.attach(name)
-            self.theirs.unlink()  # both sides hold it mapped now: the name can go
-        return self.theirs
+        block = self.theirs.pop(name, None)
+        if block is None:
+            block = SharedBlock.attach(name)
+            block.unlink()  # both sides hold it mapped now: the name can go
+            while len(self.theirs) >= self.keep:
+                self.theirs.pop(next(iter(self.theirs))).close()
+        self.theirs[name] = block
+        return block
 
     def close_own(self) -> None:
         if self.own is not None:
@@ -130,9 +137,9 @@ class Blocks:
 
     def close(self) -> None:
         self.close_own()
-        if self.theirs is not None:
-            self.theirs.close()
-            self.theirs = None
+        for block in self.theirs.values():
+            block.close()
+        self.theirs.clear()
 
 
 def write_arrays(blocks: Blocks, arrays: Dict[str, np.ndarray]) -> Tuple[str, Dict[str, Any]]:
@@ -152,23 +159,38 @@ class WorkerDied(Exception):
 
 
 class Worker:
-    """One slot's worker process, seen from the server. Calls are one at a time."""
+    """One slot's worker process, seen from the server. Two batches may be on their way
+    at once (`run` from two threads): one's inputs are copied into one input block while
+    the worker runs the other from the second; requests themselves go one at a time."""
 
     def __init__(self, models_dirs: Sequence[str], device: str, cpu_fallback: bool,
-                 prefix: str) -> None:
+                 prefix: str, threads: int) -> None:
         config = {"models_dirs": [str(d) for d in models_dirs], "device": device,
                   "cpu_fallback": cpu_fallback, "prefix": prefix,
                   "log_level": logging.getLogger("dlserver").getEffectiveLevel()}
         code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
                 f"from dlserver.worker_processes import worker_main; worker_main()")
+        # torch's CPU threads (host copies, CPU ops) shared out between the workers: a
+        # pool of one per core in every worker would oversubscribe the cores
+        env = {**os.environ}
+        env.setdefault("OMP_NUM_THREADS", str(threads))
         # stdout is the pipe of replies; stderr is the server's (the worker's log)
         self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(config)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.device = device
-        self.blocks = Blocks(prefix + "in_")
+        self.inputs: queue.Queue[Blocks] = queue.Queue()
+        for which in ("a", "b"):
+            self.inputs.put(Blocks(f"{prefix}in{which}_"))
+        self.outputs = Blocks(prefix + "out_")  # read: the worker's output block
+        self.lock = threading.Lock()  # one request at a time on the pipes
         self.frames = 0
 
     def call(self, header: Dict[str, Any]) -> Dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        with self.lock:
+            return self._call(header)
+
+    def _call(self, header: Dict[str, Any]) -> Dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
             write_message(self.proc.stdin, header)  # type: ignore[arg-type]
@@ -179,24 +201,30 @@ class Worker:
     def run(self, jobs: List[Job]) -> List[Dict[str, Any]]:
         """Each job's outcome: {"result": Result, "timing"} or {"error": (code, message)}."""
         arrays = {f"{i}/{name}": a for i, job in enumerate(jobs) for name, a in job.arrays.items()}
-        block, placed = write_arrays(self.blocks, arrays)
-        first = jobs[0]
-        reply = self.call({"type": "run", "model": first.entry.cls.name,
-                           "options": first.options, "tile": first.tile, "block": block,
-                           "frames": [{name: placed[f"{i}/{name}"] for name in job.arrays}
-                                      for i, job in enumerate(jobs)]})
-        outcomes: List[Dict[str, Any]] = []
-        for answer in reply["frames"]:
-            if "error" in answer:
-                outcomes.append({"error": tuple(answer["error"])})
-                continue
-            out = self.blocks.read(reply["block"])
-            outputs = {name: np.array(a) for name, a in views(out, answer["outputs"]).items()}
-            result = Result(outputs, message=answer["message"], data=answer["data"],
-                            from_input={k: tuple(v) for k, v in answer["from_input"].items()})
-            outcomes.append({"result": result, "timing": answer["timing"]})
+        blocks = self.inputs.get()  # a free input block (the other may be in the worker)
+        try:
+            block, placed = write_arrays(blocks, arrays)
+            first = jobs[0]
+            header = {"type": "run", "model": first.entry.cls.name, "options": first.options,
+                      "tile": first.tile, "block": block,
+                      "frames": [{name: placed[f"{i}/{name}"] for name in job.arrays}
+                                 for i, job in enumerate(jobs)]}
+            with self.lock:  # the outputs are read before the next request overwrites them
+                reply = self._call(header)
+                outcomes = [self._outcome(answer, reply["block"]) for answer in reply["frames"]]
+        finally:
+            self.inputs.put(blocks)
         self.frames += sum("result" in o for o in outcomes)
         return outcomes
+
+    def _outcome(self, answer: Dict[str, Any], block: str) -> Dict[str, Any]:
+        if "error" in answer:
+            return {"error": tuple(answer["error"])}
+        out = self.outputs.read(block)
+        outputs = {name: np.array(a) for name, a in views(out, answer["outputs"]).items()}
+        result = Result(outputs, message=answer["message"], data=answer["data"],
+                        from_input={k: tuple(v) for k, v in answer["from_input"].items()})
+        return {"result": result, "timing": answer["timing"]}
 
     def close(self, wait: float = 10.0) -> None:
         """Ask it to end (its stdin closes), then kill it if it does not."""
@@ -209,7 +237,9 @@ class Worker:
             self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
-        self.blocks.close()
+        while not self.inputs.empty():
+            self.inputs.get().close()
+        self.outputs.close()
 
 
 def worker_main() -> None:
@@ -226,7 +256,7 @@ def worker_main() -> None:
     registry = Registry([Path(d) for d in config["models_dirs"]], config["device"])
     ctx = SessionContext.for_login("worker", False, registry, Limits(), None, (), "",
                                    config["cpu_fallback"], lambda key: None)
-    blocks = Blocks(config["prefix"] + "out_")
+    blocks = Blocks(config["prefix"] + "out_", keep=2)  # reads the server's two input blocks
     try:
         while True:
             try:
@@ -293,6 +323,7 @@ class WorkerProcesses:
     worker per slot, started at its first request."""
 
     name = "worker_processes"
+    batches_per_slot = 2  # one's inputs copied in while the other runs (Worker.run)
 
     def __init__(self, models_dirs: Sequence[Any], devices: Sequence[str], cpu_fallback: bool,
                  prefix: str) -> None:
@@ -301,7 +332,8 @@ class WorkerProcesses:
         self.cpu_fallback = cpu_fallback
         self.prefix = prefix
         self.workers: List[Optional[Worker]] = [None] * len(self.devices)
-        self.locks = [threading.Lock() for _ in self.devices]
+        self.locks = [threading.Lock() for _ in self.devices]  # starting, replacing
+        self.threads = max(1, (os.cpu_count() or 1) // (2 * len(self.devices)))
         self.restarts = 0
         self.closed = False
 
@@ -312,33 +344,41 @@ class WorkerProcesses:
     def start(self) -> None:
         """Nothing to do at server start: a worker starts at its slot's first request."""
 
-    def _call(self, slot: int, what: str, fn: Any) -> Any:
-        """`fn(worker)` on the slot's worker (started when needed); once more on a new
-        worker when it dies. Holds the slot's lock (one request per worker)."""
+    def _worker(self, slot: int) -> Worker:
+        """The slot's worker, started when there is none."""
         with self.locks[slot]:
-            for attempt in (1, 2):
-                if self.closed:
-                    raise ModelFailed("the server is shutting down")
-                worker = self.workers[slot]
-                if worker is None:
-                    worker = self.workers[slot] = Worker(
-                        self.models_dirs, self.devices[slot], self.cpu_fallback,
-                        f"{self.prefix}w{slot}_")
-                try:
-                    return fn(worker)
-                except WorkerDied as exc:
-                    self.workers[slot] = None
+            if self.closed:
+                raise ModelFailed("the server is shutting down")
+            worker = self.workers[slot]
+            if worker is None:
+                worker = self.workers[slot] = Worker(
+                    self.models_dirs, self.devices[slot], self.cpu_fallback,
+                    f"{self.prefix}w{slot}_", self.threads)
+            return worker
+
+    def _call(self, slot: int, what: str, fn: Any) -> Any:
+        """`fn(worker)` on the slot's worker; once more on a new worker when it dies."""
+        for attempt in (1, 2):
+            worker = self._worker(slot)
+            try:
+                return fn(worker)
+            except WorkerDied as exc:
+                with self.locks[slot]:
+                    first = self.workers[slot] is worker  # two batches may see one death
+                    if first:
+                        self.workers[slot] = None
+                        self.restarts += 1
+                if first:
                     worker.close(wait=1.0)
-                    if attempt == 2:
-                        raise ModelFailed(
-                            f"{what}: the worker process of {self.devices[slot]} died twice "
-                            f"(exit code {worker.proc.returncode}: a crash in native code, "
-                            f"or killed, e.g. out of host memory); the server's log says "
-                            f"more") from exc
-                    self.restarts += 1
-                    log.warning("%s: the worker process of %s (slot %d) died (%s); starting "
-                                "it again, sending the request once more", what,
-                                self.devices[slot], slot, exc)
+                if attempt == 2:
+                    raise ModelFailed(
+                        f"{what}: the worker process of {self.devices[slot]} died twice "
+                        f"(exit code {worker.proc.wait()}: a crash in native code, or "
+                        f"killed, e.g. out of host memory); the server's log says "
+                        f"more") from exc
+                log.warning("%s: the worker process of %s (slot %d) died (%s); starting it "
+                            "again, sending the request once more", what, self.devices[slot],
+                            slot, exc)
         raise AssertionError("unreachable")
 
     def execute(self, ctx: Any, jobs: List[Job], slot: int = 0) -> None:
@@ -362,13 +402,16 @@ class WorkerProcesses:
             raise failure
 
     def load(self, ctx: Any, entry: Any) -> Dict[str, Any]:
-        """The `load` request on every slot's worker (started when needed)."""
+        """The `load` request on every slot's worker at once (started when needed)."""
         name = entry.cls.name
         started = time.perf_counter()
+        with ThreadPoolExecutor(self.slots, thread_name_prefix="dlserver-load") as pool:
+            replies = list(pool.map(
+                lambda slot: self._call(slot, f"loading {name!r}",
+                                        lambda w: w.call({"type": "load", "model": name})),
+                range(self.slots)))
         devices = []
-        for slot in range(self.slots):
-            reply = self._call(slot, f"loading {name!r}",
-                               lambda w: w.call({"type": "load", "model": name}))
+        for reply in replies:
             if "error" in reply:
                 raise ReportedError(*reply["error"])
             devices += reply["devices"]
