@@ -154,6 +154,31 @@ def write_arrays(blocks: Blocks, arrays: Dict[str, np.ndarray]) -> Tuple[str, Di
 
 # --- the worker ------------------------------------------------------------------------------
 
+class Spent:
+    """Where a worker's batches spend their time, summed and logged (INFO) every
+    `EVERY` frames: waiting for a free input block, copying inputs in, waiting for the
+    pipe, the worker's answer (of which: running the model, writing outputs), copying
+    outputs out. What a slow path is measured with (docs/performance.md)."""
+
+    EVERY = 100
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sums: Dict[str, float] = {}
+        self.frames = self.batches = 0
+
+    def add(self, frames: int, seconds: Dict[str, float]) -> None:
+        for key, value in seconds.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.frames += frames
+        self.batches += 1
+        if self.frames >= self.EVERY:
+            log.info("%s: %d frames in %d batches, ms per frame: %s", self.name, self.frames,
+                     self.batches, ", ".join(f"{k} {1e3 * v / self.frames:.2f}"
+                                              for k, v in self.sums.items()))
+            self.sums, self.frames, self.batches = {}, 0, 0
+
+
 class WorkerDied(Exception):
     """The worker process ended (or broke the framing) with a request in it."""
 
@@ -184,6 +209,7 @@ class Worker:
         self.outputs = Blocks(prefix + "out_")  # read: the worker's output block
         self.lock = threading.Lock()  # one request at a time on the pipes
         self.frames = 0
+        self.spent = Spent(f"worker of {device}")
 
     def call(self, header: Dict[str, Any]) -> Dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -201,20 +227,29 @@ class Worker:
     def run(self, jobs: List[Job]) -> List[Dict[str, Any]]:
         """Each job's outcome: {"result": Result, "timing"} or {"error": (code, message)}."""
         arrays = {f"{i}/{name}": a for i, job in enumerate(jobs) for name, a in job.arrays.items()}
+        t0 = time.perf_counter()
         blocks = self.inputs.get()  # a free input block (the other may be in the worker)
         try:
+            t1 = time.perf_counter()
             block, placed = write_arrays(blocks, arrays)
+            t2 = time.perf_counter()
             first = jobs[0]
             header = {"type": "run", "model": first.entry.cls.name, "options": first.options,
                       "tile": first.tile, "block": block,
                       "frames": [{name: placed[f"{i}/{name}"] for name in job.arrays}
                                  for i, job in enumerate(jobs)]}
             with self.lock:  # the outputs are read before the next request overwrites them
+                t3 = time.perf_counter()
                 reply = self._call(header)
+                t4 = time.perf_counter()
                 outcomes = [self._outcome(answer, reply["block"]) for answer in reply["frames"]]
+                t5 = time.perf_counter()
         finally:
             self.inputs.put(blocks)
         self.frames += sum("result" in o for o in outcomes)
+        self.spent.add(len(jobs), {
+            "block": t1 - t0, "in": t2 - t1, "pipe": t3 - t2, "worker": t4 - t3,
+            "out": t5 - t4, **{k: v for k, v in reply.get("spent", {}).items()}})
         return outcomes
 
     def _outcome(self, answer: Dict[str, Any], block: str) -> Dict[str, Any]:
@@ -289,7 +324,9 @@ def answer(ctx: Any, blocks: Blocks, header: Dict[str, Any]) -> Dict[str, Any]:
         asked = header.get("frames")
         return {"error": error, "block": "",
                 "frames": [{"error": error}] * (len(asked) if isinstance(asked, list) else 1)}
+    t0 = time.perf_counter()
     failures = execute_each(ctx, jobs)
+    t1 = time.perf_counter()
     frames: List[Dict[str, Any]] = []
     results = {}
     for i, (job, failure) in enumerate(zip(jobs, failures)):
@@ -313,7 +350,8 @@ def answer(ctx: Any, blocks: Blocks, header: Dict[str, Any]) -> Dict[str, Any]:
         for i, frame in enumerate(frames):
             if "outputs" in frame:
                 frame["outputs"] = {k: placed[f"{i}/{k}"] for k in frame["outputs"]}
-    return {"frames": frames, "block": block}
+    return {"frames": frames, "block": block,
+            "spent": {"model": t1 - t0, "write": time.perf_counter() - t1}}
 
 
 # --- the server's side -----------------------------------------------------------------------
