@@ -34,23 +34,29 @@ MAX_BATCH_ENV = "DLSERVER_MAX_BATCH"
 MAX_QUEUED = 4  # requests read ahead of the one being prepared, per session (at least)
 
 
-def batch_limit() -> int:
-    """Frames that may share one `infer_batch` call: DLSERVER_MAX_BATCH (1 to MAX_BATCH,
-    default MAX_BATCH); 1 with DLSERVER_DETERMINISTIC=1 (a batch runs other kernels).
-    A value that is not a whole number in range is logged and the default used."""
+def batch_limit(slots: int = 1) -> int:
+    """Frames that may share one `infer_batch` call: DLSERVER_MAX_BATCH (1 to MAX_BATCH)
+    when set; 1 with DLSERVER_DETERMINISTIC=1 (a batch runs other kernels); else
+    MAX_BATCH on one device slot and 1 on several. With several slots every new batch
+    size costs each device a first pass, cuDNN autotuning and CUDA graph captures, one
+    device at a time, while the other slots' threads contend for the GIL: on two H200s
+    frames one at a time ran at 76-79 frames/s against 19-58 with batches (runs 45-48,
+    docs/performance.md). A value that is not a whole number in range is logged and
+    ignored."""
     if deterministic():
         return 1
+    default = MAX_BATCH if slots <= 1 else 1
     raw = os.environ.get(MAX_BATCH_ENV, "").strip()
     if not raw:
-        return MAX_BATCH
+        return default
     try:
         value = int(raw)
     except ValueError:
         value = 0
     if not 1 <= value <= MAX_BATCH:
         log.warning("%s=%r: not a whole number from 1 to %d; using %d", MAX_BATCH_ENV, raw,
-                    MAX_BATCH, MAX_BATCH)
-        return MAX_BATCH
+                    MAX_BATCH, default)
+        return default
     return value
 
 
@@ -82,7 +88,7 @@ class Scheduler:
         # runs)
         self.devices = self.pool.size * getattr(state.backend, "batches_per_slot", 1)
         self.room = threading.Semaphore(self.devices)
-        self.batch_limit = batch_limit()
+        self.batch_limit = batch_limit(self.pool.size)
         self.runners: Optional[ThreadPoolExecutor] = None  # made on the first batch
         # enough read ahead to fill every device, and frames for half the I/O threads to
         # read while the other half write

@@ -107,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exchange-dir", default=None,
                    help="folder for frame files of local sessions (default: a new folder "
                         "in /dev/shm, else the temp dir)")
-    p.add_argument("--worker-processes", default=None, choices=("auto", "on", "off"),
+    p.add_argument("--worker-processes", default=None, choices=("on", "off"),
                    help="run each device slot's models in a process of its own (default "
-                        "auto, or $DLSERVER_WORKER_PROCESSES: on when --devices names more "
-                        "than one GPU; in one process every slot shares one GIL)")
+                        "$DLSERVER_WORKER_PROCESSES, else off: on two GPUs it has not "
+                        "yet beaten slots in one process; docs/scale-out.md)")
     p.add_argument("--cpu-fallback", action="store_true",
                    help="run a frame on the CPU when it doesn't fit in GPU memory")
     p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
@@ -233,9 +233,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except RuntimeError as exc:
             print(f"dlserver: {exc}", file=sys.stderr)
             return 2
-    if backend is None and (args.devices is not None or args.worker_processes == "on"):
+    if backend is None:
         try:
-            if wanted_workers(args.worker_processes, registry.devices):
+            if wanted_workers(args.worker_processes):
                 backend = WorkerProcesses(models_dirs, registry.devices, args.cpu_fallback,
                                           f"dls{os.getpid()}_")
                 log.info("device slots in worker processes: %s", ", ".join(registry.devices))

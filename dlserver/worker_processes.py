@@ -1,11 +1,11 @@
-"""Device slots in processes of their own: with `--devices cuda:0,cuda:1` each slot's
-models run in a worker process of that slot (`--worker-processes`, on by default when
-the slots include more than one GPU).
+"""Device slots in processes of their own: `--worker-processes on` (or
+DLSERVER_WORKER_PROCESSES=1) runs each slot's models in a worker process of that slot.
 
 Why: in one process every slot's host work (Python between kernels, host syncs, upload
 copies) and the server's own (EXR decode and encode, colour, scheduling) share one GIL.
 Two H200s ran at 1.0-1.5x one and each GPU was busy about a third of the time
 (docs/performance.md, run 45). In a worker a slot's host work runs beside the server's.
+Off by default: measured, it has not yet paid (`wanted`).
 
 The front end is unchanged (transports, sessions, scheduler, reading and writing
 frames); only the step that runs a model moves, as with --ray (`state.backend`):
@@ -40,7 +40,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .devices import is_cuda
 from .errors import DLError, ModelFailed, ReportedError, describe_error
 from .inference import Job, bare_job, execute_each, load, model_failed
 from .model import Result
@@ -55,18 +54,19 @@ ALIGN = 64  # each array of a block starts on a cache line
 ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the dlserver package
 
 
-def wanted(setting: Optional[str], devices: Sequence[str]) -> bool:
-    """Whether the slots run in worker processes: `setting` (the flag, else $ENV) on or
-    off, or auto: on when more than one slot is a GPU."""
-    value = (setting or os.environ.get(ENV, "") or "auto").strip().lower()
+def wanted(setting: Optional[str]) -> bool:
+    """Whether the slots run in worker processes: `setting` (the flag), else $ENV; off
+    unless asked for. Measured on two H200s, workers did not beat slots in the server's
+    process (54-56 against 76-79 frames/s, runs 46-48): each worker's model time per
+    frame grew from 15 to 36 ms with a second worker, a contention outside the GIL that
+    is not yet found (docs/performance.md)."""
+    value = (setting or os.environ.get(ENV, "") or "off").strip().lower()
     if value in ("1", "on", "yes", "true"):
         return True
     if value in ("0", "off", "no", "false"):
         return False
-    if value != "auto":
-        raise ValueError(f"--worker-processes / {ENV}: {setting or os.environ.get(ENV)!r}; "
-                         f"use auto, on or off")
-    return sum(1 for d in devices if is_cuda(d)) > 1
+    raise ValueError(f"--worker-processes / {ENV}: {setting or os.environ.get(ENV)!r}; "
+                     f"use on or off")
 
 
 # --- arrays in a shared block ----------------------------------------------------------------

@@ -147,7 +147,8 @@ def test_deterministic_mode_turns_cudnn_autotuning_off(monkeypatch: pytest.Monke
 def test_max_batch_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """DLSERVER_MAX_BATCH caps the frames that share one forward pass (1: one at a time,
     one CUDA graph per device instead of one per batch size); values out of 1..MAX_BATCH
-    fall back to MAX_BATCH; DLSERVER_DETERMINISTIC=1 wins."""
+    fall back to the default (MAX_BATCH on one device slot, 1 on several);
+    DLSERVER_DETERMINISTIC=1 wins."""
     from dlserver.scheduler import MAX_BATCH, batch_limit
 
     monkeypatch.delenv("DLSERVER_DETERMINISTIC", raising=False)
@@ -165,5 +166,12 @@ def test_max_batch_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert batcher.batches == [3, 1]
     for item, plate in zip(done, plates):
         np.testing.assert_array_equal(item.job.result["rgba"], plate * 2)
+    assert batch_limit(2) == 3, "asked for: also with several device slots"
+    monkeypatch.delenv("DLSERVER_MAX_BATCH")
+    assert batch_limit(1) == MAX_BATCH and batch_limit(2) == batch_limit(4) == 1, \
+        "by default frames share a batch on one device slot only"
+    monkeypatch.setenv("DLSERVER_MAX_BATCH", "x")
+    assert batch_limit(2) == 1
     monkeypatch.setenv("DLSERVER_DETERMINISTIC", "1")
+    monkeypatch.setenv("DLSERVER_MAX_BATCH", "4")
     assert batch_limit() == 1
