@@ -29,6 +29,7 @@ from .errors import (
     ModelFailed,
     OutOfMemory,
     PathRefused,
+    ReportedError,
     VersionMismatch,
     io_failed,
 )
@@ -325,6 +326,18 @@ def execute_each(ctx: SessionContext, jobs: List[Job], slot: int = 0) -> List[Op
         if len(jobs) == 1:
             return [exc]
     return [execute_each(ctx, [job], slot)[0] for job in jobs]
+
+
+def take_outcome(job: Job, outcome: Dict[str, Any]) -> Optional[Exception]:
+    """What another process answered a frame with ({"result", "timing"} or {"error":
+    (code, message)}, a worker process's or a Ray replica's) set on its job: None, or
+    the error to raise for it."""
+    if "error" in outcome:
+        return ReportedError(*outcome["error"])
+    job.result = outcome["result"]
+    job.timing.update(outcome["timing"])
+    job.keep_source()
+    return None
 
 
 def bare_job(entry: Entry, arrays: Dict[str, Any], options: Dict[str, Any], tile: int,

@@ -44,8 +44,8 @@ from ray.exceptions import RayActorError, RayError, TaskCancelledError
 
 from .context import SessionContext
 from .devices import DETERMINISTIC_ENV, deterministic
-from .errors import Cancelled, DLError, InternalError, ModelFailed, ReportedError, describe_error
-from .inference import Job, bare_job, execute_each, model_failed
+from .errors import Cancelled, DLError, InternalError, ModelFailed, describe_error
+from .inference import Job, bare_job, execute_each, model_failed, take_outcome
 from .protocol import Limits
 from .registry import Entry, Registry
 from .scheduler import MAX_BATCH
@@ -365,13 +365,9 @@ class RayBackend:
             except DLError as exc:
                 failure = failure or exc
                 continue
-            if "error" in outcome:
-                failure = failure or ReportedError(*outcome["error"])
-                continue
-            job.result = outcome["result"]
-            job.timing.update(outcome["timing"])
             job.timing["ray_s"] = time.perf_counter() - started
-            job.keep_source()
+            error = take_outcome(job, outcome)  # every job's, also after a failure
+            failure = failure or error
         if failure is not None:
             raise failure
 

@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import DLError, ModelFailed, ReportedError, describe_error
-from .inference import Job, bare_job, execute_each, load, model_failed
+from .inference import Job, bare_job, execute_each, load, model_failed, take_outcome
 from .model import Result
 from .protocol import ConnectionClosed, Limits, read_message, write_message
 from .shm import SharedBlock
@@ -427,15 +427,11 @@ class WorkerProcesses:
         outcomes = self._call(slot, f"model {name!r}", lambda w: w.run(jobs))
         failure: Optional[Exception] = None
         for job, outcome in zip(jobs, outcomes):
-            if "error" in outcome:
-                failure = failure or ReportedError(*outcome["error"])
-                continue
-            job.result = outcome["result"]
-            job.timing.update(outcome["timing"])
             job.timing["worker_s"] = time.perf_counter() - started
             if self.slots > 1:
                 job.timing["slot"] = slot
-            job.keep_source()
+            error = take_outcome(job, outcome)  # every job's, also after a failure
+            failure = failure or error
         if failure is not None:
             raise failure
 

@@ -338,17 +338,25 @@ def run_sequence(client: Client, plates: List[np.ndarray]) -> List[bytes]:
     return [bytes(client.receive(rid).buffers[0]) for rid in sent]
 
 
+def sequence_and_stats(server: TcpServer, plates: List[np.ndarray]) -> tuple:
+    """`run_sequence` on a server, and its stats afterwards."""
+    with server.connect() as client:
+        return run_sequence(client, plates), client.stats()
+
+
+def sequence_on_a_new_server(plates: List[np.ndarray], extra: tuple = ()) -> List[bytes]:
+    """`run_sequence` on a server of its own, started with `extra` and stopped after."""
+    server = TcpServer(extra=extra)
+    try:
+        return sequence_and_stats(server, plates)[0]
+    finally:
+        server.stop()
+
+
 def test_outputs_are_bit_identical_to_one_device(two_cpus: TcpServer) -> None:
     plates = [make_plate(96, 128, seed=i) for i in range(12)]
-    one = TcpServer()
-    try:
-        with one.connect() as client:
-            expected = run_sequence(client, plates)
-    finally:
-        one.stop()
-    with two_cpus.connect() as client:
-        got = run_sequence(client, plates)
-        stats = client.stats()
+    expected = sequence_on_a_new_server(plates)
+    got, stats = sequence_and_stats(two_cpus, plates)
     assert got == expected
     assert sum(d["frames_done"] for d in stats["devices"]) == 12
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from support import TcpServer, make_plate, raw_inline
-from test_devices import run_sequence
+from test_devices import run_sequence, sequence_and_stats, sequence_on_a_new_server
 
 from dlserver.client import DLServerError
 from dlserver.shm import SHM_DIR
@@ -42,15 +42,9 @@ def pids_of(client: Any, frames: int) -> set:
 
 def test_outputs_are_bit_identical_to_slots_in_the_server(workers: TcpServer) -> None:
     plates = [make_plate(96, 128, seed=i) for i in range(12)]
-    plain = TcpServer(extra=("--devices", "cpu,cpu", "--worker-processes", "off"))
-    try:
-        with plain.connect() as client:
-            expected = run_sequence(client, plates)
-    finally:
-        plain.stop()
-    with workers.connect() as client:
-        got = run_sequence(client, plates)
-        stats = client.stats()
+    expected = sequence_on_a_new_server(plates, ("--devices", "cpu,cpu",
+                                                 "--worker-processes", "off"))
+    got, stats = sequence_and_stats(workers, plates)
     assert got == expected
     assert sum(d["frames_done"] for d in stats["devices"]) == 12
     rows = stats["worker_processes"]["workers"]
@@ -151,3 +145,24 @@ def test_when_slots_run_in_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV, "sometimes")
     with pytest.raises(ValueError, match="use on or off"):
         wanted(None)
+
+
+def test_a_failed_frame_leaves_its_batch_mates_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch whose first frame failed in the worker: the error is raised (the scheduler
+    then runs the frames one at a time) and the other frames' results are still taken."""
+    from types import SimpleNamespace
+
+    from dlserver.errors import ReportedError
+    from dlserver.worker_processes import WorkerProcesses
+
+    backend = WorkerProcesses([], ["cpu"], False, "test_")
+    outcomes = [{"error": ("model_error", "frame 1 broke")},
+                {"result": "two", "timing": {"infer_s": 0.5}}]
+    monkeypatch.setattr(backend, "_call", lambda slot, what, fn: outcomes)
+    jobs = [SimpleNamespace(entry=SimpleNamespace(cls=SimpleNamespace(name="m")), result=None,
+                            timing={}, keep_source=lambda: None) for _ in outcomes]
+    with pytest.raises(ReportedError) as err:
+        backend.execute(None, jobs)  # type: ignore[arg-type]
+    assert err.value.code == "model_error" and str(err.value) == "frame 1 broke"
+    assert [j.result for j in jobs] == [None, "two"]
+    assert jobs[1].timing["infer_s"] == 0.5
