@@ -191,8 +191,7 @@ def load(ctx: SessionContext, entry: Entry) -> Dict[str, Any]:
                 devices.append(ctx.registry.instance(name, slot=slot).device)
     except Exception as exc:
         raise model_failed(name, exc) from exc
-    return {"model": name, "version": str(entry.cls.version), "devices": devices,
-            "load_s": round(time.perf_counter() - started, 6)}
+    return load_reply(entry, devices, time.perf_counter() - started)
 
 
 def check_input_names(cls: Type[Model], refs: Any) -> Dict[str, Any]:
@@ -315,17 +314,27 @@ def execute(ctx: SessionContext, jobs: List[Job], slot: int = 0) -> None:
         raise model_failed(jobs[0].entry.cls.name, exc) from exc
 
 
-def execute_each(ctx: SessionContext, jobs: List[Job], slot: int = 0) -> List[Optional[Exception]]:
-    """`execute` as the scheduler runs it, for a process that runs frames for another
-    (a worker process, a Ray replica): a batch that fails runs again one frame at a time,
-    to find the frame that failed. Per job: None (its result is set) or its error."""
+def execute_each(ctx: SessionContext, jobs: List[Job], slot: int = 0,
+                 run: Optional[Callable[[SessionContext, List[Job], int], None]] = None
+                 ) -> List[Optional[Exception]]:
+    """`run` (default `execute`: a backend's stands in) on a batch; a batch that fails
+    runs again one frame at a time, to find the frame that failed. Per job: None (its
+    result is set) or its error. The scheduler, a worker process and a Ray replica all
+    run batches this way."""
+    run = run or execute
     try:
-        execute(ctx, jobs, slot)
+        run(ctx, jobs, slot)
         return [None] * len(jobs)
     except Exception as exc:
         if len(jobs) == 1:
             return [exc]
-    return [execute_each(ctx, [job], slot)[0] for job in jobs]
+    return [execute_each(ctx, [job], slot, run)[0] for job in jobs]
+
+
+def load_reply(entry: Entry, devices: List[str], seconds: float) -> Dict[str, Any]:
+    """The fields of a `load` request's reply: the model loaded on `devices`."""
+    return {"model": entry.cls.name, "version": str(entry.cls.version), "devices": devices,
+            "load_s": round(seconds, 6)}
 
 
 def take_outcome(job: Job, outcome: Dict[str, Any]) -> Optional[Exception]:

@@ -45,7 +45,7 @@ from ray.exceptions import RayActorError, RayError, TaskCancelledError
 from .context import SessionContext
 from .devices import DETERMINISTIC_ENV, deterministic
 from .errors import Cancelled, DLError, InternalError, ModelFailed, describe_error
-from .inference import Job, bare_job, execute_each, model_failed, take_outcome
+from .inference import Job, bare_job, execute_each, load_reply, model_failed, take_outcome
 from .protocol import Limits
 from .registry import Entry, Registry
 from .scheduler import MAX_BATCH
@@ -269,6 +269,7 @@ class RayBackend:
     fails the command), or on the first frame (embedded, once the protocol owns stdout)."""
 
     name = "ray"
+    batches_per_slot = 1
 
     def __init__(self, settings: RaySettings) -> None:
         settings.check()
@@ -419,8 +420,7 @@ class RayBackend:
     def load(self, ctx: SessionContext, entry: Entry) -> Dict[str, Any]:
         """A `load` request: models load on a replica at its first frame there (Serve
         picks the replica then), so the request was only checked."""
-        return {"model": entry.cls.name, "version": str(entry.cls.version), "devices": [],
-                "load_s": 0.0}
+        return load_reply(entry, [], 0.0)
 
     def unload(self, name: Optional[str]) -> List[str]:
         """Replicas evict models themselves (least recently used): nothing unloaded here."""
@@ -445,5 +445,4 @@ class RayBackend:
                 self._owner.submit(ray.shutdown).result()
 
 
-__all__ = ["APP_PREFIX", "DEPLOYMENT_NAME", "ModelRunner", "RayBackend", "RaySettings",
-           ]
+__all__ = ["APP_PREFIX", "DEPLOYMENT_NAME", "ModelRunner", "RayBackend", "RaySettings"]

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .context import SessionContext
 from .devices import deterministic
 from .errors import BadRequest, Cancelled, describe_error
-from .inference import check_load, execute, finish, load, prepare
+from .inference import check_load, execute, execute_each, finish, load, prepare
 from .protocol import REQUESTS, Message, error_reply, ok_reply
 from .state import ServerState
 
@@ -81,12 +81,16 @@ class Scheduler:
         self.ctx = ctx
         self.send = send
         self.pool = ctx.registry.pool
-        # where batches run: this process's devices, or the backend's (Ray)
-        self.execute = state.backend.execute if state.backend is not None else execute
+        # where batches run and models load: this process's devices, or the backend's
+        # (Ray, worker processes)
+        backend = state.backend
+        self.execute = backend.execute if backend is not None else execute
+        self.load = backend.load if backend is not None else load
+        self.unload = backend.unload if backend is not None else ctx.registry.unload
         # batches of this session on the devices at once: one per device slot
         # (worker processes take two per slot: one's inputs are copied in while the other
         # runs)
-        self.devices = self.pool.size * getattr(state.backend, "batches_per_slot", 1)
+        self.devices = self.pool.size * (backend.batches_per_slot if backend is not None else 1)
         self.room = threading.Semaphore(self.devices)
         self.batch_limit = batch_limit(self.pool.size)
         self.runners: Optional[ThreadPoolExecutor] = None  # made on the first batch
@@ -257,8 +261,7 @@ class Scheduler:
         request was only checked)."""
         rid = item.msg.header.get("id")
         try:
-            loader = self.state.backend.load if self.state.backend is not None else load
-            item.reply = ok_reply(rid, **loader(self.ctx, item.job)), []
+            item.reply = ok_reply(rid, **self.load(self.ctx, item.job)), []
         except Exception as exc:
             item.reply = self._error(item.msg, exc)
         finally:
@@ -271,19 +274,12 @@ class Scheduler:
         with self.running_lock:
             self.running.update((one.seq, one) for one in batch)
         try:
-            try:
-                self.execute(self.ctx, [i.job for i in batch], slot)
-                done = len(batch)
-            except Exception as exc:
-                if len(batch) == 1:
-                    batch[0].reply = self._error(batch[0].msg, exc)
-                else:  # find the frame that failed: one at a time
-                    for one in batch:
-                        try:
-                            self.execute(self.ctx, [one.job], slot)
-                            done += 1
-                        except Exception as exc_one:
-                            one.reply = self._error(one.msg, exc_one)
+            failures = execute_each(self.ctx, [i.job for i in batch], slot, self.execute)
+            for one, failure in zip(batch, failures):
+                if failure is None:
+                    done += 1
+                else:
+                    one.reply = self._error(one.msg, failure)
         except BaseException as exc:  # never leave the finish stage waiting on a reply
             for one in batch:
                 if one.reply is None:
@@ -342,9 +338,7 @@ class Scheduler:
             if kind == "stats":
                 return ok_reply(rid, stats=self.state.stats()), []
             if kind == "unload":
-                unloaded = (self.state.backend.unload(msg.header.get("model"))
-                            if self.state.backend is not None
-                            else self.ctx.registry.unload(msg.header.get("model")))
+                unloaded = self.unload(msg.header.get("model"))
                 return ok_reply(rid, unloaded=unloaded), []
             return ok_reply(rid), []  # shutdown: acted on once the reply is sent
         except Exception as exc:

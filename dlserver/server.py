@@ -233,17 +233,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except RuntimeError as exc:
             print(f"dlserver: {exc}", file=sys.stderr)
             return 2
-    if backend is None:
-        try:
-            if wanted_workers(args.worker_processes):
-                backend = WorkerProcesses(models_dirs, registry.devices, args.cpu_fallback,
-                                          f"dls{os.getpid()}_")
-                log.info("device slots in worker processes: %s", ", ".join(registry.devices))
-        except (RuntimeError, ValueError) as exc:
-            print(f"dlserver: {exc}", file=sys.stderr)
-            return 2
+    try:  # checked before anything is made that a refusal would leave behind
+        workers = backend is None and wanted_workers(args.worker_processes)
+        if workers:
+            log.info("device slots in worker processes: %s", ", ".join(registry.devices))
+    except (RuntimeError, ValueError) as exc:
+        print(f"dlserver: {exc}", file=sys.stderr)
+        return 2
     exchange = make_exchange_dir(args.exchange_dir) if not remote else None
     state = ServerState(registry, limits, token, exchange)
+    if workers:  # their shared-memory blocks carry the prefix `cleanup` sweeps
+        backend = WorkerProcesses(models_dirs, registry.devices, args.cpu_fallback,
+                                  state.shm_prefix)
     state.cpu_fallback = args.cpu_fallback
     state.backend = backend
     state.login_timeout = args.login_timeout
@@ -375,9 +376,9 @@ def set_switch_interval(ms: Optional[str]) -> None:
 
 
 def cleanup(state: ServerState) -> None:
-    """Close the backend (--ray, worker processes) and remove what local sessions may have left: shm
-    blocks named with this server's prefix and the exchange dir. Never raises (e.g. out
-    of file descriptors)."""
+    """Close the backend (--ray, worker processes) and remove what local sessions may have
+    left: shm blocks named with this server's prefix and the exchange dir. Never raises
+    (e.g. out of file descriptors)."""
     from .shm import sweep
 
     if state.backend is not None:

@@ -36,6 +36,7 @@ class Backend(Protocol):
     `load` answers a `load` request as `inference.load` does, `unload` an `unload`."""
 
     name: str  # its key in the `stats` reply
+    batches_per_slot: int  # a session's batches on one device slot at once
 
     def start(self) -> None: ...
 

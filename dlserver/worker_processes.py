@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import DLError, ModelFailed, ReportedError, describe_error
-from .inference import Job, bare_job, execute_each, load, model_failed, take_outcome
+from .inference import Job, bare_job, execute_each, load, load_reply, model_failed, take_outcome
 from .model import Result
 from .protocol import ConnectionClosed, Limits, read_message, write_message
 from .shm import SharedBlock
@@ -212,7 +212,6 @@ class Worker:
         self.spent = Spent(f"worker of {device}")
 
     def call(self, header: Dict[str, Any]) -> Dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
         with self.lock:
             return self._call(header)
 
@@ -449,8 +448,7 @@ class WorkerProcesses:
             if "error" in reply:
                 raise ReportedError(*reply["error"])
             devices += reply["devices"]
-        return {"model": name, "version": str(entry.cls.version), "devices": devices,
-                "load_s": round(time.perf_counter() - started, 6)}
+        return load_reply(entry, devices, time.perf_counter() - started)
 
     def unload(self, name: Optional[str]) -> List[str]:
         """The `unload` request on every running worker: the models unloaded."""
