@@ -151,6 +151,9 @@ def main() -> None:
                         "each VAR=VALUE[,VAR=VALUE], e.g. 'DLSERVER_WORKER_PROCESSES=off;"
                         "DLSERVER_WORKER_PROCESSES=on,DLSERVER_MAX_BATCH=1'")
     p.add_argument("--size", default="1080p", choices=list(SIZES))
+    p.add_argument("--layers", type=int, default=0,
+                   help="more layers in each frame, as a render's AOVs (write_sequence): "
+                        "passed through to the outputs")
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--pipeline", type=int, default=None,
                    help="frames in flight (default: 6 per device + 4)")
@@ -192,8 +195,9 @@ def main() -> None:
             log(f"(only {free / 2**30:.1f} GiB free in {work}: {frames} frames, not "
                 f"{args.frames})")
         t = time.perf_counter()
-        src = write_sequence(work, h, w, frames, distinct=True)
-        log(f"{frames} distinct {args.size} frames written in {time.perf_counter() - t:.1f} s")
+        src = write_sequence(work, h, w, frames, distinct=True, layers=args.layers)
+        log(f"{frames} distinct {args.size} frames, {args.layers} more layers, written in "
+            f"{time.perf_counter() - t:.1f} s")
         from bench_models import maskrcnn_weights  # random weights, as bench_models
 
         weights = maskrcnn_weights("resnet50_fpn", work)
@@ -209,25 +213,26 @@ def main() -> None:
         env = {"DLSERVER_IO_THREADS": str(io_threads), "DLSERVER_LOG_LEVEL": "INFO"}
         results["io_threads"] = io_threads
         log(f"server I/O threads: {io_threads}")
-        # the ceiling: the same files through the identity model (the EXR I/O alone)
-        out = os.path.join(work, "identity")
-        os.makedirs(out)
-        pipeline = args.pipeline or frames_in_flight(max(counts))
-        res = run_infer(device_list(args.device, 1), [], src, os.path.join(out, "r.####.exr"),
-                        frames, pipeline, env, model="identity")
-        shutil.rmtree(out, ignore_errors=True)
-        results["identity"] = res
-        if "error" not in res:
-            log(f"identity (the I/O alone), pipeline {pipeline}: {res['fps_steady']:.2f} "
-                f"frames/s steady")
         lists = ([d.strip() for d in args.lists.split(";")] if args.lists else
                  [device_list(args.device, count) for count in counts])
         for setting in (args.env_sets.split(";") if args.env_sets else [""]):
             extra = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
+            label = f" {setting}" if setting else ""
             if extra:
                 log(f"with {setting}")
-            run_lists(args, lists, sets, src, work, frames, {**env, **extra}, results,
-                      f" {setting}" if setting else "")
+            # the ceiling: the same files through the identity model (the EXR I/O alone)
+            out = os.path.join(work, "identity")
+            os.makedirs(out)
+            pipeline = args.pipeline or frames_in_flight(max(counts))
+            res = run_infer(device_list(args.device, 1), [], src,
+                            os.path.join(out, "r.####.exr"), frames, pipeline,
+                            {**env, **extra}, model="identity")
+            shutil.rmtree(out, ignore_errors=True)
+            results["identity" + label] = res
+            if "error" not in res:
+                log(f"identity (the I/O alone), pipeline {pipeline}: "
+                    f"{res['fps_steady']:.2f} frames/s steady")
+            run_lists(args, lists, sets, src, work, frames, {**env, **extra}, results, label)
         if args.deterministic_frames:
             results["deterministic"] = deterministic_runs(
                 args, counts, sets, src, work, min(frames, args.deterministic_frames), env)

@@ -96,19 +96,22 @@ def overhead(frames: int, size: str) -> Dict[str, Any]:
     return result
 
 
-def gpu(frames: int, size: str, counts: List[int],
-        deterministic_frames: int = 40) -> Dict[str, Any]:
+def gpu(frames: int, size: str, counts: List[int], deterministic_frames: int = 40,
+        replicas_per_gpu: int = 1) -> Dict[str, Any]:
     """Throughput with the default settings, then (DLSERVER_DETERMINISTIC=1) outputs
     compared bit for bit on `deterministic_frames` frames."""
-    results = gpu_runs(frames, size, counts, {})
+    results = gpu_runs(frames, size, counts, {}, replicas_per_gpu)
     if deterministic_frames:
         log("DLSERVER_DETERMINISTIC=1 (cuDNN's deterministic kernels, frames one at a time):")
         results["deterministic"] = gpu_runs(min(frames, deterministic_frames), size, counts,
-                                            {"DLSERVER_DETERMINISTIC": "1"})
+                                            {"DLSERVER_DETERMINISTIC": "1"}, replicas_per_gpu)
     return results
 
 
-def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str]) -> Dict[str, Any]:
+def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str],
+             replicas_per_gpu: int = 1) -> Dict[str, Any]:
+    """Each GPU count: the plain server (`--devices` with `replicas_per_gpu` slots a GPU:
+    2 is `all`'s layout), then `--ray local` with as many replicas a GPU."""
     import torch
     from bench_devices import compare, frames_in_flight
     from bench_models import maskrcnn_weights
@@ -142,9 +145,14 @@ def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str]) -> 
                 label = f"{path} {count} GPU"
                 out = os.path.join(work, f"{path}{count}")
                 os.makedirs(out)
-                flags = ["--model", "mask_rcnn", "--pipeline", str(frames_in_flight(count))]
-                flags += (["--devices", ",".join(f"cuda:{i}" for i in range(count))]
-                          if path == "plain" else ["--ray", "local"])
+                flags = ["--model", "mask_rcnn", "--pipeline",
+                         str(frames_in_flight(count * replicas_per_gpu))]
+                slots = [f"cuda:{i}" for _ in range(replicas_per_gpu) for i in range(count)]
+                flags += (["--devices", ",".join(slots)] if path == "plain"
+                          else ["--ray", "local"])
+                if path == "ray" and replicas_per_gpu > 1:  # as the plain server's
+                    n = replicas_per_gpu                  # two slots a GPU
+                    flags += ["--gpus-per-replica", str(1 / n), "--max-replicas", str(n * count)]
                 saved = os.environ.get("CUDA_VISIBLE_DEVICES")
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpus  # what the Ray cluster sees
                 try:
@@ -188,6 +196,8 @@ def main() -> None:
                    help="frames (default: 30 for overhead, 200 for gpu)")
     p.add_argument("--size", default="1080p", choices=list(SIZES))
     p.add_argument("--counts", default="1,2", help="gpu mode: GPU counts (default 1,2)")
+    p.add_argument("--replicas-per-gpu", type=int, default=1,
+                   help="gpu mode: Ray replicas on each GPU (--gpus-per-replica 1/N)")
     p.add_argument("--deterministic-frames", type=int, default=40,
                    help="gpu mode: then with DLSERVER_DETERMINISTIC=1 on this many frames, "
                         "outputs compared bit for bit (0: skip)")
@@ -197,7 +207,7 @@ def main() -> None:
         result = overhead(args.frames or 30, args.size)
     else:
         result = gpu(args.frames or 200, args.size, [int(c) for c in args.counts.split(",")],
-                     args.deterministic_frames)
+                     args.deterministic_frames, args.replicas_per_gpu)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

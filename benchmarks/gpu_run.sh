@@ -13,7 +13,9 @@
 #       1 GPU vs 2, 200 1080p frames, the identity ceiling, a deterministic comparison
 #       (FRAMES=N and COUNTS=1,2,4 change that; LISTS='cuda:0;cuda:0,cuda:0' runs those
 #       device lists instead, ENV_SETS='DLSERVER_MAX_BATCH=1;DLSERVER_MAX_BATCH=8' each list
-#       under each of those environments);
+#       under each of those environments; LAYERS=N adds N layers to each frame; SKIP_PYTEST=1
+#       leaves out the CUDA test), and
+#       what a fresh frame-sized array costs (bench_alloc.py, under each MALLOC_* set);
 #       detectors: first result, 1080p detector figures with batches, CUDA tests
 #       depth: depth_anything_v2 at 1080p, fp16 / CUDA graph vs fp32 eager, and its CUDA test
 #       raft: RAFT's CUDA test, then at 1080p the model's paths against eager torchvision
@@ -127,17 +129,25 @@ if [ "$QUICK" = ray ]; then
     python3 -c "import ray; print('ray', ray.__version__)" >> "$MODELS_LOG" 2>&1
     step bench_ray 590 python3 benchmarks/bench_ray.py --mode gpu --frames "${FRAMES:-200}" \
         ${COUNTS:+--counts "$COUNTS"} --deterministic-frames "${DET_FRAMES:-40}" \
-        --json "$OUT/bench_ray.json"
+        --replicas-per-gpu "${REPLICAS_PER_GPU:-1}" --json "$OUT/bench_ray.json"
     exit 0
 fi
 if [ "$QUICK" = devices ]; then
-    step pytest_cuda_devices 90 python3 -m pytest -m cuda tests/test_devices.py -s -rs \
-        -p no:cacheprovider
+    [ -n "${SKIP_PYTEST:-}" ] || step pytest_cuda_devices 90 python3 -m pytest -m cuda \
+        tests/test_devices.py -s -rs -p no:cacheprovider
+    # what a fresh frame-sized array costs on this host, under glibc's defaults and
+    # under each of ENV_SETS (their MALLOC_* variables)
+    for setting in "" ${ENV_SETS:+$(echo "$ENV_SETS" | tr ';' ' ')}; do
+        env $(echo "$setting" | tr ',' ' ' | tr ' ' '\n' | grep '^MALLOC_') \
+            python3 benchmarks/bench_alloc.py --repeat 10 --threads 1 4 8 \
+            >> "$OUT/bench_alloc.txt" 2>&1
+    done
     # GPU load beside the runs (a line per GPU every 0.2 s, with the time)
     nvidia-smi --query-gpu=timestamp,index,utilization.gpu --format=csv,noheader -lms 200 \
         > "$OUT/gpu_utilization.csv" 2>/dev/null &
     smi=$!
     step bench_devices 590 python3 benchmarks/bench_devices.py --frames "${FRAMES:-200}" \
+        --layers "${LAYERS:-0}" \
         ${COUNTS:+--counts "$COUNTS"} ${LISTS:+--lists "$LISTS"} \
         ${ENV_SETS:+--env-sets "$ENV_SETS"} --deterministic-frames "${DET_FRAMES:-40}" \
         --json "$OUT/bench_devices.json"

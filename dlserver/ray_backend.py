@@ -45,6 +45,7 @@ from ray.exceptions import RayActorError, RayError, TaskCancelledError
 from .context import SessionContext
 from .devices import DETERMINISTIC_ENV, deterministic
 from .errors import Cancelled, DLError, InternalError, ModelFailed, describe_error
+from .host_memory import tune_malloc
 from .inference import Job, bare_job, execute_each, load_reply, model_failed, take_outcome
 from .protocol import Limits
 from .registry import Entry, Registry
@@ -114,6 +115,7 @@ class ModelRunner:
     def __init__(self, models_dirs: Sequence[str], device: str, cpu_fallback: bool,
                  models_per_replica: int, board: Any) -> None:
         logging.basicConfig(level=logging.INFO, format="dlserver %(levelname)s: %(message)s")
+        tune_malloc()  # as the server's and the workers' (dlserver.host_memory)
         self.registry = Registry([Path(d) for d in models_dirs], device)
         self.board = board  # the front end's CancelBoard
         # received: frames that reached this replica; dropped: cancelled before they ran

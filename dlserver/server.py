@@ -25,6 +25,7 @@ import threading
 from typing import Any, Dict, List, Optional, Sequence
 
 from .devices import parse_devices, set_mps_fallback
+from .host_memory import tune_malloc
 from .protocol import Limits
 from .registry import Registry, default_models_dirs
 from .state import (
@@ -78,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on an Apple-silicon Mac, then cpu)")
     p.add_argument("--devices", default=None, metavar="LIST",
                    help="several devices, one model instance each, frames spread over "
-                        "them (least-loaded first): cuda:0,cuda:1,... or 'all' (every "
-                        "GPU); cpu,cpu stands in for two GPUs in tests")
+                        "them (least-loaded first): cuda:0,cuda:1,... (a GPU listed twice "
+                        "runs two instances) or 'all' (every GPU, two instances each); "
+                        "cpu,cpu stands in for two GPUs in tests")
     ray = p.add_argument_group(
         "Ray Serve", "run the models on a Ray cluster behind this front end (the same "
         "protocol, token and TLS; docs/scale-out.md); needs `python install.py --ray`")
@@ -107,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exchange-dir", default=None,
                    help="folder for frame files of local sessions (default: a new folder "
                         "in /dev/shm, else the temp dir)")
-    p.add_argument("--worker-processes", default=None, choices=("on", "off"),
+    p.add_argument("--worker-processes", default=None, choices=("auto", "on", "off"),
                    help="run each device slot's models in a process of its own (default "
-                        "$DLSERVER_WORKER_PROCESSES, else off: on two GPUs it has not "
-                        "yet beaten slots in one process; docs/scale-out.md)")
+                        "$DLSERVER_WORKER_PROCESSES, else auto: on with two or more CUDA "
+                        "devices; docs/scale-out.md)")
     p.add_argument("--cpu-fallback", action="store_true",
                    help="run a frame on the CPU when it doesn't fit in GPU memory")
     p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
@@ -174,6 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=level.upper(),
                         format="dlserver %(levelname)s: %(message)s")
     set_switch_interval(os.environ.get("DLSERVER_SWITCH_INTERVAL_MS"))
+    tune_malloc()  # before the threads that decode and copy frames start
     try:
         token = resolve_token(args, argv)
     except (OSError, ValueError) as exc:
@@ -215,6 +218,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("dlserver: with --ray the model runners' devices come from the cluster: give "
               "--gpus-per-replica instead of --device/--devices", file=sys.stderr)
         return 2
+    if args.ray is not None and args.worker_processes == "on":
+        print("dlserver: with --ray each model runner is a process of Ray's already: leave "
+              "out --worker-processes", file=sys.stderr)
+        return 2
 
     limits = Limits(max_body=args.max_message_mb << 20, max_pixels=args.max_pixels)
     models_dirs = default_models_dirs(args.models_dir)
@@ -234,7 +241,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"dlserver: {exc}", file=sys.stderr)
             return 2
     try:  # checked before anything is made that a refusal would leave behind
-        workers = backend is None and wanted_workers(args.worker_processes)
+        workers = backend is None and wanted_workers(  # (--devices is resolved by now)
+            args.worker_processes, registry.devices if args.devices is not None else [])
         if workers:
             log.info("device slots in worker processes: %s", ", ".join(registry.devices))
     except (RuntimeError, ValueError) as exc:

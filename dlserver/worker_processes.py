@@ -1,11 +1,12 @@
 """Device slots in processes of their own: `--worker-processes on` (or
-DLSERVER_WORKER_PROCESSES=1) runs each slot's models in a worker process of that slot.
+DLSERVER_WORKER_PROCESSES=1; the default `auto` with two or more CUDA slots) runs each
+slot's models in a worker process of that slot.
 
 Why: in one process every slot's host work (Python between kernels, host syncs, upload
 copies) and the server's own (EXR decode and encode, colour, scheduling) share one GIL.
 Two H200s ran at 1.0-1.5x one and each GPU was busy about a third of the time
 (docs/performance.md, run 45). In a worker a slot's host work runs beside the server's.
-Off by default: measured, it has not yet paid (`wanted`).
+On by default with two or more CUDA slots, where it was measured to pay (`wanted`).
 
 The front end is unchanged (transports, sessions, scheduler, reading and writing
 frames); only the step that runs a model moves, as with --ray (`state.backend`):
@@ -54,19 +55,22 @@ ALIGN = 64  # each array of a block starts on a cache line
 ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the dlserver package
 
 
-def wanted(setting: Optional[str]) -> bool:
-    """Whether the slots run in worker processes: `setting` (the flag), else $ENV; off
-    unless asked for. Measured on two H200s, workers did not beat slots in the server's
-    process (54-56 against 76-79 frames/s, runs 46-48): each worker's model time per
-    frame grew from 15 to 36 ms with a second worker, a contention outside the GIL that
-    is not yet found (docs/performance.md)."""
-    value = (setting or os.environ.get(ENV, "") or "off").strip().lower()
+def wanted(setting: Optional[str], devices: Sequence[str] = ()) -> bool:
+    """Whether the slots run in worker processes: `setting` (the flag), else $ENV, else
+    auto: on with two or more CUDA slots, off otherwise. Measured on two H200s with
+    mask_rcnn (docs/performance.md, runs 50-51): in workers two GPUs ran 106 frames/s
+    against 81 as slots of one process, whose host work (EXR, colour, the models' Python)
+    shares one GIL; one GPU ran as fast or faster in the server's process, and the CPU
+    gains nothing from a process per slot."""
+    value = (setting or os.environ.get(ENV, "") or "auto").strip().lower()
     if value in ("1", "on", "yes", "true"):
         return True
     if value in ("0", "off", "no", "false"):
         return False
+    if value == "auto":
+        return len(devices) > 1 and all(d.startswith("cuda") for d in devices)
     raise ValueError(f"--worker-processes / {ENV}: {setting or os.environ.get(ENV)!r}; "
-                     f"use on or off")
+                     f"use auto, on or off")
 
 
 # --- arrays in a shared block ----------------------------------------------------------------
@@ -160,7 +164,7 @@ class Spent:
     pipe, the worker's answer (of which: running the model, writing outputs), copying
     outputs out. What a slow path is measured with (docs/performance.md)."""
 
-    EVERY = 100
+    EVERY = 50  # a server's first 50 include the warm-up; the next are steady
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -279,8 +283,10 @@ class Worker:
 def worker_main() -> None:
     """The worker process: requests on stdin, replies on stdout, until stdin closes."""
     from .context import SessionContext
+    from .host_memory import tune_malloc
     from .registry import Registry
 
+    tune_malloc()  # as the server's (the environment's setting): outputs are frame-sized
     config = json.loads(sys.argv[1])
     logging.basicConfig(level=config["log_level"], stream=sys.stderr,
                         format=f"dlserver worker {config['device']} %(levelname)s: "

@@ -65,7 +65,12 @@ def test_auto_is_cuda_then_mps_then_cpu(fake_devices) -> None:
 
 def test_all_is_every_gpu_else_mps_else_cpu(fake_devices) -> None:
     fake_devices(3, True)
-    assert resolve_devices(["all"]) == ["cuda:0", "cuda:1", "cuda:2"]
+    # two slots a GPU (worker processes: one's host work beside the other's kernels),
+    # spread: the first frames go to different GPUs
+    assert resolve_devices(["all"]) == ["cuda:0", "cuda:1", "cuda:2"] * 2
+    fake_devices(1, True)
+    assert resolve_devices(["all"]) == ["cuda:0", "cuda:0"]
+    fake_devices(3, True)
     with pytest.raises(RuntimeError, match="only 3 GPU"):
         resolve_devices(["cuda:0", "cuda:3"])
     fake_devices(0, True)

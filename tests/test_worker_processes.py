@@ -137,13 +137,20 @@ def test_workers_end_with_the_server() -> None:
 
 def test_when_slots_run_in_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV, raising=False)
-    assert wanted(None) is False, "off unless asked for"
-    assert wanted("on") is True and wanted("off") is False
+    # auto: a process per slot with several CUDA slots only
+    assert wanted(None, ["cuda:0", "cuda:1"]) is True
+    assert wanted(None, ["cuda:0"]) is False
+    assert wanted(None, ["cpu", "cpu"]) is False
+    assert wanted(None, ["cuda:0", "cpu"]) is False
+    assert wanted("auto", ["cuda:0", "cuda:0"]) is True
+    assert wanted("on", ["cpu"]) is True and wanted("off", ["cuda:0", "cuda:1"]) is False
     monkeypatch.setenv(ENV, "1")
-    assert wanted(None) is True
+    assert wanted(None, ["cpu"]) is True
     assert wanted("off") is False, "the flag wins over the environment"
+    monkeypatch.setenv(ENV, "0")
+    assert wanted(None, ["cuda:0", "cuda:1"]) is False
     monkeypatch.setenv(ENV, "sometimes")
-    with pytest.raises(ValueError, match="use on or off"):
+    with pytest.raises(ValueError, match="use auto, on or off"):
         wanted(None)
 
 
