@@ -116,7 +116,15 @@ class ServerState:
             "torch_imported": "torch" in sys.modules,
         }
         if self.backend is not None:
-            stats[self.backend.name] = self.backend.stats()
+            stats[self.backend.name] = backend = self.backend.stats()
+            # where the models run in other processes (worker processes), their figures
+            for row, figures in zip(devices, backend.get("slots", [])):
+                if figures:
+                    stats["oom_recoveries"] += figures["oom_recoveries"]
+                    row.update(figures)
+            stats["models_loaded"] = sorted(
+                {m for row in devices for m in row.get("models_loaded", [])}
+                | set(stats["models_loaded"]))
         if "torch" in sys.modules:
             import torch
             if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -213,6 +213,7 @@ class Worker:
         self.outputs = Blocks(prefix + "out_")  # read: the worker's output block
         self.lock = threading.Lock()  # one request at a time on the pipes
         self.frames = 0
+        self.figures: Optional[Dict[str, Any]] = None  # slot_figures, from its last reply
         self.spent = Spent(f"worker of {device}")
 
     def call(self, header: Dict[str, Any]) -> Dict[str, Any]:
@@ -223,9 +224,11 @@ class Worker:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
             write_message(self.proc.stdin, header)  # type: ignore[arg-type]
-            return read_message(self.proc.stdout, PIPE_LIMITS).header  # type: ignore[arg-type]
+            reply = read_message(self.proc.stdout, PIPE_LIMITS).header  # type: ignore[arg-type]
         except (OSError, ConnectionClosed, ValueError, DLError) as exc:
             raise WorkerDied(f"{type(exc).__name__}: {exc}") from exc
+        self.figures = reply.get("slot", self.figures)
+        return reply
 
     def run(self, jobs: List[Job]) -> List[Dict[str, Any]]:
         """Each job's outcome: {"result": Result, "timing"} or {"error": (code, message)}."""
@@ -303,9 +306,18 @@ def worker_main() -> None:
                 header = read_message(requests, PIPE_LIMITS).header
             except ConnectionClosed:
                 break
-            write_message(replies, answer(ctx, blocks, header))
+            reply = answer(ctx, blocks, header)
+            reply["slot"] = slot_figures(registry)
+            write_message(replies, reply)
     finally:
         blocks.close()
+
+
+def slot_figures(registry: Any) -> Dict[str, Any]:
+    """What the server's `stats` says of a slot that only its worker knows: the device's
+    memory, the models loaded, out-of-memory recoveries."""
+    row = registry.device_stats()[0]
+    return {k: row[k] for k in ("memory", "models_loaded", "oom_recoveries")}
 
 
 def answer(ctx: Any, blocks: Blocks, header: Dict[str, Any]) -> Dict[str, Any]:
@@ -467,9 +479,14 @@ class WorkerProcesses:
         return unloaded
 
     def stats(self) -> Dict[str, Any]:
+        """The workers; `slots`: per slot, the figures its worker last reported (memory,
+        models loaded, out-of-memory recoveries; None before its first reply), which
+        the server's `devices` rows show in place of its own process's."""
+        workers = list(self.workers)
         return {"workers": [{"slot": i, "device": d, "pid": w.proc.pid if w else None,
                              "frames": w.frames if w else 0}
-                            for i, (d, w) in enumerate(zip(self.devices, self.workers))],
+                            for i, (d, w) in enumerate(zip(self.devices, workers))],
+                "slots": [w.figures if w else None for w in workers],
                 "restarts": self.restarts}
 
     def close(self) -> None:

@@ -52,6 +52,24 @@ def test_outputs_are_bit_identical_to_slots_in_the_server(workers: TcpServer) ->
     assert sum(w["frames"] for w in rows) == 12 and all(w["frames"] for w in rows)
 
 
+def test_stats_per_device_come_from_the_workers(workers: TcpServer) -> None:
+    """The models live in the workers: each slot's models, memory and out-of-memory
+    recoveries in `stats` are what its worker reports (as with slots in the server)."""
+    with workers.connect() as client:
+        plate = make_plate()
+        # one frame: slot 0 (least loaded, first on ties); its first try runs out of
+        # memory (injected) and the worker recovers
+        client.infer("oom", {"src": raw_inline(plate)}, {"mode": "once"}, [plate.data])
+        stats = client.stats()
+    rows = stats["devices"]
+    assert [(d["slot"], d["device"], d["memory"]) for d in rows] == [
+        (0, "cpu", None), (1, "cpu", None)]
+    assert [d["frames_done"] for d in rows] == [1, 0]
+    assert [d["oom_recoveries"] for d in rows] == [1, 0] and stats["oom_recoveries"] == 1
+    assert "oom" in rows[0]["models_loaded"] and "oom" in stats["models_loaded"]
+    assert stats["worker_processes"]["slots"][0]["models_loaded"] == rows[0]["models_loaded"]
+
+
 def test_frames_run_in_one_process_per_slot(workers: TcpServer) -> None:
     with workers.connect() as client:
         pids = pids_of(client, 8)
