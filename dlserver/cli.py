@@ -587,8 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", help="embedded server's device: cpu, mps, cuda, cuda:N")
         sp.add_argument("--devices", metavar="LIST",
                         help="embedded server's devices, one model instance each, frames "
-                             "spread over them: cuda:0,cuda:1,... or all (raise --pipeline "
-                             "to keep them busy)")
+                             "spread over them: cuda:0,cuda:1,... or all (every GPU, two "
+                             "instances each; raise --pipeline to keep them busy)")
         sp.add_argument("--ray", metavar="ADDRESS",
                         help="embedded server runs the models on the Ray cluster at ADDRESS "
                              "(HOST:6379), or 'local': one started on this machine, else a "
