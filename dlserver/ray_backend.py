@@ -50,6 +50,7 @@ from .inference import Job, bare_job, execute_each, load_reply, model_failed, ta
 from .protocol import Limits
 from .registry import Entry, Registry
 from .scheduler import MAX_BATCH
+from .spent import Spent
 
 log = logging.getLogger("dlserver")
 
@@ -280,6 +281,7 @@ class RayBackend:
         self.board: Any = None  # the CancelBoard of this front end's frames
         self.replicas: Dict[str, Any] = {}  # as deployed: gpus, cpus, min, max, device
         self.retries = 0  # frames sent again after their replica died
+        self.spent = Spent("Ray front end")  # where its frames' time goes, logged
         # its own application: front ends sharing a cluster don't replace each other's
         self.app = f"{APP_PREFIX}-{socket.gethostname()}-{os.getpid()}"
         self._lock = threading.Lock()
@@ -358,9 +360,11 @@ class RayBackend:
         # every frame of the batch is sent before any is waited for: serve.batch on the
         # replica gathers them into one infer_batch
         refs = [ray.put(job.arrays) for job in jobs]  # once: a retry sends the reference
+        put = time.perf_counter()
         keys = [uuid.uuid4().hex for _ in jobs]  # the frames' names on the CancelBoard
         responses = [self._send(handle, name, job, ref, key)
                      for job, ref, key in zip(jobs, refs, keys)]
+        sent = time.perf_counter()
         failure: Optional[Exception] = None
         for job, ref, key, response in zip(jobs, refs, keys, responses):
             try:
@@ -371,6 +375,9 @@ class RayBackend:
             job.timing["ray_s"] = time.perf_counter() - started
             error = take_outcome(job, outcome)  # every job's, also after a failure
             failure = failure or error
+        self.spent.add(len(jobs), {
+            "put": put - started, "send": sent - put, "wait": time.perf_counter() - sent,
+            "replica model": sum(job.timing.get("infer_s", 0.0) for job in jobs)})
         if failure is not None:
             raise failure
 

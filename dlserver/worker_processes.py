@@ -46,6 +46,7 @@ from .inference import Job, bare_job, execute_each, load, load_reply, model_fail
 from .model import Result
 from .protocol import ConnectionClosed, Limits, read_message, write_message
 from .shm import SharedBlock
+from .spent import Spent
 
 log = logging.getLogger("dlserver")
 
@@ -157,31 +158,6 @@ def write_arrays(blocks: Blocks, arrays: Dict[str, np.ndarray]) -> Tuple[str, Di
 
 
 # --- the worker ------------------------------------------------------------------------------
-
-class Spent:
-    """Where a worker's batches spend their time, summed and logged (INFO) every
-    `EVERY` frames: waiting for a free input block, copying inputs in, waiting for the
-    pipe, the worker's answer (of which: running the model, writing outputs), copying
-    outputs out. What a slow path is measured with (docs/performance.md)."""
-
-    EVERY = 50  # a server's first 50 include the warm-up; the next are steady
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.sums: Dict[str, float] = {}
-        self.frames = self.batches = 0
-
-    def add(self, frames: int, seconds: Dict[str, float]) -> None:
-        for key, value in seconds.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.frames += frames
-        self.batches += 1
-        if self.frames >= self.EVERY:
-            log.info("%s: %d frames in %d batches, ms per frame: %s", self.name, self.frames,
-                     self.batches, ", ".join(f"{k} {1e3 * v / self.frames:.2f}"
-                                              for k, v in self.sums.items()))
-            self.sums, self.frames, self.batches = {}, 0, 0
-
 
 class WorkerDied(Exception):
     """The worker process ended (or broke the framing) with a request in it."""

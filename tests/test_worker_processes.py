@@ -172,6 +172,30 @@ def test_when_slots_run_in_workers(monkeypatch: pytest.MonkeyPatch) -> None:
         wanted(None)
 
 
+def test_where_the_time_goes_is_logged_per_frame(caplog: pytest.LogCaptureFixture) -> None:
+    """Spent (the workers' and the Ray front end's stage times): summed over batches from
+    several threads, logged as ms per frame once EVERY frames are in, then started
+    again."""
+    import logging
+    import threading
+
+    from dlserver.spent import Spent
+
+    caplog.set_level(logging.INFO, "dlserver")
+    spent = Spent("test backend")
+    threads = [threading.Thread(target=spent.add, args=(5, {"copy": 0.010, "model": 0.050}))
+               for _ in range(Spent.EVERY // 5 - 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert "test backend" not in caplog.text, "not before EVERY frames"
+    spent.add(5, {"copy": 0.010, "model": 0.050})
+    assert (f"test backend: {Spent.EVERY} frames in {Spent.EVERY // 5} batches, ms per "
+            f"frame: copy 2.00, model 10.00") in caplog.text
+    assert spent.frames == 0 and spent.sums == {}
+
+
 def test_a_failed_frame_leaves_its_batch_mates_results(monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch whose first frame failed in the worker: the error is raised (the scheduler
     then runs the frames one at a time) and the other frames' results are still taken."""
