@@ -152,7 +152,7 @@ def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str],
                           else ["--ray", "local"])
                 if path == "ray" and replicas_per_gpu > 1:  # as the plain server's
                     n = replicas_per_gpu                  # two slots a GPU
-                    flags += ["--gpus-per-replica", str(1 / n), "--max-replicas", str(n * count)]
+                    flags += ["--gpus-per-replica", str(1 / n)]  # n a GPU: the most
                 saved = os.environ.get("CUDA_VISIBLE_DEVICES")
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpus  # what the Ray cluster sees
                 try:

@@ -185,9 +185,11 @@ def open_client(args: argparse.Namespace, folders: Sequence[str] = ()) -> Client
                                         f"{TOKEN_HOW}") from None
     devices = getattr(args, "devices", None)
     ray = getattr(args, "ray", None)
+    gpus = getattr(args, "gpus_per_replica", None)
     return Client.spawn(models_dirs=args.models_dir, device=args.device, allow_dirs=folders,
                         extra_args=(["--devices", devices] if devices else [])
-                        + (["--ray", ray] if ray else []))
+                        + (["--ray", ray] if ray else [])
+                        + (["--gpus-per-replica", str(gpus)] if gpus is not None else []))
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -593,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="embedded server runs the models on the Ray cluster at ADDRESS "
                              "(HOST:6379), or 'local': one started on this machine, else a "
                              "new one (one model runner per GPU; docs/scale-out.md)")
+        sp.add_argument("--gpus-per-replica", type=float, metavar="F",
+                        help="with --ray: GPUs of one model runner (0.5: two on each GPU)")
 
     sp = sub.add_parser("models", help="list the models and their options")
     connection(sp)

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU cores of one model runner (default: the cluster's cores "
                           "shared among --max-replicas; Ray sets the runner's "
                           "OMP_NUM_THREADS to it)")
-    ray.add_argument("--models-per-replica", type=int, default=3, metavar="N",
+    ray.add_argument("--models-per-replica", type=int, default=None, metavar="N",
                      help="models one runner keeps loaded; the least recently used is "
                           "unloaded past it (default 3)")
     p.add_argument("--exchange-dir", default=None,
@@ -217,6 +217,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.ray is not None and (args.device is not None or args.devices is not None):
         print("dlserver: with --ray the model runners' devices come from the cluster: give "
               "--gpus-per-replica instead of --device/--devices", file=sys.stderr)
+        return 2
+    ray_flags = [flag for flag, value in (
+        ("--min-replicas", args.min_replicas), ("--max-replicas", args.max_replicas),
+        ("--gpus-per-replica", args.gpus_per_replica),
+        ("--cpus-per-replica", args.cpus_per_replica),
+        ("--models-per-replica", args.models_per_replica))
+        if value is not None]
+    if args.ray is None and ray_flags:  # said, not ignored
+        print(f"dlserver: {', '.join(ray_flags)} only apply with --ray", file=sys.stderr)
         return 2
     if args.ray is not None and args.worker_processes == "on":
         print("dlserver: with --ray each model runner is a process of Ray's already: leave "
@@ -334,9 +343,11 @@ def make_ray_backend(args: argparse.Namespace, models_dirs: Sequence[Any]) -> An
     return RayBackend(RaySettings(
         address=None if args.ray in ("", "local") else args.ray, min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica,
-        cpus_per_replica=args.cpus_per_replica, models_per_replica=args.models_per_replica,
-        models_dirs=[os.path.abspath(d) for d in models_dirs],
-        cpu_fallback=args.cpu_fallback))
+        cpus_per_replica=args.cpus_per_replica, models_dirs=[os.path.abspath(d) for d in
+                                                             models_dirs],
+        cpu_fallback=args.cpu_fallback,  # --models-per-replica: RaySettings' default
+        **({} if args.models_per_replica is None else
+           {"models_per_replica": args.models_per_replica})))
 
 
 def open_seed_port(args: argparse.Namespace, state: ServerState,

@@ -92,3 +92,21 @@ def test_the_embedded_servers_log_level_follows_the_environment(tmp_path: Path) 
     assert quiet.returncode == 0 and loud.returncode == 0, loud.stderr
     assert "dlserver INFO:" not in quiet.stderr
     assert "dlserver INFO: loaded blur" in loud.stderr
+
+
+def test_the_embedded_servers_flags_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dlserver infer --devices/--ray/--gpus-per-replica` reach the embedded server's
+    command line as the same flags."""
+    from dlserver import cli
+
+    spawned: list = []
+    monkeypatch.setattr(cli.Client, "spawn", lambda **kw: spawned.append(kw["extra_args"]))
+    args = cli.build_parser().parse_args(
+        ["infer", "--model", "blur", "--ray", "HEAD:6379", "--gpus-per-replica", "0.5",
+         "in.####.exr", "out.####.exr"])
+    cli.open_client(args)
+    args = cli.build_parser().parse_args(
+        ["infer", "--model", "blur", "--devices", "all", "in.####.exr", "out.####.exr"])
+    cli.open_client(args)
+    assert spawned == [["--ray", "HEAD:6379", "--gpus-per-replica", "0.5"],
+                       ["--devices", "all"]]

@@ -475,6 +475,7 @@ def test_exposed_without_a_token_is_refused_before_ray_starts(cluster: str) -> N
 def test_bad_ray_flags_are_refused() -> None:
     for flags, says in ((["--ray", "--devices", "cpu,cpu"], "--gpus-per-replica"),
                         (["--ray", "--worker-processes", "on"], "leave out --worker-processes"),
+                        (["--gpus-per-replica", "0.5"], "--gpus-per-replica only apply with"),
                         (["--ray", "--min-replicas", "3", "--max-replicas", "2"],
                          "above --max-replicas")):
         done = subprocess.run([PYTHON, "-m", "dlserver", "--port", "0", *flags],
