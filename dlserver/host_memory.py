@@ -23,6 +23,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import sys
 from typing import Optional
 
 log = logging.getLogger("dlserver")
@@ -36,17 +37,20 @@ TUNING = ((M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 
 
 def tune_malloc(setting: Optional[str] = None) -> bool:
     """Tune glibc's malloc for frame-sized buffers, unless `setting` (else $ENV) is
-    `glibc`. Call it early, before threads allocate. True when tuned; False where the
-    C library has no mallopt (macOS, musl) or the setting says not to."""
+    `glibc`. Call it early, before threads allocate. True when tuned; False off Linux
+    (macOS, Windows), where the C library has no working mallopt (musl) or the setting
+    says not to."""
     value = (setting if setting is not None else os.environ.get(ENV, "")).strip().lower()
     if value == "glibc":
         return False
     if value not in ("", "tuned"):
         log.warning("%s=%r is not tuned or glibc: tuned", ENV, value)
+    if not sys.platform.startswith("linux"):  # glibc's mallopt: Linux only
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     refused = [param for param, amount in TUNING if mallopt(param, amount) != 1]

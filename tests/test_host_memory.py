@@ -63,6 +63,18 @@ def test_a_freed_frame_buffer_is_taken_again_without_page_faults(size: int) -> N
     assert tuned["faults"] * 20 < default["faults"], (default, tuned)
 
 
+def test_nothing_is_tuned_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+
+    def no_library(*args: object) -> None:
+        raise AssertionError("no C library is opened off Linux")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    for platform in ("darwin", "win32"):
+        monkeypatch.setattr(sys, "platform", platform)
+        assert tune_malloc("tuned") is False
+
+
 def test_the_setting(caplog: pytest.LogCaptureFixture) -> None:
     assert tune_malloc("glibc") is False  # nothing changed
     caplog.set_level(logging.WARNING, "dlserver")
