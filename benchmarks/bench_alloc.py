@@ -62,18 +62,18 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     setting = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-    results: Dict[str, object] = {"malloc": setting, "cpus": os.cpu_count(), "runs": {}}
+    runs: Dict[str, Dict[str, float]] = {}
     print(f"malloc settings: {setting or 'glibc defaults'}; {os.cpu_count()} CPUs")
     for name, shape in SHAPES.items():
         for threads in args.threads:
             a = per_thread(threads, args.repeat, shape, True)
             b = per_thread(threads, args.repeat, shape, False)
-            results["runs"][f"{name} x{threads}"] = {"fresh_ms": a, "reused_ms": b}  # type: ignore[index]
+            runs[f"{name} x{threads}"] = {"fresh_ms": a, "reused_ms": b}
             print(f"{name:>5} {threads} threads: fresh array {a:7.2f} ms, reused {b:7.2f} ms "
                   f"(x{a / b:.1f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"malloc": setting, "cpus": os.cpu_count(), "runs": runs}, f, indent=1)
 
 
 if __name__ == "__main__":

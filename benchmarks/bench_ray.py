@@ -150,9 +150,8 @@ def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str],
                 slots = [f"cuda:{i}" for _ in range(replicas_per_gpu) for i in range(count)]
                 flags += (["--devices", ",".join(slots)] if path == "plain"
                           else ["--ray", "local"])
-                if path == "ray" and replicas_per_gpu > 1:  # as the plain server's
-                    n = replicas_per_gpu                  # two slots a GPU
-                    flags += ["--gpus-per-replica", str(1 / n)]  # n a GPU: the most
+                if path == "ray" and replicas_per_gpu > 1:  # as many replicas a GPU
+                    flags += ["--gpus-per-replica", str(1 / replicas_per_gpu)]
                 saved = os.environ.get("CUDA_VISIBLE_DEVICES")
                 os.environ["CUDA_VISIBLE_DEVICES"] = gpus  # what the Ray cluster sees
                 try:

@@ -138,7 +138,7 @@ if [ "$QUICK" = devices ]; then
     # what a fresh frame-sized array costs on this host, under glibc's defaults and
     # under each of ENV_SETS (their MALLOC_* variables)
     for setting in "" ${ENV_SETS:+$(echo "$ENV_SETS" | tr ';' ' ')}; do
-        env $(echo "$setting" | tr ',' ' ' | tr ' ' '\n' | grep '^MALLOC_') \
+        env $(echo "$setting" | tr ',' '\n' | grep '^MALLOC_') \
             python3 benchmarks/bench_alloc.py --repeat 10 --threads 1 4 8 \
             >> "$OUT/bench_alloc.txt" 2>&1
     done

@@ -343,11 +343,11 @@ def make_ray_backend(args: argparse.Namespace, models_dirs: Sequence[Any]) -> An
     return RayBackend(RaySettings(
         address=None if args.ray in ("", "local") else args.ray, min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, gpus_per_replica=args.gpus_per_replica,
-        cpus_per_replica=args.cpus_per_replica, models_dirs=[os.path.abspath(d) for d in
-                                                             models_dirs],
-        cpu_fallback=args.cpu_fallback,  # --models-per-replica: RaySettings' default
-        **({} if args.models_per_replica is None else
-           {"models_per_replica": args.models_per_replica})))
+        cpus_per_replica=args.cpus_per_replica,
+        models_per_replica=(RaySettings.models_per_replica if args.models_per_replica is None
+                            else args.models_per_replica),
+        models_dirs=[os.path.abspath(d) for d in models_dirs],
+        cpu_fallback=args.cpu_fallback))
 
 
 def open_seed_port(args: argparse.Namespace, state: ServerState,
