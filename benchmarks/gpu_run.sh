@@ -16,6 +16,9 @@
 #       under each of those environments; LAYERS=N adds N layers to each frame; SKIP_PYTEST=1
 #       leaves out the CUDA test), and
 #       what a fresh frame-sized array costs (bench_alloc.py, under each MALLOC_* set);
+#       profile_ray: the plain server and --ray under py-spy (benchmarks/profile_front_end.py;
+#       needs the .whl-ray parts, as ray, and py-spy's wheel in .whl)
+#       first: imports cold and warm, then the first result twice (bench_first_frame.py)
 #       detectors: first result, 1080p detector figures with batches, CUDA tests
 #       depth: depth_anything_v2 at 1080p, fp16 / CUDA graph vs fp32 eager, and its CUDA test
 #       raft: RAFT's CUDA test, then at 1080p the model's paths against eager torchvision
@@ -51,12 +54,18 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/perf_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+time_imports() {  # time_imports LABEL: import torch, then torchvision, in a fresh Python
+    python3 -c "import time; t=time.perf_counter(); import torch; a=time.perf_counter(); import torchvision; b=time.perf_counter(); print('$1: import torch %.2f s, import torchvision %.2f s' % (a-t, b-a))" >> "$OUT/imports.log" 2>&1
+}
+# mode first: before anything else here imports torch (the page cache is still cold)
+[ "${1:-}" = first ] && time_imports cold
 if ! python3 -c "import OpenEXR" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if [ "${1:-}" = ray ]; then  # the two parts, put together, checked, installed
+export PATH=/tmp/site/bin:$PATH  # py-spy, when it came in .whl
+if [ "${1:-}" = ray ] || [ "${1:-}" = profile_ray ]; then  # the two parts, put together, checked, installed
     if [ ! -f .whl-ray/part1/ray-wheels.tar.part1 ] || [ ! -f .whl-ray/part2/ray-wheels.tar.part2 ]; then
         echo "mode ray needs both parts of .whl-ray on this machine: carry .whl-ray/part1 in one" \
              "call and .whl-ray/part2 in the next (see the top of this file)"; ls -la .whl-ray .whl-ray/* 2>&1
@@ -112,6 +121,21 @@ if [ "$QUICK" = raft ]; then
     exit 0
 fi
 
+if [ "$QUICK" = first ]; then
+    # the first result on a fresh machine: imports with a cold page cache (this must be
+    # the machine's first Python to import torch), then again warm, then what pulls in
+    # what (python -X importtime), then the first result in process and through
+    # dlserver infer, twice (the second run finds every cache of the first)
+    time_imports warm
+    python3 -X importtime -c "import torchvision" 2> "$OUT/importtime.txt"
+    sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -30 >> "$OUT/imports.log"
+    cat "$OUT/imports.log"
+    for run in 1 2; do
+        step bench_first_frame_$run 90 python3 benchmarks/bench_first_frame.py --device cuda \
+            --half --frames 8 --cli --json "$OUT/bench_first_frame_$run.json"
+    done
+    exit 0
+fi
 if [ "$QUICK" = detectors ]; then
     # issue 13's detector figures in one call: the first result (in process and through
     # dlserver infer), 1080p per-frame costs with batches of 1/2/4, then the CUDA tests
@@ -130,6 +154,11 @@ if [ "$QUICK" = ray ]; then
     step bench_ray 590 python3 benchmarks/bench_ray.py --mode gpu --frames "${FRAMES:-200}" \
         ${COUNTS:+--counts "$COUNTS"} --deterministic-frames "${DET_FRAMES:-40}" \
         --replicas-per-gpu "${REPLICAS_PER_GPU:-1}" --json "$OUT/bench_ray.json"
+    exit 0
+fi
+if [ "$QUICK" = profile_ray ]; then  # py-spy (a wheel in .whl) over the plain and Ray paths
+    step profile_front_end 590 python3 benchmarks/profile_front_end.py \
+        --frames "${FRAMES:-160}" --out "$OUT/profile"
     exit 0
 fi
 if [ "$QUICK" = devices ]; then

@@ -6,6 +6,7 @@ replica; the token is still required; the plain server never imports ray."""
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 import subprocess
@@ -92,6 +93,22 @@ RAY_MODELS = {
                     os.read(fd, 1)  # one byte from the test lets one frame through
                 finally:
                     os.close(fd)
+                return Result({"rgba": inputs["src"]}, data={"pid": os.getpid()})
+    ''',
+    "whoami": '''
+        """Says which process ran the frame."""
+        import os
+
+        from dlserver.model import Layer, Model, Result
+
+
+        class WhoAmI(Model):
+            name = "whoami"
+            uses_torch = False
+            inputs = {"src": Layer(("R", "G", "B", "A"))}
+            outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+
+            def infer(self, inputs, options):
                 return Result({"rgba": inputs["src"]}, data={"pid": os.getpid()})
     ''',
     "bad_load": '''
@@ -254,6 +271,33 @@ def test_frames_in_flight_spread_over_the_replicas(cluster: str, models_dir: Pat
         server.stop()
         os.close(arrived_fd)
         os.close(gate_fd)
+
+
+def test_a_models_frames_reach_every_replica_one_at_a_time(cluster: str,
+                                                          models_dir: Path) -> None:
+    """Two replicas, frames sent one at a time (no replica is ever full): the frames still
+    reach both, and `stats` counts each replica's. Serve routes a request naming a
+    multiplexed model only to replicas that have it loaded while one has room, so every
+    frame stayed on the replica that loaded it first (two GPUs ran as fast as one). A
+    frame not naming the model goes to the less loaded of two replicas picked at random:
+    40 frames all on one replica would be a 1 in 2**39 chance."""
+    server = TcpServer(token=secrets.token_hex(8), extra=(
+        "--models-dir", str(models_dir), "--ray", cluster, "--min-replicas", "2",
+        "--max-replicas", "2", "--cpus-per-replica", "0.5"))
+    try:
+        with server.connect() as client:
+            plate = make_plate(8, 8)
+            pids: List[int] = []
+            while len(set(pids)) < 2 and len(pids) < 40:
+                pids.append(infer(client, "whoami", plate, {})[1].data["pid"])
+            assert len(set(pids)) == 2, f"{len(pids)} frames, all on one replica"
+            later = [infer(client, "whoami", plate, {})[1].data["pid"] for _ in range(4)]
+            served = client.stats()["ray"]["frames_per_replica"]["whoami"]
+        assert set(later) <= set(pids)  # the same two replicas, now by the model's name
+        assert {int(r.rsplit(":", 1)[1]): n for r, n in served.items()} == \
+            collections.Counter(pids + later)
+    finally:
+        server.stop()
 
 
 def test_the_plain_server_never_imports_ray(ray_client: Client, plain_server: TcpServer,
