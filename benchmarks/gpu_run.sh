@@ -18,6 +18,7 @@
 #       what a fresh frame-sized array costs (bench_alloc.py, under each MALLOC_* set);
 #       profile_ray: the plain server and --ray under py-spy (benchmarks/profile_front_end.py;
 #       needs the .whl-ray parts, as ray, and py-spy's wheel in .whl)
+#       cuda_tests: every test marked cuda (about 5 minutes)
 #       first: imports cold and warm, then the first result twice (bench_first_frame.py)
 #       detectors: first result, 1080p detector figures with batches, CUDA tests
 #       depth: depth_anything_v2 at 1080p, fp16 / CUDA graph vs fp32 eager, and its CUDA test
@@ -121,6 +122,11 @@ if [ "$QUICK" = raft ]; then
     exit 0
 fi
 
+if [ "$QUICK" = cuda_tests ]; then  # every CUDA test of the project (Ray's need a cluster)
+    step pytest_cuda_all 580 python3 -m pytest -m cuda tests --ignore=tests/test_ray.py \
+        -rs -p no:cacheprovider
+    exit 0
+fi
 if [ "$QUICK" = first ]; then
     # the first result on a fresh machine: imports with a cold page cache (this must be
     # the machine's first Python to import torch), then again warm, then what pulls in
