@@ -97,21 +97,23 @@ def overhead(frames: int, size: str) -> Dict[str, Any]:
 
 
 def gpu(frames: int, size: str, counts: List[int], deterministic_frames: int = 40,
-        replicas_per_gpu: int = 1) -> Dict[str, Any]:
+        replicas_per_gpu: int = 1, pipeline: int = 0) -> Dict[str, Any]:
     """Throughput with the default settings, then (DLSERVER_DETERMINISTIC=1) outputs
     compared bit for bit on `deterministic_frames` frames."""
-    results = gpu_runs(frames, size, counts, {}, replicas_per_gpu)
+    results = gpu_runs(frames, size, counts, {}, replicas_per_gpu, pipeline)
     if deterministic_frames:
         log("DLSERVER_DETERMINISTIC=1 (cuDNN's deterministic kernels, frames one at a time):")
         results["deterministic"] = gpu_runs(min(frames, deterministic_frames), size, counts,
-                                            {"DLSERVER_DETERMINISTIC": "1"}, replicas_per_gpu)
+                                            {"DLSERVER_DETERMINISTIC": "1"}, replicas_per_gpu,
+                                            pipeline)
     return results
 
 
 def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str],
-             replicas_per_gpu: int = 1) -> Dict[str, Any]:
+             replicas_per_gpu: int = 1, pipeline: int = 0) -> Dict[str, Any]:
     """Each GPU count: the plain server (`--devices` with `replicas_per_gpu` slots a GPU:
-    2 is `all`'s layout), then `--ray local` with as many replicas a GPU."""
+    2 is `all`'s layout), then `--ray local` with as many replicas a GPU. `pipeline`:
+    `dlserver infer --pipeline` (0: bench_devices' frames_in_flight for the slots)."""
     import torch
     from bench_devices import compare, frames_in_flight
     from bench_models import maskrcnn_weights
@@ -146,7 +148,7 @@ def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str],
                 out = os.path.join(work, f"{path}{count}")
                 os.makedirs(out)
                 flags = ["--model", "mask_rcnn", "--pipeline",
-                         str(frames_in_flight(count * replicas_per_gpu))]
+                         str(pipeline or frames_in_flight(count * replicas_per_gpu))]
                 slots = [f"cuda:{i}" for _ in range(replicas_per_gpu) for i in range(count)]
                 flags += (["--devices", ",".join(slots)] if path == "plain"
                           else ["--ray", "local"])
@@ -200,13 +202,16 @@ def main() -> None:
     p.add_argument("--deterministic-frames", type=int, default=40,
                    help="gpu mode: then with DLSERVER_DETERMINISTIC=1 on this many frames, "
                         "outputs compared bit for bit (0: skip)")
+    p.add_argument("--pipeline", type=int, default=0,
+                   help="gpu mode: dlserver infer --pipeline (default: bench_devices' "
+                        "frames_in_flight for the slots: 10 for one, 16 for two)")
     p.add_argument("--json")
     args = p.parse_args()
     if args.mode == "overhead":
         result = overhead(args.frames or 30, args.size)
     else:
         result = gpu(args.frames or 200, args.size, [int(c) for c in args.counts.split(",")],
-                     args.deterministic_frames, args.replicas_per_gpu)
+                     args.deterministic_frames, args.replicas_per_gpu, args.pipeline)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -30,7 +30,8 @@
 #       in the same run: benchmarks/bench_remote_io.py, 1080p RGBA + 2 layers (FRAMES=60)
 #       ray: dlserver infer of 200 distinct 1080p frames with mask_rcnn, 1 GPU vs 2,
 #       plain --devices and --ray (a local cluster on the box), outputs compared
-#       (benchmarks/bench_ray.py --mode gpu; FRAMES and COUNTS as for devices)
+#       (benchmarks/bench_ray.py --mode gpu; FRAMES and COUNTS as for devices; PIPELINE=N
+#       frames in flight instead of 10 for one GPU and 16 for two)
 #
 # Needs torch/torchvision with CUDA, numpy, opencv, pytest; OpenEXR is installed from
 # wheels in .whl/ when it is missing (the device machine has no network: carry .whl).
@@ -124,6 +125,7 @@ fi
 
 if [ "$QUICK" = cuda_tests ]; then  # every CUDA test of the project (Ray's need a cluster)
     step pytest_cuda_all 580 python3 -m pytest -m cuda tests --ignore=tests/test_ray.py \
+        --ignore=tests/nuke \
         -rs -p no:cacheprovider
     exit 0
 fi
@@ -159,7 +161,8 @@ if [ "$QUICK" = ray ]; then
     python3 -c "import ray; print('ray', ray.__version__)" >> "$MODELS_LOG" 2>&1
     step bench_ray 590 python3 benchmarks/bench_ray.py --mode gpu --frames "${FRAMES:-200}" \
         ${COUNTS:+--counts "$COUNTS"} --deterministic-frames "${DET_FRAMES:-40}" \
-        --replicas-per-gpu "${REPLICAS_PER_GPU:-1}" --json "$OUT/bench_ray.json"
+        --replicas-per-gpu "${REPLICAS_PER_GPU:-1}" --pipeline "${PIPELINE:-0}" \
+        --json "$OUT/bench_ray.json"
     exit 0
 fi
 if [ "$QUICK" = profile_ray ]; then  # py-spy (a wheel in .whl) over the plain and Ray paths

@@ -10,9 +10,11 @@ HTTP ingress: the application has no route and no proxy.
 
 * Replicas: `num_gpus` each (1 on a GPU cluster, a fraction to share a GPU, 0 on a
   CPU-only one), autoscaled between --min-replicas and --max-replicas on frames in flight.
-* Models: loaded on a replica at first use through `serve.multiplexed` (requests carry
-  the model name as their multiplexed model id, so Serve routes them to replicas that
-  hold it), least recently used evicted past --models-per-replica.
+* Models: loaded on a replica at first use through `serve.multiplexed`, least recently
+  used evicted past --models-per-replica. A model's first frames go to the less loaded of
+  two replicas until every replica that always runs has answered one (so each has it
+  loaded); from then on they carry the model name as their multiplexed model id, and
+  Serve keeps them on replicas that hold it.
 * Batching: frames of a model that declares `infer_batch` go through `serve.batch`, so
   frames of several sessions (and front ends) share one forward pass on a replica.
 * Failures: a replica that dies with a frame is replaced by Serve and the frame sent
