@@ -1,5 +1,6 @@
-"""Where the front end's time goes under load: `dlserver infer` of N distinct 1080p frames
-with mask_rcnn (random weights, fp16 matte, as bench_ray.py), the plain server and
+"""Where the front end's time goes under load: `dlserver infer` of N 1080p frames (one
+plate linked N times: nothing on the path caches by content) with mask_rcnn (random
+weights, fp16 matte, as bench_ray.py) or the identity test model, the plain server and
 `--ray local` in turn; once warm-up is behind, py-spy samples every Python thread of the
 embedded server and its children (Ray's workers and replicas) for a few seconds, then
 again with `--gil` (only the thread holding the GIL: what serialises a process). Writes
@@ -7,6 +8,7 @@ py-spy's collapsed stacks (gzip) and prints, per run, the samples per process an
 and what is most often on top of the busiest threads' stacks.
 
     python3 benchmarks/profile_front_end.py --frames 400 --out perf_out/profile
+    python3 benchmarks/profile_front_end.py --paths plain --layers 2 --model identity
 
 Needs py-spy (`pip install py-spy`) and, for --ray, Ray. Figures are printed only.
 """
@@ -121,6 +123,10 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=4, help="how long py-spy samples")
     p.add_argument("--out", default="perf_out/profile")
     p.add_argument("--paths", default="plain,ray", help="plain, ray or both")
+    p.add_argument("--layers", type=int, default=0,
+                   help="that many RGB layers (and a half depth.Z) in every frame")
+    p.add_argument("--model", default="mask_rcnn", choices=("mask_rcnn", "identity"),
+                   help="identity (tests/models): the I/O path alone")
     args = p.parse_args()
     from bench_devices import frames_in_flight
     from bench_models import maskrcnn_weights
@@ -131,23 +137,27 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="profile_", dir="/dev/shm" if os.path.isdir("/dev/shm")
                             else None)
     try:
-        src = write_sequence(work, h, w, args.frames, distinct=False)
-        weights = maskrcnn_weights("resnet50_fpn", work)
-        sets = ["variant=resnet50_fpn", f"weights={weights}", "threshold=0",
-                "max_instances=100", "output_mode=matte", "half_precision=true"]
+        src = write_sequence(work, h, w, args.frames, distinct=False, layers=args.layers)
+        sets = []
+        if args.model == "mask_rcnn":
+            weights = maskrcnn_weights("resnet50_fpn", work)
+            sets = ["variant=resnet50_fpn", f"weights={weights}", "threshold=0",
+                    "max_instances=100", "output_mode=matte", "half_precision=true"]
         for path in args.paths.split(","):
             for gil in (False, True):
                 label = f"{path}{'_gil' if gil else ''}"
                 target = os.path.join(work, label)
                 os.makedirs(target)
                 cmd = [sys.executable, "-c", "import sys; from dlserver.cli import main; "
-                       "sys.exit(main())", "infer", "--model", "mask_rcnn",
+                       "sys.exit(main())", "infer", "--model", args.model,
                        "--pipeline", str(frames_in_flight(1)), "--frames",
                        f"1-{args.frames}", src, os.path.join(target, "r.####.exr")]
                 for s in sets:
                     cmd[4:4] = ["--set", s]
                 if path == "ray":
                     cmd[4:4] = ["--ray", "local"]
+                if args.model == "identity":
+                    cmd[4:4] = ["--models-dir", str(ROOT / "tests" / "models")]
                 env = {**os.environ, "DLSERVER_LOG_LEVEL": "INFO"}
                 raw = Path(target) / "raw.txt"
                 stderr = profiled(cmd, env, raw, args.after, args.seconds, gil)
