@@ -15,8 +15,11 @@ HTTP ingress: the application has no route and no proxy.
   two replicas until every replica that always runs has answered one (so each has it
   loaded); from then on they carry the model name as their multiplexed model id, and
   Serve keeps them on replicas that hold it.
-* Batching: frames of a model that declares `infer_batch` go through `serve.batch`, so
-  frames of several sessions (and front ends) share one forward pass on a replica.
+* Batching: frames of a model that declares `infer_batch` wait in the replica's queue
+  while its model runs, and go together (up to MAX_BATCH of one model, options and size)
+  into the next forward pass, whatever session or front end sent them. Not `serve.batch`:
+  with no wait it closes a batch as soon as one frame arrives, before the running batch
+  ends, so under load every batch held one frame (measured; docs/performance.md, run 63).
 * Failures: a replica that dies with a frame is replaced by Serve and the frame sent
   once more (the same object reference); a model error comes back as (code, message),
   the plain server's reply; a cancel reaches the replica (`DeploymentResponse.cancel`).
@@ -123,13 +126,18 @@ class ModelRunner:
         self.ident = f"{socket.gethostname()}:{os.getpid()}"  # in every answer
         self.board = board  # the front end's CancelBoard
         # received: frames that reached this replica; dropped: cancelled before they ran
-        self.counters: Dict[str, int] = {"received": 0, "frames": 0, "errors": 0,
+        # queued: frames of batching models that waited for the model thread
+        self.counters: Dict[str, int] = {"received": 0, "queued": 0, "frames": 0, "errors": 0,
                                          "dropped": 0, "cancelled": 0, "oom_recoveries": 0}
         self.ctx = SessionContext.for_login("ray replica", False, self.registry, Limits(),
                                             None, (), "", cpu_fallback, self._count)
         # one model call at a time, as on a device slot of the plain server; asyncio
         # keeps accepting frames (and cancels) meanwhile
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="dlserver-model")
+        # frames of batching models waiting for the model thread, each with the future
+        # its request awaits; `draining` while a task feeds them to the model
+        self.queued: List[Tuple[Job, str, asyncio.Future]] = []
+        self.draining = False
 
         async def load(name: str) -> Loaded:
             await self._in_worker(self.registry.instance, name)
@@ -169,20 +177,48 @@ class ModelRunner:
         except Exception as exc:
             return self._error(exc, name)
 
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.0)
-    async def _batched(self, frames: List[Tuple[Job, str]]) -> List[Dict[str, Any]]:
-        """Frames queued on this replica for models that batch, from any session: one
-        `infer_batch` per model, options and size (what the plain server batches)."""
-        groups: Dict[Any, List[int]] = {}
-        alone = deterministic()  # DLSERVER_DETERMINISTIC=1: frames one at a time
-        for i, (job, _) in enumerate(frames):
-            groups.setdefault(i if alone else job.batch_key(), []).append(i)
-        outcomes: List[Dict[str, Any]] = [{} for _ in frames]
-        for indices in groups.values():
-            done = await self._in_worker(self._run, [frames[i] for i in indices])
-            for i, outcome in zip(indices, done):
-                outcomes[i] = outcome
-        return outcomes
+    async def _batched(self, frame: Tuple[Job, str]) -> Dict[str, Any]:
+        """A frame of a model that batches: queued, and answered once a batch with it ran.
+        The batch is formed when the model thread is free: every frame queued meanwhile
+        with the first one's batch key (model, options, size; one at a time with
+        DLSERVER_DETERMINISTIC=1), up to MAX_BATCH, in arrival order."""
+        done = asyncio.get_running_loop().create_future()
+        self.queued.append((*frame, done))
+        self.counters["queued"] += 1
+        if not self.draining:
+            self.draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await done  # a cancel (Serve's) cancels this future: the frame is skipped
+
+    async def _drain(self) -> None:
+        try:
+            while self.queued:
+                batch = self._next_batch()
+                if not batch:
+                    continue
+                try:
+                    outcomes = await self._in_worker(self._run, [(j, k) for j, k, _ in batch])
+                except Exception as exc:  # the worker is gone (the replica is stopping)
+                    outcomes = [self._error(exc, job.entry.cls.name) for job, _, _ in batch]
+                for (_, _, done), outcome in zip(batch, outcomes):
+                    if not done.done():
+                        done.set_result(outcome)
+        finally:
+            self.draining = False
+
+    def _next_batch(self) -> List[Tuple[Job, str, asyncio.Future]]:
+        """Takes the next batch off the queue (frames whose request was cancelled
+        meanwhile are dropped)."""
+        live = [f for f in self.queued if not f[2].done()]  # (counted in `infer`)
+        if not live:
+            self.queued = []
+            return []
+        key = live[0][0].batch_key()
+        size = 1 if deterministic() else MAX_BATCH
+        batch = [f for f in live if f[0].batch_key() == key][:size]
+        taken = {id(f) for f in batch}
+        self.queued = [f for f in live if id(f) not in taken]
+        return batch
 
     def _run(self, frames: List[Tuple[Job, str]]) -> List[Dict[str, Any]]:
         """The frames not cancelled meanwhile (the front end's CancelBoard says), through
@@ -368,8 +404,8 @@ class RayBackend:
         name = jobs[0].entry.cls.name
         handle = self._handle(name)
         started = time.perf_counter()
-        # every frame of the batch is sent before any is waited for: serve.batch on the
-        # replica gathers them into one infer_batch
+        # every frame of the batch is sent before any is waited for: the replica's queue
+        # gathers them into one infer_batch
         refs = [ray.put(job.arrays) for job in jobs]  # once: a retry sends the reference
         put = time.perf_counter()
         keys = [uuid.uuid4().hex for _ in jobs]  # the frames' names on the CancelBoard

@@ -95,6 +95,31 @@ RAY_MODELS = {
                     os.close(fd)
                 return Result({"rgba": inputs["src"]}, data={"pid": os.getpid()})
     ''',
+    "gated_batcher": '''
+        """Batches; each batch waits for a byte on the FIFO `gate`, then says its size."""
+        import os
+
+        from dlserver.model import Layer, Model, Result, String
+
+
+        class GatedBatcher(Model):
+            name = "gated_batcher"
+            uses_torch = False
+            inputs = {"src": Layer(("R", "G", "B", "A"))}
+            outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+            options = (String("gate"),)
+
+            def infer(self, inputs, options):
+                return self.infer_batch([inputs], options)[0]
+
+            def infer_batch(self, batch, options):
+                fd = os.open(options["gate"], os.O_RDONLY)
+                try:
+                    os.read(fd, 1)  # one byte from the test lets one batch through
+                finally:
+                    os.close(fd)
+                return [Result({"rgba": i["src"]}, data={"batch": len(batch)}) for i in batch]
+    ''',
     "whoami": '''
         """Says which process ran the frame."""
         import os
@@ -271,6 +296,33 @@ def test_frames_in_flight_spread_over_the_replicas(cluster: str, models_dir: Pat
         server.stop()
         os.close(arrived_fd)
         os.close(gate_fd)
+
+
+def test_frames_queued_on_a_replica_share_its_next_batch(ray_client: Client,
+                                                        tmp_path: Path) -> None:
+    """While a batch runs on a replica, the frames that reach it wait and then go into the
+    next batch together (as the plain server batches a range). `serve.batch` (no wait)
+    closed a batch as soon as one frame arrived, before the running one ended: under
+    load every batch held one frame."""
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    plate = make_plate(8, 8)
+    app = ray_client.stats()["ray"]["app"]
+    before = replica_stats(ray_client, app)
+
+    def send() -> Any:
+        return ray_client.send("infer", [plate.data], model="gated_batcher",
+                               options={"gate": str(fifo)}, inputs={"src": raw_inline(plate)})
+    first = send()
+    with open_gate(fifo) as gate:  # the first frame's batch is inside the model
+        rest = [send() for _ in range(5)]
+        wait_for(lambda: replica_stats(ray_client, app)["queued"] - before["queued"] == 6,
+                 "the frames queued on the replica")
+        gate.write(b"x" * 6)  # a byte a batch, enough for one frame a batch: the
+        gate.flush()  # batch sizes then say how the frames ran
+        sizes = [ray_client.receive(rid, timeout=60).header["data"]["batch"]
+                 for rid in (first, *rest)]
+    assert sizes == [1, 5, 5, 5, 5, 5]
 
 
 def test_a_models_frames_reach_every_replica_one_at_a_time(cluster: str,
