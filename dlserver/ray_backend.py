@@ -135,9 +135,9 @@ class ModelRunner:
         # keeps accepting frames (and cancels) meanwhile
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="dlserver-model")
         # frames of batching models waiting for the model thread, each with the future
-        # its request awaits; `draining` while a task feeds them to the model
+        # its request awaits; `draining`: the task feeding them to the model, if any
         self.queued: List[Tuple[Job, str, asyncio.Future]] = []
-        self.draining = False
+        self.draining: Optional[asyncio.Task] = None  # held: the loop keeps tasks weakly
 
         async def load(name: str) -> Loaded:
             await self._in_worker(self.registry.instance, name)
@@ -185,9 +185,8 @@ class ModelRunner:
         done = asyncio.get_running_loop().create_future()
         self.queued.append((*frame, done))
         self.counters["queued"] += 1
-        if not self.draining:
-            self.draining = True
-            asyncio.get_running_loop().create_task(self._drain())
+        if self.draining is None:
+            self.draining = asyncio.get_running_loop().create_task(self._drain())
         return await done  # a cancel (Serve's) cancels this future: the frame is skipped
 
     async def _drain(self) -> None:
@@ -204,7 +203,7 @@ class ModelRunner:
                     if not done.done():
                         done.set_result(outcome)
         finally:
-            self.draining = False
+            self.draining = None
 
     def _next_batch(self) -> List[Tuple[Job, str, asyncio.Future]]:
         """Takes the next batch off the queue (frames whose request was cancelled
