@@ -3,7 +3,8 @@
 # CUDA box): model benchmarks, the CUDA tests of the model authors, the end-to-end
 # sequence and the transport figures. Logs go to $OUT (default ./perf_out).
 #
-#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|overlay|devices|detectors|depth|raft|remote|ray]
+#   bash benchmarks/gpu_run.sh [quick|io|e2e|models|overlay|matte|devices|profile_ray|
+#                               cuda_tests|first|detectors|depth|raft|remote|ray]
 #       io: end to end and transport only; e2e: end to end (with --nuke) only;
 #       models: model benchmarks and CUDA tests only;
 #       overlay: overlay against matte (bench_overlay.py) and the drawing's CUDA test;
@@ -17,9 +18,10 @@
 #       leaves out the CUDA test), and
 #       what a fresh frame-sized array costs (bench_alloc.py, under each MALLOC_* set);
 #       profile_ray: the plain server and --ray under py-spy (benchmarks/profile_front_end.py;
-#       needs the .whl-ray parts, as ray, and py-spy's wheel in .whl)
-#       cuda_tests: every test marked cuda (about 5 minutes)
-#       first: imports cold and warm, then the first result twice (bench_first_frame.py)
+#       needs the .whl-ray parts, as ray, and py-spy's wheel in .whl: copy it there from
+#       .whl-ray/excluded);
+#       cuda_tests: every test marked cuda (about a minute on an H200);
+#       first: imports cold and warm, then the first result twice (bench_first_frame.py);
 #       detectors: first result, 1080p detector figures with batches, CUDA tests
 #       depth: depth_anything_v2 at 1080p, fp16 / CUDA graph vs fp32 eager, and its CUDA test
 #       raft: RAFT's CUDA test, then at 1080p the model's paths against eager torchvision
