@@ -93,6 +93,10 @@ class Scheduler:
         self.devices = self.pool.size * (backend.batches_per_slot if backend is not None else 1)
         self.room = threading.Semaphore(self.devices)
         self.batch_limit = batch_limit(self.pool.size)
+        # batch keys this session has run a frame of: a key's first frame goes alone, so
+        # a range's first result comes as soon as one frame is done (not a whole batch
+        # of frames queued while the model loaded: `dlserver infer` then waited for 8)
+        self.started_keys: set = set()
         self.runners: Optional[ThreadPoolExecutor] = None  # made on the first batch
         # enough read ahead to fill every device, and frames for half the I/O threads to
         # read while the other half write
@@ -222,8 +226,10 @@ class Scheduler:
                 continue
             batch = [item]
             key = item.job.batch_key()
-            while key is not None and len(batch) < self.batch_limit \
-                    and not self.to_execute.empty():
+            limit = self.batch_limit if key in self.started_keys else 1
+            if key is not None:
+                self.started_keys.add(key)
+            while key is not None and len(batch) < limit and not self.to_execute.empty():
                 following = self._prepared(self.to_execute.get())
                 if following is None or following.job is None or following.reply is not None \
                         or following.job.batch_key() != key or self._is_cancelled(following):
