@@ -198,12 +198,11 @@ def main() -> None:
         src = write_sequence(work, h, w, frames, distinct=True, layers=args.layers)
         log(f"{frames} distinct {args.size} frames, {args.layers} more layers, written in "
             f"{time.perf_counter() - t:.1f} s")
-        from bench_models import maskrcnn_weights  # random weights, as bench_models
+        from bench_models import maskrcnn_matte_sets, maskrcnn_weights  # as bench_models
 
         weights = maskrcnn_weights("resnet50_fpn", work)
         half = args.half or ("true" if args.device == "cuda" else "false")
-        sets = ["variant=resnet50_fpn", f"weights={weights}", "threshold=0",
-                "max_instances=100", "output_mode=matte", f"half_precision={half}"]
+        sets = maskrcnn_matte_sets(weights, half == "true")
         if args.size == "small":
             sets.append("network_size=256")
         results["options"] = sets

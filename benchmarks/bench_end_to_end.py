@@ -486,12 +486,10 @@ def main() -> None:
         os.makedirs(out_dir)
         sets = []
         if args.model == "mask_rcnn":
-            from bench_models import maskrcnn_weights  # random weights, as bench_models
+            from bench_models import maskrcnn_matte_sets, maskrcnn_weights  # as bench_models
 
             weights = maskrcnn_weights("resnet50_fpn", work)
-            sets = ["variant=resnet50_fpn", f"weights={weights}", "threshold=0",
-                    "max_instances=100", "output_mode=matte",
-                    f"half_precision={'true' if args.device.startswith('cuda') else 'false'}"]
+            sets = maskrcnn_matte_sets(weights, args.device.startswith("cuda"))
             if args.size == "small":
                 sets.append("network_size=256")
         sets += args.set

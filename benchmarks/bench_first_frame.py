@@ -104,7 +104,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from bench_models import maskrcnn_weights
+    from bench_models import maskrcnn_matte_sets, maskrcnn_weights
 
     results: Dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="first_frame_") as tmp:
@@ -125,9 +125,7 @@ def main() -> None:
             src = write_sequence(tmp, 1080, 1920, args.frames, distinct=True)
             out = os.path.join(tmp, "out")
             os.makedirs(out)
-            sets = ["variant=resnet50_fpn", f"weights={weights}", "threshold=0",
-                    "max_instances=100", "output_mode=matte",
-                    f"half_precision={'true' if args.half else 'false'}"]
+            sets = maskrcnn_matte_sets(weights, args.half)
             cli = time_infer(["--model", "mask_rcnn", "--device", args.device], sets, src,
                              os.path.join(out, "r.####.exr"), args.frames, skip=3)
             results["cli"] = cli

@@ -148,6 +148,14 @@ def maskrcnn_weights(variant: str, folder: str) -> str:
     return path
 
 
+def maskrcnn_matte_sets(weights: str, half: bool) -> List[str]:
+    """`dlserver infer --set` values of the sequence benchmarks: the v1 network with
+    `weights` (maskrcnn_weights), every detection kept (threshold 0, 100 instances), the
+    matte, half precision or not."""
+    return ["variant=resnet50_fpn", f"weights={weights}", "threshold=0", "max_instances=100",
+            "output_mode=matte", f"half_precision={'true' if half else 'false'}"]
+
+
 def eager_torchvision(variant: str, path: str, device: str, network_size: int) -> Any:
     import torch
     import torchvision.models.detection as det

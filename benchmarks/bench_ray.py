@@ -116,7 +116,7 @@ def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str],
     `dlserver infer --pipeline` (0: bench_devices' frames_in_flight for the slots)."""
     import torch
     from bench_devices import compare, frames_in_flight
-    from bench_models import maskrcnn_weights
+    from bench_models import maskrcnn_matte_sets, maskrcnn_weights
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     log(f"GPUs visible: {visible}: " + ", ".join(torch.cuda.get_device_name(i)
@@ -135,8 +135,7 @@ def gpu_runs(frames: int, size: str, counts: List[int], env: Dict[str, str],
         frames = max(3, min(frames, int(free * 0.7) // per_frame))
         src = write_sequence(work, h, w, frames, distinct=True)
         weights = maskrcnn_weights("resnet50_fpn", work)
-        sets = ["variant=resnet50_fpn", f"weights={weights}", "threshold=0",
-                "max_instances=100", "output_mode=matte", "half_precision=true"]
+        sets = maskrcnn_matte_sets(weights, half=True)
         results["options"] = sets
         io_threads = io_workers()  # the server's own default, as bench_devices.py
         results["io_threads"] = io_threads

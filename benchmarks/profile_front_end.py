@@ -129,7 +129,7 @@ def main() -> None:
                    help="identity (tests/models): the I/O path alone")
     args = p.parse_args()
     from bench_devices import frames_in_flight
-    from bench_models import maskrcnn_weights
+    from bench_models import maskrcnn_matte_sets, maskrcnn_weights
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,8 +141,7 @@ def main() -> None:
         sets = []
         if args.model == "mask_rcnn":
             weights = maskrcnn_weights("resnet50_fpn", work)
-            sets = ["variant=resnet50_fpn", f"weights={weights}", "threshold=0",
-                    "max_instances=100", "output_mode=matte", "half_precision=true"]
+            sets = maskrcnn_matte_sets(weights, half=True)
         for path in args.paths.split(","):
             for gil in (False, True):
                 label = f"{path}{'_gil' if gil else ''}"
