@@ -16,7 +16,8 @@ HTTP ingress: the application has no route and no proxy.
   loaded); from then on they carry the model name as their multiplexed model id, and
   Serve keeps them on replicas that hold it.
 * Batching: frames of a model that declares `infer_batch` wait in the replica's queue
-  while its model runs, and go together (up to MAX_BATCH of one model, options and size)
+  while its model runs, and go together (as many as the plain server batches on one
+  device slot, `scheduler.batch_limit`, of one model, options and size)
   into the next forward pass, whatever session or front end sent them. Not `serve.batch`:
   with no wait it closes a batch as soon as one frame arrives, before the running batch
   ends, so under load every batch held one frame (measured; docs/performance.md, run 63).
@@ -54,7 +55,7 @@ from .host_memory import tune_malloc
 from .inference import Job, bare_job, execute_each, load_reply, model_failed, take_outcome
 from .protocol import Limits
 from .registry import Entry, Registry
-from .scheduler import MAX_BATCH
+from .scheduler import MAX_BATCH_ENV, batch_limit
 from .spent import Spent
 
 log = logging.getLogger("dlserver")
@@ -180,8 +181,9 @@ class ModelRunner:
     async def _batched(self, frame: Tuple[Job, str]) -> Dict[str, Any]:
         """A frame of a model that batches: queued, and answered once a batch with it ran.
         The batch is formed when the model thread is free: every frame queued meanwhile
-        with the first one's batch key (model, options, size; one at a time with
-        DLSERVER_DETERMINISTIC=1), up to MAX_BATCH, in arrival order."""
+        with the first one's batch key (model, options, size), up to the plain server's
+        limit for one device slot (`scheduler.batch_limit`: DLSERVER_MAX_BATCH, 1 with
+        DLSERVER_DETERMINISTIC=1, else MAX_BATCH), in arrival order."""
         done = asyncio.get_running_loop().create_future()
         self.queued.append((*frame, done))
         self.counters["queued"] += 1
@@ -213,8 +215,7 @@ class ModelRunner:
             self.queued = []
             return []
         key = live[0][0].batch_key()
-        size = 1 if deterministic() else MAX_BATCH
-        batch = [f for f in live if f[0].batch_key() == key][:size]
+        batch = [f for f in live if f[0].batch_key() == key][:batch_limit()]
         taken = {id(f) for f in batch}
         self.queued = [f for f in live if id(f) not in taken]
         return batch
@@ -368,9 +369,13 @@ class RayBackend:
             "max_ongoing_requests": MAX_ONGOING,
             "health_check_period_s": 2.0,
         }
-        if deterministic():  # replicas run as the plain server's devices would
-            options["ray_actor_options"]["runtime_env"] = {
-                "env_vars": {DETERMINISTIC_ENV: "1"}}
+        # replicas (other processes, maybe other hosts) run as the plain server's
+        # devices would: the front end's settings that change how frames run go along
+        env_vars = {DETERMINISTIC_ENV: "1"} if deterministic() else {}
+        if os.environ.get(MAX_BATCH_ENV, "").strip():
+            env_vars[MAX_BATCH_ENV] = os.environ[MAX_BATCH_ENV].strip()
+        if env_vars:
+            options["ray_actor_options"]["runtime_env"] = {"env_vars": env_vars}
         if least == most:
             options["num_replicas"] = most
         else:

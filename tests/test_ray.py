@@ -6,6 +6,7 @@ replica; the token is still required; the plain server never imports ray."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import secrets
@@ -24,7 +25,7 @@ from support import PYTHON, ROOT, TEST_MODELS, TcpServer, make_plate, raw_inline
 
 from dlserver.client import Client, DLServerError
 from dlserver.errors import InternalError
-from dlserver.ray_backend import RaySettings
+from dlserver.ray_backend import ModelRunner, RaySettings
 
 pytestmark = pytest.mark.slow  # a Ray cluster and two servers: ~30 s on 2 cores
 
@@ -323,6 +324,45 @@ def test_frames_queued_on_a_replica_share_its_next_batch(ray_client: Client,
         sizes = [ray_client.receive(rid, timeout=60).header["data"]["batch"]
                  for rid in (first, *rest)]
     assert sizes == [1, 5, 5, 5, 5, 5]
+
+
+class KeyedJob:
+    """What a replica's batching looks at in a queued frame: its batch key."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def batch_key(self) -> str:
+        return self.key
+
+
+@pytest.mark.parametrize("env, expected", [
+    # queue (arrival order): 0-6 a, 7 b, 8-10 a, 11 a cancelled while queued
+    ({}, [[0, 1, 2, 3, 4, 5, 6, 8], [7], [9, 10]]),  # up to MAX_BATCH = 8 of a's key
+    ({"DLSERVER_MAX_BATCH": "3"}, [[0, 1, 2], [3, 4, 5], [6, 8, 9], [7], [10]]),
+    ({"DLSERVER_DETERMINISTIC": "1", "DLSERVER_MAX_BATCH": "3"}, [[i] for i in range(11)])])
+def test_a_replicas_batches_keep_the_plain_servers_limit(
+        monkeypatch: pytest.MonkeyPatch, env: Dict[str, str], expected: List[List[int]]) -> None:
+    """A replica forms batches as a device slot of the plain server would: at most
+    DLSERVER_MAX_BATCH frames (8 unset, 1 with DLSERVER_DETERMINISTIC=1), all of the
+    first queued frame's batch key, in arrival order; a frame cancelled while queued is
+    left out."""
+    for name in ("DLSERVER_MAX_BATCH", "DLSERVER_DETERMINISTIC"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    loop = asyncio.new_event_loop()
+    try:
+        runner = object.__new__(ModelRunner)  # the batching alone: no registry, no Serve
+        runner.queued = [(KeyedJob(k), str(i), loop.create_future())
+                         for i, k in enumerate("aaaaaaabaaaa")]
+        runner.queued[-1][2].cancel()
+        batches = []
+        while runner.queued:
+            batches.append([int(i) for _, i, _ in runner._next_batch()])
+        assert [b for b in batches if b] == expected
+    finally:
+        loop.close()
 
 
 def test_a_models_frames_reach_every_replica_one_at_a_time(cluster: str,
