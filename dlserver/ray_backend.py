@@ -53,6 +53,7 @@ from .devices import DETERMINISTIC_ENV, deterministic
 from .errors import Cancelled, DLError, InternalError, ModelFailed, describe_error
 from .host_memory import tune_malloc
 from .inference import Job, bare_job, execute_each, load_reply, model_failed, take_outcome
+from .lazy_dynamo import defer_dynamo
 from .protocol import Limits
 from .registry import Entry, Registry
 from .scheduler import MAX_BATCH_ENV, batch_limit
@@ -123,6 +124,7 @@ class ModelRunner:
                  models_per_replica: int, board: Any) -> None:
         logging.basicConfig(level=logging.INFO, format="dlserver %(levelname)s: %(message)s")
         tune_malloc()  # as the server's and the workers' (dlserver.host_memory)
+        defer_dynamo()  # (dlserver.lazy_dynamo)
         self.registry = Registry([Path(d) for d in models_dirs], device)
         self.ident = f"{socket.gethostname()}:{os.getpid()}"  # in every answer
         self.board = board  # the front end's CancelBoard

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .devices import parse_devices, set_mps_fallback
 from .host_memory import tune_malloc
+from .lazy_dynamo import defer_dynamo
 from .protocol import Limits
 from .registry import Registry, default_models_dirs
 from .state import (
@@ -177,6 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="dlserver %(levelname)s: %(message)s")
     set_switch_interval(os.environ.get("DLSERVER_SWITCH_INTERVAL_MS"))
     tune_malloc()  # before the threads that decode and copy frames start
+    defer_dynamo()  # before any model imports torchvision: seconds off the first result
     try:
         token = resolve_token(args, argv)
     except (OSError, ValueError) as exc:

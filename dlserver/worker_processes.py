@@ -263,9 +263,11 @@ def worker_main() -> None:
     """The worker process: requests on stdin, replies on stdout, until stdin closes."""
     from .context import SessionContext
     from .host_memory import tune_malloc
+    from .lazy_dynamo import defer_dynamo
     from .registry import Registry
 
     tune_malloc()  # as the server's (the environment's setting): outputs are frame-sized
+    defer_dynamo()  # as the server's
     config = json.loads(sys.argv[1])
     logging.basicConfig(level=config["log_level"], stream=sys.stderr,
                         format=f"dlserver worker {config['device']} %(levelname)s: "
