@@ -157,6 +157,9 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--pipeline", type=int, default=None,
                    help="frames in flight (default: 6 per device + 4)")
+    p.add_argument("--pipelines", default=None,
+                   help="run everything with each of these --pipeline values in turn, "
+                        "e.g. 16,10,32,16 (a value twice: the spread between runs)")
     p.add_argument("--io-threads", type=int, default=None,
                    help="the server's I/O threads (DLSERVER_IO_THREADS; default: the "
                         "server's, dlserver.state.io_workers: half the cores, 2 to 16)")
@@ -214,24 +217,29 @@ def main() -> None:
         log(f"server I/O threads: {io_threads}")
         lists = ([d.strip() for d in args.lists.split(";")] if args.lists else
                  [device_list(args.device, count) for count in counts])
-        for setting in (args.env_sets.split(";") if args.env_sets else [""]):
-            extra = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
-            label = f" {setting}" if setting else ""
-            if extra:
-                log(f"with {setting}")
-            # the ceiling: the same files through the identity model (the EXR I/O alone)
-            out = os.path.join(work, "identity")
-            os.makedirs(out)
-            pipeline = args.pipeline or frames_in_flight(max(counts))
-            res = run_infer(device_list(args.device, 1), [], src,
-                            os.path.join(out, "r.####.exr"), frames, pipeline,
-                            {**env, **extra}, model="identity")
-            shutil.rmtree(out, ignore_errors=True)
-            results["identity" + label] = res
-            if "error" not in res:
-                log(f"identity (the I/O alone), pipeline {pipeline}: "
-                    f"{res['fps_steady']:.2f} frames/s steady")
-            run_lists(args, lists, sets, src, work, frames, {**env, **extra}, results, label)
+        pipelines = ([int(v) for v in args.pipelines.split(",")] if args.pipelines
+                     else [args.pipeline])
+        for turn, args.pipeline in enumerate(pipelines):
+            for setting in (args.env_sets.split(";") if args.env_sets else [""]):
+                extra = dict(kv.split("=", 1) for kv in setting.split(",") if kv)
+                label = f" {setting}" if setting else ""
+                if args.pipelines:
+                    label += f" pipeline {args.pipeline} (turn {turn + 1})"
+                if extra:
+                    log(f"with {setting}")
+                # the ceiling: the same files through the identity model (the EXR I/O alone)
+                out = os.path.join(work, "identity")
+                os.makedirs(out)
+                pipeline = args.pipeline or frames_in_flight(max(counts))
+                res = run_infer(device_list(args.device, 1), [], src,
+                                os.path.join(out, "r.####.exr"), frames, pipeline,
+                                {**env, **extra}, model="identity")
+                shutil.rmtree(out, ignore_errors=True)
+                results["identity" + label] = res
+                if "error" not in res:
+                    log(f"identity (the I/O alone), pipeline {pipeline}: "
+                        f"{res['fps_steady']:.2f} frames/s steady")
+                run_lists(args, lists, sets, src, work, frames, {**env, **extra}, results, label)
         if args.deterministic_frames:
             results["deterministic"] = deterministic_runs(
                 args, counts, sets, src, work, min(frames, args.deterministic_frames), env)

@@ -67,14 +67,15 @@ def server_start_to_model_list(device: str, repeat: int) -> Dict[str, Any]:
 
 
 def write_sequence(folder: str, h: int, w: int, frames: int, distinct: bool = False,
-                   name: str = "in", layers: int = 0) -> str:
+                   name: str = "in", layers: int = 0, seed: int = 0) -> str:
     """An RGBA float32 uncompressed EXR sequence: one random plate linked as every frame,
     or (`distinct`) a different plate per frame, for a reader that caches by content
     (the Nuke plug-in's cache key is a hash of the input pixels). `layers`: that many
-    more layers, as a render's AOVs: layerN.R/G/B float32, and a half-float depth.Z."""
+    more layers, as a render's AOVs: layerN.R/G/B float32, and a half-float depth.Z.
+    `seed`: of the random plates (another seed, other pixels)."""
     import OpenEXR
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     first = ""
     for f in range(1, frames + 1):
         path = os.path.join(folder, f"{name}.{f:04d}.exr")

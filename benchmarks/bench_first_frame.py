@@ -1,6 +1,6 @@
 """How soon the first result arrives, and where the time before it goes.
 
-    python3 benchmarks/bench_first_frame.py --device cuda [--cli] [--frames 12]
+    python3 benchmarks/bench_first_frame.py --device cuda [--cli] [--resident] [--frames 12]
 
 1. In a fresh Python process (what `dlserver infer`'s server does, without the I/O):
    interpreter start, `import torch`, `import torchvision`, CUDA context, the model's
@@ -10,6 +10,9 @@
 2. `--cli`: `dlserver infer` of a short distinct 1080p EXR sequence, mask_rcnn matte
    fp16 (bench_end_to_end's timing: each progress line stamped as it arrives): the first
    frame's arrival after the command started, the user's figure.
+3. `--resident`: `dlserver infer --server unix:PATH` against a resident server started
+   once (`python -m dlserver --unix PATH`): the first command pays the imports and the
+   load, the next commands (`--rounds`) find the model loaded and its graphs captured.
 
 Random weights as in bench_models.py; the frames are distinct random plates.
 """
@@ -19,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -29,6 +34,8 @@ from typing import Any, Dict, List
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_models import maskrcnn_matte_sets  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> None:
@@ -96,6 +103,11 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--half", action="store_true", help="half_precision (fp16 backbone)")
     p.add_argument("--cli", action="store_true", help="also time `dlserver infer`")
+    p.add_argument("--resident", action="store_true",
+                   help="also time `dlserver infer --server unix:PATH` against a resident "
+                        "server (`python -m dlserver --unix PATH`, started once): its first "
+                        "command, then --rounds more")
+    p.add_argument("--rounds", type=int, default=2, help="--resident: commands after the first")
     p.add_argument("--json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--start", help=argparse.SUPPRESS)
@@ -104,7 +116,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    from bench_models import maskrcnn_matte_sets, maskrcnn_weights
+    from bench_models import maskrcnn_weights
 
     results: Dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="first_frame_") as tmp:
@@ -132,9 +144,55 @@ def main() -> None:
             print(f"  dlserver infer: first frame at {cli['first_frame_s']:.2f} s, "
                   f"{cli['frames']} frames in {cli['total_s']:.2f} s, steady "
                   f"{cli['fps_steady']:.1f} frames/s")
+        if args.resident:
+            results["resident"] = resident(args, tmp, weights)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+
+
+def resident(args: argparse.Namespace, tmp: str, weights: str) -> Dict[str, Any]:
+    """`dlserver infer --server unix:PATH` against one resident `python -m dlserver --unix
+    PATH --allow-dir TMP` started before (frames by reference, as the embedded server's):
+    the server's start until it listens, its first command (imports, network, first
+    passes, graph captures), then `--rounds` more commands on other frames, each a fresh
+    `dlserver infer` as a farm task or a shell loop runs it."""
+    from bench_end_to_end import time_infer, write_sequence
+
+    sock = os.path.join(tmp, "dlserver.sock")
+    t0 = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "dlserver", "--unix", sock, "--device",
+                               args.device, "--allow-dir", tmp, "--log-level", "INFO"],
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    assert server.stderr is not None
+    out: Dict[str, Any] = {}
+    try:
+        for line in server.stderr:
+            if "listening on unix:" in line:
+                break
+        else:
+            raise RuntimeError("the server did not start")
+        out["server_listening_s"] = time.perf_counter() - t0
+        print(f"  resident server listening after {out['server_listening_s']:.2f} s")
+        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+        sets = maskrcnn_matte_sets(weights, args.half)
+        commands = []
+        for i in range(args.rounds + 1):
+            folder = os.path.join(tmp, f"resident{i}")
+            os.makedirs(folder)
+            src = write_sequence(folder, 1080, 1920, args.frames, distinct=True, seed=100 + i)
+            got = time_infer(["--model", "mask_rcnn", "--server", f"unix:{sock}"], sets,
+                             src, os.path.join(folder, "r.####.exr"), args.frames, skip=3)
+            commands.append(got)
+            print(f"  dlserver infer --server unix:, command {i + 1}: first frame at "
+                  f"{got['first_frame_s']:.2f} s, {got['frames']} frames in "
+                  f"{got['total_s']:.2f} s")
+            shutil.rmtree(folder, ignore_errors=True)
+        out["commands"] = commands
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return out
 
 
 if __name__ == "__main__":

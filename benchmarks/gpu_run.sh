@@ -4,7 +4,8 @@
 # sequence and the transport figures. Logs go to $OUT (default ./perf_out).
 #
 #   bash benchmarks/gpu_run.sh [quick|io|e2e|models|overlay|matte|devices|profile_ray|
-#                               cuda_tests|first|detectors|depth|raft|remote|ray]
+#                               cuda_tests|first|first_ab|account|detectors|depth|raft|
+#                               remote|ray]
 #       io: end to end and transport only; e2e: end to end (with --nuke) only;
 #       models: model benchmarks and CUDA tests only;
 #       overlay: overlay against matte (bench_overlay.py) and the drawing's CUDA test;
@@ -15,13 +16,22 @@
 #       (FRAMES=N and COUNTS=1,2,4 change that; LISTS='cuda:0;cuda:0,cuda:0' runs those
 #       device lists instead, ENV_SETS='DLSERVER_MAX_BATCH=1;DLSERVER_MAX_BATCH=8' each list
 #       under each of those environments; LAYERS=N adds N layers to each frame; SKIP_PYTEST=1
-#       leaves out the CUDA test), and
+#       leaves out the CUDA test; PIPELINES=16,10,32 runs everything with each of these
+#       frames in flight), and
 #       what a fresh frame-sized array costs (bench_alloc.py, under each MALLOC_* set);
 #       profile_ray: the plain server and --ray under py-spy (benchmarks/profile_front_end.py;
 #       needs the .whl-ray parts, as ray, and py-spy's wheel in .whl: copy it there from
 #       .whl-ray/excluded);
 #       cuda_tests: every test marked cuda (about a minute on an H200);
 #       first: imports cold and warm, then the first result twice (bench_first_frame.py);
+#       first_ab: the first result through dlserver infer with torchvision's dynamo import
+#       deferred (dlserver/lazy_dynamo.py) and without (DLSERVER_LAZY_DYNAMO=0), alternating
+#       (ROUNDS=2 rounds of both), then `dlserver infer --server unix:PATH` against a resident
+#       server: its first command and three more (bench_first_frame.py --resident);
+#       account: issue 13's remaining accounts in one call: mode first, then py-spy over
+#       `dlserver infer` of 1080p RGBA + 2 layers (identity, then mask_rcnn; FRAMES=200),
+#       the 1080p and 4K matte stage by stage (profile_stages.py), then mode cuda_tests
+#       (FIRST=0 leaves mode first out)
 #       detectors: first result, 1080p detector figures with batches, CUDA tests
 #       depth: depth_anything_v2 at 1080p, fp16 / CUDA graph vs fp32 eager, and its CUDA test
 #       raft: RAFT's CUDA test, then at 1080p the model's paths against eager torchvision
@@ -62,7 +72,9 @@ time_imports() {  # time_imports LABEL: import torch, then torchvision, in a fre
     python3 -c "import time; t=time.perf_counter(); import torch; a=time.perf_counter(); import torchvision; b=time.perf_counter(); print('$1: import torch %.2f s, import torchvision %.2f s' % (a-t, b-a))" >> "$OUT/imports.log" 2>&1
 }
 # mode first: before anything else here imports torch (the page cache is still cold)
-[ "${1:-}" = first ] && time_imports cold
+if [ "${1:-}" = first ] || { [ "${1:-}" = account ] && [ "${FIRST:-1}" != 0 ]; }; then
+    time_imports cold
+fi
 if ! python3 -c "import OpenEXR" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
@@ -125,17 +137,24 @@ if [ "$QUICK" = raft ]; then
     exit 0
 fi
 
-if [ "$QUICK" = cuda_tests ]; then  # every CUDA test of the project (Ray's need a cluster)
-    step pytest_cuda_all 580 python3 -m pytest -m cuda tests --ignore=tests/test_ray.py \
-        --ignore=tests/nuke \
-        -rs -p no:cacheprovider
+if [ "$QUICK" = first_ab ]; then
+    for round in $(seq "${ROUNDS:-2}"); do
+        for lazy in 0 1; do
+            step first_lazy${lazy}_$round 90 env DLSERVER_LAZY_DYNAMO=$lazy python3 \
+                benchmarks/bench_first_frame.py --device cuda --half --frames 8 --cli \
+                --json "$OUT/first_lazy${lazy}_$round.json"
+        done
+    done
+    step first_resident 150 python3 benchmarks/bench_first_frame.py --device cuda --half \
+        --frames 8 --resident --rounds 3 --json "$OUT/first_resident.json"
     exit 0
 fi
-if [ "$QUICK" = first ]; then
+if [ "$QUICK" = first ] || [ "$QUICK" = account ]; then
     # the first result on a fresh machine: imports with a cold page cache (this must be
     # the machine's first Python to import torch), then again warm, then what pulls in
     # what (python -X importtime), then the first result in process and through
     # dlserver infer, twice (the second run finds every cache of the first)
+    [ "${FIRST:-1}" = 0 ] || {
     time_imports warm
     python3 -X importtime -c "import torchvision" 2> "$OUT/importtime.txt"
     sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -30 >> "$OUT/imports.log"
@@ -144,6 +163,20 @@ if [ "$QUICK" = first ]; then
         step bench_first_frame_$run 90 python3 benchmarks/bench_first_frame.py --device cuda \
             --half --frames 8 --cli --json "$OUT/bench_first_frame_$run.json"
     done
+    }
+    [ "$QUICK" = first ] && exit 0
+    for model in identity mask_rcnn; do  # where each millisecond of the I/O path goes
+        step profile_layers_$model 150 python3 benchmarks/profile_front_end.py --paths plain \
+            --layers 2 --model $model --frames "${FRAMES:-200}" --out "$OUT/profile"
+    done
+    step profile_stages 150 python3 benchmarks/profile_stages.py --sizes 1080p 4k \
+        --models mask_rcnn --graphs on --repeat 20
+    QUICK=cuda_tests
+fi
+if [ "$QUICK" = cuda_tests ]; then  # every CUDA test of the project (Ray's need a cluster)
+    step pytest_cuda_all ${CUDA_TESTS_LIMIT:-580} python3 -m pytest -m cuda tests --ignore=tests/test_ray.py \
+        --ignore=tests/nuke \
+        -rs -p no:cacheprovider
     exit 0
 fi
 if [ "$QUICK" = detectors ]; then
@@ -190,7 +223,7 @@ if [ "$QUICK" = devices ]; then
         --layers "${LAYERS:-0}" \
         ${COUNTS:+--counts "$COUNTS"} ${LISTS:+--lists "$LISTS"} \
         ${ENV_SETS:+--env-sets "$ENV_SETS"} --deterministic-frames "${DET_FRAMES:-40}" \
-        --json "$OUT/bench_devices.json"
+        ${PIPELINES:+--pipelines "$PIPELINES"} --json "$OUT/bench_devices.json"
     kill $smi 2>/dev/null
     exit 0
 fi

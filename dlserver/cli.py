@@ -166,10 +166,12 @@ def token_for(args: argparse.Namespace, stderr: Any = None) -> Optional[str]:
 def open_client(args: argparse.Namespace, folders: Sequence[str] = ()) -> Client:
     """The remote server, or an embedded one allowed to read and write `folders`
     directly (frames by reference: no bytes through the pipe)."""
+    if args.server and args.server.startswith("unix:"):  # a resident local server
+        return Client.connect_unix(os.path.expanduser(args.server[len("unix:"):]))
     if args.server:
         host, _, port = args.server.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"--server {args.server!r}: use HOST:PORT")
+            raise ValueError(f"--server {args.server!r}: use HOST:PORT or unix:PATH")
         token = token_for(args)
         tls_ca = getattr(args, "tls_ca", None)
         try:
@@ -570,7 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def connection(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--server", metavar="HOST:PORT",
-                        help="use a remote server instead of the embedded one")
+                        help="use a remote server instead of the embedded one, or "
+                             "unix:PATH, a resident server on this machine (`python -m "
+                             "dlserver --unix PATH`: loaded models and CUDA graphs kept "
+                             "between commands; frames in its --allow-dir folders go by "
+                             "reference)")
         sp.add_argument("--token-file", metavar="FILE",
                         help="a file holding the remote server's token (default: "
                              "$DLSERVER_TOKEN)")

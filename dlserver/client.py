@@ -354,6 +354,24 @@ class Client:
                    token=token if token is not None else os.environ.get("DLSERVER_TOKEN"),
                    max_reply_mb=max_reply_mb)
 
+    @classmethod
+    def connect_unix(cls, path: str, timeout: float = 30.0) -> Client:
+        """Connect to a resident server on this machine (`python -m dlserver --unix PATH`):
+        a local session, as an embedded server's, so frames in its exchange dir and its
+        `--allow-dir` folders go by reference (`can_write`). The socket file is the
+        server user's alone (mode 0600): no token."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise DLServerError("server_gone", f"cannot reach dlserver at unix:{path}: {exc}. "
+                                f"Is `python -m dlserver --unix {path}` running?") from None
+        sock.settimeout(None)  # as connect's: the reader thread blocks
+        return cls(_Connection(cast(BinaryIO, SocketReader(sock)), sock.makefile("wb"), None,
+                               sock), timeout)
+
     def _handshake(self, token: Optional[str]) -> None:
         welcome = self._wait(None, self.timeout, what="the server's welcome")
         if welcome.header.get("ok") is False and isinstance(welcome.header.get("error"), dict):

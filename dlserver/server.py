@@ -24,8 +24,11 @@ import tempfile
 import threading
 from typing import Any, Dict, List, Optional, Sequence
 
+from .context import SessionContext
 from .devices import parse_devices, set_mps_fallback
+from .errors import DLError, describe_error
 from .host_memory import tune_malloc
+from .inference import load as load_model
 from .lazy_dynamo import defer_dynamo
 from .protocol import Limits
 from .registry import Registry, default_models_dirs
@@ -119,12 +122,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
                    help="local sessions may also name files in DIR (repeatable; the process "
                         "that starts an embedded server passes its own folders)")
+    p.add_argument("--load", action="append", default=[], metavar="MODEL",
+                   help="load MODEL when the server starts, while it already serves "
+                        "(repeatable): a resident server is ready for its first frame, as "
+                        "the node's `load` on Connect makes an embedded one")
     p.add_argument("--max-message-mb", type=int, default=Limits.max_body >> 20)
     p.add_argument("--max-pixels", type=int, default=Limits.max_pixels)
     p.add_argument("--log-level", default=None,
                    help="DEBUG, INFO, WARNING (default: $DLSERVER_LOG_LEVEL, else INFO; "
                         "WARNING when embedded)")
     return p
+
+
+def load_at_start(state: ServerState, names: Sequence[str]) -> None:
+    """`--load`: each model loaded where its frames run (every device slot, a worker
+    process, a Ray cluster), as a `load` request would. A failure is logged and the
+    server goes on serving; that model's frames then report it."""
+    ctx = SessionContext.for_login("--load", False, state.registry, state.limits, None, (),
+                                   "", state.cpu_fallback, state.count)
+    load_where = state.backend.load if state.backend is not None else load_model
+    try:
+        for name in names:
+            try:
+                reply = load_where(ctx, state.registry.get(name))
+                log.info("--load: %s loaded on %s in %.2f s", name,
+                         ", ".join(reply["devices"]) or "its first frame's device",
+                         reply["load_s"])
+            except Exception as exc:
+                log.warning("--load: %s failed (%s): %s", name, *describe_error(exc, name))
+    finally:
+        ctx.close()
 
 
 def make_exchange_dir(base: Optional[str]) -> str:
@@ -234,9 +261,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "out --worker-processes", file=sys.stderr)
         return 2
 
+    if args.load and args.stdio:
+        print("dlserver: --load is for a server that listens (--unix, TCP): an embedded "
+              "server's client sends `load` itself", file=sys.stderr)
+        return 2
+
     limits = Limits(max_body=args.max_message_mb << 20, max_pixels=args.max_pixels)
     models_dirs = default_models_dirs(args.models_dir)
     registry = Registry(models_dirs, args.device, devices)
+    try:
+        for name in args.load:
+            registry.get(name)
+    except DLError as exc:
+        print(f"dlserver: --load: {exc}", file=sys.stderr)
+        return 2
     backend = None
     if args.ray is not None:
         try:
@@ -288,6 +326,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cleanup(state)
         os._exit(0)
 
+    if args.load:  # beside the listener: a frame that comes first waits for its load
+        threading.Thread(target=load_at_start, args=(state, args.load), name="--load",
+                         daemon=True).start()
     try:
         if args.stdio:
             serve_stdio(state, exit_now)

@@ -1,0 +1,178 @@
+"""A resident server on this machine (`python -m dlserver --unix PATH`), reused by several
+`dlserver infer --server unix:PATH` commands: frames in its --allow-dir folders by
+reference, others inline; `--load` makes a model ready at start."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Iterator, List
+
+import numpy as np
+import pytest
+from support import PYTHON, ROOT, TEST_MODELS, make_plate, write_plate_exr
+
+from dlserver import exr
+from dlserver.client import Client
+
+DLSERVER = str(Path(sys.executable).with_name("dlserver"))
+
+
+class UnixServer:
+    """`python -m dlserver --unix PATH ...`, returned once its log says it listens (and,
+    with `wait_for`, once that line too was logged); its log is read on a thread."""
+
+    def __init__(self, socket_path: Path, *extra: str, wait_for: str = "",
+                 timeout: float = 60.0) -> None:
+        self.path = socket_path
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "dlserver", "--unix", str(socket_path), "--models-dir",
+             str(TEST_MODELS), "--log-level", "INFO", *extra],
+            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.log: List[str] = []
+        self.needed = ["listening on unix:"] + ([wait_for] if wait_for else [])
+        self.ready = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        if not self.ready.wait(timeout) or self.needed:
+            self.stop()
+            raise RuntimeError(f"server did not log {self.needed}:\n" + "".join(self.log))
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+            self.needed = [n for n in self.needed if n not in line]
+            if not self.needed:
+                self.ready.set()
+        self.ready.set()  # it exited
+
+    def connect(self) -> Client:
+        return Client.connect_unix(str(self.path))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.reader.join(timeout=30)
+
+
+@pytest.fixture
+def frames(tmp_path: Path) -> Iterator[Path]:
+    """Three distinct 512 x 512 RGBA plates (4 MiB of pixels each) in tmp/in."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in range(1, 4):
+        write_plate_exr(folder / f"in.{f:04d}.exr", make_plate(512, 512, seed=f))
+    yield folder
+
+
+def infer(server: Path, src: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([DLSERVER, "infer", "--server", f"unix:{server}", "--model",
+                           "identity", "--frames", "1-3", *flags, str(src / "in.####.exr"),
+                           str(out / "r.####.exr")], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def assert_identity(src: Path, out: Path) -> None:
+    for f in range(1, 4):
+        got = exr.gather(exr.read_exr(str(out / f"r.{f:04d}.exr")), ["R", "G", "B", "A"])
+        np.testing.assert_array_equal(got, make_plate(512, 512, seed=f))
+
+
+def test_commands_share_a_resident_server_and_send_frames_by_reference(
+        tmp_path: Path, frames: Path) -> None:
+    """Two commands through one server (one load); a client of it may hand over the
+    files of its allowed folder by reference (what `dlserver infer` asks before each
+    input and output) and no others."""
+    sock = tmp_path / "dl.sock"
+    server = UnixServer(sock, "--allow-dir", str(tmp_path))
+    try:
+        for run in ("a", "b"):
+            done = infer(sock, frames, tmp_path / run)
+            assert done.returncode == 0, done.stderr
+            assert_identity(frames, tmp_path / run)
+        with server.connect() as client:
+            stats = client.stats()
+            assert client.can_write(str(frames / "in.0001.exr"))
+            assert client.can_write(str(tmp_path / "a" / "r.0001.exr"))
+            assert not client.can_write(str(ROOT / "README.md"))
+        assert (stats["sessions"], stats["frames"], stats["models_loaded"]) == \
+            (3, 6, ["identity"])  # two commands and this one; one load
+    finally:
+        server.stop()
+
+
+def test_frames_outside_the_allowed_folders_go_inline(tmp_path: Path, frames: Path) -> None:
+    sock = tmp_path / "dl.sock"
+    server = UnixServer(sock)  # its exchange dir only
+    try:
+        done = infer(sock, frames, tmp_path / "out")
+        assert done.returncode == 0, done.stderr
+        assert_identity(frames, tmp_path / "out")
+    finally:
+        server.stop()
+
+
+def test_no_resident_server_says_how_to_start_one(tmp_path: Path, frames: Path) -> None:
+    done = infer(tmp_path / "none.sock", frames, tmp_path / "out")
+    assert done.returncode != 0
+    assert f"python -m dlserver --unix {tmp_path / 'none.sock'}" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_at_start(tmp_path: Path) -> None:
+    server = UnixServer(tmp_path / "dl.sock", "--load", "identity",
+                        wait_for="--load: identity loaded")
+    try:
+        with server.connect() as client:
+            assert client.stats()["models_loaded"] == ["identity"]
+    finally:
+        server.stop()
+
+
+FAILS_TO_LOAD = '''
+    from dlserver.model import Layer, Model
+
+
+    class FailsToLoad(Model):
+        name = "fails_to_load"
+        uses_torch = False
+        inputs = {"src": Layer(("R", "G", "B", "A"))}
+        outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+
+        def load(self, device):
+            raise RuntimeError("no weights here (deliberate)")
+
+        def infer(self, inputs, options):
+            return {"rgba": inputs["src"]}
+'''
+
+
+def test_a_failed_load_at_start_is_logged_and_the_server_serves(tmp_path: Path) -> None:
+    (tmp_path / "models" / "fails_to_load").mkdir(parents=True)
+    (tmp_path / "models" / "fails_to_load" / "model.py").write_text(
+        textwrap.dedent(FAILS_TO_LOAD))
+    server = UnixServer(tmp_path / "dl.sock", "--models-dir", str(tmp_path / "models"),
+                        "--load", "fails_to_load", "--load", "identity",
+                        wait_for="--load: identity loaded")
+    try:
+        assert any("--load: fails_to_load failed" in line and "deliberate" in line
+                   for line in server.log), "".join(server.log)
+        with server.connect() as client:
+            assert client.stats()["models_loaded"] == ["identity"]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--unix", "{sock}", "--load", "nope"], "no model named 'nope'"),
+    (["--stdio", "--load", "identity"], "--load is for a server that listens")])
+def test_load_refusals(tmp_path: Path, flags: List[str], fragment: str) -> None:
+    done = subprocess.run([PYTHON, "-m", "dlserver", "--models-dir", str(TEST_MODELS),
+                           *[f.format(sock=tmp_path / "dl.sock") for f in flags]],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and fragment in done.stderr, done.stderr
