@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -190,9 +190,29 @@ def resident(args: argparse.Namespace, tmp: str, weights: str) -> Dict[str, Any]
             shutil.rmtree(folder, ignore_errors=True)
         out["commands"] = commands
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        out["exit_after_sigterm_s"] = stop(server)
     return out
+
+
+def stop(server: subprocess.Popen) -> Optional[float]:
+    """SIGTERM, then seconds until the server exited; past 20 s, what its threads were
+    doing (`py-spy dump`, when installed) is printed and it is killed (None)."""
+    t0 = time.perf_counter()
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+        took = time.perf_counter() - t0
+        print(f"  the resident server exited {took:.2f} s after SIGTERM")
+        return took
+    except subprocess.TimeoutExpired:
+        print("  the resident server had not exited 20 s after SIGTERM; its threads:")
+        if shutil.which("py-spy"):
+            dump = subprocess.run(["py-spy", "dump", "--pid", str(server.pid)],
+                                  capture_output=True, text=True)
+            print(dump.stdout[-6000:], dump.stderr[-1000:])
+        server.kill()
+        server.wait()
+        return None
 
 
 if __name__ == "__main__":

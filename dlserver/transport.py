@@ -18,12 +18,14 @@ import heapq
 import itertools
 import logging
 import os
+import select
+import signal
 import socket
 import ssl
 import sys
 import threading
 import time
-from typing import BinaryIO, Callable, Dict, List, Optional, Tuple, cast
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, cast
 
 from .errors import Busy
 from .protocol import SocketReader, encode_message, error_reply
@@ -183,6 +185,51 @@ def serve_seed_socket(state: ServerState, sock: socket.socket) -> None:
     _accept_loop(state, sock, serve, seed.busy_reply)
 
 
+class SignalWakeup:
+    """Wakes the main thread, blocked waiting for a connection, when a signal comes.
+
+    The kernel gives a process's signal to any of its threads that does not block it
+    (signal(7)); CUDA and the server start many. Python runs its handlers in the main
+    thread only, once that thread runs Python code again, and a signal caught by another
+    thread does not interrupt the main thread's accept(): SIGTERM then took effect only
+    at the next connection (a resident server on the H200 was still in accept() 20 s
+    after SIGTERM, docs/performance.md). So the main thread waits on the listener and on
+    `signal.set_wakeup_fd`'s socket together. None where signals are not the main
+    thread's to wait for (a listener on another thread)."""
+
+    def __enter__(self) -> Optional[SignalWakeup]:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        self.read, self.write = socket.socketpair()
+        self.read.setblocking(False)
+        self.write.setblocking(False)
+        self.previous = signal.set_wakeup_fd(self.write.fileno(), warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.set_wakeup_fd(self.previous)
+        self.read.close()
+        self.write.close()
+
+    def wait_readable(self, sock: socket.socket) -> bool:
+        """Wait until `sock` can accept (or is closed: True, accept() says which) or a
+        signal came (False)."""
+        if sock.fileno() == -1:
+            return True
+        try:
+            ready, _, _ = select.select([sock, self.read], [], [])
+        except (OSError, ValueError):  # closed meanwhile
+            return True
+        if self.read in ready:
+            try:
+                while self.read.recv(512):
+                    pass
+            except BlockingIOError:
+                pass
+            return sock in ready
+        return True
+
+
 def _accept_loop(state: ServerState, sock: socket.socket,
                  serve: Callable[[socket.socket, str], None],
                  busy: Optional[Callable[[str], bytes]] = None) -> None:
@@ -203,37 +250,40 @@ def _accept_loop(state: ServerState, sock: socket.socket,
     state.on_stop.append(wake)
     sock.listen(64)
     delay = 0.0
-    while not state.stop_event.is_set():
-        try:
-            conn, addr = sock.accept()
-        except OSError as exc:
-            if state.stop_event.is_set() or sock.fileno() == -1 or \
-                    exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
-                break  # the listener was closed
-            state.count("accept_errors")
-            delay = min(ACCEPT_BACKOFF_S[1], delay * 2 or ACCEPT_BACKOFF_S[0])
-            (log.warning if delay < ACCEPT_BACKOFF_S[1] * 0.75 else log.debug)(
-                "accept failed: %s; still serving, next try in %.2f s%s", exc, delay,
-                " (out of file descriptors: raise `ulimit -n` or lower --max-connections)"
-                if exc.errno in (errno.EMFILE, errno.ENFILE) else "")
-            state.stop_event.wait(delay)
-            continue
-        delay = 0.0
-        why = _admit(state)
-        if why is not None:
-            _refuse(state, conn, why, busy)
-            continue
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            threading.Thread(target=serve, args=(conn, str(addr)),
-                             name=f"session {addr}", daemon=True).start()
-        except RuntimeError as exc:  # can't start a new thread
-            log.warning("cannot serve a connection: %s", exc)
-            with state.lock:
-                state.connections -= 1
-                state.unauthenticated -= 1
-            conn.close()
+    with SignalWakeup() as wakeup:
+        while not state.stop_event.is_set():
+            if wakeup is not None and not wakeup.wait_readable(sock):
+                continue  # a signal: its handler ran in this thread meanwhile (SIGTERM exits)
+            try:
+                conn, addr = sock.accept()
+            except OSError as exc:
+                if state.stop_event.is_set() or sock.fileno() == -1 or \
+                        exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                    break  # the listener was closed
+                state.count("accept_errors")
+                delay = min(ACCEPT_BACKOFF_S[1], delay * 2 or ACCEPT_BACKOFF_S[0])
+                (log.warning if delay < ACCEPT_BACKOFF_S[1] * 0.75 else log.debug)(
+                    "accept failed: %s; still serving, next try in %.2f s%s", exc, delay,
+                    " (out of file descriptors: raise `ulimit -n` or lower --max-connections)"
+                    if exc.errno in (errno.EMFILE, errno.ENFILE) else "")
+                state.stop_event.wait(delay)
+                continue
+            delay = 0.0
+            why = _admit(state)
+            if why is not None:
+                _refuse(state, conn, why, busy)
+                continue
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                threading.Thread(target=serve, args=(conn, str(addr)),
+                                 name=f"session {addr}", daemon=True).start()
+            except RuntimeError as exc:  # can't start a new thread
+                log.warning("cannot serve a connection: %s", exc)
+                with state.lock:
+                    state.connections -= 1
+                    state.unauthenticated -= 1
+                conn.close()
 
 
 def _serve_conn(state: ServerState, watchdog: Watchdog, conn: socket.socket, local: bool,

@@ -9,14 +9,14 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any, Iterator, List
 
 import numpy as np
 import pytest
-from support import PYTHON, ROOT, TEST_MODELS, make_plate, write_plate_exr
+from support import PYTHON, ROOT, TEST_MODELS, TcpServer, make_plate, raw_inline, write_plate_exr
 
 from dlserver import exr
-from dlserver.client import Client
+from dlserver.client import Client, DLServerError
 
 DLSERVER = str(Path(sys.executable).with_name("dlserver"))
 
@@ -176,3 +176,52 @@ def test_load_refusals(tmp_path: Path, flags: List[str], fragment: str) -> None:
                           capture_output=True, text=True, timeout=60, cwd=ROOT,
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 2 and fragment in done.stderr, done.stderr
+
+
+SIGNALS_ITSELF = '''
+    import signal
+    import threading
+
+    from dlserver.model import Layer, Model
+
+
+    class SignalsItself(Model):
+        """Sends SIGTERM to the thread running it (not the main thread), as the kernel
+        may deliver a `kill` to any thread of the process."""
+        name = "signals_itself"
+        uses_torch = False
+        inputs = {"src": Layer(("R", "G", "B", "A"))}
+        outputs = {"rgba": Layer(("R", "G", "B", "A"))}
+
+        def infer(self, inputs, options):
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+            return {"rgba": inputs["src"]}
+'''
+
+
+@pytest.mark.parametrize("listener", ["unix", "tcp"])
+def test_sigterm_caught_by_another_thread_stops_a_waiting_server(tmp_path: Path,
+                                                                listener: str) -> None:
+    """The main thread waits for connections; SIGTERM lands on a model's thread: the
+    server still exits at once (not at the next connection) and cleans up."""
+    (tmp_path / "models" / "signals_itself").mkdir(parents=True)
+    (tmp_path / "models" / "signals_itself" / "model.py").write_text(
+        textwrap.dedent(SIGNALS_ITSELF))
+    extra = ("--models-dir", str(tmp_path / "models"))
+    server: Any = (UnixServer(tmp_path / "dl.sock", *extra) if listener == "unix"
+                   else TcpServer(extra=extra))
+    client = server.connect()
+    exchange = client.exchange_dir
+    plate = make_plate(8, 8)
+    try:
+        client.infer("signals_itself", {"src": raw_inline(plate)}, {}, [plate.data])
+    except DLServerError:
+        pass  # the server may be gone before its reply
+    finally:
+        client.close()
+    try:
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        server.process.kill()
+        server.stop()
+    assert not exchange or not Path(exchange).exists()
