@@ -56,7 +56,7 @@ from .inference import Job, bare_job, execute_each, load_reply, model_failed, ta
 from .lazy_dynamo import defer_dynamo
 from .protocol import Limits
 from .registry import Entry, Registry
-from .scheduler import MAX_BATCH_ENV, batch_limit
+from .scheduler import MAX_BATCH_ENV, batch_limit, warm_batch_size
 from .spent import Spent
 
 log = logging.getLogger("dlserver")
@@ -185,7 +185,8 @@ class ModelRunner:
         The batch is formed when the model thread is free: every frame queued meanwhile
         with the first one's batch key (model, options, size), up to the plain server's
         limit for one device slot (`scheduler.batch_limit`: DLSERVER_MAX_BATCH, 1 with
-        DLSERVER_DETERMINISTIC=1, else MAX_BATCH), in arrival order."""
+        DLSERVER_DETERMINISTIC=1, else MAX_BATCH) and of its sizes
+        (`scheduler.warm_batch_size`), in arrival order."""
         done = asyncio.get_running_loop().create_future()
         self.queued.append((*frame, done))
         self.counters["queued"] += 1
@@ -217,7 +218,8 @@ class ModelRunner:
             self.queued = []
             return []
         key = live[0][0].batch_key()
-        batch = [f for f in live if f[0].batch_key() == key][:batch_limit()]
+        same = [f for f in live if f[0].batch_key() == key]
+        batch = same[:warm_batch_size(len(same), batch_limit())]
         taken = {id(f) for f in batch}
         self.queued = [f for f in live if id(f) not in taken]
         return batch

@@ -60,6 +60,18 @@ def batch_limit(slots: int = 1) -> int:
     return value
 
 
+def warm_batch_size(available: int, limit: int) -> int:
+    """How many of `available` frames (of one batch key, queued) go into the next batch:
+    `limit` when there are that many, else the largest power of two there is. Each batch
+    size a model meets costs a first pass (cuDNN's choices) and CUDA graph captures,
+    about a second on an H200; sizes taken as they came (1, 2, 3, ... 8) made a resident
+    server's second command run 7 frames in 8.5 s where the third took 0.3 s
+    (docs/performance.md, runs 70-71). So a model meets at most log2(limit) + 2 sizes."""
+    if available >= limit:
+        return limit
+    return 1 << (max(available, 1).bit_length() - 1)
+
+
 @dataclass
 class Item:
     """A request on its way through a session's stages."""
@@ -202,10 +214,16 @@ class Scheduler:
 
     def _execute_stage(self) -> None:
         """Forms batches and hands each to a device slot; waits only for room (this
-        session has a batch on every slot) so frames queued meanwhile join the next."""
-        waiting: List[Optional[Item]] = []  # taken from the queue but not yet run
+        session has a batch on every slot) so frames queued meanwhile join the next.
+        A batch: a key's first frame alone, then what is queued of one key, as many as
+        `warm_batch_size` says (the rest go first into the next batch)."""
+        waiting: List[Optional[Item]] = []  # taken from the queue, not yet run (a stack)
+
+        def take() -> Optional[Item]:
+            return waiting.pop() if waiting else self._prepared(self.to_execute.get())
+
         while True:
-            item = waiting.pop() if waiting else self._prepared(self.to_execute.get())
+            item = take()
             if item is None:
                 break
             if not self._runnable(item):
@@ -229,13 +247,17 @@ class Scheduler:
             limit = self.batch_limit if key in self.started_keys else 1
             if key is not None:
                 self.started_keys.add(key)
-            while key is not None and len(batch) < limit and not self.to_execute.empty():
-                following = self._prepared(self.to_execute.get())
+            while key is not None and len(batch) < limit and (
+                    waiting or not self.to_execute.empty()):
+                following = take()
                 if following is None or following.job is None or following.reply is not None \
                         or following.job.batch_key() != key or self._is_cancelled(following):
                     waiting.append(following)
                     break
                 batch.append(following)
+            later = batch[warm_batch_size(len(batch), limit):]  # the next batch's, in order
+            del batch[len(batch) - len(later):]
+            waiting.extend(reversed(later))
             slot = self.pool.acquire(len(batch))
             try:
                 running = self._runner_pool().submit(self._run_batch, batch, slot)

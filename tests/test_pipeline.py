@@ -145,6 +145,30 @@ def test_deterministic_mode_turns_cudnn_autotuning_off(monkeypatch: pytest.Monke
     assert (cudnn.benchmark, cudnn.deterministic) == (False, True)
 
 
+@pytest.mark.parametrize("available, limit, size", [
+    (1, 8, 1), (2, 8, 2), (3, 8, 2), (4, 8, 4), (5, 8, 4), (7, 8, 4), (8, 8, 8), (20, 8, 8),
+    (2, 3, 2), (3, 3, 3), (5, 3, 3), (1, 1, 1), (4, 1, 1)])
+def test_batch_sizes_are_powers_of_two_or_the_limit(available: int, limit: int,
+                                                    size: int) -> None:
+    from dlserver.scheduler import warm_batch_size
+
+    assert warm_batch_size(available, limit) == size
+
+
+def test_queued_frames_go_in_batches_of_few_sizes(session: Scheduler) -> None:
+    """Eight frames queued: the first alone, then 4, 2 and 1 of the 7 behind it (each new
+    size costs a model a first pass and graph captures), in order, each result right."""
+    batcher = sys.modules["dlserver_models.batcher.model"].Batcher
+    batcher.batches = []
+    plates = [make_plate(seed=i) for i in range(8)]
+    items = [infer_item(session, i + 1, p) for i, p in enumerate(plates)]
+    done = run_stages(session, items, queued=len(items))
+    assert batcher.batches == [1, 4, 2, 1]
+    assert [i.seq for i in done] == list(range(1, 9))
+    for item, plate in zip(done, plates):
+        np.testing.assert_array_equal(item.job.result["rgba"], plate * 2)
+
+
 def test_max_batch_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """DLSERVER_MAX_BATCH caps the frames that share one forward pass (1: one at a time,
     one CUDA graph per device instead of one per batch size); values out of 1..MAX_BATCH

@@ -319,11 +319,13 @@ def test_frames_queued_on_a_replica_share_its_next_batch(ray_client: Client,
         rest = [send() for _ in range(5)]
         wait_for(lambda: replica_stats(ray_client, app)["queued"] - before["queued"] == 6,
                  "the frames queued on the replica")
-        gate.write(b"x" * 6)  # a byte a batch, enough for one frame a batch: the
+        gate.write(b"x" * 6)  # a byte a frame, enough for one frame a batch: the
         gate.flush()  # batch sizes then say how the frames ran
         sizes = [ray_client.receive(rid, timeout=60).header["data"]["batch"]
                  for rid in (first, *rest)]
-    assert sizes == [1, 5, 5, 5, 5, 5]
+    # 5 queued: 4 of them (a power of two) and then the last, in the order they reached
+    # the replica (Serve's, not necessarily the sending order)
+    assert sizes[0] == 1 and sorted(sizes[1:]) == [1, 4, 4, 4, 4]
 
 
 class KeyedJob:
@@ -336,17 +338,21 @@ class KeyedJob:
         return self.key
 
 
-@pytest.mark.parametrize("env, expected", [
-    # queue (arrival order): 0-6 a, 7 b, 8-10 a, 11 a cancelled while queued
-    ({}, [[0, 1, 2, 3, 4, 5, 6, 8], [7], [9, 10]]),  # up to MAX_BATCH = 8 of a's key
-    ({"DLSERVER_MAX_BATCH": "3"}, [[0, 1, 2], [3, 4, 5], [6, 8, 9], [7], [10]]),
-    ({"DLSERVER_DETERMINISTIC": "1", "DLSERVER_MAX_BATCH": "3"}, [[i] for i in range(11)])])
+@pytest.mark.parametrize("queue, env, expected", [
+    # arrival order; the last frame is cancelled while queued
+    ("aaaaaaabaaaa", {}, [[0, 1, 2, 3, 4, 5, 6, 8], [7], [9, 10]]),  # MAX_BATCH = 8 of a's
+    ("aaaaaaabaaaa", {"DLSERVER_MAX_BATCH": "3"},
+     [[0, 1, 2], [3, 4, 5], [6, 8, 9], [7], [10]]),
+    ("aaaaaaabaaaa", {"DLSERVER_DETERMINISTIC": "1", "DLSERVER_MAX_BATCH": "3"},
+     [[i] for i in range(11)]),
+    ("aaaaaaaa", {}, [[0, 1, 2, 3], [4, 5], [6]])])  # 7 live: sizes 4, 2, 1
 def test_a_replicas_batches_keep_the_plain_servers_limit(
-        monkeypatch: pytest.MonkeyPatch, env: Dict[str, str], expected: List[List[int]]) -> None:
+        monkeypatch: pytest.MonkeyPatch, queue: str, env: Dict[str, str],
+        expected: List[List[int]]) -> None:
     """A replica forms batches as a device slot of the plain server would: at most
-    DLSERVER_MAX_BATCH frames (8 unset, 1 with DLSERVER_DETERMINISTIC=1), all of the
-    first queued frame's batch key, in arrival order; a frame cancelled while queued is
-    left out."""
+    DLSERVER_MAX_BATCH frames (8 unset, 1 with DLSERVER_DETERMINISTIC=1), a power of two
+    below it (scheduler.warm_batch_size), all of the first queued frame's batch key, in
+    arrival order; a frame cancelled while queued is left out."""
     for name in ("DLSERVER_MAX_BATCH", "DLSERVER_DETERMINISTIC"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -355,7 +361,7 @@ def test_a_replicas_batches_keep_the_plain_servers_limit(
     try:
         runner = object.__new__(ModelRunner)  # the batching alone: no registry, no Serve
         runner.queued = [(KeyedJob(k), str(i), loop.create_future())
-                         for i, k in enumerate("aaaaaaabaaaa")]
+                         for i, k in enumerate(queue)]
         runner.queued[-1][2].cancel()
         batches = []
         while runner.queued:
