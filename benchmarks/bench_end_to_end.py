@@ -135,6 +135,7 @@ def time_infer(flags: List[str], sets: List[str], src: str, out: str, frames: in
               if len(stamps) - 1 > skip else float("nan"))
     return {"log": tail[-300:],  # what the command and its server said (DLSERVER_LOG_LEVEL)
             "frames": len(stamps), "total_s": total, "first_frame_s": stamps[0] if stamps else None,
+            "arrivals_s": [round(t, 3) for t in stamps],
             "fps_overall": len(stamps) / total, "fps_steady": steady}
 
 

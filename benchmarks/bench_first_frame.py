@@ -174,7 +174,9 @@ def resident(args: argparse.Namespace, tmp: str, weights: str) -> Dict[str, Any]
             raise RuntimeError("the server did not start")
         out["server_listening_s"] = time.perf_counter() - t0
         print(f"  resident server listening after {out['server_listening_s']:.2f} s")
-        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+        log: List[str] = []  # the server's INFO log: loads, first passes, graph captures
+        drain = threading.Thread(target=lambda: log.extend(server.stderr), daemon=True)
+        drain.start()
         sets = maskrcnn_matte_sets(weights, args.half)
         commands = []
         for i in range(args.rounds + 1):
@@ -186,7 +188,10 @@ def resident(args: argparse.Namespace, tmp: str, weights: str) -> Dict[str, Any]
             commands.append(got)
             print(f"  dlserver infer --server unix:, command {i + 1}: first frame at "
                   f"{got['first_frame_s']:.2f} s, {got['frames']} frames in "
-                  f"{got['total_s']:.2f} s")
+                  f"{got['total_s']:.2f} s (arrivals {got['arrivals_s']}); the server's "
+                  f"log meanwhile:")
+            print("".join(f"    {line}" for line in log), end="")
+            got["server_log"], log[:] = list(log), []
             shutil.rmtree(folder, ignore_errors=True)
         out["commands"] = commands
     finally:

@@ -421,8 +421,11 @@ def finish(ctx: SessionContext, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
     outputs = check_outputs(cls.name, declared, returned, height, width)
     if server_converts(cls):
         outputs = {n: convert_color(a, cls.outputs[n], to_srgb=False) for n, a in outputs.items()}
-    try:
-        json.dumps(result.data, allow_nan=False)
+    try:  # each value encoded once: checked here, written as an EXR attribute below
+        if not isinstance(result.data, dict):
+            raise TypeError(f"a dict is expected, not {type(result.data).__name__}")
+        json.dumps(dict.fromkeys(result.data))  # the keys, as JSON takes them
+        encoded = {key: json.dumps(value, allow_nan=False) for key, value in result.data.items()}
     except (TypeError, ValueError) as exc:
         raise BadFrame(f"model {cls.name!r} returned data that is not plain JSON: {exc}") from None
 
@@ -437,8 +440,8 @@ def finish(ctx: SessionContext, job: Job) -> Tuple[Dict[str, Any], List[Any]]:
         first_input = next(iter(cls.inputs))
         attributes = {"dlserver/model": f"{cls.name} {cls.version}",
                       "dlserver/options": json.dumps(job.options, sort_keys=True)}
-        for key, value in result.data.items():
-            attributes[f"dlserver/{key}"] = json.dumps(value)
+        for key, text in encoded.items():
+            attributes[f"dlserver/{key}"] = text
         try:
             reply["output_exr"] = writer.write_exr(
                 job.exr_spec, job.reader.exr_images.get(first_input),

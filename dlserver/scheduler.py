@@ -63,10 +63,10 @@ def batch_limit(slots: int = 1) -> int:
 def warm_batch_size(available: int, limit: int) -> int:
     """How many of `available` frames (of one batch key, queued) go into the next batch:
     `limit` when there are that many, else the largest power of two there is. Each batch
-    size a model meets costs a first pass (cuDNN's choices) and CUDA graph captures,
-    about a second on an H200; sizes taken as they came (1, 2, 3, ... 8) made a resident
-    server's second command run 7 frames in 8.5 s where the third took 0.3 s
-    (docs/performance.md, runs 70-71). So a model meets at most log2(limit) + 2 sizes."""
+    size a model meets once graphs are live costs cuDNN's autotuning and CUDA graph
+    captures: 1.5 to 5.2 s a size for mask_rcnn on an H200, in which a resident server's
+    second command waited 7 s for its second frame (docs/performance.md, run 73). So a
+    model meets at most log2(limit) + 2 sizes (1, 2, 4, 8), not every size up to it."""
     if available >= limit:
         return limit
     return 1 << (max(available, 1).bit_length() - 1)

@@ -155,9 +155,12 @@ def test_batch_sizes_are_powers_of_two_or_the_limit(available: int, limit: int,
     assert warm_batch_size(available, limit) == size
 
 
-def test_queued_frames_go_in_batches_of_few_sizes(session: Scheduler) -> None:
+def test_queued_frames_go_in_batches_of_few_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Eight frames queued: the first alone, then 4, 2 and 1 of the 7 behind it (each new
     size costs a model a first pass and graph captures), in order, each result right."""
+    monkeypatch.setenv("DLSERVER_IO_THREADS", "16")  # a session then holds 8 read ahead
+    session = make_session()
+    assert session.to_execute.maxsize >= 8
     batcher = sys.modules["dlserver_models.batcher.model"].Batcher
     batcher.batches = []
     plates = [make_plate(seed=i) for i in range(8)]

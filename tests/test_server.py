@@ -139,7 +139,9 @@ def test_model_exception_is_an_error_reply_and_the_server_goes_on(embedded: Clie
 
 @pytest.mark.parametrize("mode, fragment", [
     ("shape", "shape"), ("nan", "NaN"), ("missing", "declares"),
-    ("channels", "shape"), ("notdict", "not a dict"),
+    ("channels", "shape"), ("notdict", "not a dict"), ("data_nan", "not plain JSON"),
+    ("data_set", "not plain JSON"), ("data_key", "not plain JSON"),
+    ("data_list", "not plain JSON"),
 ])
 def test_wrong_model_outputs_are_error_replies(embedded: Client, mode, fragment) -> None:
     plate = make_plate()
