@@ -338,6 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 os.unlink(args.unix)
             sock.bind(args.unix)
             os.chmod(args.unix, 0o600)
+            sock.listen(64)  # before saying so: a client that reads the log connects now
             log.info("listening on unix:%s", args.unix)
             seeds: dict = {}
             seed = open_seed_port(args, state, seeds)

@@ -123,12 +123,19 @@ def test_no_resident_server_says_how_to_start_one(tmp_path: Path, frames: Path) 
     assert not (tmp_path / "out").exists()
 
 
-def test_load_at_start(tmp_path: Path) -> None:
-    server = UnixServer(tmp_path / "dl.sock", "--load", "identity",
-                        wait_for="--load: identity loaded")
+@pytest.mark.parametrize("extra, devices", [
+    ((), "cpu"), (("--devices", "cpu,cpu", "--worker-processes", "on"), "cpu, cpu")],
+    ids=["server", "worker_processes"])
+def test_load_at_start(tmp_path: Path, extra: tuple, devices: str) -> None:
+    """Loaded where its frames run: in the server, or in every worker process."""
+    server = UnixServer(tmp_path / "dl.sock", "--load", "identity", *extra,
+                        wait_for=f"--load: identity loaded on {devices} in")
     try:
         with server.connect() as client:
-            assert client.stats()["models_loaded"] == ["identity"]
+            stats = client.stats()
+        assert stats["models_loaded"] == ["identity"]
+        assert [row.get("models_loaded") for row in stats["devices"]] == \
+            [["identity"]] * len(devices.split(", "))
     finally:
         server.stop()
 
