@@ -134,6 +134,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def unix_path_problem(path: str) -> Optional[str]:
+    """Why `--unix PATH` can't be used, or None. A socket nobody listens on (left by a
+    server that was killed) is fine: it is replaced. Anything else there is left alone."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"--unix {path}: {exc}"
+    if not stat.S_ISSOCK(mode):
+        return (f"--unix {path}: that path exists and is not a socket (it is left as it "
+                f"is); give a new path, e.g. ~/.dlserver.sock")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:  # refused: stale
+        return None
+    finally:
+        probe.close()
+    return (f"--unix {path}: a server already listens there; use it (`dlserver infer "
+            f"--server unix:{path}`), stop it, or give another path")
+
+
+def remove_unix_socket(path: str, inode: int) -> None:
+    """The socket file this server made, unless another one has replaced it since."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def load_at_start(state: ServerState, names: Sequence[str]) -> None:
     """`--load`: each model loaded where its frames run (every device slot, a worker
     process, a Ray cluster), as a `load` request would. A failure is logged and the
@@ -261,6 +293,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "out --worker-processes", file=sys.stderr)
         return 2
 
+    problem = unix_path_problem(args.unix) if args.unix else None
+    if problem:
+        print(f"dlserver: {problem}", file=sys.stderr)
+        return 2
     if args.load and args.stdio:
         print("dlserver: --load is for a server that listens (--unix, TCP): an embedded "
               "server's client sends `load` itself", file=sys.stderr)
@@ -321,6 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             backend.close()
             return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    unix_inode: Optional[int] = None  # the --unix socket file this server made
 
     def exit_now() -> None:
         cleanup(state)
@@ -334,9 +371,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             serve_stdio(state, exit_now)
         elif args.unix:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            if os.path.exists(args.unix):
+            if os.path.lexists(args.unix):  # a socket nobody listens on (checked above)
                 os.unlink(args.unix)
             sock.bind(args.unix)
+            unix_inode = os.lstat(args.unix).st_ino
             os.chmod(args.unix, 0o600)
             sock.listen(64)  # before saying so: a client that reads the log connects now
             log.info("listening on unix:%s", args.unix)
@@ -370,6 +408,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pass
     finally:
         cleanup(state)
+        if unix_inode is not None:
+            remove_unix_socket(args.unix, unix_inode)
     if args.stdio:
         sys.stderr.flush()
         os._exit(0)  # don't wait on a worker still inside a model: the client is gone

@@ -4,6 +4,7 @@ reference, others inline; `--load` makes a model ready at start."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -232,3 +233,41 @@ def test_sigterm_caught_by_another_thread_stops_a_waiting_server(tmp_path: Path,
         server.process.kill()
         server.stop()
     assert not exchange or not Path(exchange).exists()
+    assert not (tmp_path / "dl.sock").exists()  # the unix server removed its socket file
+
+
+def start_refused(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "dlserver", "--unix", str(path), "--models-dir",
+                           str(TEST_MODELS)], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+
+
+def test_the_unix_path_is_never_taken_from_something_else(tmp_path: Path) -> None:
+    """A file at the path is left alone and a live server keeps its socket (both refused,
+    exit 2); a socket nobody listens on (a killed server's) is replaced."""
+    note = tmp_path / "notes.txt"
+    note.write_text("mine")
+    done = start_refused(note)
+    assert done.returncode == 2 and "is not a socket" in done.stderr, done.stderr
+    assert note.read_text() == "mine"
+
+    sock = tmp_path / "dl.sock"
+    first = UnixServer(sock)
+    try:
+        done = start_refused(sock)
+        assert done.returncode == 2 and "already listens" in done.stderr, done.stderr
+        with first.connect() as client:
+            assert client.stats()["sessions"] >= 1  # still its socket, still serving
+    finally:
+        first.stop()
+    assert not sock.exists()
+
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock))  # as a killed server leaves it: a socket file, no listener
+    stale.close()
+    second = UnixServer(sock)
+    try:
+        with second.connect() as client:
+            assert client.stats()["pid"] == second.process.pid
+    finally:
+        second.stop()
