@@ -3,9 +3,10 @@
 torchvision's `ops/roi_align.py` (0.26 to 0.29 at least) starts with
 `from torch._dynamo.utils import is_compile_supported`, and that one line imports all of
 torch's compiler stack (dynamo, sympy, ...): 3.2 of `import torchvision`'s 3.6 s on the
-H200 box, 1.2 of 1.3 s on the 2-core CPU box (docs/performance.md, run 56). Nothing a
-served frame runs needs it: torchvision calls `is_compile_supported` only when its C++
-ops are missing, to pick a Python fallback.
+H200 box (docs/performance.md, run 56); deferring it took a fresh `dlserver infer`'s
+first result from 9.66 to 6.30 s there (runs 66 and 70). Nothing a served frame runs
+needs it: torchvision calls `is_compile_supported` only when its C++ ops are missing, to
+pick a Python fallback.
 
 `defer_dynamo()` installs a meta path finder (at the start of the server, its worker
 processes and Ray replicas) that compiles that module from its source with exactly that
