@@ -120,6 +120,8 @@ class Scheduler:
         self.to_finish: queue.Queue[Optional[Item]] = queue.Queue(maxsize=depth)
         self.last_seq = 0  # requests read so far
         self.cancel_upto = 0  # requests up to this one were cancelled with target "all"
+        self.gone = False  # the client can't be answered any more (client_gone)
+        self.not_written = 0  # frames that ran after the client was gone
         self.cancelled: set = set()
         self.running: Dict[int, Item] = {}  # seq -> item whose batch is on a device now
         self.running_lock = threading.Lock()
@@ -141,7 +143,8 @@ class Scheduler:
             self.pending.put(Item(msg, self.last_seq))
 
     def close(self) -> None:
-        """No more requests: the stages end once the queued ones are answered."""
+        """No more requests: the stages end once the queued ones are done with (after
+        `client_gone`, dropped)."""
         self.pending.put(None)
         if self.threads:
             self.threads[-1].join(timeout=None if self.state.stop_event.is_set() else 0.5)
@@ -167,7 +170,22 @@ class Scheduler:
             item.job.cancel()
         self.send(ok_reply(rid), ())
 
+    def client_gone(self) -> None:
+        """The client can no longer be answered: its connection ended, or a reply failed
+        to send (it exited or was killed). Its frames not yet started are dropped and
+        those still running are not written: a server that outlives its client (--unix,
+        TCP) neither spends its devices nor writes files for it once it is gone."""
+        self.gone = True  # its queued frames and loads are dropped (_is_cancelled)
+        with self.running_lock:
+            hit = list(self.running.values())
+        for item in hit:
+            item.job.cancel()
+
     def _is_cancelled(self, item: Item) -> bool:
+        if self.gone and item.msg.header.get("type") in ("infer", "load"):
+            item.reply = error_reply(item.msg.header.get("id"), Cancelled.code,
+                                     "the client is gone"), []
+            return True
         if item.seq <= self.cancel_upto or item.msg.header.get("id") in self.cancelled:
             self.cancelled.discard(item.msg.header.get("id"))
             item.reply = error_reply(item.msg.header.get("id"), Cancelled.code,
@@ -320,7 +338,11 @@ class Scheduler:
             self.pool.release(slot, len(batch), done)
             self.room.release()
         for one in batch:
-            if one.reply is None:  # written on the I/O workers
+            if one.reply is None and self.gone:  # nobody to write it for
+                one.reply = error_reply(one.msg.header.get("id"), Cancelled.code,
+                                        "the client is gone"), []
+                self.not_written += 1
+            elif one.reply is None:  # written on the I/O workers
                 one.work = self.state.workers.submit(finish, self.ctx, one.job)
 
     def _finish_stage(self) -> None:
@@ -346,6 +368,9 @@ class Scheduler:
             item.msg.buffers.clear()
             if item.msg.header.get("type") == "shutdown" and header.get("ok"):
                 self.state.stop()
+        if self.gone:
+            log.info("%s: the client went away; its session is done (%d frame(s) that ran "
+                     "after that not written)", self.ctx.peer, self.not_written)
 
     def _error(self, msg: Message, exc: Exception) -> Reply:
         self.state.count("errors")

@@ -63,6 +63,8 @@ class Session:
                 write_message(self.writer, header, buffers)
         except (OSError, ValueError):
             self.closed.set()  # the client went away; the reader loop ends too
+            if self.scheduler is not None:
+                self.scheduler.client_gone()
 
     def run(self) -> None:
         needs_token = bool(self.state.token) and not self.local
@@ -73,6 +75,9 @@ class Session:
         finally:
             self.closed.set()
             if self.scheduler is not None:
+                # the end of the stream ends the session: no reply is sent after it (see
+                # `send`), so nothing is run or written for what is still queued
+                self.scheduler.client_gone()
                 self.scheduler.close()
             if self.context is not None:
                 self.context.close()

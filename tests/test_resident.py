@@ -4,6 +4,7 @@ reference, others inline; `--load` makes a model ready at start."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -36,6 +37,7 @@ class UnixServer:
         self.log: List[str] = []
         self.needed = ["listening on unix:"] + ([wait_for] if wait_for else [])
         self.ready = threading.Event()
+        self.logged = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         if not self.ready.wait(timeout) or self.needed:
@@ -45,11 +47,21 @@ class UnixServer:
     def _read(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
-            self.log.append(line)
+            with self.logged:
+                self.log.append(line)
+                self.logged.notify_all()
             self.needed = [n for n in self.needed if n not in line]
             if not self.needed:
                 self.ready.set()
         self.ready.set()  # it exited
+
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> str:
+        """The first log line holding `text`, once the server has logged it."""
+        with self.logged:
+            self.logged.wait_for(lambda: any(text in line for line in self.log), timeout)
+            found = [line for line in self.log if text in line]
+        assert found, f"the server did not log {text!r}:\n" + "".join(self.log)
+        return found[0]
 
     def connect(self) -> Client:
         return Client.connect_unix(str(self.path))
@@ -271,3 +283,48 @@ def test_the_unix_path_is_never_taken_from_something_else(tmp_path: Path) -> Non
             assert client.stats()["pid"] == second.process.pid
     finally:
         second.stop()
+
+
+GONE_CLIENT = """
+import sys
+from dlserver.client import Client
+client = Client.connect_unix(sys.argv[1])
+src, out, gate = sys.argv[2:5]
+sent = [client.submit_exr("gate", {"src": src}, f"{out}/r.{i}.exr", {"gate": gate})
+        for i in range(4)]
+print("sent", flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_a_client_that_goes_away_gets_nothing_run_or_written(tmp_path: Path) -> None:
+    """Four frames by reference, the first inside the model when the client is killed:
+    the server drops the other three and does not write the first (nobody would read its
+    reply), then serves on. Before, it ran and wrote every frame sent."""
+    src, out, gate = tmp_path / "in.exr", tmp_path / "out", tmp_path / "gate"
+    write_plate_exr(src, make_plate(16, 16))
+    out.mkdir()
+    os.mkfifo(gate)
+    os.mkfifo(f"{gate}.done")
+    server = UnixServer(tmp_path / "dl.sock", "--allow-dir", str(tmp_path))
+    client = subprocess.Popen([PYTHON, "-c", GONE_CLIENT, str(server.path), str(src),
+                               str(out), str(gate)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == "sent\n"
+        with open(gate, "wb") as release:  # opens once the first frame is in the model
+            client.kill()
+            client.wait(timeout=30)
+            release.write(b"x")
+        with open(f"{gate}.done", "rb") as done:  # the model call has returned
+            assert done.read(1) == b"k"
+        line = server.wait_for_log("the client went away; its session is done")
+        assert "(1 frame(s) that ran after that not written)" in line
+        with server.connect() as watcher:
+            assert watcher.stats()["frames"] == 0
+            assert watcher.infer("identity", {"src": raw_inline(make_plate(8, 8))}, {},
+                                 [make_plate(8, 8).data]).buffers  # serving on
+        assert sorted(p.name for p in out.iterdir()) == []  # no result, no temp file
+    finally:
+        client.kill()
+        server.stop()
