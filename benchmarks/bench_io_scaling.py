@@ -212,8 +212,11 @@ class Checkout:
     def over_tcp(self, flags: List[str], src: str, out: str, frames: int,
                  device: str) -> Dict[str, Any]:
         """`dlserver infer --server` against a server of this checkout on loopback TCP."""
+        # the embedded server's flags belong to the server's own command line here
+        own = [f for i, f in enumerate(flags) if f not in ("--device", "--models-dir")
+               and (i == 0 or flags[i - 1] not in ("--device", "--models-dir"))]
         with self.tcp_server(device) as (port, env):
-            return time_infer([*flags, "--server", f"127.0.0.1:{port}"], [], src, out,
+            return time_infer([*own, "--server", f"127.0.0.1:{port}"], [], src, out,
                               frames, skip=5, cwd=self.root, env=env)
 
     @contextmanager

@@ -166,6 +166,17 @@ def token_for(args: argparse.Namespace, stderr: Any = None) -> Optional[str]:
 def open_client(args: argparse.Namespace, folders: Sequence[str] = ()) -> Client:
     """The remote server, or an embedded one allowed to read and write `folders`
     directly (frames by reference: no bytes through the pipe)."""
+    if args.server:  # flags of an embedded server would be dropped without a word
+        embedded_only = [flag for flag, value in (
+            ("--models-dir", getattr(args, "models_dir", None)),
+            ("--device", getattr(args, "device", None)),
+            ("--devices", getattr(args, "devices", None)),
+            ("--ray", getattr(args, "ray", None)),
+            ("--gpus-per-replica", getattr(args, "gpus_per_replica", None))) if value]
+        if embedded_only:
+            raise ValueError(f"{', '.join(embedded_only)} set the embedded server, not the "
+                             f"one at {args.server}: give them to that server's own command "
+                             f"line (python -m dlserver ...), or leave out --server")
     if args.server and args.server.startswith("unix:"):  # a resident local server
         return Client.connect_unix(os.path.expanduser(args.server[len("unix:"):]))
     if args.server:

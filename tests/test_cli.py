@@ -57,6 +57,10 @@ def test_models_table() -> None:
     (["--set", "radius=1"], "has no option 'radius'"),
     (["--set", "size=-3"], "below the minimum"),
     (["--frames", "1-12"], "frame 11"),
+    (["--server", "unix:/nowhere.sock", "--devices", "cpu,cpu"],
+     "--devices set the embedded server, not the one at unix:/nowhere.sock"),
+    (["--server", "127.0.0.1:9", "--device", "cpu", "--models-dir", "m"],
+     "--models-dir, --device set the embedded server"),
 ])
 def test_clear_errors(tmp_path: Path, args: list, fragment: str) -> None:
     shutil.copy(ROOT / "examples/plate.0001.exr", tmp_path / "p.0001.exr")
