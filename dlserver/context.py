@@ -65,6 +65,14 @@ class SessionContext:
             shm, exchange = SessionShm(None), ExchangeDir(None)
         return cls(peer, local, registry, limits, shm, exchange, cpu_fallback, count)
 
+    @classmethod
+    def of_server(cls, peer: str, registry: Registry, cpu_fallback: bool,
+                  count: Callable[[str], None]) -> SessionContext:
+        """For work the server does itself, for no client (a worker process, a Ray
+        replica, `--load`): no exchange dir or shared memory, names no server paths."""
+        return cls.for_login(peer, False, registry, Limits(), None, (), "", cpu_fallback,
+                             count)
+
     @property
     def names_server_paths(self) -> bool:
         """Whether the session may name files on the server (file refs, cache folders,

@@ -54,7 +54,6 @@ from .errors import Cancelled, DLError, InternalError, ModelFailed, describe_err
 from .host_memory import tune_malloc
 from .inference import Job, bare_job, execute_each, load_reply, model_failed, take_outcome
 from .lazy_dynamo import defer_dynamo
-from .protocol import Limits
 from .registry import Entry, Registry
 from .scheduler import MAX_BATCH_ENV, batch_limit, warm_batch_size
 from .spent import Spent
@@ -132,8 +131,8 @@ class ModelRunner:
         # queued: frames of batching models that waited for the model thread
         self.counters: Dict[str, int] = {"received": 0, "queued": 0, "frames": 0, "errors": 0,
                                          "dropped": 0, "cancelled": 0, "oom_recoveries": 0}
-        self.ctx = SessionContext.for_login("ray replica", False, self.registry, Limits(),
-                                            None, (), "", cpu_fallback, self._count)
+        self.ctx = SessionContext.of_server("ray replica", self.registry, cpu_fallback,
+                                            self._count)
         # one model call at a time, as on a device slot of the plain server; asyncio
         # keeps accepting frames (and cancels) meanwhile
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="dlserver-model")

@@ -162,13 +162,18 @@ class Scheduler:
             self.send(error_reply(rid, "bad_request",
                                   "cancel needs 'target': a request id or 'all'"), ())
             return
-        with self.running_lock:  # frames on a device now: a backend that can stop them does
+        self._cancel_running(target)
+        self.send(ok_reply(rid), ())
+
+    def _cancel_running(self, target: Any) -> None:
+        """The frames of `target` (a request id, or "all") on a device now: a backend that
+        can stop them does (`Job.cancel`)."""
+        with self.running_lock:
             hit = [i for i in self.running.values() if target == "all"
                    or i.msg.header.get("id") == target]
         for item in hit:
             self.cancelled.discard(item.msg.header.get("id"))
             item.job.cancel()
-        self.send(ok_reply(rid), ())
 
     def client_gone(self) -> None:
         """The client can no longer be answered: its connection ended, or a reply failed
@@ -176,22 +181,21 @@ class Scheduler:
         those still running are not written: a server that outlives its client (--unix,
         TCP) neither spends its devices nor writes files for it once it is gone."""
         self.gone = True  # its queued frames and loads are dropped (_is_cancelled)
-        with self.running_lock:
-            hit = list(self.running.values())
-        for item in hit:
-            item.job.cancel()
+        self._cancel_running("all")
 
     def _is_cancelled(self, item: Item) -> bool:
         if self.gone and item.msg.header.get("type") in ("infer", "load"):
-            item.reply = error_reply(item.msg.header.get("id"), Cancelled.code,
-                                     "the client is gone"), []
+            self._cancelled(item, "the client is gone")
             return True
         if item.seq <= self.cancel_upto or item.msg.header.get("id") in self.cancelled:
             self.cancelled.discard(item.msg.header.get("id"))
-            item.reply = error_reply(item.msg.header.get("id"), Cancelled.code,
-                                     "cancelled before it started"), []
+            self._cancelled(item, "cancelled before it started")
             return True
         return False
+
+    @staticmethod
+    def _cancelled(item: Item, why: str) -> None:
+        item.reply = error_reply(item.msg.header.get("id"), Cancelled.code, why), []
 
     # Requests flow through three threads so that, for a range of frames, frame N+1 is
     # read (EXR decode, colour) and frame N-1 written while the model runs on frame N.
@@ -339,8 +343,7 @@ class Scheduler:
             self.room.release()
         for one in batch:
             if one.reply is None and self.gone:  # nobody to write it for
-                one.reply = error_reply(one.msg.header.get("id"), Cancelled.code,
-                                        "the client is gone"), []
+                self._cancelled(one, "the client is gone")
                 self.not_written += 1
             elif one.reply is None:  # written on the I/O workers
                 one.work = self.state.workers.submit(finish, self.ctx, one.job)

@@ -170,8 +170,7 @@ def load_at_start(state: ServerState, names: Sequence[str]) -> None:
     """`--load`: each model loaded where its frames run (every device slot, a worker
     process, a Ray cluster), as a `load` request would. A failure is logged and the
     server goes on serving; that model's frames then report it."""
-    ctx = SessionContext.for_login("--load", False, state.registry, state.limits, None, (),
-                                   "", state.cpu_fallback, state.count)
+    ctx = SessionContext.of_server("--load", state.registry, state.cpu_fallback, state.count)
     load_where = state.backend.load if state.backend is not None else load_model
     try:
         for name in names:

@@ -275,8 +275,8 @@ def worker_main() -> None:
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a model's print() must not break the framing
     registry = Registry([Path(d) for d in config["models_dirs"]], config["device"])
-    ctx = SessionContext.for_login("worker", False, registry, Limits(), None, (), "",
-                                   config["cpu_fallback"], lambda key: None)
+    ctx = SessionContext.of_server("worker", registry, config["cpu_fallback"],
+                                   lambda key: None)
     blocks = Blocks(config["prefix"] + "out_", keep=2)  # reads the server's two input blocks
     try:
         while True:
