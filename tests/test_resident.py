@@ -153,6 +153,20 @@ def test_load_at_start(tmp_path: Path, extra: tuple, devices: str) -> None:
         server.stop()
 
 
+def start_refused(*flags: str) -> subprocess.CompletedProcess:
+    """`python -m dlserver --models-dir TEST_MODELS FLAGS`, expected to exit at once."""
+    return subprocess.run([PYTHON, "-m", "dlserver", "--models-dir", str(TEST_MODELS),
+                           *flags], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          stdin=subprocess.DEVNULL)
+
+
+def models_folder(tmp_path: Path, name: str, source: str) -> Path:
+    """A models folder holding model `name` (its model.py: `source`, dedented)."""
+    (tmp_path / "models" / name).mkdir(parents=True)
+    (tmp_path / "models" / name / "model.py").write_text(textwrap.dedent(source))
+    return tmp_path / "models"
+
+
 FAILS_TO_LOAD = '''
     from dlserver.model import Layer, Model
 
@@ -172,10 +186,8 @@ FAILS_TO_LOAD = '''
 
 
 def test_a_failed_load_at_start_is_logged_and_the_server_serves(tmp_path: Path) -> None:
-    (tmp_path / "models" / "fails_to_load").mkdir(parents=True)
-    (tmp_path / "models" / "fails_to_load" / "model.py").write_text(
-        textwrap.dedent(FAILS_TO_LOAD))
-    server = UnixServer(tmp_path / "dl.sock", "--models-dir", str(tmp_path / "models"),
+    models = models_folder(tmp_path, "fails_to_load", FAILS_TO_LOAD)
+    server = UnixServer(tmp_path / "dl.sock", "--models-dir", str(models),
                         "--load", "fails_to_load", "--load", "identity",
                         wait_for="--load: identity loaded")
     try:
@@ -191,10 +203,7 @@ def test_a_failed_load_at_start_is_logged_and_the_server_serves(tmp_path: Path) 
     (["--unix", "{sock}", "--load", "nope"], "no model named 'nope'"),
     (["--stdio", "--load", "identity"], "--load is for a server that listens")])
 def test_load_refusals(tmp_path: Path, flags: List[str], fragment: str) -> None:
-    done = subprocess.run([PYTHON, "-m", "dlserver", "--models-dir", str(TEST_MODELS),
-                           *[f.format(sock=tmp_path / "dl.sock") for f in flags]],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT,
-                          stdin=subprocess.DEVNULL)
+    done = start_refused(*[f.format(sock=tmp_path / "dl.sock") for f in flags])
     assert done.returncode == 2 and fragment in done.stderr, done.stderr
 
 
@@ -224,10 +233,7 @@ def test_sigterm_caught_by_another_thread_stops_a_waiting_server(tmp_path: Path,
                                                                 listener: str) -> None:
     """The main thread waits for connections; SIGTERM lands on a model's thread: the
     server still exits at once (not at the next connection) and cleans up."""
-    (tmp_path / "models" / "signals_itself").mkdir(parents=True)
-    (tmp_path / "models" / "signals_itself" / "model.py").write_text(
-        textwrap.dedent(SIGNALS_ITSELF))
-    extra = ("--models-dir", str(tmp_path / "models"))
+    extra = ("--models-dir", str(models_folder(tmp_path, "signals_itself", SIGNALS_ITSELF)))
     server: Any = (UnixServer(tmp_path / "dl.sock", *extra) if listener == "unix"
                    else TcpServer(extra=extra))
     client = server.connect()
@@ -248,25 +254,19 @@ def test_sigterm_caught_by_another_thread_stops_a_waiting_server(tmp_path: Path,
     assert not (tmp_path / "dl.sock").exists()  # the unix server removed its socket file
 
 
-def start_refused(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "dlserver", "--unix", str(path), "--models-dir",
-                           str(TEST_MODELS)], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
-
-
 def test_the_unix_path_is_never_taken_from_something_else(tmp_path: Path) -> None:
     """A file at the path is left alone and a live server keeps its socket (both refused,
     exit 2); a socket nobody listens on (a killed server's) is replaced."""
     note = tmp_path / "notes.txt"
     note.write_text("mine")
-    done = start_refused(note)
+    done = start_refused("--unix", str(note))
     assert done.returncode == 2 and "is not a socket" in done.stderr, done.stderr
     assert note.read_text() == "mine"
 
     sock = tmp_path / "dl.sock"
     first = UnixServer(sock)
     try:
-        done = start_refused(sock)
+        done = start_refused("--unix", str(sock))
         assert done.returncode == 2 and "already listens" in done.stderr, done.stderr
         with first.connect() as client:
             assert client.stats()["sessions"] >= 1  # still its socket, still serving
